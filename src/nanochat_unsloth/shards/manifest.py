@@ -1,0 +1,128 @@
+"""`manifest.json`: what a shard directory holds, which tokenizer made it, and checksums.
+
+Everything that reads shards goes through the manifest, so a shard that was truncated, swapped,
+or made by another tokenizer is caught when the directory is opened, not mid-training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nanochat_unsloth.common import UserError, atomic_write_json, read_json, sha256_file
+from nanochat_unsloth.shards.format import read_shard_header
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "nanochat-unsloth-shards"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+
+
+@dataclass
+class TokenizerFingerprint:
+    sha256: str  # of tokenizer.pkl
+    vocab_size: int
+    bos_id: int
+
+
+@dataclass
+class ShardEntry:
+    file: str
+    split: str
+    tokens: int
+    documents: int
+    sha256: str
+
+
+@dataclass
+class ShardManifest:
+    tokenizer: TokenizerFingerprint
+    source: dict
+    shard_tokens: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    # ---- derived -------------------------------------------------------------------------
+    def shards_for(self, split: str) -> list[ShardEntry]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return [s for s in self.shards if s.split == split]
+
+    def totals(self) -> dict:
+        return {
+            split: {
+                "tokens": sum(s.tokens for s in self.shards_for(split)),
+                "documents": sum(s.documents for s in self.shards_for(split)),
+                "shards": len(self.shards_for(split)),
+            }
+            for split in SPLITS
+        }
+
+    # ---- io ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"] = self.totals()
+        return d
+
+    def save(self, shards_dir: str | Path) -> Path:
+        path = Path(shards_dir) / MANIFEST_NAME
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, shards_dir: str | Path) -> "ShardManifest":
+        shards_dir = Path(shards_dir)
+        if not shards_dir.is_dir():
+            raise UserError(f"{shards_dir}: shard directory not found; run `nanochat-unsloth prep` or pass --shards")
+        path = shards_dir / MANIFEST_NAME
+        if not path.exists():
+            raise UserError(f"{path}: no manifest, so {shards_dir} holds no finished prep; run `nanochat-unsloth prep`")
+        d = read_json(path, "shard manifest")
+        if d.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{path}: not a nanochat-unsloth shard manifest (format={d.get('format')!r})")
+        if d.get("version") != MANIFEST_VERSION:
+            raise UserError(f"{path}: manifest version {d.get('version')} is not supported (expected {MANIFEST_VERSION})")
+        try:
+            return cls(
+                tokenizer=TokenizerFingerprint(**d["tokenizer"]),
+                source=d["source"],
+                shard_tokens=int(d["shard_tokens"]),
+                shards=[ShardEntry(**s) for s in d["shards"]],
+            )
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: manifest is missing or has unexpected fields ({e}); re-run prep") from None
+
+    # ---- checks --------------------------------------------------------------------------
+    def verify(self, shards_dir: str | Path, checksums: bool = False, splits: tuple[str, ...] = SPLITS) -> None:
+        """Header and size of every shard against the manifest (cheap); sha256 too when asked."""
+        shards_dir = Path(shards_dir)
+        for entry in self.shards:
+            if entry.split not in splits:
+                continue
+            path = shards_dir / entry.file
+            header = read_shard_header(path)
+            if header.ntok != entry.tokens:
+                raise UserError(
+                    f"{path}: holds {header.ntok:,} tokens but the manifest says {entry.tokens:,}; "
+                    "the shard was replaced or truncated, re-run prep"
+                )
+            if (header.vocab_size, header.bos_id) != (self.tokenizer.vocab_size, self.tokenizer.bos_id):
+                raise UserError(
+                    f"{path}: made with vocab {header.vocab_size}/BOS {header.bos_id}, but the manifest's tokenizer "
+                    f"has vocab {self.tokenizer.vocab_size}/BOS {self.tokenizer.bos_id}; it belongs to another prep"
+                )
+            if checksums and sha256_file(path) != entry.sha256:
+                raise UserError(f"{path}: checksum does not match the manifest; the shard is corrupt, re-run prep")
+
+    def check_tokenizer(self, tokenizer_pkl: str | Path) -> None:
+        """Refuse shards made with a different tokenizer than `tokenizer_pkl`."""
+        tokenizer_pkl = Path(tokenizer_pkl)
+        if not tokenizer_pkl.exists():
+            raise UserError(f"{tokenizer_pkl}: tokenizer not found; run `nanochat-unsloth tokenizer` first")
+        actual = sha256_file(tokenizer_pkl)
+        if actual != self.tokenizer.sha256:
+            raise UserError(
+                f"{tokenizer_pkl}: this tokenizer (sha256 {actual[:12]}) is not the one the shards were made with "
+                f"({self.tokenizer.sha256[:12]}); re-run prep with it, or point --base-dir at the matching tokenizer"
+            )
