@@ -1,0 +1,137 @@
+"""Run checkpoints: `<base>/runs/<tag>/step_000123/`, complete or absent.
+
+A checkpoint is Accelerate's `save_state` output (model, optimizers, RNG, the loader's position)
+plus our `meta.json`. It is written under a hidden temporary name and renamed into place only once
+every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
+`meta.json` records every file's size, which catches truncation when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanochat_unsloth.common import UserError, atomic_write_json, read_json
+
+STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
+META_NAME = "meta.json"
+MODEL_FILE = "model.safetensors"
+# Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def run_dir_for(base_dir: Path, tag: str) -> Path:
+    return Path(base_dir) / "runs" / tag
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (named step_XXXXXX with a meta.json), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and child.is_dir() and (child / META_NAME).exists():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict, keep_last: int = 2) -> Path:
+    """Collective: every process calls it. Returns the final directory."""
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of an earlier crash mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / META_NAME, {**meta, "step": step, "files": files, "complete": True})
+        if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): newest wins
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old_step, old_dir in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            if old_step != step:
+                shutil.rmtree(old_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_meta(step_dir: Path) -> dict:
+    """meta.json of a complete checkpoint, after checking that every recorded file is whole."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        raise UserError(f"{step_dir}: checkpoint directory not found")
+    meta_path = step_dir / META_NAME
+    if not meta_path.exists():
+        raise UserError(
+            f"{step_dir}: no {META_NAME}, so this checkpoint is partial (interrupted save); "
+            "resume from an earlier step_* directory or use --resume auto"
+        )
+    meta = read_json(meta_path, "checkpoint meta")
+    if not meta.get("complete") or "model_config" not in meta:
+        raise UserError(f"{meta_path}: not a complete nanochat-unsloth checkpoint")
+    for name, size in meta.get("files", {}).items():
+        path = step_dir / name
+        if not path.exists():
+            raise UserError(f"{path}: missing from the checkpoint; it is corrupt, resume from another step")
+        if path.stat().st_size != size:
+            raise UserError(
+                f"{path}: {path.stat().st_size:,} bytes but {size:,} were saved; the checkpoint is corrupt, "
+                "resume from another step"
+            )
+    return meta
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """--resume '' -> None; 'auto' -> newest complete checkpoint (or None); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpts = list_checkpoints(run_dir)
+        return ckpts[-1][1] if ckpts else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = Path(run_dir) / resume
+    load_meta(path)  # validates, raises a clear error
+    return path
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_model_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, with nanochat's parameter names (no wrapper prefixes)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    step_dir = Path(step_dir)
+    load_meta(step_dir)
+    path = step_dir / MODEL_FILE
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read the model weights ({e}); the checkpoint is corrupt") from None
+    return strip_wrapper_prefixes(state)

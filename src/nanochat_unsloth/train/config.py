@@ -1,0 +1,89 @@
+"""TrainConfig: every knob of a training run, with nanochat's names and defaults.
+
+The CLI is generated from the dataclass, so `--device_batch_size=32` (nanochat's spelling) and
+`--device-batch-size 32` both work, and a new field is a new flag with no other edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+# Fields whose change on --resume would make the run no longer the same run (refused unless --force).
+# The model shape is never overridable: the weights would not load.
+RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
+RESUME_GUARDED_FIELDS = (
+    "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
+    "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer",
+)
+
+
+@dataclass
+class TrainConfig:
+    # ---- model ------------------------------------------------------------------------------
+    depth: int = field(default=20, metadata={"help": "transformer depth; n_embd = 64*depth, heads = ceil(n_embd/128)"})
+    max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
+    kernels: str = field(default="auto", metadata={"help": "auto|torch|unsloth: the model's kernel backend"})
+    # ---- horizon (first one set wins, in this order) ----------------------------------------
+    num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})
+    target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 = off)"})
+    target_param_data_ratio: float = field(default=20, metadata={"help": "tokens:params ratio (Chinchilla=20)"})
+    # ---- optimization -----------------------------------------------------------------------
+    device_batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch per process"})
+    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, all processes"})
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    weight_decay: float = 0.0
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    optimizer: str = field(default="muon", metadata={"help": "muon (nanochat's Muon+AdamW)"})
+    seed: int = 42
+    # ---- evaluation / sampling --------------------------------------------------------------
+    eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end)"})
+    eval_tokens: int = field(default=20 * 524288, metadata={"help": "val tokens per evaluation"})
+    sample_every: int = field(default=2000, metadata={"help": "greedy samples every N steps (-1 = only at the end)"})
+    # ---- io ---------------------------------------------------------------------------------
+    base_dir: str = field(default="", metadata={"help": "base dir (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"})
+    shards: str = field(default="", metadata={"help": "token shard dir (default <base>/shards)"})
+    model_tag: str = field(default="", metadata={"help": "run name under <base>/runs/ (default d<depth>)"})
+    run: str = field(default="dummy", metadata={"help": "tracker run name; 'dummy' disables trackers"})
+    tracker: str = field(default="", metadata={"help": "wandb|tensorboard|all (used when --run is not dummy)"})
+    save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only the final one)"})
+    keep_last: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
+    resume: str = field(default="", metadata={"help": "'auto' = newest complete checkpoint of the run, or a step dir"})
+    stop_after: int = field(default=-1, metadata={"help": "save and exit after this step, as an interruption would"})
+    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings"})
+
+    @property
+    def tag(self) -> str:
+        return self.model_tag or f"d{self.depth}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanochat_unsloth.train",
+        description="Pretrain nanochat's GPT with nanochat's step math (Muon + AdamW) under Accelerate.",
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            py_type = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, type=py_type, default=f.default, help=help_text)
+    return parser
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """argv with dashed flags (the CLI normalises nanochat's `--a_b` spellings before calling this)."""
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})

@@ -1,0 +1,68 @@
+"""Evaluation with nanochat's semantics: bits per byte over val windows, and greedy samples."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# nanochat's base_train prompts, sampled greedily for 16 tokens.
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float:
+    """Sum of per-token nats over the bytes those target tokens stand for, in bits.
+
+    Vocab-size independent: each target token counts as many bytes as its text has; special tokens
+    (0 bytes) and ignored targets (< 0) count neither nats nor bytes. Sums are all-reduced over ranks,
+    so every rank must call this with the same `steps`.
+    """
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float32, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    batch_iter = iter(batches)
+    for _ in range(steps):
+        x, y = next(batch_iter)
+        per_token = model(x, y, loss_reduction="none").reshape(-1)
+        y = y.reshape(-1)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[torch.where(valid, y, torch.zeros_like(y))], 0)
+        total_nats += (per_token * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    nats, nbytes = total_nats.item(), total_bytes.item()
+    return float("inf") if nbytes == 0 else nats / (math.log(2) * nbytes)
+
+
+@torch.no_grad()
+def sample_completions(model, encoding, bos_id: int, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
+    """Greedy completions of nanochat's prompts (prompt text included, BOS not)."""
+    out = []
+    for prompt in prompts:
+        tokens = [bos_id] + encoding.encode_ordinary(prompt)
+        generated = list(model.generate(tokens, max_tokens=max_tokens, temperature=0.0))
+        out.append(encoding.decode(tokens[1:] + generated))
+    return out
+
+
+def load_token_bytes(tokenizer_dir, device) -> torch.Tensor:
+    from pathlib import Path
+
+    from nanochat_unsloth.common import UserError
+
+    path = Path(tokenizer_dir) / "token_bytes.pt"
+    if not path.exists():
+        raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` (it writes token_bytes.pt)")
+    return torch.load(path, map_location=device)

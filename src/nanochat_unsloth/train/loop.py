@@ -1,0 +1,316 @@
+"""The training loop: nanochat's base_train, with Accelerate owning devices, precision and processes.
+
+Read top to bottom: setup -> model -> optimizers -> data -> resume -> the step loop. The step math
+(schedules, Muon, AdamW, clipping) lives in `optim.py`; this file only sequences it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from nanochat_unsloth.common import UserError, atomic_write_bytes, get_base_dir
+from nanochat_unsloth.prep.tokenizer import load_tokenizer
+from nanochat_unsloth.shards.loader import TokenShardLoader
+from nanochat_unsloth.shards.manifest import ShardManifest
+from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.train import optim
+from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+from nanochat_unsloth.train.evaluate import evaluate_bpb, load_token_bytes, sample_completions
+from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
+
+PROMISED_FLOPS_H100 = 989e12  # bf16 dense, the basis of nanochat's MFU figure
+EMA_BETA = 0.9
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the end of the current step, then exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up on the graceful path
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[signal {signum}] finishing this step, saving a checkpoint, then exiting", flush=True)
+
+
+def resolve_kernels(name: str, device_type: str) -> str:
+    if name == "auto":
+        return "unsloth" if device_type == "cuda" else "torch"
+    return name
+
+
+def check_resume_compatible(meta: dict, cfg: TrainConfig, world_size: int) -> None:
+    saved = meta.get("train_config", {})
+    model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+    if model_diff:
+        desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
+        raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
+    guarded = [f for f in RESUME_GUARDED_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+    if meta.get("world_size", world_size) != world_size:
+        guarded.append("world_size")
+    if guarded and not cfg.force:
+        desc = ", ".join(
+            f"world size {meta['world_size']} (now {world_size})" if f == "world_size" else f"--{f}={saved[f]} (now {getattr(cfg, f)})"
+            for f in guarded
+        )
+        raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
+
+
+def rewrite_metrics_before(path: Path, step: int) -> None:
+    """On resume, drop records of steps >= `step` (logged after the checkpoint) so no step appears twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def peak_memory_gib(device_type: str) -> float:
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return 0.0
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # ---- setup -----------------------------------------------------------------------------------
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") is None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    on_cuda = torch.cuda.is_available()
+    log_with = None
+    if cfg.run != "dummy":
+        log_with = {"": None, "all": "all"}.get(cfg.tracker, cfg.tracker) or "all"
+    accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", log_with=log_with)
+    device, device_type = accelerator.device, accelerator.device.type
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    master = accelerator.is_main_process
+    print0 = accelerator.print
+    set_seed(cfg.seed)
+
+    base_dir = get_base_dir(cfg.base_dir or None)
+    shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
+    tokenizer_dir = base_dir / "tokenizer"
+    manifest = ShardManifest.load(shards_dir)
+    manifest.check_tokenizer(tokenizer_dir / "tokenizer.pkl")
+    encoding = load_tokenizer(tokenizer_dir)
+    vocab_size = manifest.tokenizer.vocab_size
+    if encoding.n_vocab != vocab_size:
+        raise UserError(f"{tokenizer_dir}: tokenizer has {encoding.n_vocab} tokens but the shards say {vocab_size}")
+    token_bytes = load_token_bytes(tokenizer_dir, device)
+
+    # ---- model -----------------------------------------------------------------------------------
+    model_config = optim.depth_to_model_config(cfg.depth, cfg.max_seq_len, vocab_size)
+    kernels = resolve_kernels(cfg.kernels, device_type)
+    with torch.device("meta"):
+        model = GPT(model_config, kernels=kernels)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for every world size
+    model.init_weights()
+    raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.estimate_flops()
+    print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "
+           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={kernels}")
+
+    # ---- horizon and batch -----------------------------------------------------------------------
+    grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    num_iterations = optim.resolve_num_iterations(
+        cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params, flops_per_token,
+        cfg.total_batch_size,
+    )
+    print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} procs x {grad_accum} accum "
+           f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
+
+    # ---- optimizers ------------------------------------------------------------------------------
+    optimizers = optim.build_optimizers(
+        model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+        matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+    )
+
+    # ---- data ------------------------------------------------------------------------------------
+    train_loader = TokenShardLoader(
+        shards_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
+        grad_accum=grad_accum, device=device, tokenizer_sha256=manifest.tokenizer.sha256,
+    )
+
+    def build_val_loader():
+        return TokenShardLoader(
+            shards_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
+            device=device, tokenizer_sha256=manifest.tokenizer.sha256,
+        )
+
+    # ---- accelerate ------------------------------------------------------------------------------
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    accelerator.register_for_checkpointing(train_loader)
+    if on_cuda:
+        model = torch.compile(model, dynamic=False)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
+    metrics_path = run_dir / "metrics.jsonl"
+    eval_path = run_dir / "eval.jsonl"
+    start_step = 0
+    resume_dir = ckpt.resolve_resume(run_dir, cfg.resume)
+    if cfg.resume and resume_dir is None:
+        print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
+    if resume_dir is not None:
+        meta = ckpt.load_meta(resume_dir)
+        check_resume_compatible(meta, cfg, world_size)
+        if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
+            raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
+        # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
+        # checkpoint's only when --force allowed it)
+        initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
+        accelerator.load_state(str(resume_dir))
+        for opt, lrs in zip(optimizers, initial_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["initial_lr"] = lr
+        start_step = int(meta["step"])
+        if meta.get("fresh_optimizer"):
+            print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
+        print0(f"resumed from {resume_dir} at step {start_step}")
+        if master:
+            rewrite_metrics_before(metrics_path, start_step)
+            rewrite_metrics_before(eval_path, start_step)
+    elif master and any(ckpt.list_checkpoints(run_dir)) and not cfg.force:
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
+                        "--model_tag to start another run, or --force to start over")
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None:
+            for path in (metrics_path, eval_path):
+                path.unlink(missing_ok=True)
+    if log_with and master:
+        accelerator.init_trackers("nanochat", config=cfg.to_dict(), init_kwargs={"wandb": {"name": cfg.run}})
+
+    def meta_for(step, val_bpb):
+        return {
+            "model_config": dataclasses.asdict(model_config),
+            "train_config": cfg.to_dict(),
+            "tokenizer_sha256": manifest.tokenizer.sha256,
+            "val_bpb": val_bpb,
+            "world_size": world_size,
+            "grad_accum": grad_accum,
+            "num_iterations": num_iterations,
+        }
+
+    def log_jsonl(path: Path, record: dict):
+        if master:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    stop = StopRequest()
+    stop.install()
+    smooth_loss, val_bpb, min_val_bpb = 0.0, None, float("inf")
+    total_time = 0.0
+    result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
+    step = start_step
+    while True:
+        last_step = step == num_iterations
+
+        # once in a while: val bits per byte (all ranks take part)
+        if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            val_loader = build_val_loader()
+            eval_steps = min(cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size),
+                             val_loader.batches_per_rank)
+            if eval_steps == 0:
+                print0("val split too small for one eval batch per rank; skipping val bpb")
+            else:
+                model.eval()
+                with accelerator.autocast():
+                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+                model.train()
+                min_val_bpb = min(min_val_bpb, val_bpb)
+                print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
+                log_jsonl(eval_path, {"step": step, "val_bpb": val_bpb})
+                result["val_bpb"].append((step, val_bpb))
+                accelerator.log({"val/bpb": val_bpb}, step=step)
+
+        # once in a while: greedy samples of nanochat's prompts (main process, uncompiled model)
+        if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+            raw_model.eval()
+            with accelerator.autocast():
+                for text in sample_completions(raw_model, encoding, manifest.tokenizer.bos_id):
+                    print0(f"  sample: {text!r}")
+            raw_model.train()
+
+        if last_step:
+            ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last)
+            break
+
+        # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        try:
+            out = optimizer_step(
+                accelerator, model, raw_model, optimizers, lambda: next(train_loader), grad_accum, step,
+                num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
+                warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
+                global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(),
+            )
+        except NonFiniteLoss as e:
+            print0(f"{e}: stopping. The last good checkpoint in {run_dir} is kept; lower the LRs or resume it.")
+            raise
+        step_loss, lrm = out.global_loss, out.lrm
+        grad_norm = out.grad_norm.item() if out.grad_norm is not None else None
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1  # `step` optimizer steps are now complete
+
+        # ---- logging ------------------------------------------------------------------------------
+        smooth_loss = EMA_BETA * smooth_loss + (1 - EMA_BETA) * step_loss
+        debiased = smooth_loss / (1 - EMA_BETA ** (step - start_step))
+        tok_per_sec = cfg.total_batch_size / dt
+        mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * world_size)
+        if step - start_step > 10:
+            total_time += dt
+        mem = peak_memory_gib(device_type)
+        gn = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
+        print0(f"step {step - 1:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
+               f"loss: {debiased:.6f} (raw {step_loss:.4f}) |{gn} lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
+               f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | mem: {mem:.1f}GiB | total time: {total_time / 60:.2f}m")
+        record = {"step": step - 1, "loss": step_loss, "smooth_loss": debiased, "lrm": lrm, "grad_norm": grad_norm,
+                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "peak_mem_gib": mem}
+        log_jsonl(metrics_path, record)
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=step - 1)
+
+        # ---- checkpoints and stops ----------------------------------------------------------------
+        stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after)
+        if world_size > 1:  # every rank must agree, or the collective save would hang
+            flag = torch.tensor(float(stop_now), device=device)
+            stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
+        if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < num_iterations):
+            path = ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last)
+            print0(f"saved {path}")
+        if stop_now:
+            print0(f"stopped after step {step}; continue with --resume auto")
+            result["stopped_at"] = step
+            break
+
+    print0(f"peak memory: {peak_memory_gib(device_type):.2f}GiB | training time: {total_time / 60:.2f}m | "
+           f"min val bpb: {min_val_bpb:.4f}")
+    accelerator.end_training()
+    result["final_step"] = step
+    return result
+
