@@ -1,0 +1,77 @@
+"""TokenShardLoader throughput per rank, from the page cache, on CPU.
+
+    .venv/bin/python benchmarks/loader_throughput.py [--tokens 50_000_000] [--B 32] [--T 2048]
+
+Writes a random shard set to a temp dir, reads every file once so it sits in the page cache, then times
+`next(loader)` over one epoch of rank 0's windows for (world_size 1, rank 0) and (world_size 8, rank 0). Tokens counted = B*T per batch,
+the tokens a training step sees. The training loop needs far less than this: a GPU step takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nanochat_unsloth.shards.format import write_shard
+from nanochat_unsloth.shards.loader import TokenShardLoader
+from nanochat_unsloth.shards.manifest import ShardEntry, ShardManifest, TokenizerFingerprint
+
+VOCAB, BOS = 65536, 65527
+
+
+def make_shard_dir(root: Path, tokens: int, shard_tokens: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    entries, i, left = [], 0, tokens
+    while left > 0:
+        n = min(shard_tokens, left)
+        info = write_shard(root / f"train_{i:06d}.bin", rng.integers(0, VOCAB, n, dtype=np.uint16), VOCAB, BOS)
+        entries.append(ShardEntry(file=info.file, split="train", tokens=n, documents=0, sha256=info.sha256))
+        i, left = i + 1, left - n
+    fp = TokenizerFingerprint(sha256="0" * 64, vocab_size=VOCAB, bos_id=BOS)
+    ShardManifest(tokenizer=fp, source={"kind": "benchmark"}, shard_tokens=shard_tokens, shards=entries).save(root)
+    os.sync()  # let writeback finish now rather than during the timing
+    for path in root.glob("*.bin"):  # warm the page cache
+        path.read_bytes()
+
+
+def bench(root: Path, B: int, T: int, world_size: int, repeats: int) -> list[float]:
+    """tokens/s of each of `repeats` passes over one epoch of this rank's windows, each with a fresh loader
+    (fresh memmaps, so every window's pages are mapped anew as in training, where each is read once)."""
+    rates = []
+    for _ in range(repeats):
+        loader = TokenShardLoader(root, "train", B, T, rank=0, world_size=world_size)
+        batches = loader.num_windows // world_size
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            x, y = next(loader)
+        rates.append(batches * B * T / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=50_000_000)
+    ap.add_argument("--shard-tokens", type=int, default=10_000_000)
+    ap.add_argument("--B", type=int, default=32)
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
+        root = Path(tmp)
+        make_shard_dir(root, args.tokens, args.shard_tokens)
+        print(f"{args.tokens:,} tokens in {args.shard_tokens:,}-token shards, B={args.B} T={args.T}, "
+              f"one epoch of rank 0's windows x {args.repeats} repeats")
+        for world_size in (1, 8):
+            rates = bench(root, args.B, args.T, world_size, args.repeats)
+            print(f"world_size {world_size} rank 0: median {np.median(rates) / 1e6:,.0f}M tok/s, "
+                  f"min {min(rates) / 1e6:,.0f}M, max {max(rates) / 1e6:,.0f}M  "
+                  f"(runs: {', '.join(f'{r / 1e6:,.0f}' for r in rates)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""TokenShardLoader: batches of (inputs, targets) from the token shards, deterministic and resumable.
+
+The split's shards, in manifest order, form one token stream cut into windows of B*T+1 tokens:
+window g = stream[g*(B*T+1) : (g+1)*(B*T+1)], which may span a shard boundary.
+
+Which window a batch reads is a pure function of how many batches this rank has yielded (the cursor c):
+
+    step s = c // grad_accum,  micro-step m = c % grad_accum
+    g      = s * (grad_accum * world_size) + m * world_size + rank        (train; wraps every epoch)
+    g      = c * world_size + rank                                        (val; finite)
+
+so one optimizer step always consumes global windows [s*K, (s+1)*K) with K = grad_accum * world_size,
+however (world_size, grad_accum) splits K: one GPU accumulating 8 and eight GPUs without accumulation
+train on the same tokens in the same steps. The cursor is the same on every rank, which matters because
+Accelerate saves the custom state of the main process only and every rank loads that one file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.shards.format import open_shard_tokens
+from nanochat_unsloth.shards.manifest import SPLITS, ShardManifest
+
+STATE_FORMAT = "nanochat-unsloth-loader"
+STATE_VERSION = 1
+# the keys a state must agree on with the loader it is loaded into
+_GEOMETRY = ("split", "B", "T", "world_size", "grad_accum", "num_windows")
+
+
+class TokenShardLoader:
+    """Iterator over `(inputs int32 [B,T], targets int64 [B,T])`; infinite for train, finite for val."""
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        split: str,
+        B: int,
+        T: int,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        device: str | torch.device = "cpu",
+        tokenizer_sha256: str | None = None,
+        verify_checksums: bool = False,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if B < 1 or T < 1:
+            raise UserError(f"--device_batch_size ({B}) and --max_seq_len ({T}) must both be at least 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+        self.shards_dir = Path(shards_dir)
+        self.split, self.B, self.T = split, int(B), int(T)
+        self.rank, self.world_size, self.grad_accum = int(rank), int(world_size), int(grad_accum)
+        self.device = torch.device(device)
+        self._pin = self.device.type == "cuda"
+
+        # ---- open and check the shards: everything that can be wrong fails here, not mid-run
+        manifest = ShardManifest.load(self.shards_dir)
+        if tokenizer_sha256 is not None and tokenizer_sha256 != manifest.tokenizer.sha256:
+            raise UserError(
+                f"{self.shards_dir}: shards were made with tokenizer sha256 {manifest.tokenizer.sha256[:12]}, but this "
+                f"run's tokenizer is {tokenizer_sha256[:12]}; re-run prep with this tokenizer or pass matching --shards"
+            )
+        entries = manifest.shards_for(split)
+        if not entries:
+            raise UserError(f"{self.shards_dir}: the manifest has no {split} shards; re-run `nanochat-unsloth prep`")
+        manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,))
+        self._vocab_size = manifest.tokenizer.vocab_size
+        self._bos_id = manifest.tokenizer.bos_id
+        self._shards = [open_shard_tokens(self.shards_dir / e.file) for e in entries]
+        sizes = np.array([len(m) for m in self._shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard, plus the end
+        self._tokens = int(self._starts[-1])
+
+        self.window = self.B * self.T + 1
+        self._num_windows = self._tokens // self.window
+        if self._num_windows < 1:
+            raise UserError(
+                f"{self.shards_dir}: the {split} split is too short: need {self.window:,} tokens for "
+                f"--device_batch_size {B} x --max_seq_len {T} (+1), have {self._tokens:,}; "
+                "lower --device_batch_size/--max_seq_len or prep more data"
+            )
+        if split == "val" and self._num_windows < self.world_size:
+            raise UserError(
+                f"{self.shards_dir}: the val split holds {self._num_windows} window(s) of --device_batch_size {B} x "
+                f"--max_seq_len {T}, fewer than the {world_size} processes; lower --device_batch_size or prep more val data"
+            )
+
+        self._cursor = 0  # batches this rank has yielded (the same number on every rank)
+        self._epoch = 0  # epoch of the last batch yielded
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def num_windows(self) -> int:
+        """Windows of B*T+1 tokens in one pass over the whole split (all ranks together)."""
+        return self._num_windows
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Tokens the windows of one epoch cover (the split's tail shorter than a window is never read)."""
+        return self._num_windows * self.window
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Val: batches each rank yields per pass, the same on every rank so collective evals never hang."""
+        return self._num_windows // self.world_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the last batch yielded (0 before the first)."""
+        return self._epoch
+
+    @property
+    def cursor(self) -> int:
+        """Batches this rank has yielded since the start (train) or since the last restart (val)."""
+        return self._cursor
+
+    # ---- iteration -------------------------------------------------------------------------
+    def global_window(self, c: int) -> int:
+        """The global window index (before wrapping) of this rank's c-th batch."""
+        if self.split == "val":
+            return c * self.world_size + self.rank
+        s, m = divmod(c, self.grad_accum)
+        return s * (self.grad_accum * self.world_size) + m * self.world_size + self.rank
+
+    def reset(self) -> None:
+        """Start over from the first batch (what `iter()` does for val)."""
+        self._cursor = 0
+        self._epoch = 0
+
+    def __iter__(self) -> "TokenShardLoader":
+        if self.split == "val":
+            self.reset()
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.split == "val" and self._cursor >= self.batches_per_rank:
+            raise StopIteration
+        epoch, g = divmod(self.global_window(self._cursor), self._num_windows)
+        window = self._read(g * self.window)
+        self._cursor += 1
+        self._epoch = epoch
+        # one (async, from pinned memory) copy of the int64 window; on CUDA the int32 cast runs on the GPU
+        window = window.to(self.device, non_blocking=True)
+        inputs = window[:-1].view(self.B, self.T).to(torch.int32)
+        targets = window[1:].view(self.B, self.T)
+        return inputs, targets
+
+    def _read(self, start: int) -> torch.Tensor:
+        """Stream tokens [start, start + window) as a fresh int64 CPU tensor (pinned for CUDA)."""
+        out = torch.empty(self.window, dtype=torch.int64, pin_memory=self._pin)
+        buf = out.numpy()
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        done = 0
+        while done < self.window:
+            lo = start + done - int(self._starts[i])
+            n = min(self.window - done, len(self._shards[i]) - lo)
+            buf[done : done + n] = self._shards[i][lo : lo + n]  # uint16 -> int64 in one numpy pass
+            done += n
+            i += 1
+        return out
+
+    # ---- checkpointing (Accelerate's register_for_checkpointing calls these) ---------------
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "cursor": self._cursor,
+            "epoch": self._epoch,
+            "split": self.split,
+            "B": self.B,
+            "T": self.T,
+            "world_size": self.world_size,
+            "grad_accum": self.grad_accum,
+            "num_windows": self._num_windows,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise UserError("loader state in the checkpoint is not a TokenShardLoader state; the checkpoint is foreign")
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"loader state version {state.get('version')} is not supported (expected {STATE_VERSION})")
+        mine = self.state_dict()
+        diffs = [f"{k} {state.get(k)!r} vs {mine[k]!r} now" for k in _GEOMETRY if state.get(k) != mine[k]]
+        if diffs:
+            raise UserError(
+                "the checkpoint's loader state was made for a different setup (" + ", ".join(diffs) + "); resume with "
+                "the same --device_batch_size/--max_seq_len/--total_batch_size, number of processes and shards"
+            )
+        cursor = int(state["cursor"])
+        if cursor < 0 or (self.split == "val" and cursor > self.batches_per_rank):
+            raise UserError(f"loader state has cursor {cursor}, out of range for the {self.split} split; it is corrupt")
+        self._cursor = cursor
+        self._epoch = int(state["epoch"])
