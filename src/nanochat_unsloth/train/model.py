@@ -1,0 +1,225 @@
+"""nanochat's GPT (b399e43), rewritten: same parameter names, shapes, init draws and forward math.
+
+- token embedding, no positional embedding: rotary embeddings on q and k instead
+- weightless RMSNorm after the embedding, before each sub-block and before the lm_head
+- QK norm (after rotary), GQA when n_kv_head < n_head
+- ReLU² MLP, no biases anywhere, untied embedding and lm_head
+- logits softcapped at 15 * tanh(x / 15); the loss in fp32
+
+A state_dict of this model loads into nanochat's GPT with strict=True and vice versa. The norm,
+rotary, attention and loss ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
+without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
+
+SOFTCAP = 15.0
+ROTARY_BASE = 10000
+ROTARY_OVERCOMPUTE = 10  # rotary tables cover 10x sequence_len, as nanochat's do
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: int = ROTARY_BASE,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (1, seq_len, 1, head_dim/2) in bf16, ready to broadcast over (B, T, H, D/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    # computed in fp32, stored in bf16 like nanochat (the model asserts it)
+    return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]
+
+
+# -----------------------------------------------------------------------------
+# The blocks
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Kernels):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        assert config.n_head % config.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        self.ops = ops
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # registration order = init draw order (see GPT.init_weights): keep q, k, v, proj
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # rotary first, then QK norm (nanochat's order)
+        q = self.ops.rms_norm(self.ops.apply_rotary(q, cos, sin))
+        k = self.ops.rms_norm(self.ops.apply_rotary(k, cos, sin))
+        # heads become a batch dim: (B, T, H, D) -> (B, H, T, D)
+        y = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               self.n_head != self.n_kv_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Kernels):
+        super().__init__()
+        self.ops = ops
+        self.attn = CausalSelfAttention(config, ops)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.ops.rms_norm(x), cos, sin)
+        x = x + self.mlp(self.ops.rms_norm(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, kernels: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.ops = get_kernels(kernels)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Placeholder tables so that construction works under torch.device("meta"); init_weights()
+        # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
+        self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
+        cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim, device=self.get_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # -- initialisation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init. Run after `to_empty(device=...)` when the model was built on meta.
+
+        `nn.Module.apply` visits children before their parent, in registration order, so the normal
+        draws happen in the order wte, then per block c_q, c_k, c_v, attn.c_proj, c_fc, mlp.c_proj, then
+        lm_head: the same order as nanochat, hence the same weights for the same torch.manual_seed.
+        lm_head and the c_proj's draw too before being zeroed, only to keep that order.
+        """
+        self.apply(self._init_module)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=self.get_device())
+        if self.get_device().type == "cuda":
+            # bf16 embedding: the optimizer copes and it halves the table and its activations
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            # std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))  (https://arxiv.org/abs/2310.17813)
+            fan_out, fan_in = module.weight.shape
+            std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> int:
+        """FLOPs per token: 6 per non-embedding weight plus attention's 12*l*h*q*t (PaLM, arXiv 2204.02311)."""
+        c = self.config
+        nparams = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * nparams + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    # -- forward -------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, loss_reduction: str = "mean") -> Tensor:
+        """Loss (fp32) when targets are given, else softcapped logits (B, T, vocab).
+
+        Targets of -1 are ignored. loss_reduction "none" gives per-token losses shaped like targets
+        (nanochat returns them flat: `.view(-1)` gives its layout).
+        """
+        B, T = idx.shape
+        assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary tables ({self.cos.size(1)})"
+        assert self.cos.dtype == torch.bfloat16, "rotary tables must stay bf16 (was the model cast with .to(dtype)?)"
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+
+        x = self.ops.rms_norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin)
+        x = self.ops.rms_norm(x)
+
+        if targets is None:
+            return softcapped_logits(x, self.lm_head.weight, SOFTCAP)
+        loss = self.ops.lm_head_loss(x, self.lm_head.weight, targets, SOFTCAP, loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 42) -> Iterator[int]:
+        """Yield up to max_tokens sampled token ids after the prompt `tokens` (batch of one).
+
+        temperature 0 is greedy. No KV cache: each step re-runs the whole sequence, which is fine for
+        the short samples printed during training.
+        """
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids[:, -self.rotary_seq_len:])[:, -1, :]
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()

@@ -1,0 +1,292 @@
+"""All the step math of base training, as nanochat b399e43's `base_train.py` / `gpt.py` / `muon.py` do it.
+
+- the model size from --depth
+- Muon for every matrix inside the blocks (sharded across ranks under DDP), AdamW for wte and lm_head
+- the LR multiplier (warmup / constant / warmdown) and Muon's momentum ramp, computed from the step
+- the training horizon (--num_iterations > --target_flops > --target_param_data_ratio)
+- gradient accumulation steps and gradient clipping
+
+Everything here is a pure function of its arguments or a torch Optimizer, so resuming at step s only
+needs the optimizers' state_dicts and s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train.model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# Model size
+
+
+def depth_to_model_config(depth: int, max_seq_len: int, vocab_size: int) -> GPTConfig:
+    """nanochat's depth -> shape rule: width 64 per layer, heads of (at most) 128 dims, no GQA."""
+    n_embd = 64 * depth
+    n_head = max(1, math.ceil(n_embd / 128))
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+depth_to_config = depth_to_model_config  # the name docs/ARCHITECTURE.md first used
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def _newtonschulz5(G: Tensor, steps: int) -> Tensor:
+    # Quintic Newton-Schulz towards the orthogonal factor of G (Keller Jordan's Muon). The coefficients
+    # maximise the slope at zero: singular values land roughly in (0.5, 1.5) instead of exactly 1, which
+    # trains as well and needs only 5 steps. bf16 is enough for this iteration.
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+_compiled_newtonschulz5 = None
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G (..., rows, cols), batched over leading dims; returns bf16.
+
+    Compiled with torch.compile on CUDA only, so CPU runs need no compiler toolchain.
+    """
+    global _compiled_newtonschulz5
+    if not G.is_cuda:
+        return _newtonschulz5(G, steps)
+    if _compiled_newtonschulz5 is None:
+        _compiled_newtonschulz5 = torch.compile(_newtonschulz5)
+    return _compiled_newtonschulz5(G, steps)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for the 2-D matrices inside the transformer blocks.
+
+    Per matrix p with gradient g (nanochat's Muon):
+        buf = lerp(buf, g, 1 - momentum)
+        u   = lerp(g, buf, momentum)           (Nesterov; u = buf without)
+        p  -= lr * sqrt(max(1, rows/cols)) * NS5(u)
+
+    Parameters are grouped by shape (groups sorted by shape, so every rank builds the same groups) and
+    the same-shape matrices are orthogonalised as one batched Newton-Schulz.
+
+    Distributed: when torch.distributed is initialised with world_size > 1, the gradients must already
+    be averaged (DDP does it in backward). Within a shape group, matrix i belongs to rank i % world_size;
+    each rank runs Newton-Schulz only on its own matrices, then one all_gather per group (async, so it
+    overlaps the next group's Newton-Schulz) hands every rank every orthogonalised update, and every
+    rank applies all of them. Gathering the bf16 updates rather than the fp32 weights moves half the
+    bytes and leaves the weights bitwise identical across ranks.
+
+    State: every rank keeps the momentum buffer of every matrix (the lerp is cheap next to
+    Newton-Schulz, and the grads are the same on every rank), so the state is replicated and any rank's
+    `state_dict()` is the complete, correct state: checkpoints saved by the main process alone resume
+    exactly, on any world size. The cost is one fp32 buffer per matrix on each rank, as without DDP.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5):
+        params = list(params)
+        if any(p.ndim != 2 for p in params):
+            raise ValueError("Muon only takes 2-D matrices; give embeddings, the lm_head and vectors to AdamW")
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world_size = _rank_and_world_size()
+        gathers = []
+        for group in self.param_groups:
+            params: list[Tensor] = group["params"]
+            if any(p.grad is None for p in params):
+                raise RuntimeError("Muon: every matrix needs a gradient (was part of the model unused?)")
+            rows, cols = params[0].shape
+            step_scale = -group["lr"] * max(1.0, rows / cols) ** 0.5
+            momentum = group["momentum"]
+
+            grads = [p.grad for p in params]
+            bufs = [self._momentum_buffer(p) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+
+            # this rank's share: matrices rank, rank + W, rank + 2W, ...
+            mine = range(rank, len(params), world_size)
+            updates = torch.empty((len(mine), rows, cols), dtype=grads[0].dtype, device=grads[0].device)
+            for j, i in enumerate(mine):
+                if group["nesterov"]:
+                    torch.lerp(grads[i], bufs[i], momentum, out=updates[j])
+                else:
+                    updates[j].copy_(bufs[i])
+            ortho = zeropower_via_newtonschulz5(updates, group["ns_steps"])
+
+            if world_size == 1:
+                for p, u in zip(params, ortho):
+                    p.add_(u, alpha=step_scale)
+                continue
+            # Pad every rank's share to the same count so one all_gather_into_tensor moves them all.
+            per_rank = -(-len(params) // world_size)
+            padded = ortho.new_zeros((per_rank, rows, cols))
+            padded[:len(mine)] = ortho
+            gathered = ortho.new_empty((world_size * per_rank, rows, cols))
+            work = dist.all_gather_into_tensor(gathered, padded, async_op=True)
+            gathers.append((work, params, gathered, per_rank, step_scale))
+
+        for work, params, gathered, per_rank, step_scale in gathers:
+            work.wait()
+            for i, p in enumerate(params):
+                # matrix i was the (i // W)-th of rank i % W
+                p.add_(gathered[(i % world_size) * per_rank + i // world_size], alpha=step_scale)
+        return loss
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        return state["momentum_buffer"]
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# -----------------------------------------------------------------------------
+# The two optimizers
+
+
+def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
+                     matrix_lr: float = 0.02, weight_decay: float = 0.0,
+                     fused: bool | None = None) -> list[torch.optim.Optimizer]:
+    """[AdamW(lm_head, wte), Muon(every block matrix)], as nanochat's `GPT.setup_optimizers`.
+
+    The AdamW LRs were tuned at width 768 and scale as 1/sqrt(n_embd/768). Every group records its
+    `initial_lr` for `apply_schedules`. Pass the unwrapped model (not a DDP / compiled wrapper).
+    `fused=None` uses fused AdamW when every parameter is on CUDA.
+    """
+    matrix_params = list(model.transformer.h.parameters())
+    embedding_params = list(model.transformer.wte.parameters())
+    lm_head_params = list(model.lm_head.parameters())
+    n_covered = len(matrix_params) + len(embedding_params) + len(lm_head_params)
+    assert n_covered == len(list(model.parameters())), "a parameter is in no optimizer group"
+
+    lr_scale = (model.config.n_embd / 768) ** -0.5
+    if fused is None:
+        fused = all(p.is_cuda for p in embedding_params + lm_head_params)
+    adamw = torch.optim.AdamW(
+        [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
+         dict(params=embedding_params, lr=embedding_lr * lr_scale)],
+        betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused,
+    )
+    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+# -----------------------------------------------------------------------------
+# Schedules: functions of the step, so a resumed run needs no scheduler state
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0,
+                  warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+    """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat's get_lr_multiplier)."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    if step <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = (num_iterations - step) / warmdown_iters
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon's momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, num_iterations: int,
+                    warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
+                    final_lr_frac: float = 0.0) -> float:
+    """Set every group's lr = initial_lr * lrm and Muon's momentum for this step; returns lrm."""
+    lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
+    momentum = muon_momentum(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    return lrm
+
+
+# -----------------------------------------------------------------------------
+# Horizon, batch, clipping
+
+
+def resolve_num_iterations(num_iterations: int, target_flops: float, target_param_data_ratio: float,
+                           num_params: int, flops_per_token: int, total_batch_size: int) -> int:
+    """The number of optimizer steps; the first horizon set (> 0) wins, in nanochat's order."""
+    if num_iterations > 0:
+        steps = num_iterations
+        source = "--num_iterations"
+    elif target_flops > 0:
+        steps = round(target_flops / (flops_per_token * total_batch_size))
+        source = "--target_flops"
+    elif target_param_data_ratio > 0:
+        steps = int((target_param_data_ratio * num_params) // total_batch_size)
+        source = "--target_param_data_ratio"
+    else:
+        raise UserError("no training horizon: set --num_iterations, --target_flops or "
+                        "--target_param_data_ratio to a value > 0")
+    if steps < 1:
+        raise UserError(f"{source} gives {steps} optimizer steps at --total_batch_size={total_batch_size:,}; "
+                        "raise it or lower --total_batch_size")
+    return steps
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that all ranks together see total_batch_size tokens."""
+    tokens_per_micro_step = device_batch_size * max_seq_len * world_size
+    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_step != 0:
+        lower = max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step
+        raise UserError(
+            f"--total_batch_size={total_batch_size:,} tokens is not a positive multiple of "
+            f"--device_batch_size x --max_seq_len x world size = {device_batch_size} x {max_seq_len} x "
+            f"{world_size} = {tokens_per_micro_step:,}; use e.g. --total_batch_size={lower} "
+            f"or change --device_batch_size")
+    return total_batch_size // tokens_per_micro_step
+
+
+def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Clip the global grad norm to max_norm (0 disables clipping) and return the pre-clip norm.
+
+    The norm stays a tensor: the caller chooses when to pay the device sync of `.item()`.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    # disabled: still report the norm (for the log), computed in fp32 across mixed bf16/fp32 grads
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in parameters]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

@@ -1,0 +1,77 @@
+"""Sharded Muon on 2 gloo processes gives the single-process result (uneven ownership, several steps)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat_unsloth.train.optim import Muon
+
+# 5 and 3 same-shape matrices: ranks own 3/2 and 2/1; the lone (8, 8) leaves rank 1 with nothing
+SHAPES = [(16, 8)] * 5 + [(8, 16)] * 3 + [(8, 8)]
+STEPS = 3
+WORLD_SIZE = 2
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in SHAPES]
+
+
+def make_grads(step):
+    # the same on every rank, as after DDP's all-reduce
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def run_muon(params):
+    opt = Muon(params, lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        for p, grad in zip(params, make_grads(step)):
+            p.grad = grad
+        opt.step()
+    return opt
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        params = make_params()
+        opt = run_muon(params)
+        torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sharded_muon_matches_single_process(tmp_path):
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+    single_params = make_params()
+    single_opt = run_muon(single_params)
+    for r in ranks:
+        for got, want in zip(r["params"], single_params):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    # weights are bitwise identical across ranks: every rank applied the same gathered updates
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    # every rank holds the full momentum state, equal to the single-process one: any rank can checkpoint
+    want_state = single_opt.state_dict()["state"]
+    for r in ranks:
+        assert r["optim"]["state"].keys() == want_state.keys()
+        for k, v in want_state.items():
+            torch.testing.assert_close(r["optim"]["state"][k]["momentum_buffer"], v["momentum_buffer"])
