@@ -1,0 +1,442 @@
+"""Training throughput on the GPU: tok/s, MFU and peak memory of nanochat's step, per configuration.
+
+    python benchmarks/train_throughput.py --depth 20 --kernels torch,unsloth --batch-sizes 32,16,8,4 \\
+        --memory fast,lean --out bench.json --plot frontier.png
+
+Each configuration runs in its own subprocess (a clean CUDA allocator, so peaks do not leak between
+configurations, and an out-of-memory kills only that one). A configuration builds the model exactly as
+the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model for
+--kernels torch, block by block for unsloth / lean), feeds random tokens at seq 2048 and total batch
+524,288, and times whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up steps
+(compilation) are excluded; the figure is the median of the timed steps. MFU uses nanochat's formula
+on the 989 TFLOP/s H100 bf16 basis.
+
+Configuration names (comma lists, crossed with --batch-sizes):
+    --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
+                | torch-blocks (torch kernels, compiled block by block)
+    --memory    fast | lean (torch.utils.checkpoint) | lean-offload (Unsloth's offloaded checkpointing)
+
+`--profile` adds a torch.profiler pass over one more step per configuration (the step of
+`step.optimizer_step`, with phase labels): GPU time per category (matmul / attention / elementwise /
+loss / optimizer / data / memory / other), GPU idle time (launch gaps and host syncs), top kernels.
+`--micro` times only the lm_head + softcap + cross-entropy (forward + backward) of each loss
+implementation at one batch size, with its peak memory and its agreement with the torch loss.
+`--device cpu` runs a tiny smoke test of every code path (no GPU figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMISED_FLOPS = 989e12
+
+KERNEL_VARIANTS = {  # name -> (kernels, extra environment)
+    "torch": ("torch", {}),
+    "torch-blocks": ("torch", {"NANOCHAT_COMPILE": "blocks"}),
+    "unsloth": ("unsloth", {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
+    "unsloth-zoo": ("unsloth", {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
+}
+MEMORY_VARIANTS = {
+    "fast": ("fast", {}),
+    "lean": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "torch"}),
+    "lean-offload": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "offload"}),
+}
+
+
+# -----------------------------------------------------------------------------
+# One configuration (in its own process)
+
+
+def setup(args):
+    import torch
+    from accelerate import Accelerator
+
+    from nanochat_unsloth.train import optim
+    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
+    from nanochat_unsloth.train.model import GPT
+
+    on_cuda = args.device == "cuda"
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
+    device = accelerator.device
+    cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
+    kernels, _ = KERNEL_VARIANTS[args.kernels]
+    memory, _ = MEMORY_VARIANTS[args.memory]
+    with torch.device("meta"):
+        model = GPT(cfg, kernels=kernels, memory=memory)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    raw_model = model
+    optimizers = optim.build_optimizers_for(args.optimizer, model)
+    grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    mode = compile_mode(raw_model.ops.name, memory) if on_cuda else "none"
+    model = compile_for_training(model, raw_model, mode)
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+
+    def next_batch():
+        # random tokens: the speed of a step does not depend on the text
+        w = torch.randint(0, args.vocab, (args.batch_size * args.seq + 1,), device=device, generator=gen)
+        return w[:-1].view(args.batch_size, args.seq).int(), w[1:].view(args.batch_size, args.seq)
+
+    info = {"compile": mode, "kernels_used": raw_model.ops.name, "loss_impl": raw_model.ops.loss_impl,
+            "flops_per_token": raw_model.estimate_flops(), "num_params": raw_model.num_params()}
+    return accelerator, model, raw_model, optimizers, next_batch, grad_accum, info
+
+
+def run_one(args) -> dict:
+    import torch
+
+    from nanochat_unsloth.train.step import optimizer_step
+
+    on_cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    t_setup = time.perf_counter()
+    accelerator, model, raw_model, optimizers, next_batch, grad_accum, info = setup(args)
+    setup_s = time.perf_counter() - t_setup
+
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        out = optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, 1000)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(out.loss.item())  # after the clock: the benchmark's only per-step host read
+        if step >= args.warmup:
+            times.append(dt)
+        print(f"  step {step} {dt * 1000:.0f} ms loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else 0.0
+    peak_reserved = torch.cuda.max_memory_reserved() / 2**30 if on_cuda else 0.0
+    profile = None
+    if args.profile:
+        profile = profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda)
+    dt = statistics.median(times)
+    return {
+        "depth": args.depth, "kernels": args.kernels, "batch_size": args.batch_size, "memory": args.memory,
+        "optimizer": args.optimizer, "seq": args.seq, "total_batch": args.total_batch, "grad_accum": grad_accum,
+        **info, "setup_s": setup_s,
+        "median_step_s": dt, "tok_per_s": args.total_batch / dt,
+        "mfu": 100 * info["flops_per_token"] * args.total_batch / dt / PROMISED_FLOPS,
+        "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
+        "losses": losses, "step_times_s": times, "profile": profile,
+        "gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Profile: GPU time per category for one step
+
+
+def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda) -> dict:
+    """One optimizer step as `step.optimizer_step` runs it, under torch.profiler, with phase labels.
+
+    Kernels that start inside the "optimizer" phase (clip + schedules + the optimizers' steps, fenced
+    by device syncs so no earlier kernel spills in) count as optimizer; the others by kernel name.
+    """
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from nanochat_unsloth.train import optim
+
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(grad_accum):
+            with record_function("phase:data"):
+                x, y = next_batch()
+            with record_function("phase:forward_backward"), accelerator.autocast():
+                loss = model(x, y)
+                accelerator.backward(loss / grad_accum)
+        sync()
+        with record_function("phase:optimizer"):
+            optim.clip_grad_norm(raw_model.parameters(), 1.0)
+            optim.apply_schedules(optimizers, 10, 1000)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            sync()
+    wall_ms = (time.perf_counter() - t0) * 1000
+
+    events = list(prof.events())
+    opt_ranges = [(e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == DeviceType.CPU and e.name == "phase:optimizer"]
+    by_cat, by_kernel, intervals = {}, {}, []
+    for e in events:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or e.name.startswith("phase:"):
+            continue
+        start, end = e.time_range.start, e.time_range.end
+        ms = (end - start) / 1000
+        if ms <= 0:
+            continue
+        intervals.append((start, end))
+        cat = categorize(e.name)
+        if cat not in ("data", "memory") and any(a <= start <= b for a, b in opt_ranges):
+            cat = "optimizer"
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
+        by_kernel[e.name] = by_kernel.get(e.name, 0.0) + ms
+    busy_ms = merged_length(intervals) / 1000
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return {"wall_ms": wall_ms, "gpu_kernel_ms": sum(by_cat.values()), "gpu_busy_ms": busy_ms,
+            "gpu_idle_ms": max(0.0, wall_ms - busy_ms), "by_category_ms": by_cat,
+            "top_kernels_ms": [[k[:140], v] for k, v in top]}
+
+
+def merged_length(intervals) -> float:
+    total, cur_start, cur_end = 0.0, None, None
+    for a, b in sorted(intervals):
+        if cur_end is None or a > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = a, b
+        else:
+            cur_end = max(cur_end, b)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def categorize(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("memcpy", "memset")):
+        return "memory"
+    if any(k in n for k in ("distribution", "randint", "random", "philox")):
+        return "data"
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "sdpa", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "cublas", "_mm_")):
+        return "matmul"
+    # the softcap (tanh), log-softmax / logsumexp and NLL of the loss, however Inductor names them
+    if any(k in n for k in ("tanh", "log_softmax", "logsumexp", "cross_entropy", "nll", "_ce_chunk")):
+        return "loss"
+    if any(k in n for k in ("adam", "foreach", "multi_tensor", "lerp")):
+        return "optimizer"
+    if any(k in n for k in ("triton", "elementwise", "vectorized", "reduce", "fused", "rms", "relu", "pow")):
+        return "elementwise"
+    return "other"
+
+
+# -----------------------------------------------------------------------------
+# Micro benchmark: the loss alone
+
+
+def run_micro(args) -> list[dict]:
+    import torch
+
+    from nanochat_unsloth.train import kernels as K
+
+    device = "cuda"
+    n_embd = 64 * args.depth
+    B, T, V = args.batch_size, args.seq, args.vocab
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(B, T, n_embd, device=device, generator=g).bfloat16()
+    x0 = x0 / x0.float().pow(2).mean(-1, keepdim=True).sqrt().bfloat16()  # like the final rms_norm output
+    w0 = torch.randn(V, n_embd, device=device, generator=g) * (n_embd ** -0.5)
+    targets = torch.randint(0, V, (B, T), device=device, generator=g)
+    targets[:, :7] = -1  # a few ignored positions
+
+    variants = [("torch-compiled", torch.compile(K.torch_lm_head_loss, dynamic=False)),
+                ("chunked", K.chunked_lm_head_loss)]
+    if "zoo" in args.micro_losses:
+        variants.append(("zoo", K._zoo_lm_head_loss))
+    results, ref = [], None
+    for name, fn in variants:
+        x = x0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        try:
+            times = []
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            for it in range(args.warmup + args.steps):
+                x.grad = w.grad = None
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = fn(x, w, targets, 15.0, "mean")
+                loss.backward()
+                end.record()
+                torch.cuda.synchronize()
+                if it >= args.warmup:
+                    times.append(start.elapsed_time(end))
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            out = {"loss_impl": name, "batch_size": B, "depth": args.depth, "median_ms": statistics.median(times),
+                   "peak_extra_gib": peak, "loss": loss.item()}
+            if ref is None:
+                ref = (loss.detach().float(), x.grad.float(), w.grad.float())
+            else:
+                out["loss_rel_diff"] = abs(loss.item() - ref[0].item()) / abs(ref[0].item())
+                out["grad_x_cos"] = torch.nn.functional.cosine_similarity(
+                    x.grad.float().flatten(), ref[1].flatten(), dim=0).item()
+                out["grad_w_cos"] = torch.nn.functional.cosine_similarity(
+                    w.grad.float().flatten(), ref[2].flatten(), dim=0).item()
+        except Exception as e:  # report and go on with the next variant
+            out = {"loss_impl": name, "batch_size": B, "depth": args.depth, "error": f"{type(e).__name__}: {e}"[:300]}
+        print("MICRO " + json.dumps(out), flush=True)
+        results.append(out)
+        del x, w
+        torch.cuda.empty_cache()
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The sweep
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--total-batch", type=int, default=524288)
+    p.add_argument("--kernels", default="torch,unsloth", help="comma list of: " + ", ".join(KERNEL_VARIANTS))
+    p.add_argument("--batch-sizes", default="32,16,8,4")
+    p.add_argument("--memory", default="fast", help="comma list of: " + ", ".join(MEMORY_VARIANTS))
+    p.add_argument("--optimizer", default="muon", choices=("muon", "adamw8bit"))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of the code paths")
+    p.add_argument("--out", default="", help="JSON file of all results (rewritten after each configuration)")
+    p.add_argument("--plot", default="", help="PNG of tok/s against peak memory")
+    p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
+    p.add_argument("--profile", action="store_true", help="also profile one step per configuration")
+    p.add_argument("--micro", action="store_true", help="time the loss implementations alone (first batch size)")
+    p.add_argument("--micro-losses", default="chunked,zoo", help=argparse.SUPPRESS)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return 0
+    if args.micro:
+        args.batch_size = int(args.batch_sizes.split(",")[0])
+        results = run_micro(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0
+
+    kernel_list, memory_list = args.kernels.split(","), args.memory.split(",")
+    for k in kernel_list:
+        if k not in KERNEL_VARIANTS:
+            p.error(f"--kernels {k!r}: choose from {', '.join(KERNEL_VARIANTS)}")
+    for m in memory_list:
+        if m not in MEMORY_VARIANTS:
+            p.error(f"--memory {m!r}: choose from {', '.join(MEMORY_VARIANTS)}")
+    results = []
+    for kernels, batch_size, memory in itertools.product(kernel_list, [int(b) for b in args.batch_sizes.split(",")],
+                                                         memory_list):
+        env = dict(os.environ, **KERNEL_VARIANTS[kernels][1], **MEMORY_VARIANTS[memory][1])
+        cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
+               "--vocab", str(args.vocab), "--total-batch", str(args.total_batch), "--kernels", kernels,
+               "--batch-size", str(batch_size), "--memory", memory, "--optimizer", args.optimizer,
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
+        cmd += ["--profile"] if args.profile else []
+        head = {"depth": args.depth, "kernels": kernels, "batch_size": batch_size, "memory": memory}
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            err = proc.stderr.strip().splitlines()
+            if lines:
+                result = json.loads(lines[-1][len("RESULT "):])
+                result["notices"] = [ln for ln in err if ln.startswith("notice:")]
+            else:
+                oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
+                result = dict(head, error="OOM" if oom else (err[-1][:300] if err else f"exit {proc.returncode}"),
+                              stderr_tail="\n".join(err[-25:]))
+        except subprocess.TimeoutExpired:
+            result = dict(head, error=f"timeout {args.timeout}s")
+        result["wall_s"] = time.time() - t0
+        results.append(result)
+        print(format_row(result), flush=True)
+        if result.get("profile"):
+            print(format_profile(result["profile"]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+    print("\n" + format_table(results))
+    if args.plot:
+        try:
+            plot_frontier(results, args.plot)
+        except ImportError as e:
+            print(f"no plot: {e}")
+    return 0
+
+
+def format_row(r: dict) -> str:
+    head = f"d{r['depth']} kernels={r['kernels']:<12} B={r['batch_size']:<3} memory={r['memory']:<12}"
+    if "error" in r:
+        return f"{head} | {r['error']} ({r.get('wall_s', 0):.0f}s)"
+    return (f"{head} | {r['tok_per_s']:>9,.0f} tok/s | MFU {r['mfu']:5.1f}% | peak {r['peak_alloc_gib']:5.1f} GiB "
+            f"| step {r['median_step_s'] * 1000:6.0f} ms | loss {r['losses'][-1]:.4f} | compile={r['compile']} "
+            f"loss={r['loss_impl']} | {r.get('wall_s', 0):.0f}s")
+
+
+def format_profile(prof: dict) -> str:
+    lines = [f"    profile: wall {prof['wall_ms']:.0f} ms, GPU busy {prof['gpu_busy_ms']:.0f} ms, "
+             f"idle {prof['gpu_idle_ms']:.0f} ms"]
+    total = prof["gpu_kernel_ms"] or 1.0
+    for cat, ms in sorted(prof["by_category_ms"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"      {cat:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+    for name, ms in prof["top_kernels_ms"][:12]:
+        lines.append(f"      {ms:8.1f} ms  {name[:110]}")
+    return "\n".join(lines)
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| depth | kernels | B | memory | tok/s | MFU | peak alloc GiB | step ms | last loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['depth']} | {r['kernels']} | {r['batch_size']} | {r['memory']} | {r['error'][:60]} | | | | |")
+        else:
+            lines.append(f"| {r['depth']} | {r['kernels']} | {r['batch_size']} | {r['memory']} | "
+                         f"{r['tok_per_s']:,.0f} | {r['mfu']:.1f}% | {r['peak_alloc_gib']:.1f} | "
+                         f"{r['median_step_s'] * 1000:.0f} | {r['losses'][-1]:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [r for r in results if "error" not in r]
+    for kernels in sorted({r["kernels"] for r in ok}):
+        for memory in sorted({r["memory"] for r in ok}):
+            pts = sorted((r["peak_alloc_gib"], r["tok_per_s"], r["batch_size"]) for r in ok
+                         if r["kernels"] == kernels and r["memory"] == memory)
+            if not pts:
+                continue
+            ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="o", label=f"{kernels}/{memory}")
+            for x, y, b in pts:
+                ax.annotate(f"B={b}", (x, y), fontsize=7)
+    for budget in (16, 24, 40, 80):
+        ax.axvline(budget, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("peak allocated GiB")
+    ax.set_ylabel("tok/s")
+    ax.set_title(f"d{ok[0]['depth'] if ok else '?'}: throughput against memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
