@@ -1,0 +1,411 @@
+"""The prep job: documents -> `<|bos|>` + encode_ordinary(text), back to back -> uint16 token shards.
+
+One writer (this process) consumes the tokenized batches strictly in source order, so the bytes of
+every shard and of manifest.json depend only on the source, the tokenizer and the shard options,
+never on the number of workers or on interruptions:
+
+  * each split ("val" first, then "train") is one token stream cut into shards of exactly
+    `shard_tokens` tokens (the split's last shard holds the rest); documents may span shards;
+  * a shard appears only by rename, and after each one `prep_state.json` records the finished
+    shards and the resume cursor (split, row, token offset inside that row's document);
+  * a re-run with the same fingerprint skips to the cursor (parquet: by row-group metadata,
+    without reading text) and continues; manifest.json is written last, then the state removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from nanochat_unsloth.common import UserError, atomic_write_json, read_json
+from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
+from nanochat_unsloth.prep.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
+from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
+from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
+
+STATE_NAME = "prep_state.json"
+SPLIT_ORDER = ("val", "train")  # val first: it is small, and then a --max-tokens run is ready to train on early
+DONE = "done"
+PREP_VERSION = 1  # bump when the token stream for the same inputs would change
+# Files prep owns in --out (what --force may delete): shards, manifest, state, and their temp files.
+OWNED = re.compile(r"^\.?((train|val)_\d{6}\.bin|manifest\.json|prep_state\.json)(\..*\.tmp)?$")
+STOP_ENV = "NANOCHAT_UNSLOTH_PREP_STOP_AFTER_SHARDS"  # tests: simulate an interruption after N shards
+
+
+@dataclass
+class PrepConfig:
+    source: str  # a parquet directory (nanochat layout) or hf:NAME
+    out_dir: Path  # where shards + manifest.json go, usually <base>/shards
+    tokenizer_dir: Path  # holds tokenizer.pkl, usually <base>/tokenizer
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # 0: tokenize in this process
+    shard_tokens: int = 100_000_000  # tokens per shard, except the last of each split
+    max_tokens: int | None = None  # cap on train tokens (None: the whole train split)
+    max_val_tokens: int | None = None  # cap on val tokens (None: the whole val split)
+    val_files: int = DEFAULT_VAL_FILES  # parquet dir: the last K files are val
+    val_docs: int = DEFAULT_VAL_DOCS  # hf: the first N documents of the stream are val
+    hf_config: str | None = None
+    hf_data_files: str | list[str] | None = None
+    force: bool = False  # overwrite --out holding shards of another source/tokenizer/options
+    progress: bool = True  # tqdm bars on stderr
+    batch_chars: int = 1 << 20  # text per task handed to a worker; does not change the output
+    stop_after_shards: int | None = None  # return after writing this many shards (simulated interruption)
+
+
+@dataclass
+class PrepResult:
+    complete: bool  # False only when stopped by stop_after_shards
+    out_dir: Path
+    manifest: ShardManifest | None
+    shards_written: int  # by this run
+    tokens_written: int  # by this run
+    skipped_rows: dict
+    seconds: float
+    already_done: bool = False
+
+
+class _Stop(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenization, in worker processes (or in this process when workers == 0)
+
+_enc = None
+_bos = None
+
+
+def _init_encoder(tokenizer_bytes: bytes) -> None:
+    import pickle
+
+    global _enc, _bos
+    _enc = pickle.loads(tokenizer_bytes)
+    _bos = bos_id(_enc)
+
+
+def _encode_batch(texts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (length of each row's token sequence incl. BOS, -1 for a null/non-text row; all tokens, uint16).
+
+    Same tokens as `encode_ordinary_batch`, but a plain loop: with num_threads=1 that function still
+    hands every document to a thread-pool thread and back, ~25% slower here; the processes are the
+    parallelism.
+    """
+    encode, bos = _enc.encode_ordinary, _bos
+    lengths = np.full(len(texts), -1, dtype=np.int64)
+    flat: list[int] = []
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            ids = encode(text)
+            lengths[i] = len(ids) + 1
+            flat.append(bos)
+            flat.extend(ids)
+    return lengths, np.array(flat, dtype=np.uint16)
+
+
+def _batches(source: Source, split: str, start_doc: int, batch_chars: int) -> Iterator[tuple[int, list]]:
+    """(first row index, rows) in order, each batch about batch_chars characters."""
+    row, rows, chars = start_doc, [], 0
+    for text in source.iter_documents(split, start_doc):
+        rows.append(text)
+        chars += len(text) if isinstance(text, str) else 0
+        if chars >= batch_chars or len(rows) >= 8192:
+            yield row, rows
+            row, rows, chars = row + len(rows), [], 0
+    if rows:
+        yield row, rows
+
+
+def _encoded(pool, batches: Iterator[tuple[int, list]], in_flight: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Results in submission order, with at most `in_flight` batches queued (Pool.imap would read the
+    whole source ahead into memory)."""
+    if pool is None:
+        for row0, rows in batches:
+            yield (row0, *_encode_batch(rows))
+        return
+    pending: collections.deque = collections.deque()
+    for row0, rows in batches:
+        pending.append((row0, pool.apply_async(_encode_batch, (rows,))))
+        if len(pending) >= in_flight:
+            row, res = pending.popleft()
+            yield (row, *res.get())
+    while pending:
+        row, res = pending.popleft()
+        yield (row, *res.get())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def _fingerprint_sha(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+class PrepJob:
+    def __init__(self, config: PrepConfig):
+        self.cfg = config
+        for name in ("shard_tokens", "max_tokens", "max_val_tokens", "batch_chars"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be a positive number")
+        if config.workers < 0:
+            raise UserError(f"--workers {config.workers}: must be 0 (tokenize in this process) or more")
+        self.out = Path(config.out_dir).expanduser().resolve()
+        # Tokenizer first: it is the cheapest thing to get wrong and the message says what to run.
+        self.tok_path = Path(config.tokenizer_dir).expanduser().resolve() / TOKENIZER_PKL
+        self.enc = load_tokenizer(self.tok_path.parent)
+        self.tokenizer_bytes = self.tok_path.read_bytes()
+        check_vocab_fits(self.enc.n_vocab, where=str(self.tok_path))
+        self.tokenizer = TokenizerFingerprint(
+            sha256=hashlib.sha256(self.tokenizer_bytes).hexdigest(), vocab_size=self.enc.n_vocab, bos_id=bos_id(self.enc)
+        )
+        self.source = open_source(
+            config.source,
+            val_files=config.val_files,
+            val_docs=config.val_docs,
+            hf_config=config.hf_config,
+            hf_data_files=config.hf_data_files,
+        )
+        self.fingerprint = {
+            "prep_version": PREP_VERSION,
+            "tokenizer": asdict(self.tokenizer),
+            "source": self.source.describe(),
+            "shard_tokens": config.shard_tokens,
+            "max_tokens": config.max_tokens,
+            "max_val_tokens": config.max_val_tokens,
+        }
+        self.fingerprint_sha = _fingerprint_sha(self.fingerprint)
+
+    # ---- what is already in --out ---------------------------------------------------------------
+    def _difference(self, tokenizer: dict, source: dict, options: dict) -> str:
+        if tokenizer.get("sha256") != self.tokenizer.sha256:
+            return (f"were made with another tokenizer (sha256 {str(tokenizer.get('sha256'))[:12]}, "
+                    f"not {self.tok_path}'s {self.tokenizer.sha256[:12]})")
+        mine = self.fingerprint["source"]
+        if {k: source.get(k) for k in mine} != mine:
+            return f"come from another source ({source.get('description', '?')})"
+        diffs = [f"--{k.replace('_', '-')} {options.get(k)} (this run: {self.fingerprint[k]})"
+                 for k in ("shard_tokens", "max_tokens", "max_val_tokens") if options.get(k) != self.fingerprint[k]]
+        return f"were made with other options: {', '.join(diffs) or 'another prep version'}"
+
+    def _refuse(self, why: str, whose: str = "its shards") -> None:
+        raise UserError(
+            f"--out {self.out}: {whose} {why}; pass --force to delete them and start over, "
+            "or choose another --out"
+        )
+
+    def _clear_out_dir(self) -> None:
+        for path in self.out.iterdir():
+            if OWNED.match(path.name) and path.is_file():
+                path.unlink()
+
+    def _load_existing(self) -> dict | None:
+        """-> the state to resume from, a fresh state, or None when --out already holds this exact prep."""
+        fresh = {"fingerprint_sha256": self.fingerprint_sha, "fingerprint": self.fingerprint, "shards": [],
+                 "cursor": {"split": SPLIT_ORDER[0], "doc": 0, "offset": 0},
+                 "skipped_rows": {s: 0 for s in SPLIT_ORDER}}
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest_path, state_path = self.out / MANIFEST_NAME, self.out / STATE_NAME
+        if manifest_path.exists():
+            try:
+                manifest = ShardManifest.load(self.out)
+                same = manifest.source.get("prep_fingerprint_sha256") == self.fingerprint_sha
+            except UserError:
+                manifest, same = None, False
+            if same:
+                try:  # sizes and headers: cheap, catches a deleted or truncated shard
+                    manifest.verify(self.out)
+                    intact = True
+                except UserError as e:
+                    if not self.cfg.force:
+                        raise UserError(f"{e} (or pass --force to prep {self.out} again from scratch)") from None
+                    intact = False
+                if intact:
+                    self.manifest = manifest
+                    state_path.unlink(missing_ok=True)  # a crash between manifest and state removal
+                    return None
+            elif not self.cfg.force:
+                if manifest is None:
+                    self._refuse("have an unreadable manifest.json")
+                options = {k: manifest.source.get(k) for k in ("max_tokens", "max_val_tokens")}
+                options["shard_tokens"] = manifest.shard_tokens
+                self._refuse(self._difference(asdict(manifest.tokenizer), manifest.source, options))
+        elif state_path.exists():
+            state = read_json(state_path, "prep progress file")
+            if state.get("fingerprint_sha256") == self.fingerprint_sha:
+                return state
+            if not self.cfg.force:
+                fp = state.get("fingerprint", {})
+                options = {k: fp.get(k) for k in ("shard_tokens", "max_tokens", "max_val_tokens")}
+                self._refuse(self._difference(fp.get("tokenizer", {}), fp.get("source", {}), options),
+                             whose="the shards of its unfinished prep")
+        elif any(OWNED.match(p.name) and p.suffix == ".bin" for p in self.out.iterdir()) and not self.cfg.force:
+            self._refuse("have no manifest.json or prep_state.json, so their origin is unknown")
+        self._clear_out_dir()
+        return fresh
+
+    # ---- running --------------------------------------------------------------------------------
+    def run(self) -> PrepResult:
+        t0 = time.time()
+        state = self._load_existing()
+        if state is None:
+            m = self.manifest
+            return PrepResult(True, self.out, m, 0, 0, m.source.get("skipped_rows", {}), time.time() - t0, already_done=True)
+        # leftovers of a killed run: temp files never renamed into place
+        for path in self.out.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp") and OWNED.match(path.name):
+                path.unlink()
+        self.state = state
+        self.written_shards = self.written_tokens = 0
+        self.t0 = t0
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tqdm, torch, rayon)
+        pool = None
+        if self.cfg.workers > 0:
+            pool = ctx.Pool(self.cfg.workers, initializer=_init_encoder, initargs=(self.tokenizer_bytes,))
+        else:
+            _init_encoder(self.tokenizer_bytes)
+        try:
+            while state["cursor"]["split"] != DONE:
+                self._run_split(pool)
+        except _Stop:
+            return PrepResult(False, self.out, None, self.written_shards, self.written_tokens,
+                              dict(state["skipped_rows"]), time.time() - t0)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        manifest = ShardManifest(
+            tokenizer=self.tokenizer,
+            source={
+                **self.fingerprint["source"],
+                "max_tokens": self.cfg.max_tokens,
+                "max_val_tokens": self.cfg.max_val_tokens,
+                # null / non-string rows are skipped, not fatal: see _run_split
+                "skipped_rows": dict(state["skipped_rows"]),
+                "prep_fingerprint_sha256": self.fingerprint_sha,
+            },
+            shard_tokens=self.cfg.shard_tokens,
+            shards=[ShardEntry(**e) for e in state["shards"]],
+        )
+        manifest.save(self.out)
+        (self.out / STATE_NAME).unlink(missing_ok=True)
+        return PrepResult(True, self.out, manifest, self.written_shards, self.written_tokens,
+                          dict(state["skipped_rows"]), time.time() - t0)
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.out / STATE_NAME, self.state)
+
+    def _run_split(self, pool) -> None:
+        """Continue the cursor's split to its end (or cap), writing shards; then move the cursor on."""
+        from tqdm import tqdm
+
+        cfg, state = self.cfg, self.state
+        split, start_doc, drop = state["cursor"]["split"], state["cursor"]["doc"], state["cursor"]["offset"]
+        cap = cfg.max_tokens if split == "train" else cfg.max_val_tokens
+        done_entries = [e for e in state["shards"] if e["split"] == split]
+        written = sum(e["tokens"] for e in done_entries)  # tokens of this split already in finished shards
+        skipped = state["skipped_rows"][split]  # bad rows before the cursor
+        buf = np.empty(cfg.shard_tokens, dtype=np.uint16)
+        fill = shard_docs = 0
+        capped = False
+
+        def flush(cursor: dict, skipped_below: int) -> None:
+            nonlocal fill, shard_docs, written
+            name = f"{split}_{len([e for e in state['shards'] if e['split'] == split]):06d}.bin"
+            info = write_shard(self.out / name, buf[:fill], self.tokenizer.vocab_size, self.tokenizer.bos_id)
+            state["shards"].append(asdict(ShardEntry(name, split, info.tokens, shard_docs, info.sha256)))
+            state["cursor"], state["skipped_rows"][split] = cursor, skipped_below
+            self._save_state()
+            written += fill
+            self.written_tokens += fill
+            self.written_shards += 1
+            fill = shard_docs = 0
+            if cfg.stop_after_shards is not None and self.written_shards >= cfg.stop_after_shards:
+                raise _Stop
+
+        total_docs = self.source.num_documents(split)
+        bar = tqdm(total=total_docs, initial=min(start_doc, total_docs or start_doc), unit="doc",
+                   desc=f"prep {split}", disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
+        in_flight = max(2, 4 * cfg.workers)
+        try:
+            batches = _batches(self.source, split, start_doc, cfg.batch_chars)
+            for row0, lengths, tokens in _encoded(pool, batches, in_flight):
+                # Null or non-string rows are skipped and counted (summary + manifest), not fatal: web
+                # dumps carry the odd empty record, and dying hours into a 100B-token prep over one is
+                # worse than dropping it; emitting a bare BOS would teach the model an empty document.
+                # Row numbers still count them, so resuming is unaffected.
+                valid = lengths >= 0
+                vrows = row0 + np.flatnonzero(valid)
+                vlen = lengths[valid]
+                vstart = np.cumsum(vlen) - vlen - drop  # where each valid row's tokens start in `tokens`
+                if drop:  # resuming inside a document: its first `drop` tokens are in the last shard
+                    tokens, drop = tokens[drop:], 0
+                total = len(tokens)
+                if cap is not None and written + fill + total >= cap:
+                    total, capped = cap - written - fill, True
+
+                def cursor_after(pos: int) -> tuple[dict, int]:
+                    """Cursor just past token `pos - 1`, and the bad rows before it (both independent of batching)."""
+                    j = int(np.searchsorted(vstart, pos - 1, side="right")) - 1
+                    doc, offset = int(vrows[j]), int(pos - vstart[j])
+                    if offset == vlen[j]:
+                        doc, offset = doc + 1, 0
+                    bad_below = int(np.count_nonzero(~valid[: doc - row0]))
+                    return {"split": split, "doc": doc, "offset": offset}, skipped + bad_below
+
+                pos = 0
+                while pos < total:
+                    take = min(cfg.shard_tokens - fill, total - pos)
+                    buf[fill:fill + take] = tokens[pos:pos + take]
+                    shard_docs += int(np.searchsorted(vstart, pos + take) - np.searchsorted(vstart, pos))
+                    fill += take
+                    pos += take
+                    if fill == cfg.shard_tokens and not (capped and pos == total):
+                        flush(*cursor_after(pos))
+                rate = (self.written_tokens + fill) / max(time.time() - self.t0, 1e-9)  # this run's tokens
+                bar.set_postfix_str(f"{written + fill:,} tok, {rate:,.0f} tok/s", refresh=False)
+                bar.update(len(lengths))
+                if capped:
+                    if total > 0:
+                        skipped = cursor_after(total)[1]
+                    break
+                skipped += int(np.count_nonzero(~valid))
+        finally:
+            bar.close()
+        # end of the split (or its cap): the rest is its last shard; the cursor moves to the next split
+        nxt = SPLIT_ORDER.index(split) + 1
+        cursor = {"split": SPLIT_ORDER[nxt] if nxt < len(SPLIT_ORDER) else DONE, "doc": 0, "offset": 0}
+        if fill:
+            flush(cursor, skipped)
+        else:
+            state["cursor"], state["skipped_rows"][split] = cursor, skipped
+            self._save_state()
+
+
+def run_prep(config: PrepConfig) -> PrepResult:
+    return PrepJob(config).run()
+
+
+def summary_line(result: PrepResult, workers: int) -> str:
+    if not result.complete:
+        return (f"prep: stopped after {result.shards_written} shard(s) this run; "
+                f"re-run the same command to continue ({result.out_dir / STATE_NAME})")
+    totals = result.manifest.totals()
+    parts = [f"{split} {totals[split]['tokens']:,} tokens / {totals[split]['documents']:,} docs in "
+             f"{totals[split]['shards']} shard(s)" for split in ("train", "val")]
+    skipped = sum(result.skipped_rows.values())
+    head = "prep: already complete" if result.already_done else f"prep: done in {result.seconds:.1f}s"
+    rate = "" if result.already_done else (
+        f"; {result.tokens_written:,} tokens written at {result.tokens_written / max(result.seconds, 1e-9):,.0f} tok/s "
+        f"({workers} worker{'s' if workers != 1 else ''})")
+    return (f"{head}: {', '.join(parts)}; {skipped:,} null/non-text row(s) skipped{rate}; "
+            f"{result.out_dir / MANIFEST_NAME}")

@@ -1,0 +1,236 @@
+"""Where documents come from: a directory of parquet files in nanochat's layout, or a HF `datasets` stream.
+
+A source has two splits, "train" and "val", each an ordered sequence of rows. `iter_documents` yields
+the rows' `text` values as stored, so a row may be None or not a string: consumers skip and count
+those, and row numbers (what resuming counts in) stay the same whether or not rows are bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from nanochat_unsloth.common import UserError
+
+SPLITS = ("train", "val")
+TEXT_COLUMN = "text"
+HF_PREFIX = "hf:"
+DEFAULT_VAL_FILES = 1
+DEFAULT_VAL_DOCS = 10_000
+
+
+class Source(Protocol):
+    def describe(self) -> dict:
+        """JSON-able identity of the source: recorded in the manifest and compared on resume."""
+
+    def iter_documents(self, split: str, start_doc: int = 0) -> Iterator[Any]:
+        """The split's `text` values in order, starting at row `start_doc` (skipped cheaply)."""
+
+    def num_documents(self, split: str) -> int | None:
+        """Rows in the split when known without reading it (for progress bars), else None."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A directory of parquet files (nanochat's base_data layout)
+
+
+def list_parquet_files(data_dir: Path) -> list[Path]:
+    """nanochat's rule: every `*.parquet` in the directory, sorted by name (temp files are not *.parquet)."""
+    return sorted(p for p in data_dir.iterdir() if p.name.endswith(".parquet") and p.is_file())
+
+
+class ParquetDirSource:
+    """`shard_00000.parquet`, `shard_00001.parquet`, ...: the last `val_files` files are the val split."""
+
+    def __init__(self, data_dir: str | Path, val_files: int = DEFAULT_VAL_FILES, flag: str = "--source"):
+        import pyarrow.parquet as pq
+
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        if not self.data_dir.is_dir():
+            raise UserError(
+                f"{flag} {self.data_dir}: directory not found; download FineWeb-Edu parquet files there "
+                "(nanochat's `python -m nanochat.dataset -n N`) or make the demo corpus with "
+                f"`nanochat-unsloth demo-data --out {self.data_dir}`"
+            )
+        files = list_parquet_files(self.data_dir)
+        if not files:
+            raise UserError(
+                f"{flag} {self.data_dir}: no *.parquet files in it; put nanochat-layout parquet files "
+                "(shard_00000.parquet, ...) there, or run `nanochat-unsloth demo-data --out DIR`"
+            )
+        if val_files < 1 or val_files >= len(files):
+            raise UserError(
+                f"--val-files {val_files}: {self.data_dir} has {len(files)} parquet file(s); the last --val-files of "
+                f"them are the val split, so it must be between 1 and {len(files) - 1} (and at least 2 files are needed)"
+            )
+        self.val_files = val_files
+        self.files = {"train": files[:-val_files], "val": files[-val_files:]}
+        # Row-group row counts from each file's footer: they let a resumed run skip to a row without
+        # reading any text, and they catch a foreign file before any work is done.
+        self.row_groups: dict[Path, list[int]] = {}
+        for path in files:
+            try:
+                meta = pq.ParquetFile(path)
+            except Exception as e:
+                raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}); remove or replace it") from None
+            if TEXT_COLUMN not in meta.schema_arrow.names:
+                raise UserError(
+                    f"{path}: has no {TEXT_COLUMN!r} column (columns: {', '.join(meta.schema_arrow.names)}); "
+                    f"every parquet file in {self.data_dir} must hold documents in a {TEXT_COLUMN!r} column"
+                )
+            self.row_groups[path] = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    def num_documents(self, split: str) -> int:
+        _check_split(split)
+        return sum(sum(self.row_groups[p]) for p in self.files[split])
+
+    def describe(self) -> dict:
+        files = [(p.name, p.stat().st_size, sum(self.row_groups[p])) for p in self.files["train"] + self.files["val"]]
+        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+        return {
+            "kind": "parquet",
+            "description": f"parquet dir {self.data_dir} ({len(self.files['train'])} train + "
+            f"{len(self.files['val'])} val files)",
+            "path": str(self.data_dir),
+            "train_files": [p.name for p in self.files["train"]],
+            "val_files": [p.name for p in self.files["val"]],
+            "rows": {split: self.num_documents(split) for split in SPLITS},
+            "files_sha256": digest,  # over (name, bytes, rows) of every file: a changed file changes it
+        }
+
+    def iter_documents(self, split: str, start_doc: int = 0) -> Iterator[Any]:
+        import pyarrow.parquet as pq
+
+        _check_split(split)
+        to_skip = start_doc
+        for path in self.files[split]:
+            counts = self.row_groups[path]
+            if to_skip >= sum(counts):  # the whole file lies before the start: do not even open it
+                to_skip -= sum(counts)
+                continue
+            pf = pq.ParquetFile(path)
+            for rg, nrows in enumerate(counts):
+                if to_skip >= nrows:
+                    to_skip -= nrows
+                    continue
+                texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).to_pylist()
+                yield from texts[to_skip:] if to_skip else texts
+                to_skip = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# A Hugging Face `datasets` stream
+
+
+class HFStreamingSource:
+    """`load_dataset(name, name=config, split="train", streaming=True)`; its first `val_docs` rows are val.
+
+    `data_files` is passed through, so `hf:parquet` with `data_files="dir/*.parquet"` streams local
+    files through the very same code (that is how the tests exercise this path offline).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: str | None = None,
+        data_files: str | list[str] | None = None,
+        val_docs: int = DEFAULT_VAL_DOCS,
+    ):
+        if val_docs < 0:
+            raise UserError(f"--val-docs {val_docs}: must be 0 or more")
+        self.name, self.config, self.data_files, self.val_docs = name, config, data_files, val_docs
+        ds = self._open()
+        columns = ds.column_names
+        if columns is None:  # features unknown until read: look at the first row
+            first = next(iter(ds), None)
+            columns = list(first) if first is not None else []
+        if TEXT_COLUMN not in columns:
+            raise UserError(
+                f"--source hf:{name}: the dataset has no {TEXT_COLUMN!r} column (columns: {', '.join(columns) or 'none'}); "
+                "use a dataset of documents in a 'text' column"
+            )
+
+    def _open(self):
+        import datasets
+
+        kwargs = {"split": "train", "streaming": True}
+        if self.config:
+            kwargs["name"] = self.config
+        if self.data_files:
+            kwargs["data_files"] = self.data_files
+        try:
+            return datasets.load_dataset(self.name, **kwargs)
+        except Exception as e:  # not found, no network, bad config: all the user's to fix
+            raise UserError(
+                f"--source hf:{self.name}: could not open it with datasets.load_dataset ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); check the name, --hf-config and the network"
+            ) from None
+
+    def num_documents(self, split: str) -> int | None:
+        _check_split(split)
+        return self.val_docs if split == "val" else None
+
+    def describe(self) -> dict:
+        label = f"hf:{self.name}" + (f" ({self.config})" if self.config else "")
+        return {
+            "kind": "hf",
+            "description": f"{label}, streamed; first {self.val_docs:,} documents are val",
+            "name": self.name,
+            "config": self.config,
+            "data_files": self.data_files,
+            "val_docs": self.val_docs,
+        }
+
+    def iter_documents(self, split: str, start_doc: int = 0) -> Iterator[Any]:
+        _check_split(split)
+        ds = self._open().select_columns([TEXT_COLUMN])
+        if split == "val":
+            if start_doc >= self.val_docs:
+                return
+            ds = ds.skip(start_doc).take(self.val_docs - start_doc)
+        else:
+            ds = ds.skip(self.val_docs + start_doc)
+        for batch in ds.iter(batch_size=1024):
+            yield from batch[TEXT_COLUMN]
+
+
+# ---------------------------------------------------------------------------------------------------
+# From command-line flags
+
+
+def add_source_args(parser: argparse.ArgumentParser, flag: str = "--source", default_help: str = "") -> None:
+    parser.add_argument(
+        flag,
+        default=None,
+        help="a directory of parquet files in nanochat's layout, or hf:NAME for a Hugging Face dataset" + default_help,
+    )
+    parser.add_argument("--val-files", type=int, default=DEFAULT_VAL_FILES, help="parquet dir: the last K files are val (default 1)")
+    parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, help="hf: the first N documents are val (default 10,000)")
+    parser.add_argument("--hf-config", default=None, help="hf: dataset config, e.g. sample-10BT")
+    parser.add_argument("--hf-data-files", default=None, help="hf: data_files pattern, e.g. 'dir/*.parquet' with hf:parquet")
+
+
+def open_source(
+    spec: str,
+    *,
+    val_files: int = DEFAULT_VAL_FILES,
+    val_docs: int = DEFAULT_VAL_DOCS,
+    hf_config: str | None = None,
+    hf_data_files: str | list[str] | None = None,
+    flag: str = "--source",
+) -> Source:
+    """`hf:NAME` -> HFStreamingSource, anything else -> ParquetDirSource."""
+    if spec.startswith(HF_PREFIX):
+        name = spec[len(HF_PREFIX):]
+        if not name:
+            raise UserError(f"{flag} {spec}: give a dataset name after 'hf:', e.g. hf:HuggingFaceFW/fineweb-edu")
+        return HFStreamingSource(name, config=hf_config, data_files=hf_data_files, val_docs=val_docs)
+    return ParquetDirSource(spec, val_files=val_files, flag=flag)

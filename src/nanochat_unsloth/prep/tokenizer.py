@@ -1,0 +1,142 @@
+"""The RustBPE tokenizer: train with `rustbpe`, run with `tiktoken`, stored the way nanochat stores it.
+
+`<base>/tokenizer/tokenizer.pkl` is a pickled `tiktoken.Encoding` (what nanochat's
+`RustBPETokenizer.from_directory` unpickles): the learned merges first, then nanochat's 9 special
+tokens. `<base>/tokenizer/token_bytes.pt` holds, per token id, how many bytes of text the token
+stands for (0 for specials); bits-per-byte evaluation divides by it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Iterable
+
+import tiktoken
+
+from nanochat_unsloth.common import UserError, atomic_write_bytes
+
+TOKENIZER_PKL = "tokenizer.pkl"
+TOKEN_BYTES_PT = "token_bytes.pt"
+ENCODING_NAME = "rustbpe"  # nanochat's name for the Encoding; kept so the pickles are alike
+
+# nanochat's special tokens, in nanochat's order: they get the ids right after the merges.
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document; the only one pretraining uses
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
+BOS = SPECIAL_TOKENS[0]
+
+# GPT-4's split regex with numbers grouped by at most 2 digits instead of 3 (nanochat's choice: fewer
+# vocabulary slots spent on numbers at small vocab sizes). Must match nanochat exactly.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+
+
+def train_tokenizer(text_iter: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
+    """Learn `vocab_size - 9` byte-level BPE tokens with rustbpe, then append the 9 special tokens."""
+    import rustbpe  # only training needs it
+
+    if vocab_size < MIN_VOCAB:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: it must cover the 256 bytes and {len(SPECIAL_TOKENS)} "
+            f"special tokens (at least {MIN_VOCAB})"
+        )
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(text_iter), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    first_special = len(mergeable_ranks)
+    return tiktoken.Encoding(
+        name=ENCODING_NAME,
+        pat_str=trainer.get_pattern(),
+        mergeable_ranks=mergeable_ranks,
+        special_tokens={name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)},
+    )
+
+
+def bos_id(enc: tiktoken.Encoding) -> int:
+    try:
+        return enc.encode_single_token(BOS)
+    except KeyError:
+        raise UserError(f"tokenizer {enc.name!r} has no {BOS} token; train one with `nanochat-unsloth tokenizer`") from None
+
+
+def compute_token_bytes(enc: tiktoken.Encoding):
+    """int32 tensor [n_vocab]: the byte length of each token's raw bytes, 0 for special tokens.
+
+    We count the token's own bytes, not `len(decode([id]).encode())` as nanochat does: a token that
+    holds part of a multi-byte character decodes to U+FFFD (3 bytes) there, so nanochat slightly
+    over-counts; with raw bytes the lengths of a text's tokens sum to exactly its UTF-8 length.
+    """
+    import torch
+
+    specials = set(enc.special_tokens_set)
+    special_ids = {enc.encode_single_token(s) for s in specials}
+    lengths = []
+    for token_id in range(enc.n_vocab):
+        if token_id in special_ids:
+            lengths.append(0)
+            continue
+        try:
+            lengths.append(len(enc.decode_single_token_bytes(token_id)))
+        except KeyError:  # an id no token uses (never for rustbpe: ranks are contiguous)
+            lengths.append(0)
+    return torch.tensor(lengths, dtype=torch.int32)
+
+
+def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: bool = False) -> tuple[Path, Path]:
+    """Write tokenizer.pkl and token_bytes.pt atomically; refuse to replace a different tokenizer unless `force`.
+
+    token_bytes.pt is written first and tokenizer.pkl last, so a crash in between leaves the old,
+    self-consistent tokenizer.pkl in charge of a directory whose re-run fixes token_bytes.pt.
+    """
+    import torch
+
+    tokenizer_dir = Path(tokenizer_dir)
+    pkl_path, bytes_path = tokenizer_dir / TOKENIZER_PKL, tokenizer_dir / TOKEN_BYTES_PT
+    data = pickle.dumps(enc)
+    if pkl_path.exists() and not force and pkl_path.read_bytes() != data:
+        raise UserError(
+            f"{pkl_path}: a different tokenizer is already there (shards and checkpoints made with it would no "
+            "longer match); pass --force to replace it, or use another --base-dir"
+        )
+    buf = io.BytesIO()
+    torch.save(compute_token_bytes(enc), buf)
+    atomic_write_bytes(bytes_path, buf.getvalue())
+    atomic_write_bytes(pkl_path, data)
+    return pkl_path, bytes_path
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> tiktoken.Encoding:
+    """Unpickle `<tokenizer_dir>/tokenizer.pkl` (as nanochat does) and check it is a usable Encoding."""
+    pkl_path = Path(tokenizer_dir) / TOKENIZER_PKL
+    if not pkl_path.exists():
+        raise UserError(f"{pkl_path}: tokenizer not found; run `nanochat-unsloth tokenizer` first (same --base-dir)")
+    try:
+        with open(pkl_path, "rb") as f:
+            enc = pickle.load(f)
+    except Exception as e:  # truncated or foreign pickle
+        raise UserError(f"{pkl_path}: cannot be unpickled ({type(e).__name__}: {e}); re-run `nanochat-unsloth tokenizer`") from None
+    if not isinstance(enc, tiktoken.Encoding):
+        raise UserError(f"{pkl_path}: holds a {type(enc).__name__}, not a tiktoken.Encoding; re-run `nanochat-unsloth tokenizer`")
+    return enc
+
+
+def load_token_bytes(tokenizer_dir: str | Path):
+    path = Path(tokenizer_dir) / TOKEN_BYTES_PT
+    if not path.exists():
+        raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` first (same --base-dir)")
+    import torch
+
+    return torch.load(path, map_location="cpu")

@@ -1,0 +1,131 @@
+"""The tokenizer: nanochat-compatible tokenizer.pkl, token_bytes.pt, training semantics and the CLI."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import tiktoken
+import torch
+
+from nanochat_unsloth import cli
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.prep import tokenizer_cli
+from nanochat_unsloth.prep.sources import open_source
+from nanochat_unsloth.prep.tokenizer import (
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    bos_id,
+    compute_token_bytes,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+TEXT = "Hello, world! It's 2024: Grüße, 你好世界 🌍\n\n  def f(x):\n\treturn x ** 2  # done"
+
+
+def test_pickle_is_a_tiktoken_encoding_with_specials_after_merges(tiny_tokenizer_dir):
+    with open(tiny_tokenizer_dir / "tokenizer.pkl", "rb") as f:
+        enc = pickle.load(f)  # exactly what nanochat's RustBPETokenizer.from_directory does
+    assert isinstance(enc, tiktoken.Encoding)
+    assert enc.n_vocab == 512
+    assert enc._pat_str == SPLIT_PATTERN
+    n_merges = enc.n_vocab - len(SPECIAL_TOKENS)
+    assert [enc.encode_single_token(s) for s in SPECIAL_TOKENS] == list(range(n_merges, enc.n_vocab))
+    assert bos_id(enc) == n_merges
+    # every id below the specials is a mergeable token, the 256 single bytes among them
+    assert {enc.decode_single_token_bytes(i) for i in range(n_merges)} >= {bytes([b]) for b in range(256)}
+    ids = enc.encode_ordinary(TEXT)
+    assert enc.decode(ids) == TEXT
+    assert max(ids) < n_merges  # ordinary text never yields a special token
+    assert enc.encode("<|bos|>x", allowed_special="all")[0] == bos_id(enc)
+
+
+def test_token_bytes_are_raw_byte_lengths(tiny_tokenizer_dir):
+    enc = load_tokenizer(tiny_tokenizer_dir)
+    token_bytes = torch.load(tiny_tokenizer_dir / "token_bytes.pt")
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (enc.n_vocab,)
+    n_merges = enc.n_vocab - len(SPECIAL_TOKENS)
+    assert token_bytes[n_merges:].tolist() == [0] * len(SPECIAL_TOKENS)
+    assert token_bytes[:n_merges].tolist() == [len(enc.decode_single_token_bytes(i)) for i in range(n_merges)]
+    assert int(token_bytes[:n_merges].min()) >= 1
+    # raw lengths (not decode-then-encode) make any text's tokens sum to its exact UTF-8 size,
+    # even where a token holds only part of a multi-byte character
+    ids = enc.encode_ordinary(TEXT)
+    assert int(token_bytes[ids].sum()) == len(TEXT.encode("utf-8"))
+    assert torch.equal(compute_token_bytes(enc), token_bytes)
+
+
+def test_training_is_deterministic_and_checks_vocab_size(tiny_corpus_docs):
+    docs = tiny_corpus_docs["train"][:60]
+    a = pickle.dumps(train_tokenizer(iter(docs), 300))
+    b = pickle.dumps(train_tokenizer(iter(docs), 300))
+    assert a == b
+    with pytest.raises(UserError, match="--vocab-size 100"):
+        train_tokenizer(iter(docs), 100)
+
+
+def test_save_refuses_a_different_tokenizer_unless_forced(tmp_path, tiny_corpus_docs):
+    docs = tiny_corpus_docs["train"][:60]
+    first, second = train_tokenizer(iter(docs), 300), train_tokenizer(iter(docs), 320)
+    save_tokenizer(first, tmp_path)
+    save_tokenizer(first, tmp_path)  # the same one again: fine
+    before = (tmp_path / "tokenizer.pkl").read_bytes()
+    with pytest.raises(UserError, match="--force"):
+        save_tokenizer(second, tmp_path)
+    assert (tmp_path / "tokenizer.pkl").read_bytes() == before  # nothing written
+    save_tokenizer(second, tmp_path, force=True)
+    assert load_tokenizer(tmp_path).n_vocab == 320
+    assert torch.load(tmp_path / "token_bytes.pt").shape == (320,)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="nanochat-unsloth tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot be unpickled"):
+        load_tokenizer(tmp_path)
+
+
+def test_text_iterator_crops_and_stops_like_nanochat(tiny_corpus_dir, tiny_corpus_docs):
+    source = open_source(str(tiny_corpus_dir))
+    stats = {"docs": 0, "chars": 0, "skipped": 0}
+    got = list(tokenizer_cli.text_iterator(source, max_chars=1_000, doc_cap=150, stats=stats))
+    train = tiny_corpus_docs["train"]
+    # cropped to doc_cap; the document that passes max_chars is still yielded, then it stops
+    expected, n = [], 0
+    for doc in train:
+        expected.append(doc[:150])
+        n += len(doc[:150])
+        if n > 1_000:
+            break
+    assert got == expected and stats["chars"] == n
+
+
+def test_tokenizer_cli(tmp_path, tiny_corpus_dir, capsys):
+    base = tmp_path / "base"
+    args = ["tokenizer", "--data", str(tiny_corpus_dir), "--base-dir", str(base), "--vocab_size=300"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "round trip ok" in out and "Training time" in out
+    enc = load_tokenizer(base / "tokenizer")
+    assert enc.n_vocab == 300
+    pkl = (base / "tokenizer" / "tokenizer.pkl").read_bytes()
+    assert cli.main(args) == 0  # same request again: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    # a different request would replace it: refused up front (before training), unless --force
+    assert cli.main(args[:-1] + ["--vocab-size", "320"]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert (base / "tokenizer" / "tokenizer.pkl").read_bytes() == pkl
+    assert cli.main(args[:-1] + ["--vocab-size", "320", "--force"]) == 0
+    assert load_tokenizer(base / "tokenizer").n_vocab == 320
+
+
+def test_tokenizer_cli_refuses_vocab_over_uint16(tmp_path, tiny_corpus_dir, capsys):
+    rc = cli.main(["tokenizer", "--data", str(tiny_corpus_dir), "--base-dir", str(tmp_path), "--vocab-size", "70000"])
+    assert rc == 2
+    assert "65,536" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizer").exists()
