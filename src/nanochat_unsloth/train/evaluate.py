@@ -65,4 +65,5 @@ def load_token_bytes(tokenizer_dir, device) -> torch.Tensor:
     path = Path(tokenizer_dir) / "token_bytes.pt"
     if not path.exists():
         raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` (it writes token_bytes.pt)")
-    return torch.load(path, map_location=device)
+    # load to host, then move: Accelerate's MULTI_CPU device is "cpu:0", which map_location rejects
+    return torch.load(path, map_location="cpu").to(device)

@@ -1,0 +1,293 @@
+"""`nanochat-unsloth convert`: our run checkpoints to nanochat's base_checkpoints, and back.
+
+    nanochat-unsloth convert RUN_DIR_OR_CHECKPOINT [--model-tag d20] [--step N] [--base-dir DIR] [--with-optim]
+                             [--force]
+        -> <base>/base_checkpoints/<tag>/model_XXXXXX.pt, meta_XXXXXX.json (, optim_XXXXXX.pt) and <base>/tokenizer/
+    nanochat-unsloth convert --from-nanochat <base>/base_checkpoints/<tag> [--step N] --out <base>/runs/<tag> [--force]
+        -> <out>/step_XXXXXX/, which `train --resume auto` continues with a fresh optimizer state
+
+Everything is checked before anything is written; every file appears by an atomic rename, and an
+existing file is replaced only with --force. The layout rules themselves live in `nanochat_layout.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from nanochat_unsloth.common import UserError, atomic_path, atomic_write_bytes, sha256_file
+from nanochat_unsloth.convert import nanochat_layout as layout
+from nanochat_unsloth.train import checkpoint as ckpt
+
+TOKENIZER_PKL = "tokenizer.pkl"
+TOKEN_BYTES_PT = "token_bytes.pt"
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer travels with the weights
+
+
+def plan_tokenizer_copy(src_dir: Path, dst_dir: Path, expected_sha: str | None, force: bool) -> list[str]:
+    """Which tokenizer files to copy from src_dir to dst_dir (token_bytes first). Raises, never writes.
+
+    The source must hold the tokenizer the checkpoint was trained with (`expected_sha`, when recorded);
+    the destination may hold the same one, nothing, or (only with --force) another one.
+    """
+    src_pkl, dst_pkl = src_dir / TOKENIZER_PKL, dst_dir / TOKENIZER_PKL
+    if not src_pkl.exists():
+        raise UserError(f"{src_pkl}: the checkpoint's tokenizer is not there; the checkpoint must sit in "
+                        "<base>/runs/<tag> (or <base>/base_checkpoints/<tag>) next to <base>/tokenizer")
+    src_sha = sha256_file(src_pkl)
+    if expected_sha is not None and src_sha != expected_sha:
+        raise UserError(f"{src_pkl}: sha256 {src_sha[:12]} is not the tokenizer the checkpoint was trained with "
+                        f"({expected_sha[:12]}); it was replaced after training, restore the original")
+    if not (src_dir / TOKEN_BYTES_PT).exists():
+        raise UserError(f"{src_dir / TOKEN_BYTES_PT}: not found; nanochat's bpb evaluation needs it "
+                        "(`nanochat-unsloth tokenizer` writes it)")
+    if src_dir.resolve() == dst_dir.resolve():
+        return []
+    if not dst_pkl.exists():
+        return [TOKEN_BYTES_PT, TOKENIZER_PKL]
+    if sha256_file(dst_pkl) == src_sha:
+        return [] if (dst_dir / TOKEN_BYTES_PT).exists() else [TOKEN_BYTES_PT]
+    if not force:
+        raise UserError(f"{dst_pkl}: a different tokenizer is already there (sha256 {sha256_file(dst_pkl)[:12]}, "
+                        f"the checkpoint's is {src_sha[:12]}); nanochat would pair the weights with the wrong "
+                        "tokenizer. Use another --base-dir, or --force to replace it")
+    return [TOKEN_BYTES_PT, TOKENIZER_PKL]
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path, names: list[str], log=print) -> None:
+    # token_bytes.pt before tokenizer.pkl: the pickle is the tokenizer's identity, so it lands last
+    for name in names:
+        atomic_write_bytes(dst_dir / name, (src_dir / name).read_bytes())
+        log(f"wrote {dst_dir / name}")
+
+
+def torch_save_atomic(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# -----------------------------------------------------------------------------
+# Ours -> nanochat
+
+
+def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: int | None = None,
+                       base_dir: str | Path | None = None, with_optim: bool = False, force: bool = False,
+                       log=print) -> dict:
+    """Write one of our run checkpoints into `<base>/base_checkpoints/<tag>/`; returns the paths written."""
+    step_dir = layout.resolve_run_step_dir(source, step)
+    loaded = layout.load_run_checkpoint(step_dir)
+    run_dir = step_dir.resolve().parent
+    src_base = loaded.base_dir
+    dst_base = Path(base_dir).expanduser().resolve() if base_dir else src_base
+    tag = model_tag or run_dir.name
+    meta = loaded.meta
+
+    # ---- check everything first: nothing is written if any of this fails
+    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+
+    src_tok = src_base / "tokenizer"
+    copies = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
+    n_vocab = load_tokenizer(src_tok).n_vocab
+    if n_vocab != loaded.model_config["vocab_size"]:
+        raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but the checkpoint's model has vocab_size "
+                        f"{loaded.model_config['vocab_size']}; config and tokenizer do not belong together")
+    state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir))
+    nano_meta = layout.nanochat_meta({**meta, "step": loaded.step}, tag)
+    optim_states = layout.nanochat_optim_from_run(step_dir) if with_optim else None
+
+    out_dir = dst_base / layout.NANOCHAT_CHECKPOINTS / tag
+    s = loaded.step
+    targets = {"model": out_dir / layout.model_file(s), "meta": out_dir / layout.meta_file(s)}
+    if with_optim:
+        targets["optim"] = out_dir / layout.optim_file(s)
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''} already "
+                        "exists; pass --force to overwrite it, or --model-tag to write another tag")
+
+    # ---- write: tokenizer, optim, meta, then the model file, which is what nanochat looks for
+    log(f"converting {step_dir} (step {s}) -> {out_dir}")
+    copy_tokenizer(src_tok, dst_base / "tokenizer", copies, log)
+    if optim_states is not None:
+        torch_save_atomic(optim_states, targets["optim"])
+        log(f"wrote {targets['optim']}")
+    elif force and (out_dir / layout.optim_file(s)).exists():
+        (out_dir / layout.optim_file(s)).unlink()  # it belonged to the weights being replaced
+        log(f"removed stale {out_dir / layout.optim_file(s)}")
+    atomic_write_bytes(targets["meta"], layout.nanochat_meta_bytes(nano_meta))
+    log(f"wrote {targets['meta']}")
+    torch_save_atomic(state, targets["model"])
+    log(f"wrote {targets['model']}")
+    return {"out_dir": out_dir, "step": s, **targets}
+
+
+# -----------------------------------------------------------------------------
+# nanochat -> ours
+
+
+def import_from_nanochat(source: str | Path, out: str | Path, step: int | None = None,
+                         shards: str | Path | None = None, world_size: int = 1, force: bool = False,
+                         log=print) -> Path:
+    """Write nanochat's checkpoint as `<out>/step_XXXXXX/`: a complete Accelerate checkpoint our loop resumes.
+
+    The weights and the step count are nanochat's; the optimizers are freshly built (nanochat's optim file
+    is a rank-0 shard under DDP, so it cannot be trusted to be whole); the train loader is placed where
+    our loop's would be after `step` steps, so the data continues instead of restarting.
+    """
+    from accelerate import Accelerator
+
+    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.shards.loader import TokenShardLoader
+    from nanochat_unsloth.shards.manifest import ShardManifest
+    from nanochat_unsloth.train import optim
+    from nanochat_unsloth.train.model import GPT, GPTConfig
+
+    loaded = layout.load_nanochat_checkpoint(source, step)
+    s, model_config = loaded.step, loaded.model_config
+    run_dir = Path(out).expanduser().resolve()
+    out_base = run_dir.parent.parent
+    if world_size < 1:
+        raise UserError(f"--world-size {world_size}: must be at least 1")
+
+    # ---- check everything first
+    src_tok = loaded.base_dir / "tokenizer"
+    copies = plan_tokenizer_copy(src_tok, out_base / "tokenizer", None, force)
+    tokenizer_sha = sha256_file(src_tok / TOKENIZER_PKL)
+    n_vocab = load_tokenizer(src_tok).n_vocab
+    if n_vocab != model_config["vocab_size"]:
+        raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but {loaded.path.name}'s model has "
+                        f"vocab_size {model_config['vocab_size']}; this is not the tokenizer it was trained with")
+    train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name)
+    derived = optim.depth_to_model_config(train_config["depth"], train_config["max_seq_len"], n_vocab)
+    if layout.model_config_kwargs(vars(derived)) != model_config:
+        raise UserError(f"{loaded.path.parent / layout.meta_file(s)}: model_config {model_config} is not what depth "
+                        f"{train_config['depth']} gives ({vars(derived)}); our trainer builds models from --depth, "
+                        "so it could not resume this one")
+    step_dir = run_dir / ckpt.step_dir_name(s)
+    if step_dir.exists() and not force:
+        raise UserError(f"{step_dir} already exists; pass --force to overwrite it, or another --out")
+    newer = [n for n, _ in ckpt.list_checkpoints(run_dir) if n > s]
+    if newer and not force:
+        raise UserError(f"{run_dir} already holds later checkpoints (steps {', '.join(map(str, newer))}) that "
+                        "--resume auto would pick instead; import into a fresh --out, or --force")
+    grad_accum = optim.grad_accum_steps(train_config["total_batch_size"], train_config["device_batch_size"],
+                                        train_config["max_seq_len"], world_size)
+    shards_dir = Path(shards).expanduser() if shards else out_base / "shards"
+    ShardManifest.load(shards_dir)  # clear error if there are no shards yet
+    loader = TokenShardLoader(shards_dir, "train", train_config["device_batch_size"], train_config["max_seq_len"],
+                              rank=0, world_size=world_size, grad_accum=grad_accum, tokenizer_sha256=tokenizer_sha)
+    # where our loop's loader stands after s steps: s * grad_accum batches yielded by each rank
+    cursor = s * grad_accum
+    epoch = loader.global_window(cursor - 1) // loader.num_windows if cursor else 0
+    loader.load_state_dict({**loader.state_dict(), "cursor": cursor, "epoch": epoch})
+
+    # ---- build the state our loop would hold at step s, and save it the way the loop does
+    log(f"importing {loaded.path} (step {s}) -> {step_dir}")
+    copy_tokenizer(src_tok, out_base / "tokenizer", copies, log)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config), kernels="torch")
+    model.to_empty(device="cpu")
+    model.init_weights()  # computes the rotary tables; the weights are replaced next
+    model.load_state_dict(loaded.state_dict, strict=True, assign=True)  # assign: keep nanochat's dtypes
+    optimizers = optim.build_optimizers(  # after assign: they must hold the loaded parameters
+        model, embedding_lr=train_config["embedding_lr"], unembedding_lr=train_config["unembedding_lr"],
+        matrix_lr=train_config["matrix_lr"], weight_decay=train_config["weight_decay"],
+    )
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    accelerator.register_for_checkpointing(loader)
+    try:
+        num_iterations = optim.resolve_num_iterations(
+            train_config["num_iterations"], train_config["target_flops"], train_config["target_param_data_ratio"],
+            model.num_params(), model.estimate_flops(), train_config["total_batch_size"])
+    except UserError:
+        num_iterations = None
+    meta = {
+        "model_config": model_config,
+        "train_config": train_config,
+        "tokenizer_sha256": tokenizer_sha,
+        "val_bpb": loaded.meta.get("val_bpb"),
+        "world_size": world_size,
+        "grad_accum": grad_accum,
+        "num_iterations": num_iterations,
+        "fresh_optimizer": True,
+        "imported_from": str(loaded.path),
+    }
+    final = ckpt.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
+    log(f"wrote {final}: nanochat's weights at step {s}, with a FRESH optimizer state (Muon momentum and AdamW "
+        f"moments start from zero) and the data position of step {s}")
+    log(f"continue with: nanochat-unsloth train --base-dir {out_base} --model-tag {run_dir.name} --resume auto"
+        + resume_flags(train_config))
+    return final
+
+
+def resume_flags(train_config: dict) -> str:
+    """The flags a resume must repeat: the model shape, and every guarded setting that is not our default."""
+    from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+
+    default = TrainConfig().to_dict()
+    names = list(RESUME_MODEL_FIELDS) + [f for f in RESUME_GUARDED_FIELDS if train_config.get(f) != default.get(f)]
+    return "".join(f" --{name} {train_config[name]}" for name in names if name in train_config)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanochat-unsloth convert",
+        description="Convert checkpoints between our runs (<base>/runs/<tag>/step_XXXXXX) and nanochat's "
+                    "<base>/base_checkpoints/<tag>/ layout.",
+    )
+    p.add_argument("source", nargs="?", help="our run dir <base>/runs/<tag> (newest step) or a step_XXXXXX dir")
+    p.add_argument("--from-nanochat", metavar="DIR",
+                   help="import instead: nanochat's <base>/base_checkpoints/<tag> dir (or a model_XXXXXX.pt)")
+    p.add_argument("--out", metavar="RUN_DIR", help="with --from-nanochat: our run dir to write, <base>/runs/<tag>")
+    p.add_argument("--step", type=int, help="which step (default: the newest complete one)")
+    p.add_argument("--model-tag", help="export: the tag under base_checkpoints/ (default: the run's tag)")
+    p.add_argument("--base-dir", help="export: the nanochat base dir to write into (default: the run's base dir)")
+    p.add_argument("--with-optim", action="store_true", help="export: also write optim_XXXXXX.pt")
+    p.add_argument("--shards", help="import: token shards the resumed run will read (default: <out base>/shards)")
+    p.add_argument("--world-size", type=int, default=1, help="import: processes the resumed run will use (default 1)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files / replace a different tokenizer")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_nanochat:
+        if args.source:
+            raise UserError(f"give either a run dir ({args.source}) or --from-nanochat, not both")
+        if not args.out:
+            raise UserError("--from-nanochat needs --out RUN_DIR (e.g. <base>/runs/d20) to write our checkpoint into")
+        unused = [f for f, v in (("--model-tag", args.model_tag), ("--base-dir", args.base_dir),
+                                 ("--with-optim", args.with_optim)) if v]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: only for exporting to nanochat; --out decides where the import goes")
+        import_from_nanochat(args.from_nanochat, args.out, step=args.step, shards=args.shards,
+                             world_size=args.world_size, force=args.force)
+        return 0
+    if not args.source:
+        parser.print_usage(sys.stderr)
+        raise UserError("give a run dir to export (or --from-nanochat DIR --out RUN_DIR to import)")
+    unused = [f for f, v in (("--out", args.out), ("--shards", args.shards),
+                             ("--world-size", args.world_size != 1)) if v]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: only for --from-nanochat")
+    export_to_nanochat(args.source, model_tag=args.model_tag, step=args.step, base_dir=args.base_dir,
+                       with_optim=args.with_optim, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    from nanochat_unsloth.cli import run_main
+
+    sys.exit(run_main(main, None))
