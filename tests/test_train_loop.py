@@ -19,6 +19,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import NonFiniteLoss, train
 
+from cpu_launch import launch_cpu_processes
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,33 +73,36 @@ def test_metrics_record_whole_batch_loss_and_step_fields(base):
     assert evals[-1]["step"] == 2 and evals[-1]["val_bpb"] > 0
 
 
-def _launch(base: Path, nproc: int, total_batch: int, tag: str, steps: int = 4) -> subprocess.CompletedProcess:
+def _launch(base: Path, nproc: int, total_batch: int, tag: str, steps: int = 4):
     args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", str(steps), "--model-tag", tag]
     args[args.index("--total-batch-size") + 1] = str(total_batch)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "nanochat_unsloth.train", *args]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "nanochat_unsloth.train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return launch_cpu_processes(nproc, "-m", "nanochat_unsloth.train", *args)
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation(base):
-    # same global batch (256 tokens): 1 process x 4 micro-steps vs 2 processes x 2 micro-steps
+    # same global batch (256 tokens): 1 process x 4 micro-steps vs 2 gloo processes x 2 micro-steps
     one = _launch(base, 1, 256, "one_proc")
     assert one.returncode == 0, one.stderr[-3000:]
+    assert "1 procs x 4 accum" in one.stdout
     two = _launch(base, 2, 256, "two_proc")
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 procs x 2 accum" in two.stdout, "the launch must really run two processes"
     l1 = [m["loss"] for m in metrics(base, "one_proc")]
     l2 = [m["loss"] for m in metrics(base, "two_proc")]
     assert len(l1) == len(l2) == 4
-    # differences come from float reduction order only
-    assert l1 == pytest.approx(l2, rel=1e-4)
+    # the losses differ by float reduction order only
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    # AdamW-updated weights agree to fp32 reduction order. Muon's bf16 Newton-Schulz amplifies the small
+    # singular directions of the update (slope ~3.4 per iteration, 5 iterations), so ulp-level gradient
+    # differences become percent-level differences of the *update*; the zero-initialised c_proj matrices,
+    # which are nothing but updates after 4 steps, differ by ~10%. A wrong sync (a missing all-reduce or
+    # all-gather, a double-counted micro-batch) shows up as 100% differences and in the losses above.
     a, b = final_weights(base, "one_proc", 4), final_weights(base, "two_proc", 4)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+        rel = ((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)).item()
+        bound = 1e-3 if name in ("transformer.wte.weight", "lm_head.weight") else 0.3
+        assert rel < bound, (name, rel)
 
 
 def test_sigterm_saves_then_exits(base):

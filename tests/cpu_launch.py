@@ -1,0 +1,25 @@
+"""Launch a script or module as N CPU processes that Accelerate sees as one MULTI_CPU job (tests only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python *argv` as `nproc` gloo ranks (one plain process when nproc == 1).
+
+    Not `accelerate launch --cpu --num_processes N`: without --mpirun_hostfile, accelerate 1.15 starts ONE
+    process for that (its simple_launcher), so a "2-process" test silently runs on one. torchrun plus
+    ACCELERATE_USE_CPU=true gives N ranks and Accelerate's MULTI_CPU (DDP over gloo).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, *argv]
+    if nproc > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -1,0 +1,60 @@
+"""The training loop on 2 real gloo processes (torchrun + Accelerate MULTI_CPU) equals 1 process.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15, without an mpirun
+hostfile), so tests launch through torchrun with ACCELERATE_USE_CPU=true and check the world size the
+loop printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_unsloth.train import checkpoint as ckpt
+
+from cpu_launch import launch_cpu_processes
+from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_train_base_dir(tmp_path_factory.mktemp("mp_train_base"))
+
+
+def _train(base: Path, nproc: int, tag: str, *extra: str):
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "6", "--model-tag", tag, *extra]
+    args[args.index("--total-batch-size") + 1] = "128"  # 2 x 32 tokens x 2 micro-batches per step
+    out = launch_cpu_processes(nproc, "-m", "nanochat_unsloth.train", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    accum = 2 // nproc
+    assert f"x {nproc} procs x {accum} accum" in out.stdout, out.stdout[-2000:]
+    return out
+
+
+def _metrics(base: Path, tag: str) -> list[dict]:
+    lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_and_resume_exactly(base):
+    _train(base, 1, "one")
+    _train(base, 2, "two")
+    _train(base, 2, "two_resumed", "--stop-after", "3")
+    _train(base, 2, "two_resumed", "--resume", "auto")
+
+    one = [m["loss"] for m in _metrics(base, "one")]
+    assert len(one) == 6
+    # Bitwise, not approximately: 1 process x 2 micro-steps accumulates backward(loss / 2) twice, and
+    # DDP averages 2 processes' backward(loss) as g0/2 + g1/2: the same sums (halving is exact). Muon's
+    # bf16 Newton-Schulz amplifies any rounding difference, so "close" would hide little and prove less.
+    assert [m["loss"] for m in _metrics(base, "two")] == one
+    assert [m["loss"] for m in _metrics(base, "two_resumed")] == one
+    want = ckpt.load_model_state_dict(base / "runs" / "one" / ckpt.step_dir_name(6))
+    for tag in ("two", "two_resumed"):
+        got = ckpt.load_model_state_dict(base / "runs" / tag / ckpt.step_dir_name(6))
+        for name in want:
+            assert torch.equal(got[name], want[name]), (tag, name)
