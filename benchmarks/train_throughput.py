@@ -14,7 +14,9 @@ on the 989 TFLOP/s H100 bf16 basis.
 Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
                 | torch-blocks (torch kernels, compiled block by block)
-    --memory    fast | lean (torch.utils.checkpoint) | lean-offload (Unsloth's offloaded checkpointing)
+    --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
+                | lean-offload | lean-torch (torch.utils.checkpoint)
+                (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
 
 `--profile` adds a torch.profiler pass over one more step per configuration (the step of
 `step.optimizer_step`, with phase labels): GPU time per category (matmul / attention / elementwise /
@@ -46,8 +48,9 @@ KERNEL_VARIANTS = {  # name -> (kernels, extra environment)
 }
 MEMORY_VARIANTS = {
     "fast": ("fast", {}),
-    "lean": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "torch"}),
+    "lean": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "auto"}),
     "lean-offload": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "offload"}),
+    "lean-torch": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "torch"}),
 }
 
 
@@ -312,6 +315,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of the code paths")
     p.add_argument("--out", default="", help="JSON file of all results (rewritten after each configuration)")
     p.add_argument("--plot", default="", help="PNG of tok/s against peak memory")
+    p.add_argument("--from", dest="from_json", default="",
+                   help="comma list of saved --out JSON files: print their table and --plot them, run nothing")
     p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
     p.add_argument("--profile", action="store_true", help="also profile one step per configuration")
     p.add_argument("--micro", action="store_true", help="time the loss implementations alone (first batch size)")
@@ -322,6 +327,15 @@ def main() -> int:
 
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return 0
+    if args.from_json:
+        results = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        print(format_table(results))
+        if args.plot:
+            try:
+                plot_frontier(results, args.plot)
+            except ImportError as e:
+                print(f"no plot: {e}")
         return 0
     if args.micro:
         args.batch_size = int(args.batch_sizes.split(",")[0])

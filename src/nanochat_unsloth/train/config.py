@@ -26,6 +26,7 @@ class TrainConfig:
     depth: int = field(default=20, metadata={"help": "transformer depth; n_embd = 64*depth, heads = ceil(n_embd/128)"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
     kernels: str = field(default="auto", metadata={"help": "auto|torch|unsloth: the model's kernel backend"})
+    memory: str = field(default="fast", metadata={"help": "fast|lean: lean checkpoints every block (less memory, ~25% slower)"})
     # ---- horizon (first one set wins, in this order) ----------------------------------------
     num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})
     target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 = off)"})
@@ -41,7 +42,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
-    optimizer: str = field(default="muon", metadata={"help": "muon (nanochat's Muon+AdamW)"})
+    optimizer: str = field(default="muon", metadata={"help": "muon (nanochat's Muon+AdamW) | adamw8bit (bitsandbytes AdamW8bit, "
+                                                              "LR 3e-4*(n_embd/768)^-0.5, cosine, 2% warmup)"})
     seed: int = 42
     # ---- evaluation / sampling --------------------------------------------------------------
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end)"})

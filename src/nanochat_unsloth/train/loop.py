@@ -24,6 +24,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, load_token_bytes, sample_completions
+from nanochat_unsloth.train.memory import MEMORY_CHOICES, compile_for_training, compile_mode
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
@@ -119,8 +120,14 @@ def train(cfg: TrainConfig) -> dict:
     # ---- model -----------------------------------------------------------------------------------
     model_config = optim.depth_to_model_config(cfg.depth, cfg.max_seq_len, vocab_size)
     kernels = resolve_kernels(cfg.kernels, device_type)
+    if cfg.memory not in MEMORY_CHOICES:
+        raise UserError(f"--memory {cfg.memory!r} is not a memory mode; choose one of: {', '.join(MEMORY_CHOICES)}")
+    if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
+        raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
+                        f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
     with torch.device("meta"):
-        model = GPT(model_config, kernels=kernels)
+        model = GPT(model_config, kernels=kernels, memory=cfg.memory)
+    kernels = model.ops.name  # "torch" when the unsloth set fell back
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for every world size
     model.init_weights()
@@ -128,7 +135,8 @@ def train(cfg: TrainConfig) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "
-           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={kernels}")
+           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={kernels}, memory={cfg.memory}, "
+           f"optimizer={cfg.optimizer}")
 
     # ---- horizon and batch -----------------------------------------------------------------------
     grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
@@ -140,9 +148,9 @@ def train(cfg: TrainConfig) -> dict:
            f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
 
     # ---- optimizers ------------------------------------------------------------------------------
-    optimizers = optim.build_optimizers(
-        model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+    optimizers = optim.build_optimizers_for(
+        cfg.optimizer, model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+        matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
     )
 
     # ---- data ------------------------------------------------------------------------------------
@@ -160,8 +168,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---- accelerate ------------------------------------------------------------------------------
     model, *optimizers = accelerator.prepare(model, *optimizers)
     accelerator.register_for_checkpointing(train_loader)
-    if on_cuda:
-        model = torch.compile(model, dynamic=False)
+    if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
+        model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
 
     # ---- resume ----------------------------------------------------------------------------------
     run_dir = ckpt.run_dir_for(base_dir, cfg.tag)

@@ -8,7 +8,8 @@
 
 A state_dict of this model loads into nanochat's GPT with strict=True and vice versa. The norm,
 rotary, attention and loss ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
-without touching this file.
+without touching this file; how each block runs (plain, or checkpointed in `--memory lean`) comes from
+`memory.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
+from nanochat_unsloth.train.memory import check_memory_mode, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -113,10 +115,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: str = "torch"):
+    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast"):
         super().__init__()
         self.config = config
         self.ops = get_kernels(kernels)
+        self.memory = check_memory_mode(memory)  # "lean": blocks are checkpointed while training
+        self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
@@ -188,8 +192,9 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, :T], self.sin[:, :T]
 
         x = self.ops.rms_norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin)
+        twins = self.compiled_blocks
+        for i, block in enumerate(self.transformer.h):
+            x = run_block(self.memory, block, x, cos, sin, None if twins is None else twins[i])
         x = self.ops.rms_norm(x)
 
         if targets is None:

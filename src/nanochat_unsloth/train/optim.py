@@ -2,6 +2,7 @@
 
 - the model size from --depth
 - Muon for every matrix inside the blocks (sharded across ranks under DDP), AdamW for wte and lm_head
+- or `--optimizer adamw8bit`: bitsandbytes AdamW8bit for everything, on a cosine schedule
 - the LR multiplier (warmup / constant / warmdown) and Muon's momentum ramp, computed from the step
 - the training horizon (--num_iterations > --target_flops > --target_param_data_ratio)
 - gradient accumulation steps and gradient clipping
@@ -20,7 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train.kernels import notice_once
 from nanochat_unsloth.train.model import GPT, GPTConfig
+
+OPTIMIZER_CHOICES = ("muon", "adamw8bit")
 
 # -----------------------------------------------------------------------------
 # Model size
@@ -204,6 +208,62 @@ def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: f
     return optimizers
 
 
+def build_adamw8bit_optimizers(model: GPT, *, lr: float = 3e-4, embedding_lr_frac: float = 0.1,
+                               weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
+                               eps: float = 1e-8, warmup_ratio: float = 0.02) -> list[torch.optim.Optimizer]:
+    """[AdamW8bit(everything)]: the seed's recipe, for `--optimizer adamw8bit`.
+
+    LR `lr * (n_embd/768)**-0.5` for every matrix and the lm_head, `embedding_lr_frac` of that for wte,
+    decoupled weight decay on all parameters, and a cosine schedule with `warmup_ratio` linear warmup
+    (recorded in the groups: `apply_schedules` reads it). The 8-bit moments are bitsandbytes state, part
+    of `state_dict()`, so checkpoints resume them. Without CUDA or bitsandbytes: torch AdamW with the same
+    groups and a one-line notice. Pass the unwrapped model.
+    """
+    embedding_params = list(model.transformer.wte.parameters())
+    embedding_ids = {id(p) for p in embedding_params}
+    other_params = [p for p in model.parameters() if id(p) not in embedding_ids]
+    lr_scale = (model.config.n_embd / 768) ** -0.5
+    groups = [dict(params=other_params, lr=lr * lr_scale),
+              dict(params=embedding_params, lr=lr * embedding_lr_frac * lr_scale)]
+    on_cuda = all(p.is_cuda for p in model.parameters())
+    adamw8bit = adamw8bit_class(on_cuda)
+    if adamw8bit is not None:
+        opt = adamw8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_cuda)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+        group["schedule"] = "cosine"
+        group["warmup_ratio"] = warmup_ratio
+    return [opt]
+
+
+def adamw8bit_class(on_cuda: bool):
+    """bitsandbytes' AdamW8bit, or None (after a one-line notice) when it cannot run here."""
+    if not on_cuda:
+        notice_once("--optimizer adamw8bit: bitsandbytes' 8-bit AdamW needs a CUDA GPU; using torch AdamW")
+        return None
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        notice_once(f"--optimizer adamw8bit: bitsandbytes is not importable ({e}); using torch AdamW")
+        return None
+    return bnb.optim.AdamW8bit
+
+
+def build_optimizers_for(name: str, model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
+                         matrix_lr: float = 0.02, weight_decay: float = 0.0,
+                         warmup_ratio: float = 0.0) -> list[torch.optim.Optimizer]:
+    """`--optimizer NAME`: "muon" (nanochat's, with its LR flags) or "adamw8bit" (the seed's fixed recipe:
+    only a nonzero `warmup_ratio` overrides its 2% warmup)."""
+    if name == "muon":
+        return build_optimizers(model, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
+                                matrix_lr=matrix_lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        return build_adamw8bit_optimizers(model, warmup_ratio=warmup_ratio if warmup_ratio > 0 else 0.02)
+    raise UserError(f"--optimizer {name!r} is not an optimizer; choose one of: {', '.join(OPTIMIZER_CHOICES)}")
+
+
 # -----------------------------------------------------------------------------
 # Schedules: functions of the step, so a resumed run needs no scheduler state
 
@@ -221,6 +281,16 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0,
     return progress * 1.0 + (1 - progress) * final_lr_frac
 
 
+def cosine_lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.02,
+                         final_lr_frac: float = 0.0) -> float:
+    """Linear warmup, then a half cosine from 1 down to final_lr_frac at the last step."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    progress = min(1.0, (step - warmup_iters) / max(1, num_iterations - warmup_iters))
+    return final_lr_frac + (1 - final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def muon_momentum(step: int) -> float:
     """Muon's momentum ramps linearly from 0.85 to 0.95 over the first 300 steps."""
     frac = min(step / 300, 1)
@@ -230,15 +300,24 @@ def muon_momentum(step: int) -> float:
 def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, num_iterations: int,
                     warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
                     final_lr_frac: float = 0.0) -> float:
-    """Set every group's lr = initial_lr * lrm and Muon's momentum for this step; returns lrm."""
+    """Set every group's lr = initial_lr * lrm and Muon's momentum for this step; returns lrm.
+
+    Groups marked `schedule="cosine"` (the adamw8bit recipe) use `cosine_lr_multiplier` with their own
+    `warmup_ratio` instead; the returned lrm is then theirs.
+    """
     lrm = lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
     momentum = muon_momentum(step)
+    reported = lrm
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+            if group.get("schedule") == "cosine":
+                reported = cosine_lr_multiplier(step, num_iterations, group["warmup_ratio"], final_lr_frac)
+                group["lr"] = group["initial_lr"] * reported
+            else:
+                group["lr"] = group["initial_lr"] * lrm
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
-    return lrm
+    return reported
 
 
 # -----------------------------------------------------------------------------

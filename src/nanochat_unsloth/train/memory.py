@@ -1,0 +1,124 @@
+"""Memory modes and how the model is compiled for training.
+
+    --memory fast   every block keeps its activations for backward (nanochat)
+    --memory lean   per-block activation checkpointing: a block keeps only its input, and backward
+                    re-runs its forward. Costs about one extra forward (~a quarter of the step) and
+                    frees nearly all activation memory, so deeper models and larger batches fit.
+
+Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch selects; auto = offload):
+    offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
+              pinned CPU memory. The default: on the H100 it ran as fast as torch's and peaked 2.6 GiB
+              lower (d20, B=32; docs/PERF.md). CUDA + unsloth_zoo only; elsewhere lean falls back to
+              torch's with a one-line notice.
+    torch     torch.utils.checkpoint (non-reentrant) around the compiled block; works on every device
+
+Compilation (`compile_for_training`): "model" compiles the whole model once (nanochat's
+torch.compile); "blocks" compiles each Block separately (regional compilation: the blocks share one
+compiled graph, so compiling takes one block's time; on the H100, d20, it cost 1-2% of step speed) and
+leaves the embedding, the final norm and the loss outside. The "unsloth" kernels and lean mode use
+"blocks": their loss / checkpoint wrappers are opaque to a whole-model graph.
+NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from nanochat_unsloth.train.kernels import import_unsloth_module, notice_once
+
+MEMORY_CHOICES = ("fast", "lean")
+LEAN_CHOICES = ("auto", "offload", "torch")
+COMPILE_CHOICES = ("model", "blocks", "none")
+
+
+def check_memory_mode(memory: str) -> str:
+    if memory not in MEMORY_CHOICES:
+        raise ValueError(f"--memory {memory!r} is not a memory mode; choose one of: {', '.join(MEMORY_CHOICES)}")
+    return memory
+
+
+# -----------------------------------------------------------------------------
+# Running one block
+
+
+def _torch_checkpoint(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # Nothing in a block draws random numbers, so there is no RNG state to stash and restore.
+    return torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+
+
+def _offload_checkpoint(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    gc = import_unsloth_module("unsloth_zoo.gradient_checkpointing")
+    return gc.unsloth_offloaded_gradient_checkpoint(block, x, cos, sin)
+
+
+_LEAN_IMPLS: dict[str, Callable] = {}
+
+
+def lean_checkpoint_impl(device: torch.device) -> Callable:
+    """The checkpointing function lean mode uses on `device` (resolved once per device type)."""
+    key = device.type
+    if key not in _LEAN_IMPLS:
+        want = os.environ.get("NANOCHAT_LEAN_CHECKPOINT", "auto")
+        if want not in LEAN_CHOICES:
+            raise ValueError(f"NANOCHAT_LEAN_CHECKPOINT={want!r}: choose one of {', '.join(LEAN_CHOICES)}")
+        impl = _torch_checkpoint
+        if want in ("auto", "offload"):
+            try:
+                if device.type != "cuda":
+                    raise ImportError("offloaded checkpointing needs a CUDA GPU")
+                import_unsloth_module("unsloth_zoo.gradient_checkpointing")
+                impl = _offload_checkpoint
+            except ImportError as e:
+                notice_once(f"--memory lean: Unsloth's offloaded checkpointing is unavailable ({e}); "
+                            "using torch.utils.checkpoint")
+        _LEAN_IMPLS[key] = impl
+    return _LEAN_IMPLS[key]
+
+
+def run_block(memory: str, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor,
+              compiled: Callable | None = None) -> Tensor:
+    """One block's forward under the memory mode (checkpointed only when training with grad).
+
+    `compiled` is the block's compiled twin (`compile_for_training(..., "blocks")`); it is skipped under
+    inference mode (`GPT.generate`: every new length would be a recompilation). Under a whole-model
+    compile it is None, and the checks below fold away at trace time.
+    """
+    fn = block if compiled is None or torch.is_inference_mode_enabled() else compiled
+    if memory == "lean" and block.training and torch.is_grad_enabled():
+        return lean_checkpoint_impl(x.device)(fn, x, cos, sin)
+    return fn(x, cos, sin)
+
+
+# -----------------------------------------------------------------------------
+# Compiling for training
+
+
+def compile_mode(kernels: str, memory: str) -> str:
+    """How to compile a model built with these (resolved) kernels and memory mode."""
+    override = os.environ.get("NANOCHAT_COMPILE")
+    if override:
+        if override not in COMPILE_CHOICES:
+            raise ValueError(f"NANOCHAT_COMPILE={override!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+        return override
+    return "blocks" if (kernels == "unsloth" or memory == "lean") else "model"
+
+
+def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> nn.Module:
+    """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
+
+    `model` may be a DDP wrapper of `raw_model`. For "blocks", each block gets a compiled twin in
+    `raw_model.compiled_blocks`, a plain list outside the module tree (parameter names and the
+    state_dict stay nanochat's) that `GPT.forward` hands to `run_block`; the twins share one compiled
+    graph (same code, parameters as graph inputs), so compiling costs one block.
+    """
+    if mode not in COMPILE_CHOICES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    if mode == "model":
+        return torch.compile(model, dynamic=False)
+    if mode == "blocks":
+        raw_model.compiled_blocks = [torch.compile(block, dynamic=False) for block in raw_model.transformer.h]
+    return model

@@ -1,0 +1,387 @@
+"""The GPU-side options on a machine without them: dispatch, fallbacks and the CPU-testable math.
+
+--kernels unsloth, --memory lean and --optimizer adamw8bit must run without a GPU, unsloth_zoo or
+bitsandbytes, each with at most one notice line; the fused chunked loss and lean mode must compute
+exactly what the torch path computes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from nanochat_unsloth.cli import normalize_flags
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train import kernels as K
+from nanochat_unsloth.train import memory as M
+from nanochat_unsloth.train import optim
+from nanochat_unsloth.train.config import parse_train_args
+from nanochat_unsloth.train.model import GPT, GPTConfig
+
+from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_notices(monkeypatch):
+    monkeypatch.setattr(K, "_NOTICES_SHOWN", set())
+    monkeypatch.setattr(M, "_LEAN_IMPLS", {})
+    monkeypatch.delenv("RANK", raising=False)
+    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT", "NANOCHAT_COMPILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def build(kernels="torch", memory="fast", seed=0, config=TINY):
+    with torch.device("meta"):
+        model = GPT(config, kernels=kernels, memory=memory)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # init zeroes lm_head and the c_proj's: give every weight a gradient
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def batch(config=TINY, B=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
+    y = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
+    y[0, :5] = -1  # ignored targets
+    return x, y
+
+
+def grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def pretend_unsloth_installed(monkeypatch):
+    """CUDA "available" and unsloth_zoo "installed": what get_kernels checks before building the set."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "unsloth_zoo" else real_find_spec(name, *a))
+
+
+# -----------------------------------------------------------------------------
+# --kernels
+
+
+def test_unsloth_kernels_fall_back_without_cuda_with_one_notice(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
+    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("notice: --kernels unsloth") and "CUDA" in err
+
+
+def test_unsloth_kernels_fall_back_without_unsloth_zoo(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("unsloth") else real_find_spec(name, *a))
+    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unsloth_zoo" in err and "falling back to --kernels torch" in err
+
+
+def test_zoo_loss_choice_falls_back_when_the_import_fails(capsys, monkeypatch):
+    pretend_unsloth_installed(monkeypatch)
+    monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", "zoo")
+    real_import = builtins.__import__
+
+    def no_unsloth(name, *args, **kwargs):
+        if name.startswith("unsloth"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_unsloth)
+    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
+    assert "unsloth_zoo" in capsys.readouterr().err
+
+
+def test_unsloth_set_dispatch_when_available(monkeypatch):
+    pretend_unsloth_installed(monkeypatch)
+    ops = K.get_kernels("unsloth")
+    assert ops.name == "unsloth" and ops.loss_impl == "chunked"
+    assert ops.lm_head_loss is K.chunked_lm_head_loss
+    # norms, rotary and attention stay the torch ops (Inductor fuses them inside compiled blocks)
+    assert ops.rms_norm is K.torch_rms_norm and ops.apply_rotary is K.torch_apply_rotary
+    monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", "nope")
+    with pytest.raises(ValueError, match="NANOCHAT_UNSLOTH_LOSS"):
+        K.get_kernels("unsloth")
+
+
+def test_import_unsloth_module_restores_compile_settings(monkeypatch, tmp_path):
+    # a stand-in module that does what `import unsloth` does to the global settings
+    (tmp_path / "fake_unsloth_side_effects.py").write_text(
+        "import os, torch._dynamo.config as d, torch._inductor.config as i\n"
+        "d.suppress_errors = not d.suppress_errors\n"
+        "i.fallback_random = not i.fallback_random\n"
+        "os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'garbage'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    before = (dynamo_config.suppress_errors, inductor_config.fallback_random)
+    K.import_unsloth_module("fake_unsloth_side_effects")
+    assert (dynamo_config.suppress_errors, inductor_config.fallback_random) == before
+    import os
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+# -----------------------------------------------------------------------------
+# The chunked loss: the torch loss's numbers, one chunk at a time
+
+
+@pytest.mark.parametrize("chunk_mb", ["2048", "0.0004"])  # one chunk; ~3 rows per chunk
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_loss_matches_torch_loss_and_gradients(monkeypatch, chunk_mb, reduction):
+    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", chunk_mb)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 11, 32, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(96, 32, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 96, (4, 11), generator=g)
+    t[1, 3:9] = -1
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ws = [w.clone().requires_grad_(True) for _ in range(2)]
+    # the torch loss's math in float64 (torch_lm_head_loss itself rounds the logits to fp32)
+    logits = 15.0 * torch.tanh(xs[0] @ ws[0].T / 15.0)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 96), t.view(-1), ignore_index=-1, reduction=reduction)
+    got = K.chunked_lm_head_loss(xs[1], ws[1], t, 15.0, reduction)
+    (ref * 0.37).backward()  # a non-unit upstream gradient, like loss / grad_accum
+    (got * 0.37).backward()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ws[1].grad, ws[0].grad, rtol=1e-9, atol=1e-11)
+    if chunk_mb != "2048":
+        assert K.loss_chunk_rows(44, 96) < 44  # the multi-chunk path really ran
+
+
+def test_chunked_loss_none_reduction_and_no_grad():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 5, 16, generator=g), torch.randn(40, 16, generator=g)
+    t = torch.randint(0, 40, (2, 5), generator=g)
+    t[0, 0] = -1
+    torch.testing.assert_close(K.chunked_lm_head_loss(x, w, t, 15.0, "none"),
+                               K.torch_lm_head_loss(x, w, t, 15.0, "none"))
+    with torch.no_grad():
+        torch.testing.assert_close(K.chunked_lm_head_loss(x, w, t, 15.0, "mean"),
+                                   K.torch_lm_head_loss(x, w, t, 15.0, "mean"))
+    with pytest.raises(ValueError, match="reduction"):
+        K.chunked_lm_head_loss(x, w, t, 15.0, "max")
+
+
+def test_chunk_rows_split_evenly(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "2048")
+    assert K.loss_chunk_rows(65536, 65536) == 8192  # d20 B=32: 8 chunks of 8192 rows (2 GiB of logits + grad)
+    assert K.loss_chunk_rows(1000, 65536) == 1000
+    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "0.01")
+    rows = K.loss_chunk_rows(100, 96)
+    assert -(-100 // rows) * rows - 100 < -(-100 // rows)  # chunks differ by less than one row each
+
+
+def test_gpt_with_unsloth_set_matches_torch_path(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "0.001")
+    ref = build("torch")
+    pretend_unsloth_installed(monkeypatch)
+    fused = build("unsloth")
+    assert fused.ops.name == "unsloth"
+    x, y = batch()
+    loss_ref, g_ref = grads(ref, x, y)
+    loss, g = grads(fused, x, y)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    # per-token losses (bits-per-byte evaluation) through the same seam
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, y, loss_reduction="none"), ref(x, y, loss_reduction="none"))
+
+
+# -----------------------------------------------------------------------------
+# --memory
+
+
+def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, lean = build(memory="fast"), build(memory="lean")
+    x, y = batch()
+    loss_fast, g_fast = grads(fast, x, y)
+    loss_lean, g_lean = grads(lean, x, y)
+    assert len(calls) == TINY.n_layer
+    torch.testing.assert_close(loss_lean, loss_fast, rtol=0, atol=0)
+    for name in g_fast:
+        torch.testing.assert_close(g_lean[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
+    calls.clear()
+    with torch.no_grad():  # evaluation never checkpoints
+        lean(x, y)
+    lean.eval()
+    lean(x, y)
+    assert calls == []
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "offload"])  # the default is Unsloth's offloading
+def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, monkeypatch, choice):
+    if choice:
+        monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", choice)
+    model = build(memory="lean")
+    x, y = batch()
+    grads(model, x, y)
+    grads(model, x, y)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("notice: --memory lean") and "torch.utils.checkpoint" in err
+    assert M.lean_checkpoint_impl(torch.device("cpu")) is M._torch_checkpoint
+
+
+def test_unknown_memory_mode():
+    with pytest.raises(ValueError, match=r"--memory.*fast, lean"):
+        GPT(TINY, memory="tiny")
+
+
+def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
+    assert M.compile_mode("torch", "fast") == "model"
+    assert M.compile_mode("unsloth", "fast") == "blocks"
+    assert M.compile_mode("torch", "lean") == "blocks"
+    monkeypatch.setenv("NANOCHAT_COMPILE", "none")
+    assert M.compile_mode("unsloth", "lean") == "none"
+    model = build()
+    names = list(model.state_dict())
+    assert M.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call
+    assert len(model.compiled_blocks) == TINY.n_layer
+    assert list(model.state_dict()) == names and len(list(model.parameters())) == len(names)
+    with pytest.raises(ValueError):
+        M.compile_for_training(model, model, "fastest")
+
+
+def test_compiled_blocks_run_in_training_not_in_generate():
+    model = build()
+    seen = []
+    # stand-ins for the compiled twins, recording their calls
+    model.compiled_blocks = [lambda x, cos, sin, b=block: seen.append(1) or b(x, cos, sin)
+                             for block in model.transformer.h]
+    x, y = batch()
+    model(x, y)
+    assert len(seen) == TINY.n_layer
+    seen.clear()
+    list(model.generate([1, 2, 3], max_tokens=2, temperature=0))
+    assert seen == []
+
+
+# -----------------------------------------------------------------------------
+# --optimizer adamw8bit
+
+
+def test_adamw8bit_falls_back_to_torch_adamw_on_cpu(capsys):
+    model = build(config=GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+    [opt] = optim.build_optimizers_for("adamw8bit", model)
+    assert type(opt) is torch.optim.AdamW
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("notice: --optimizer adamw8bit") and "torch AdamW" in err
+    scale = (192 / 768) ** -0.5
+    other, emb = opt.param_groups
+    assert other["lr"] == pytest.approx(3e-4 * scale) and emb["lr"] == pytest.approx(3e-5 * scale)
+    assert emb["params"] == [model.transformer.wte.weight]
+    assert len(other["params"]) + 1 == len(list(model.parameters()))
+    assert all(g["weight_decay"] == 0.01 and g["schedule"] == "cosine" and g["warmup_ratio"] == 0.02
+               for g in opt.param_groups)
+
+
+def test_adamw8bit_without_bitsandbytes(capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    assert optim.adamw8bit_class(on_cuda=True) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bitsandbytes is not importable" in err
+
+
+def test_cosine_schedule_with_warmup():
+    n = 1000
+    assert optim.cosine_lr_multiplier(0, n) == pytest.approx(1 / 20)
+    assert optim.cosine_lr_multiplier(19, n) == pytest.approx(1.0)
+    assert optim.cosine_lr_multiplier(20, n) == pytest.approx(1.0)
+    assert optim.cosine_lr_multiplier(20 + 490, n) == pytest.approx(0.5)
+    assert optim.cosine_lr_multiplier(n, n) == pytest.approx(0.0, abs=1e-12)
+    assert optim.cosine_lr_multiplier(n, n, final_lr_frac=0.1) == pytest.approx(0.1)
+    model = build()
+    opts = optim.build_optimizers_for("adamw8bit", model)
+    lrm = optim.apply_schedules(opts, 510, n)
+    assert lrm == pytest.approx(0.5)
+    assert opts[0].param_groups[0]["lr"] == pytest.approx(opts[0].param_groups[0]["initial_lr"] * 0.5)
+    # the muon recipe keeps nanochat's schedule
+    muon_opts = optim.build_optimizers_for("muon", model)
+    assert optim.apply_schedules(muon_opts, 510, n) == 1.0
+    assert math.isclose(optim.apply_schedules(muon_opts, 900, n), 0.5)
+
+
+def test_unknown_optimizer():
+    with pytest.raises(UserError, match=r"--optimizer.*muon, adamw8bit"):
+        optim.build_optimizers_for("sgd", build())
+
+
+# -----------------------------------------------------------------------------
+# All three flags through the training loop on CPU
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_train_base_dir(tmp_path_factory.mktemp("fallback_base"))
+
+
+def run_train(base, *extra):
+    from nanochat_unsloth.train.loop import train
+
+    cfg = parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra]))
+    return train(cfg)
+
+
+def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, capsys):
+    flags = ["--kernels", "unsloth", "--memory", "lean", "--optimizer", "adamw8bit"]
+    run_train(base, "--num-iterations", "4", "--model-tag", "straight", *flags)
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if line.startswith("notice:")]
+    for flag in ("--kernels unsloth", "--memory lean", "--optimizer adamw8bit"):
+        assert sum(flag in n for n in notices) == 1, (flag, notices)
+    assert len(notices) == len(set(notices))  # each at most once
+    run_train(base, "--num-iterations", "4", "--model-tag", "resumed", "--stop-after", "2", *flags)
+    run_train(base, "--num-iterations", "4", "--model-tag", "resumed", "--resume", "auto", *flags)
+
+    def losses(tag):
+        lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if line.strip()]
+
+    straight, resumed = losses("straight"), losses("resumed")
+    assert len(straight) == 4 and all(math.isfinite(v) for v in straight)
+    assert resumed == straight  # AdamW state and the cosine schedule resume exactly
+
+
+def test_config_flags_parse():
+    cfg = parse_train_args(normalize_flags(["--memory", "lean", "--optimizer=adamw8bit"]))
+    assert (cfg.memory, cfg.optimizer) == ("lean", "adamw8bit")
+    assert parse_train_args([]).memory == "fast" and parse_train_args([]).optimizer == "muon"
+
+
+def test_train_refuses_unknown_memory_and_optimizer(base):
+    with pytest.raises(UserError, match="--memory"):
+        run_train(base, "--num-iterations", "1", "--model-tag", "bad1", "--memory", "small")
+    with pytest.raises(UserError, match="--optimizer"):
+        run_train(base, "--num-iterations", "1", "--model-tag", "bad2", "--optimizer", "lion")
