@@ -190,8 +190,6 @@ def test_sharded_adamw_on_fsdp2_params_is_torch_adamw(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="optim.Muon.step has no FSDP2 branch yet (see docs/MULTI_GPU.md); "
-                                       "remove this mark when it lands")
 def test_muon_on_fsdp2_params_is_unsharded_muon(tmp_path):
     spawn(_muon_worker, tmp_path)
     want = run_optimizer(make_module(), make_muon)

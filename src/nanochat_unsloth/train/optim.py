@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train.dist_adamw import ShardedAdamW
+from nanochat_unsloth.train.fsdp import apply_full_update, full_tensor, is_dtensor
 from nanochat_unsloth.train.kernels import notice_once
 from nanochat_unsloth.train.model import GPT, GPTConfig
 
@@ -134,16 +136,25 @@ class Muon(torch.optim.Optimizer):
             # this rank's share: matrices rank, rank + W, rank + 2W, ...
             mine = range(rank, len(params), world_size)
             updates = torch.empty((len(mine), rows, cols), dtype=grads[0].dtype, device=grads[0].device)
-            for j, i in enumerate(mine):
-                if group["nesterov"]:
-                    torch.lerp(grads[i], bufs[i], momentum, out=updates[j])
-                else:
-                    updates[j].copy_(bufs[i])
+            if is_dtensor(grads[0]):
+                # FSDP2: grads and momentum are dim-0 shards (the lerp above ran on them). Newton-Schulz
+                # needs whole matrices and gathering one is a collective, so every rank gathers every
+                # matrix and keeps its own.
+                for i in range(len(params)):
+                    u = full_tensor(torch.lerp(grads[i], bufs[i], momentum) if group["nesterov"] else bufs[i])
+                    if i % world_size == rank:
+                        updates[i // world_size].copy_(u)
+            else:
+                for j, i in enumerate(mine):
+                    if group["nesterov"]:
+                        torch.lerp(grads[i], bufs[i], momentum, out=updates[j])
+                    else:
+                        updates[j].copy_(bufs[i])
             ortho = zeropower_via_newtonschulz5(updates, group["ns_steps"])
 
             if world_size == 1:
                 for p, u in zip(params, ortho):
-                    p.add_(u, alpha=step_scale)
+                    apply_full_update(p, u, step_scale)  # p.add_(u, alpha=step_scale) unless FSDP2-sharded
                 continue
             # Pad every rank's share to the same count so one all_gather_into_tensor moves them all.
             per_rank = -(-len(params) // world_size)
@@ -157,7 +168,7 @@ class Muon(torch.optim.Optimizer):
             work.wait()
             for i, p in enumerate(params):
                 # matrix i was the (i // W)-th of rank i % W
-                p.add_(gathered[(i % world_size) * per_rank + i // world_size], alpha=step_scale)
+                apply_full_update(p, gathered[(i % world_size) * per_rank + i // world_size], step_scale)
         return loss
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
@@ -195,7 +206,9 @@ def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: f
     lr_scale = (model.config.n_embd / 768) ** -0.5
     if fused is None:
         fused = all(p.is_cuda for p in embedding_params + lm_head_params)
-    adamw = torch.optim.AdamW(
+    # world size > 1: each rank keeps 1/W of the Adam moments (ZeRO-1, see dist_adamw.py); the same math
+    adamw_cls = ShardedAdamW if _rank_and_world_size()[1] > 1 else torch.optim.AdamW
+    adamw = adamw_cls(
         [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
          dict(params=embedding_params, lr=embedding_lr * lr_scale)],
         betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused,
