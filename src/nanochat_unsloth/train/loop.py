@@ -89,7 +89,7 @@ def peak_memory_gib(device_type: str) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- accelerate ------------------------------------------------------------------------------
     model, *optimizers = accelerator.prepare(model, *optimizers)
+    sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     accelerator.register_for_checkpointing(train_loader)
     if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
         model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
@@ -253,8 +254,10 @@ def train(cfg: TrainConfig) -> dict:
                 result["val_bpb"].append((step, val_bpb))
                 accelerator.log({"val/bpb": val_bpb}, step=step)
 
-        # once in a while: greedy samples of nanochat's prompts (main process, uncompiled model)
-        if master and (last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+        # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP every rank
+        # holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
+        if (master or sharded_weights) and (
+                last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             raw_model.eval()
             with accelerator.autocast():
                 for text in sample_completions(raw_model, encoding, manifest.tokenizer.bos_id):
