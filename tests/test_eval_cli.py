@@ -19,20 +19,11 @@ from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS
 from nanochat_unsloth.train.eval_cli import evaluate_checkpoint
 
-from test_convert import B, SEQ, import_nanochat, make_base, make_run, needs_nanochat, quiet, reset_accelerate
+from test_convert import (  # noqa: F401  (isolated_runtime: the same autouse fixture, applied here too)
+    B, SEQ, import_nanochat, isolated_runtime, make_base, make_run, needs_nanochat, quiet, reset_accelerate,
+)
 
 SPLIT_TOKENS = 4 * B * SEQ  # four batches per split
-
-
-@pytest.fixture(scope="module", autouse=True)
-def isolated_runtime():
-    """One intra-op thread (tiny matmuls, busy machine) and no Accelerate state left behind."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

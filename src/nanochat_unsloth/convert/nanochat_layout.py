@@ -65,6 +65,14 @@ NANOCHAT_USER_CONFIG_DEFAULTS = {
 }
 
 
+
+def load_torch_file(path: Path, what: str, hint: str):
+    """torch.load (tensors only) with a one-line UserError naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); {hint}") from None
+
 def model_file(step: int) -> str:
     return f"model_{step:06d}.pt"
 
@@ -212,11 +220,7 @@ def nanochat_optim_from_run(step_dir: Path) -> list[dict]:
         path = step_dir / name
         if not path.exists():
             raise UserError(f"{path}: not found, so the checkpoint has no optimizer state to export; drop --with-optim")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path}: cannot read the optimizer state ({type(e).__name__}: {e}); "
-                            "it is corrupt") from None
+        state = load_torch_file(path, "the optimizer state", "it is corrupt")
         if not isinstance(state, dict) or "param_groups" not in state or "state" not in state:
             raise UserError(f"{path}: not an optimizer state_dict")
         states.append(state)
@@ -339,11 +343,7 @@ def load_nanochat_checkpoint(path: str | Path, step: int | None = None) -> Loade
     model_config = model_config_kwargs(meta.get("model_config"), str(meta_path))
     if "step" in meta and int(meta["step"]) != step:
         raise UserError(f"{meta_path}: says step {meta['step']}, but its name says {step}; the checkpoint is mixed up")
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{model_path}: cannot read the weights ({type(e).__name__}: {e}); the file is corrupt "
-                        "or was written by an interrupted save") from None
+    state = load_torch_file(model_path, "the weights", "the file is corrupt or was written by an interrupted save")
     state = from_nanochat_state_dict(state, model_config, str(model_path))
     return LoadedCheckpoint(
         kind="nanochat", path=model_path, step=step, state_dict=state, model_config=model_config, meta=meta,
