@@ -330,13 +330,7 @@ def main() -> int:
         return 0
     if args.from_json:
         results = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
-        print(format_table(results))
-        if args.plot:
-            try:
-                plot_frontier(results, args.plot)
-            except ImportError as e:
-                print(f"no plot: {e}")
-        return 0
+        return report(results, args.plot)
     if args.micro:
         args.batch_size = int(args.batch_sizes.split(",")[0])
         results = run_micro(args)
@@ -383,10 +377,15 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
+    return report(results, args.plot)
+
+
+def report(results: list[dict], plot_path: str) -> int:
+    """The table last (the device reply carries the end of the output), then the frontier plot if asked."""
     print("\n" + format_table(results))
-    if args.plot:
+    if plot_path:
         try:
-            plot_frontier(results, args.plot)
+            plot_frontier(results, plot_path)
         except ImportError as e:
             print(f"no plot: {e}")
     return 0

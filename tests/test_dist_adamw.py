@@ -3,7 +3,6 @@ with ~1/2 of the moments per rank, and checkpoints round-trip across processes a
 
 import copy
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import torch.multiprocessing as mp
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW, row_range
 
 from cpu_launch import launch_cpu_processes
+
+from cpu_launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -124,12 +125,6 @@ def _worker(rank, port, out_dir):
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

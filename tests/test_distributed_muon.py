@@ -1,7 +1,6 @@
 """Sharded Muon on 2 gloo processes gives the single-process result (uneven ownership, several steps)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat_unsloth.train.optim import Muon
+
+from cpu_launch import free_port
 
 # 5 and 3 same-shape matrices: ranks own 3/2 and 2/1; the lone (8, 8) leaves rank 1 with nothing
 SHAPES = [(16, 8)] * 5 + [(8, 16)] * 3 + [(8, 8)]
@@ -48,12 +49,6 @@ def _worker(rank, port, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """FSDP2 on CPU (2 gloo processes, `fully_shard`): the helpers Muon needs, and the optimizers on DTensors."""
 
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +13,8 @@ import torch.multiprocessing as mp
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.fsdp import apply_full_update, full_grad, full_tensor, is_dtensor
+
+from cpu_launch import free_port
 
 WORLD_SIZE = 2
 # (out, in) of a chain 7 -> 7 -> 7 -> 7 -> 5: 7 rows split 4 + 3 (uneven), 5 rows 3 + 2; three (7, 7)
@@ -132,12 +133,6 @@ def spawn(fn, out_dir, timeout=120):
             for proc in ctx.processes:
                 proc.terminate()
             raise TimeoutError(f"{fn.__name__}: the ranks did not finish in {timeout}s")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
