@@ -184,3 +184,14 @@ def test_resume_from_partial_or_corrupt_checkpoint(base):
     with pytest.raises(UserError, match="partial"):
         run_train(base, "--num-iterations", "3", "--model-tag", "corrupt", "--resume", str(step_dir))
     assert ckpt.resolve_resume(base / "runs" / "corrupt", "auto") is None
+
+
+def test_existing_run_is_refused_then_set_aside_with_force(base):
+    run_train(base, "--num-iterations", "2", "--model-tag", "again")
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run_train(base, "--num-iterations", "1", "--model-tag", "again")
+    run_train(base, "--num-iterations", "1", "--model-tag", "again", "--force")
+    run_dir = base / "runs" / "again"
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1], "the new run's checkpoint only"
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir / "previous_0")] == [2], "the old run kept, aside"
+    assert [m["step"] for m in metrics(base, "again")] == [0]

@@ -69,6 +69,20 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict, keep_last
     return final
 
 
+def set_aside(run_dir: Path) -> Path:
+    """Move a run's checkpoints and metrics into `run_dir/previous_<n>/` (a run started over with --force)."""
+    run_dir = Path(run_dir)
+    n = 0
+    while (run_dir / f"previous_{n}").exists():
+        n += 1
+    aside = run_dir / f"previous_{n}"
+    aside.mkdir()
+    for child in run_dir.iterdir():
+        if STEP_DIR_RE.match(child.name) or child.name in ("metrics.jsonl", "eval.jsonl"):
+            child.rename(aside / child.name)
+    return aside
+
+
 def load_meta(step_dir: Path) -> dict:
     """meta.json of a complete checkpoint, after checking that every recorded file is whole."""
     step_dir = Path(step_dir)

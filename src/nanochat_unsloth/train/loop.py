@@ -199,14 +199,19 @@ def train(cfg: TrainConfig) -> dict:
         if master:
             rewrite_metrics_before(metrics_path, start_step)
             rewrite_metrics_before(eval_path, start_step)
-    elif master and any(ckpt.list_checkpoints(run_dir)) and not cfg.force:
-        raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
-                        "--model_tag to start another run, or --force to start over")
+    elif ckpt.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
+        if not cfg.force:
+            raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
+                            "--model_tag to start another run, or --force to start over")
+        if master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
+            aside = ckpt.set_aside(run_dir)
+            print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is None:
             for path in (metrics_path, eval_path):
                 path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     if log_with and master:
         accelerator.init_trackers("nanochat", config=cfg.to_dict(), init_kwargs={"wandb": {"name": cfg.run}})
 
