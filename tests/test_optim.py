@@ -244,3 +244,24 @@ def test_grad_accum_steps():
         grad_accum_steps(1000, 4, 64, 2)
     msg = str(e.value)
     assert "--total_batch_size=1,000" in msg and "--device_batch_size" in msg and "512" in msg
+
+
+def test_muon_in_slices_equals_muon_in_one_batch(monkeypatch):
+    """Bounding the Newton-Schulz workspace (one process) must not change the update."""
+    from nanochat_unsloth.train import optim as optim_module
+
+    def run(slice_bytes):
+        monkeypatch.setattr(optim_module, "NS_SLICE_BYTES", slice_bytes)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, 24)) for _ in range(5)]
+        opt = optim_module.Muon(params, lr=0.02, momentum=0.9)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    whole = run(1 << 30)
+    sliced = run(2 * 16 * 24 * 4)  # two matrices per Newton-Schulz call: slices of 2, 2, 1
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

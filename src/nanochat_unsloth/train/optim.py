@@ -80,6 +80,11 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     return _compiled_newtonschulz5(G, steps)
 
 
+# Newton-Schulz input per batched call on one process: large enough that d20's groups (<= 0.5 GiB) go in
+# one call as before, small enough that depth 48 does not run out of memory in the optimizer.
+NS_SLICE_BYTES = 1 << 30
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for the 2-D matrices inside the transformer blocks.
 
@@ -133,6 +138,19 @@ class Muon(torch.optim.Optimizer):
             bufs = [self._momentum_buffer(p) for p in params]
             torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
 
+            if world_size == 1 and not is_dtensor(grads[0]):
+                # One process: orthogonalise the group in slices of bounded size. Stacking all of a
+                # group's matrices at once needs a group-sized fp32 copy plus the bf16 Newton-Schulz
+                # workspace (at depth 48, 192 matrices of 3072x3072: >10 GiB), which is what limits depth.
+                per_slice = max(1, NS_SLICE_BYTES // (rows * cols * grads[0].element_size()))
+                for lo in range(0, len(params), per_slice):
+                    chunk = range(lo, min(lo + per_slice, len(params)))
+                    updates = torch.stack([torch.lerp(grads[i], bufs[i], momentum) if group["nesterov"]
+                                           else bufs[i] for i in chunk])
+                    for i, u in zip(chunk, zeropower_via_newtonschulz5(updates, group["ns_steps"])):
+                        params[i].add_(u, alpha=step_scale)
+                continue
+
             # this rank's share: matrices rank, rank + W, rank + 2W, ...
             mine = range(rank, len(params), world_size)
             updates = torch.empty((len(mine), rows, cols), dtype=grads[0].dtype, device=grads[0].device)
@@ -152,7 +170,7 @@ class Muon(torch.optim.Optimizer):
                         updates[j].copy_(bufs[i])
             ortho = zeropower_via_newtonschulz5(updates, group["ns_steps"])
 
-            if world_size == 1:
+            if world_size == 1:  # FSDP2 on one process
                 for p, u in zip(params, ortho):
                     apply_full_update(p, u, step_scale)  # p.add_(u, alpha=step_scale) unless FSDP2-sharded
                 continue
