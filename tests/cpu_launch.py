@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150) -> subprocess.CompletedProcess:
     """Run `python *argv` as `nproc` gloo ranks (one plain process when nproc == 1).
 
     Not `accelerate launch --cpu --num_processes N`: without --mpirun_hostfile, accelerate 1.15 starts ONE
@@ -23,7 +23,23 @@ def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 300) -> subproce
     if nproc > 1:
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        if nproc == 1:
+            raise
+        # A multi-rank gloo job on a loaded 2-core machine has been seen to stall at start-up or shutdown
+        # (a few in many full-suite runs; never reproduced alone). Say so loudly, keep the evidence, and
+        # run it once more: a run that hangs deterministically still fails here.
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpu_launch_timeout_{os.getpid()}.log"
+        log.write_text(f"{cmd}\n--- stdout ---\n{_text(e.stdout)}\n--- stderr ---\n{_text(e.stderr)}\n")
+        print(f"warning: {nproc}-rank launch timed out after {timeout}s (output in {log}); retrying once",
+              file=sys.stderr)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def free_port() -> int:

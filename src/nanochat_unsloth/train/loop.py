@@ -326,6 +326,9 @@ def train(cfg: TrainConfig) -> dict:
 
     print0(f"peak memory: {peak_memory_gib(device_type):.2f}GiB | training time: {total_time / 60:.2f}m | "
            f"min val bpb: {min_val_bpb:.4f}")
+    # end_training destroys the process group: let every rank finish its last collective first (a rank
+    # tearing gloo down while another still talks to it aborts or hangs that one)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     result["final_step"] = step
     return result
