@@ -25,7 +25,9 @@ def base(tmp_path_factory) -> Path:
 
 
 def _train(base: Path, nproc: int, tag: str, *extra: str):
-    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "6", "--model-tag", tag, *extra]
+    # --force: if a stalled launch is retried (cpu_launch), a fresh run whose first attempt already saved a
+    # checkpoint starts over instead of being refused; a resume is unaffected
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "6", "--model-tag", tag, "--force", *extra]
     args[args.index("--total-batch-size") + 1] = "128"  # 2 x 32 tokens x 2 micro-batches per step
     out = launch_cpu_processes(nproc, "-m", "nanochat_unsloth.train", *args)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -74,7 +74,7 @@ def test_metrics_record_whole_batch_loss_and_step_fields(base):
 
 
 def _launch(base: Path, nproc: int, total_batch: int, tag: str, steps: int = 4):
-    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", str(steps), "--model-tag", tag]
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", str(steps), "--model-tag", tag, "--force"]
     args[args.index("--total-batch-size") + 1] = str(total_batch)
     return launch_cpu_processes(nproc, "-m", "nanochat_unsloth.train", *args)
 
