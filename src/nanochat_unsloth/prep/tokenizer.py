@@ -133,10 +133,12 @@ def load_tokenizer(tokenizer_dir: str | Path) -> tiktoken.Encoding:
     return enc
 
 
-def load_token_bytes(tokenizer_dir: str | Path):
+def load_token_bytes(tokenizer_dir: str | Path, device="cpu"):
+    """int32 [vocab]: bytes per token, 0 for specials (the weights of bits-per-byte)."""
     path = Path(tokenizer_dir) / TOKEN_BYTES_PT
     if not path.exists():
         raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` first (same --base-dir)")
     import torch
 
-    return torch.load(path, map_location="cpu")
+    # load to host, then move: Accelerate's MULTI_CPU device is "cpu:0", which map_location rejects
+    return torch.load(path, map_location="cpu").to(device)

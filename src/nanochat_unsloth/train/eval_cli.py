@@ -76,9 +76,9 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
                         kernels: str = "torch", log=print) -> dict:
     """Train/val bits per byte and the seven greedy samples of a checkpoint (ours or nanochat's)."""
     from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
-    from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS, evaluate_bpb, load_token_bytes
+    from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS, evaluate_bpb
 
     loaded = load_any_checkpoint(checkpoint, step)
     base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir

@@ -56,14 +56,3 @@ def sample_completions(model, encoding, bos_id: int, prompts=SAMPLE_PROMPTS, max
         out.append(encoding.decode(tokens[1:] + generated))
     return out
 
-
-def load_token_bytes(tokenizer_dir, device) -> torch.Tensor:
-    from pathlib import Path
-
-    from nanochat_unsloth.common import UserError
-
-    path = Path(tokenizer_dir) / "token_bytes.pt"
-    if not path.exists():
-        raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` (it writes token_bytes.pt)")
-    # load to host, then move: Accelerate's MULTI_CPU device is "cpu:0", which map_location rejects
-    return torch.load(path, map_location="cpu").to(device)

@@ -331,7 +331,7 @@ def get_kernels(name: str = "torch") -> Kernels:
         try:
             return _unsloth_kernels()
         except (ImportError, NotImplementedError) as e:
-            _notice_once(f"--kernels unsloth: {e}; falling back to --kernels torch")
+            notice_once(f"--kernels unsloth: {e}; falling back to --kernels torch")
             return TORCH_KERNELS
     raise ValueError(f"--kernels {name!r} is not a kernel set; choose one of: {', '.join(KERNEL_CHOICES)}")
 
@@ -363,13 +363,11 @@ def _unsloth_kernels() -> Kernels:
 _NOTICES_SHOWN: set[str] = set()
 
 
-def _notice_once(message: str) -> None:
-    # One line per process and message; only the main rank speaks (RANK is set by torchrun / accelerate).
+def notice_once(message: str) -> None:
+    # One fallback notice per process and message (used by kernels, memory and optim); only the main rank speaks (RANK is set by torchrun / accelerate).
     if message in _NOTICES_SHOWN:
         return
     _NOTICES_SHOWN.add(message)
     if os.environ.get("RANK", "0") == "0":
         print(f"notice: {message}", file=sys.stderr, flush=True)
 
-
-notice_once = _notice_once  # for memory.py / optim.py: one fallback notice per process and message

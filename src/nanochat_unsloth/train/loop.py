@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from nanochat_unsloth.common import UserError, atomic_write_bytes, get_base_dir
-from nanochat_unsloth.prep.tokenizer import load_tokenizer
+from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
-from nanochat_unsloth.train.evaluate import evaluate_bpb, load_token_bytes, sample_completions
+from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.memory import MEMORY_CHOICES, compile_for_training, compile_mode
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
