@@ -73,11 +73,7 @@ def setup(args):
     cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
     kernels, _ = KERNEL_VARIANTS[args.kernels]
     memory, _ = MEMORY_VARIANTS[args.memory]
-    with torch.device("meta"):
-        model = GPT(cfg, kernels=kernels, memory=memory)
-    model.to_empty(device=device)
-    torch.manual_seed(0)
-    model.init_weights()
+    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory)
     raw_model = model
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)

@@ -125,12 +125,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
-    with torch.device("meta"):
-        model = GPT(model_config, kernels=kernels, memory=cfg.memory)
+    model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory)
     kernels = model.ops.name  # "torch" when the unsloth set fell back
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and for every world size
-    model.init_weights()
     raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()

@@ -133,6 +133,17 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    @classmethod
+    def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast") -> "GPT":
+        """nanochat's construction: shapes on the meta device (no memory, no init cost), then storage on
+        `device`, then init_weights under `seed`: the same weights on every rank and every world size."""
+        with torch.device("meta"):
+            model = cls(config, kernels=kernels, memory=memory)
+        model.to_empty(device=device)
+        torch.manual_seed(seed)
+        model.init_weights()
+        return model
+
     # -- initialisation ------------------------------------------------------------
 
     @torch.no_grad()
