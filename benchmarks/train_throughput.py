@@ -14,6 +14,8 @@ on the 989 TFLOP/s H100 bf16 basis.
 Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
                 | torch-blocks (torch kernels, compiled block by block)
+                | unsloth-model (whole-model compile)
+                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
@@ -40,11 +42,15 @@ from pathlib import Path
 
 PROMISED_FLOPS = 989e12
 
-KERNEL_VARIANTS = {  # name -> (kernels, extra environment)
-    "torch": ("torch", {}),
-    "torch-blocks": ("torch", {"NANOCHAT_COMPILE": "blocks"}),
-    "unsloth": ("unsloth", {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
-    "unsloth-zoo": ("unsloth", {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
+KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
+    "torch": ("torch", False, {}),
+    "torch-blocks": ("torch", False, {"NANOCHAT_COMPILE": "blocks"}),
+    "torch-fp8": ("torch", True, {}),
+    "unsloth": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
+    "unsloth-zoo": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
+    "unsloth-model": ("unsloth", False, {"NANOCHAT_COMPILE": "model"}),
+    "unsloth-fp8": ("unsloth", True, {}),
+    "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
 }
 MEMORY_VARIANTS = {
     "fast": ("fast", {}),
@@ -71,9 +77,9 @@ def setup(args):
     accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
     device = accelerator.device
     cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
-    kernels, _ = KERNEL_VARIANTS[args.kernels]
+    kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
     memory, _ = MEMORY_VARIANTS[args.memory]
-    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory)
+    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8)
     raw_model = model
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
@@ -89,7 +95,7 @@ def setup(args):
         w = torch.randint(0, args.vocab, (args.batch_size * args.seq + 1,), device=device, generator=gen)
         return w[:-1].view(args.batch_size, args.seq).int(), w[1:].view(args.batch_size, args.seq)
 
-    info = {"compile": mode, "kernels_used": raw_model.ops.name, "loss_impl": raw_model.ops.loss_impl,
+    info = {"compile": mode, "kernels_used": raw_model.ops.label, "loss_impl": raw_model.ops.loss_impl,
             "flops_per_token": raw_model.estimate_flops(), "num_params": raw_model.num_params()}
     return accelerator, model, raw_model, optimizers, next_batch, grad_accum, info
 
@@ -344,7 +350,7 @@ def main() -> int:
     results = []
     for kernels, batch_size, memory in itertools.product(kernel_list, [int(b) for b in args.batch_sizes.split(",")],
                                                          memory_list):
-        env = dict(os.environ, **KERNEL_VARIANTS[kernels][1], **MEMORY_VARIANTS[memory][1])
+        env = dict(os.environ, **KERNEL_VARIANTS[kernels][2], **MEMORY_VARIANTS[memory][1])
         cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
                "--vocab", str(args.vocab), "--total-batch", str(args.total_batch), "--kernels", kernels,
                "--batch-size", str(batch_size), "--memory", memory, "--optimizer", args.optimizer,

@@ -4,6 +4,7 @@
 `self.ops.<op>`. A faster implementation only has to provide the same four callables with the same
 math, and the model file stays untouched.
 
+    linear(x, weight)                                  x @ weight.T (no bias): every block GEMM
     rms_norm(x)                                        weightless RMSNorm over the last dim
     apply_rotary(x, cos, sin)                          x: (B, T, H, D); cos/sin: (1, T, 1, D/2) bf16
     attention(q, k, v, enable_gqa)                     q: (B, H, T, D), k/v: (B, Hkv, T, D); causal
@@ -24,6 +25,10 @@ Two sets:
   It needs CUDA and `unsloth_zoo` installed; without either it falls back to "torch" with a one-line
   notice.
 
+Either set can take `fp8=True` (`--fp8`): `linear` then runs the three GEMMs of every block Linear
+in FP8 (`fp8.py`); lm_head and the loss stay as they are. It needs CUDA with compute capability 8.9+;
+elsewhere it falls back to bf16 with a one-line notice.
+
 Knobs for benchmarking the variants (environment, read when the set is built):
     NANOCHAT_UNSLOTH_LOSS=chunked|zoo      which fused loss the "unsloth" set uses
     NANOCHAT_LOSS_CHUNK_MB=2048            logits bytes per chunk (bf16 logits + their gradient)
@@ -35,6 +40,7 @@ torch.compile settings (dynamo / inductor config) that Unsloth's imports rewrite
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -55,15 +61,25 @@ IGNORE_INDEX = -1
 @dataclass(frozen=True)
 class Kernels:
     name: str
+    linear: Callable[[Tensor, Tensor], Tensor]
     rms_norm: Callable[[Tensor], Tensor]
     apply_rotary: Callable[[Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
     lm_head_loss: Callable[[Tensor, Tensor, Tensor, float, str], Tensor]
     loss_impl: str = "torch"  # which lm_head_loss: torch | chunked | zoo (for logs and benchmarks)
+    fp8: bool = False  # block GEMMs in FP8 (`linear` is fp8.fp8_linear)
+
+    @property
+    def label(self) -> str:
+        return self.name + ("+fp8" if self.fp8 else "")
 
 
 # -----------------------------------------------------------------------------
 # The torch reference: nanochat b399e43's math, op for op
+
+
+def torch_linear(x: Tensor, weight: Tensor) -> Tensor:
+    return F.linear(x, weight)
 
 
 def torch_rms_norm(x: Tensor) -> Tensor:
@@ -99,6 +115,7 @@ def torch_lm_head_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: floa
 
 TORCH_KERNELS = Kernels(
     name="torch",
+    linear=torch_linear,
     rms_norm=torch_rms_norm,
     apply_rotary=torch_apply_rotary,
     attention=torch_attention,
@@ -323,17 +340,38 @@ def import_unsloth_module(name: str):
 # Choosing an implementation
 
 
-def get_kernels(name: str = "torch") -> Kernels:
-    """The implementation behind `--kernels NAME`."""
+def get_kernels(name: str = "torch", fp8: bool = False) -> Kernels:
+    """The implementation behind `--kernels NAME` (and `--fp8`)."""
     if name == "torch":
-        return TORCH_KERNELS
-    if name == "unsloth":
+        ops = TORCH_KERNELS
+    elif name == "unsloth":
         try:
-            return _unsloth_kernels()
+            ops = _unsloth_kernels()
         except (ImportError, NotImplementedError) as e:
             notice_once(f"--kernels unsloth: {e}; falling back to --kernels torch")
-            return TORCH_KERNELS
-    raise ValueError(f"--kernels {name!r} is not a kernel set; choose one of: {', '.join(KERNEL_CHOICES)}")
+            ops = TORCH_KERNELS
+    else:
+        raise ValueError(f"--kernels {name!r} is not a kernel set; choose one of: {', '.join(KERNEL_CHOICES)}")
+    return with_fp8(ops) if fp8 else ops
+
+
+def with_fp8(ops: Kernels) -> Kernels:
+    """`ops` with its block GEMMs in FP8, or `ops` unchanged (and a notice) where FP8 cannot run fast."""
+    from nanochat_unsloth.train import fp8
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ok, why = fp8.fp8_supported(device)
+    if not ok:
+        notice_once(f"--fp8: {why}; training in bf16")
+        return ops
+    return fp8_kernels(ops)
+
+
+def fp8_kernels(ops: Kernels) -> Kernels:
+    """`ops` with `linear` in FP8, whatever the device."""
+    from nanochat_unsloth.train import fp8
+
+    return dataclasses.replace(ops, linear=fp8.fp8_linear, fp8=True)
 
 
 def _unsloth_kernels() -> Kernels:
@@ -352,6 +390,7 @@ def _unsloth_kernels() -> Kernels:
         raise ImportError(f"unsloth_zoo is not importable ({e}); pip install 'nanochat-unsloth[gpu]'") from e
     return Kernels(
         name="unsloth",
+        linear=torch_linear,
         rms_norm=torch_rms_norm,
         apply_rotary=torch_apply_rotary,
         attention=torch_attention,

@@ -125,13 +125,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
-    model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory)
+    model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8)
     kernels = model.ops.name  # "torch" when the unsloth set fell back
     raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "
-           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={kernels}, memory={cfg.memory}, "
+           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={model.ops.label}, memory={cfg.memory}, "
            f"optimizer={cfg.optimizer}")
 
     # ---- horizon and batch -----------------------------------------------------------------------

@@ -7,7 +7,7 @@
 - logits softcapped at 15 * tanh(x / 15); the loss in fp32
 
 A state_dict of this model loads into nanochat's GPT with strict=True and vice versa. The norm,
-rotary, attention and loss ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
+rotary, attention, loss and block-GEMM ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
 without touching this file; how each block runs (plain, or checkpointed in `--memory lean`) comes from
 `memory.py`.
 """
@@ -74,9 +74,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.ops.linear(x, self.c_q.weight).view(B, T, self.n_head, self.head_dim)
+        k = self.ops.linear(x, self.c_k.weight).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.ops.linear(x, self.c_v.weight).view(B, T, self.n_kv_head, self.head_dim)
         # rotary first, then QK norm (nanochat's order)
         q = self.ops.rms_norm(self.ops.apply_rotary(q, cos, sin))
         k = self.ops.rms_norm(self.ops.apply_rotary(k, cos, sin))
@@ -84,17 +84,19 @@ class CausalSelfAttention(nn.Module):
         y = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                self.n_head != self.n_kv_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        return self.ops.linear(y, self.c_proj.weight)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ops: Kernels):
         super().__init__()
+        self.ops = ops
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = F.relu(self.ops.linear(x, self.c_fc.weight)).square()
+        return self.ops.linear(h, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -102,7 +104,7 @@ class Block(nn.Module):
         super().__init__()
         self.ops = ops
         self.attn = CausalSelfAttention(config, ops)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, ops)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attn(self.ops.rms_norm(x), cos, sin)
@@ -115,10 +117,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast"):
+    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast", fp8: bool = False):
         super().__init__()
         self.config = config
-        self.ops = get_kernels(kernels)
+        self.ops = get_kernels(kernels, fp8=fp8)
         self.memory = check_memory_mode(memory)  # "lean": blocks are checkpointed while training
         self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
         self.transformer = nn.ModuleDict({
@@ -134,11 +136,12 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     @classmethod
-    def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast") -> "GPT":
+    def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast",
+              fp8: bool = False) -> "GPT":
         """nanochat's construction: shapes on the meta device (no memory, no init cost), then storage on
         `device`, then init_weights under `seed`: the same weights on every rank and every world size."""
         with torch.device("meta"):
-            model = cls(config, kernels=kernels, memory=memory)
+            model = cls(config, kernels=kernels, memory=memory, fp8=fp8)
         model.to_empty(device=device)
         torch.manual_seed(seed)
         model.init_weights()
