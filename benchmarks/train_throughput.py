@@ -5,8 +5,8 @@
 
 Each configuration runs in its own subprocess (a clean CUDA allocator, so peaks do not leak between
 configurations, and an out-of-memory kills only that one). A configuration builds the model exactly as
-the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model for
---kernels torch, block by block for unsloth / lean), feeds random tokens at seq 2048 and total batch
+the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model in
+fast mode, block by block in lean mode), feeds random tokens at seq 2048 and total batch
 524,288, and times whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up steps
 (compilation) are excluded; the figure is the median of the timed steps. MFU uses nanochat's formula
 on the 989 TFLOP/s H100 bf16 basis.
@@ -14,8 +14,10 @@ on the 989 TFLOP/s H100 bf16 basis.
 Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
                 | torch-blocks (torch kernels, compiled block by block)
-                | unsloth-model (whole-model compile)
-                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
+                | unsloth-blocks (compiled block by block; fast mode compiles the whole model)
+                | torch-fp8 | unsloth-fp8 | unsloth-fp8-blocks (`--fp8`: block GEMMs in FP8)
+                (runs recorded in docs/PERF.md before 2026-11-24 compiled "unsloth" block by block;
+                "unsloth-model" / "unsloth-fp8-model" there are today's "unsloth" / "unsloth-fp8")
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
@@ -48,9 +50,9 @@ KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
     "torch-fp8": ("torch", True, {}),
     "unsloth": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
     "unsloth-zoo": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
-    "unsloth-model": ("unsloth", False, {"NANOCHAT_COMPILE": "model"}),
+    "unsloth-blocks": ("unsloth", False, {"NANOCHAT_COMPILE": "blocks"}),
     "unsloth-fp8": ("unsloth", True, {}),
-    "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
+    "unsloth-fp8-blocks": ("unsloth", True, {"NANOCHAT_COMPILE": "blocks"}),
 }
 MEMORY_VARIANTS = {
     "fast": ("fast", {}),
@@ -84,7 +86,7 @@ def setup(args):
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    mode = compile_mode(raw_model.ops.name, memory) if on_cuda else "none"
+    mode = compile_mode(memory) if on_cuda else "none"
     model = compile_for_training(model, raw_model, mode)
 
     gen = torch.Generator(device=device)

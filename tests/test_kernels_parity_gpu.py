@@ -28,10 +28,10 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 DEPTH, SEQ, VOCAB, B = 4, 1024, 65536, 4
 
 
-def build(kernels="torch", memory="fast", state=None) -> GPT:
+def build(kernels="torch", memory="fast", state=None, fp8=False) -> GPT:
     cfg = optim.depth_to_model_config(DEPTH, SEQ, VOCAB)
     with torch.device("meta"):
-        model = GPT(cfg, kernels=kernels, memory=memory)
+        model = GPT(cfg, kernels=kernels, memory=memory, fp8=fp8)
     model.to_empty(device="cuda")
     torch.manual_seed(0)
     model.init_weights()
@@ -95,8 +95,27 @@ def test_unsloth_path_matches_torch_path(state, torch_path, loss_impl, monkeypat
     monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", loss_impl)
     model = build("unsloth", state=state)
     assert model.ops.name == "unsloth" and model.ops.loss_impl == loss_impl
-    call = M.compile_for_training(model, model, M.compile_mode("unsloth", "fast"))
+    call = M.compile_for_training(model, model, M.compile_mode("fast"))
     compare(f"unsloth/{loss_impl} vs torch", torch_path, loss_and_grads(model, call))
+
+
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                               reason="needs an FP8 GPU (compute capability 8.9+)")
+
+
+@needs_fp8
+@needs_zoo
+def test_fp8_path_tracks_torch_path(state, torch_path):
+    """`--fp8` is a different precision (8-bit operands for the block GEMMs), not the same math: its
+    gradients agree with the bf16 path's to FP8 rounding, hence looser bounds than the issue's 0.999
+    (equal loss is shown by the 300-step curves in docs/PERF.md). Without autograd it is the bf16 path."""
+    model = build("unsloth", state=state, fp8=True)
+    assert model.ops.fp8 and model.ops.label == "unsloth+fp8"
+    call = M.compile_for_training(model, model, M.compile_mode("fast"))
+    compare("unsloth+fp8 vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
+    x, _ = data()  # inference mode: the plain (uncompiled) blocks, as GPT.generate and evaluation run them
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model(x[:1, :64]), build("torch", state=state)(x[:1, :64]))
 
 
 @pytest.mark.parametrize("lean_impl", ["torch", "offload"])
@@ -106,7 +125,7 @@ def test_lean_matches_fast(state, torch_path, lean_impl, monkeypatch):
     monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", lean_impl)
     monkeypatch.setattr(M, "_LEAN_IMPLS", {})
     model = build("torch", memory="lean", state=state)
-    call = M.compile_for_training(model, model, M.compile_mode("torch", "lean"))
+    call = M.compile_for_training(model, model, M.compile_mode("lean"))
     assert M.lean_checkpoint_impl(torch.device("cuda")) is (M._torch_checkpoint if lean_impl == "torch"
                                                                else M._offload_checkpoint)
     compare(f"lean/{lean_impl} vs torch path", torch_path, loss_and_grads(model, call))

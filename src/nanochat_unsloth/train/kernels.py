@@ -20,8 +20,8 @@ Two sets:
   exist, and the gradients of x and W are computed during the forward. Two implementations:
   `unsloth_zoo`'s `unsloth_fused_ce_loss` ("zoo") and our own `chunked_lm_head_loss` ("chunked"; the
   default, see docs/PERF.md for the measurement that chose it). Norms, rotary and attention stay
-  torch ops: inside compiled blocks Inductor fuses rotary with the QK norm, which separate Unsloth
-  kernels could not. The training code compiles this set block by block (`memory.compile_for_training`).
+  torch ops: under torch.compile Inductor fuses rotary with the QK norm, which separate Unsloth
+  kernels could not. Training compiles the model whole, as for "torch" (`memory.compile_for_training`).
   It needs CUDA and `unsloth_zoo` installed; without either it falls back to "torch" with a one-line
   notice.
 
