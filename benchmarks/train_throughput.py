@@ -5,8 +5,8 @@
 
 Each configuration runs in its own subprocess (a clean CUDA allocator, so peaks do not leak between
 configurations, and an out-of-memory kills only that one). A configuration builds the model exactly as
-the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model in
-fast mode, block by block in lean mode), feeds random tokens at seq 2048 and total batch
+the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model for
+--kernels torch in fast mode, block by block otherwise), feeds random tokens at seq 2048 and total batch
 524,288, and times whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up steps
 (compilation) are excluded; the figure is the median of the timed steps. MFU uses nanochat's formula
 on the 989 TFLOP/s H100 bf16 basis.
@@ -14,10 +14,9 @@ on the 989 TFLOP/s H100 bf16 basis.
 Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
                 | torch-blocks (torch kernels, compiled block by block)
-                | unsloth-blocks (compiled block by block; fast mode compiles the whole model)
-                | torch-fp8 | unsloth-fp8 | unsloth-fp8-blocks (`--fp8`: block GEMMs in FP8)
-                (runs recorded in docs/PERF.md before 2026-11-24 compiled "unsloth" block by block;
-                "unsloth-model" / "unsloth-fp8-model" there are today's "unsloth" / "unsloth-fp8")
+                | unsloth-model (the whole model compiled, like torch)
+                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8; torch-fp8
+                is compiled block by block, as training does with --fp8)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
@@ -50,9 +49,9 @@ KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
     "torch-fp8": ("torch", True, {}),
     "unsloth": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
     "unsloth-zoo": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
-    "unsloth-blocks": ("unsloth", False, {"NANOCHAT_COMPILE": "blocks"}),
+    "unsloth-model": ("unsloth", False, {"NANOCHAT_COMPILE": "model"}),
     "unsloth-fp8": ("unsloth", True, {}),
-    "unsloth-fp8-blocks": ("unsloth", True, {"NANOCHAT_COMPILE": "blocks"}),
+    "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
 }
 MEMORY_VARIANTS = {
     "fast": ("fast", {}),
@@ -86,7 +85,7 @@ def setup(args):
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    mode = compile_mode(memory) if on_cuda else "none"
+    mode = compile_mode(raw_model.ops.name, memory, raw_model.ops.fp8) if on_cuda else "none"
     model = compile_for_training(model, raw_model, mode)
 
     gen = torch.Generator(device=device)
@@ -371,8 +370,9 @@ def main() -> int:
                 oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
                 result = dict(head, error="OOM" if oom else (err[-1][:300] if err else f"exit {proc.returncode}"),
                               stderr_tail="\n".join(err[-25:]))
-        except subprocess.TimeoutExpired:
-            result = dict(head, error=f"timeout {args.timeout}s")
+        except subprocess.TimeoutExpired as e:
+            err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()
+            result = dict(head, error=f"timeout {args.timeout}s", stderr_tail="\n".join(err[-25:]))
         result["wall_s"] = time.time() - t0
         results.append(result)
         print(format_row(result), flush=True)

@@ -253,10 +253,12 @@ def test_unknown_memory_mode():
 
 
 def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
-    assert M.compile_mode("fast") == "model"
-    assert M.compile_mode("lean") == "blocks"
+    assert M.compile_mode("torch", "fast") == "model"
+    assert M.compile_mode("torch", "fast", fp8=True) == "blocks"
+    assert M.compile_mode("unsloth", "fast") == "blocks"
+    assert M.compile_mode("torch", "lean") == "blocks"
     monkeypatch.setenv("NANOCHAT_COMPILE", "none")
-    assert M.compile_mode("lean") == "none"
+    assert M.compile_mode("unsloth", "lean") == "none"
     model = build()
     names = list(model.state_dict())
     assert M.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call

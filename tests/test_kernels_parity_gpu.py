@@ -63,7 +63,7 @@ def loss_and_grads(model, call=None):
     x, y = data()
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = (call or model)(x, y)
+        loss = (model if call is None else call)(x, y)  # a compiled wrapper has no truth value
     (loss / 2).backward()  # a non-unit upstream gradient, as with gradient accumulation
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
@@ -95,7 +95,7 @@ def test_unsloth_path_matches_torch_path(state, torch_path, loss_impl, monkeypat
     monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", loss_impl)
     model = build("unsloth", state=state)
     assert model.ops.name == "unsloth" and model.ops.loss_impl == loss_impl
-    call = M.compile_for_training(model, model, M.compile_mode("fast"))
+    call = M.compile_for_training(model, model, M.compile_mode("unsloth", "fast"))
     compare(f"unsloth/{loss_impl} vs torch", torch_path, loss_and_grads(model, call))
 
 
@@ -111,7 +111,7 @@ def test_fp8_path_tracks_torch_path(state, torch_path):
     (equal loss is shown by the 300-step curves in docs/PERF.md). Without autograd it is the bf16 path."""
     model = build("unsloth", state=state, fp8=True)
     assert model.ops.fp8 and model.ops.label == "unsloth+fp8"
-    call = M.compile_for_training(model, model, M.compile_mode("fast"))
+    call = M.compile_for_training(model, model, M.compile_mode("unsloth", "fast", fp8=True))
     compare("unsloth+fp8 vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
     x, _ = data()  # inference mode: the plain (uncompiled) blocks, as GPT.generate and evaluation run them
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -125,7 +125,7 @@ def test_lean_matches_fast(state, torch_path, lean_impl, monkeypatch):
     monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", lean_impl)
     monkeypatch.setattr(M, "_LEAN_IMPLS", {})
     model = build("torch", memory="lean", state=state)
-    call = M.compile_for_training(model, model, M.compile_mode("lean"))
+    call = M.compile_for_training(model, model, M.compile_mode("torch", "lean"))
     assert M.lean_checkpoint_impl(torch.device("cuda")) is (M._torch_checkpoint if lean_impl == "torch"
                                                                else M._offload_checkpoint)
     compare(f"lean/{lean_impl} vs torch path", torch_path, loss_and_grads(model, call))

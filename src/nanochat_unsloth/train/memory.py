@@ -16,10 +16,11 @@ Compilation (`compile_for_training`): "model" compiles the whole model once (nan
 torch.compile; the fused loss of the "unsloth" kernels is a `torch.compiler.disable` region, so the
 graph simply ends before it); "blocks" compiles each Block separately (regional compilation: the
 blocks share one compiled graph, so compiling takes one block's time) and leaves the embedding, the
-final norm and the loss outside. Fast mode uses "model": on the H100, d20 B=32, it ran 1.1-1.2% faster
-than "blocks" (cross-block fusion, one dispatch per micro-step) for 2-3 minutes more compile at the
-start (docs/PERF.md). Lean mode uses "blocks": Unsloth's offloaded checkpoint cannot be traced.
-NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
+final norm and the loss outside. Only the nanochat-equivalent configuration (torch kernels, fast, no
+FP8) compiles the whole model. Everything else uses "blocks": Unsloth's offloaded checkpoint cannot be
+traced, and with --fp8 the whole-model compile, though 1.2% faster once compiled (d20 B=32, H100), took
+~3 minutes at B=32 and did not finish within 190-220 s at B=8 and B=4 (docs/PERF.md), where blocks take
+under a minute. NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ def run_block(memory: str, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor
 # Compiling for training
 
 
-def compile_mode(memory: str) -> str:
-    """How to compile a model for training in this memory mode."""
+def compile_mode(kernels: str, memory: str, fp8: bool = False) -> str:
+    """How to compile a model built with these (resolved) kernels, memory mode and --fp8."""
     override = os.environ.get("NANOCHAT_COMPILE")
     if override:
         if override not in COMPILE_CHOICES:
             raise ValueError(f"NANOCHAT_COMPILE={override!r}: choose one of {', '.join(COMPILE_CHOICES)}")
         return override
-    return "blocks" if memory == "lean" else "model"
+    return "model" if (kernels == "torch" and memory == "fast" and not fp8) else "blocks"
 
 
 def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> nn.Module:
