@@ -1,6 +1,6 @@
 """The GPU-side options on a machine without them: dispatch, fallbacks and the CPU-testable math.
 
---kernels unsloth, --memory lean and --optimizer adamw8bit must run without a GPU, unsloth_zoo or
+--kernels unsloth, --memory lean, --optimizer adamw8bit and --fp8 must run without a GPU, unsloth_zoo or
 bitsandbytes, each with at most one notice line; the fused chunked loss and lean mode must compute
 exactly what the torch path computes.
 """
@@ -340,7 +340,7 @@ def test_unknown_optimizer():
 
 
 # -----------------------------------------------------------------------------
-# All three flags through the training loop on CPU
+# All four flags through the training loop on CPU
 
 
 @pytest.fixture(scope="module")
@@ -356,11 +356,11 @@ def run_train(base, *extra):
 
 
 def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, capsys):
-    flags = ["--kernels", "unsloth", "--memory", "lean", "--optimizer", "adamw8bit"]
+    flags = ["--kernels", "unsloth", "--memory", "lean", "--optimizer", "adamw8bit", "--fp8"]
     run_train(base, "--num-iterations", "4", "--model-tag", "straight", *flags)
     err = capsys.readouterr().err
     notices = [line for line in err.splitlines() if line.startswith("notice:")]
-    for flag in ("--kernels unsloth", "--memory lean", "--optimizer adamw8bit"):
+    for flag in ("--kernels unsloth", "--memory lean", "--optimizer adamw8bit", "--fp8"):
         assert sum(flag in n for n in notices) == 1, (flag, notices)
     assert len(notices) == len(set(notices))  # each at most once
     run_train(base, "--num-iterations", "4", "--model-tag", "resumed", "--stop-after", "2", *flags)
