@@ -104,3 +104,16 @@ def tiny_shards_dir(tiny_base_dir, tiny_corpus_dir, tiny_tokenizer_dir) -> Path:
                                  workers=0, shard_tokens=TINY_SHARD_TOKENS, progress=False))
     assert result.complete
     return out
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    """Each test sees fallback notices as a fresh process would: none shown yet, no lean choice cached,
+    rank 0, and none of the benchmark knobs set in the environment."""
+    from nanochat_unsloth.train import kernels, memory
+
+    monkeypatch.setattr(kernels, "_NOTICES_SHOWN", set())
+    monkeypatch.setattr(memory, "_LEAN_IMPLS", {})
+    monkeypatch.delenv("RANK", raising=False)
+    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT", "NANOCHAT_COMPILE"):
+        monkeypatch.delenv(var, raising=False)

@@ -16,11 +16,10 @@ import torch.nn.functional as F
 
 from nanochat_unsloth.train import fp8 as F8
 from nanochat_unsloth.train import kernels as K
-from nanochat_unsloth.train import memory as M
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.train.model import GPT
+from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 
-TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 # Round-to-nearest error bounds, in units of the scaled value: relative for normal values (half an ulp:
 # 2^-(mantissa bits + 1)), absolute below the smallest normal (half the subnormal spacing).
@@ -30,14 +29,7 @@ FORMAT = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_notices(monkeypatch):
-    monkeypatch.setattr(K, "_NOTICES_SHOWN", set())
-    monkeypatch.setattr(M, "_LEAN_IMPLS", {})
-    monkeypatch.delenv("RANK", raising=False)
-    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT",
-                "NANOCHAT_COMPILE", "NANOCHAT_FUSED_QKV"):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("fresh_notices")
 
 
 @pytest.fixture
@@ -292,18 +284,9 @@ def test_with_fp8_where_supported_swaps_only_linear(capsys, monkeypatch):
 
 
 def build(seed=0):
-    with torch.device("meta"):
-        model = GPT(TINY)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    g = gen(seed + 1)
-    with torch.no_grad():  # init zeroes lm_head and the c_proj's: give every weight a gradient
-        for p in model.parameters():
-            # 0.1, not test_gpu_fallbacks' 0.3: at 0.3 the tiny net is so sharp (near one-hot attention)
-            # that it amplifies FP8's rounding noise to gradient cosines of ~0.97 instead of ~0.995
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    # weight std 0.1, not test_gpu_fallbacks' 0.3: at 0.3 the tiny net is so sharp (near one-hot attention)
+    # that it amplifies FP8's rounding noise to gradient cosines of ~0.97 instead of ~0.995
+    return build_tiny(seed=seed, weight_std=0.1)
 
 
 def set_ops(model, ops):
@@ -314,18 +297,7 @@ def set_ops(model, ops):
 
 
 def batch(B=3, seed=2):
-    g = gen(seed)
-    x = torch.randint(0, TINY.vocab_size, (B, TINY.sequence_len), generator=g)
-    y = torch.randint(0, TINY.vocab_size, (B, TINY.sequence_len), generator=g)
-    y[0, :5] = -1  # ignored targets
-    return x, y
-
-
-def loss_and_grads(model, x, y):
-    model.zero_grad(set_to_none=True)
-    loss = model(x, y)
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return tiny_batch(B=B, seed=seed)
 
 
 def cosine(a, b):

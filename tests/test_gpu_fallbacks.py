@@ -23,46 +23,10 @@ from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.model import GPT, GPTConfig
 
+from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
-TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
-
-
-@pytest.fixture(autouse=True)
-def fresh_notices(monkeypatch):
-    monkeypatch.setattr(K, "_NOTICES_SHOWN", set())
-    monkeypatch.setattr(M, "_LEAN_IMPLS", {})
-    monkeypatch.delenv("RANK", raising=False)
-    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT", "NANOCHAT_COMPILE"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def build(kernels="torch", memory="fast", seed=0, config=TINY):
-    with torch.device("meta"):
-        model = GPT(config, kernels=kernels, memory=memory)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # init zeroes lm_head and the c_proj's: give every weight a gradient
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
-def batch(config=TINY, B=3, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
-    y = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
-    y[0, :5] = -1  # ignored targets
-    return x, y
-
-
-def grads(model, x, y):
-    model.zero_grad(set_to_none=True)
-    loss = model(x, y)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+pytestmark = pytest.mark.usefixtures("fresh_notices")
 
 
 def pretend_unsloth_installed(monkeypatch):
@@ -194,13 +158,13 @@ def test_chunk_rows_split_evenly(monkeypatch):
 
 def test_gpt_with_unsloth_set_matches_torch_path(monkeypatch):
     monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "0.001")
-    ref = build("torch")
+    ref = build_tiny("torch")
     pretend_unsloth_installed(monkeypatch)
-    fused = build("unsloth")
+    fused = build_tiny("unsloth")
     assert fused.ops.name == "unsloth"
-    x, y = batch()
-    loss_ref, g_ref = grads(ref, x, y)
-    loss, g = grads(fused, x, y)
+    x, y = tiny_batch()
+    loss_ref, g_ref = loss_and_grads(ref, x, y)
+    loss, g = loss_and_grads(fused, x, y)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -218,10 +182,10 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
     calls = []
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    fast, lean = build(memory="fast"), build(memory="lean")
-    x, y = batch()
-    loss_fast, g_fast = grads(fast, x, y)
-    loss_lean, g_lean = grads(lean, x, y)
+    fast, lean = build_tiny(memory="fast"), build_tiny(memory="lean")
+    x, y = tiny_batch()
+    loss_fast, g_fast = loss_and_grads(fast, x, y)
+    loss_lean, g_lean = loss_and_grads(lean, x, y)
     assert len(calls) == TINY.n_layer
     torch.testing.assert_close(loss_lean, loss_fast, rtol=0, atol=0)
     for name in g_fast:
@@ -238,10 +202,10 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
 def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, monkeypatch, choice):
     if choice:
         monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", choice)
-    model = build(memory="lean")
-    x, y = batch()
-    grads(model, x, y)
-    grads(model, x, y)
+    model = build_tiny(memory="lean")
+    x, y = tiny_batch()
+    loss_and_grads(model, x, y)
+    loss_and_grads(model, x, y)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("notice: --memory lean") and "torch.utils.checkpoint" in err
     assert M.lean_checkpoint_impl(torch.device("cpu")) is M._torch_checkpoint
@@ -259,7 +223,7 @@ def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
     assert M.compile_mode("torch", "lean") == "blocks"
     monkeypatch.setenv("NANOCHAT_COMPILE", "none")
     assert M.compile_mode("unsloth", "lean") == "none"
-    model = build()
+    model = build_tiny()
     names = list(model.state_dict())
     assert M.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call
     assert len(model.compiled_blocks) == TINY.n_layer
@@ -269,12 +233,12 @@ def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
 
 
 def test_compiled_blocks_run_in_training_not_in_generate():
-    model = build()
+    model = build_tiny()
     seen = []
     # stand-ins for the compiled twins, recording their calls
     model.compiled_blocks = [lambda x, cos, sin, b=block: seen.append(1) or b(x, cos, sin)
                              for block in model.transformer.h]
-    x, y = batch()
+    x, y = tiny_batch()
     model(x, y)
     assert len(seen) == TINY.n_layer
     seen.clear()
@@ -287,7 +251,7 @@ def test_compiled_blocks_run_in_training_not_in_generate():
 
 
 def test_adamw8bit_falls_back_to_torch_adamw_on_cpu(capsys):
-    model = build(config=GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+    model = build_tiny(config=GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
     [opt] = optim.build_optimizers_for("adamw8bit", model)
     assert type(opt) is torch.optim.AdamW
     err = capsys.readouterr().err
@@ -323,7 +287,7 @@ def test_cosine_schedule_with_warmup():
     assert optim.cosine_lr_multiplier(20 + 490, n) == pytest.approx(0.5)
     assert optim.cosine_lr_multiplier(n, n) == pytest.approx(0.0, abs=1e-12)
     assert optim.cosine_lr_multiplier(n, n, final_lr_frac=0.1) == pytest.approx(0.1)
-    model = build()
+    model = build_tiny()
     opts = optim.build_optimizers_for("adamw8bit", model)
     lrm = optim.apply_schedules(opts, 510, n)
     assert lrm == pytest.approx(0.5)
@@ -336,7 +300,7 @@ def test_cosine_schedule_with_warmup():
 
 def test_unknown_optimizer():
     with pytest.raises(UserError, match=r"--optimizer.*muon, adamw8bit"):
-        optim.build_optimizers_for("sgd", build())
+        optim.build_optimizers_for("sgd", build_tiny())
 
 
 # -----------------------------------------------------------------------------

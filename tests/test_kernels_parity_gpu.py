@@ -16,7 +16,6 @@ import importlib.util
 import pytest
 import torch
 
-from nanochat_unsloth.train import kernels as K
 from nanochat_unsloth.train import memory as M
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.model import GPT

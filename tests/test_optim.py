@@ -1,7 +1,5 @@
 """Step math: schedules, Muon against a float64 reference, optimizer groups, horizon, grad accumulation."""
 
-import math
-
 import pytest
 import torch
 

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     try:
         result = run_prep(config)
     except KeyboardInterrupt:
-        print(f"\nprep: interrupted; finished shards are kept, re-run the same command to continue", file=sys.stderr)
+        print("\nprep: interrupted; finished shards are kept, re-run the same command to continue", file=sys.stderr)
         return 130
     print(summary_line(result, config.workers))
     return 0

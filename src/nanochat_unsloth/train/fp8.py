@@ -50,9 +50,9 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
 def quantize_tensorwise(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(x8, inv_scale) with x ~= x8.float() * inv_scale: one scale for the whole tensor.
 
-    The scale maps max|x| to the format's largest finite value; the clamp saturates instead of letting
-    a cast overflow to nan (a later element can exceed a stale amax only under reordering, but the
-    clamp is free inside the fused cast kernel).
+    The scale maps max|x| to the format's largest finite value. The clamp keeps fp32 rounding of
+    `x * scale` at the top of the range from overflowing the cast (e4m3fn has no inf: it would give
+    nan); inside the fused cast kernel it costs nothing.
     """
     fmax = torch.finfo(dtype).max
     amax = x.detach().abs().amax().float().clamp(min=_AMAX_FLOOR)

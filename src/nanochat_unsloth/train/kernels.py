@@ -1,7 +1,7 @@
 """The kernel seam: the few ops the model's speed depends on, behind one small dataclass.
 
 `GPT` never calls `F.rms_norm`, `scaled_dot_product_attention` or `cross_entropy` itself; it calls
-`self.ops.<op>`. A faster implementation only has to provide the same four callables with the same
+`self.ops.<op>`. A faster implementation only has to provide the same five callables with the same
 math, and the model file stays untouched.
 
     linear(x, weight)                                  x @ weight.T (no bias): every block GEMM
@@ -21,7 +21,7 @@ Two sets:
   `unsloth_zoo`'s `unsloth_fused_ce_loss` ("zoo") and our own `chunked_lm_head_loss` ("chunked"; the
   default, see docs/PERF.md for the measurement that chose it). Norms, rotary and attention stay
   torch ops: under torch.compile Inductor fuses rotary with the QK norm, which separate Unsloth
-  kernels could not. Training compiles the model whole, as for "torch" (`memory.compile_for_training`).
+  kernels could not. The training code compiles this set block by block (`memory.compile_for_training`).
   It needs CUDA and `unsloth_zoo` installed; without either it falls back to "torch" with a one-line
   notice.
 

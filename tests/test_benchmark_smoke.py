@@ -1,0 +1,36 @@
+"""benchmarks/train_throughput.py on the CPU: every configuration runs end to end and reports its figures.
+
+The GPU figures themselves come from the device (docs/PERF.md); this only keeps the script's code paths
+(subprocess per configuration, kernel/memory variants, --fp8 wiring, JSON and table) from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_throughput_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
+           "--seq", "32", "--vocab", "256", "--total-batch", "128", "--batch-sizes", "2",
+           "--kernels", "torch,unsloth-fp8", "--memory", "fast,lean", "--warmup", "1", "--steps", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [(r["kernels"], r["memory"]) for r in results] == [
+        ("torch", "fast"), ("torch", "lean"), ("unsloth-fp8", "fast"), ("unsloth-fp8", "lean")]
+    for r in results:
+        assert "error" not in r, r
+        assert r["grad_accum"] == 2 and r["tok_per_s"] > 0 and len(r["step_times_s"]) == 1
+        assert r["kernels_used"] == "torch"  # on the CPU the unsloth set and --fp8 fall back to bf16 torch
+    fp8_notices = [n for r in results[2:] for n in r["notices"]]
+    assert any(n.startswith("notice: --fp8") for n in fp8_notices), fp8_notices
+    # the same initial weights and batches: every configuration starts from the same loss
+    assert len({round(r["losses"][0], 5) for r in results}) == 1
+    assert "| 2 | unsloth-fp8 | 2 | lean |" in proc.stdout  # the table comes last
