@@ -19,6 +19,7 @@ from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.model import GPT, GPTConfig
 from nanochat_unsloth.train.step import optimizer_step
+from cpu_launch import exit_without_finalization  # tests/ is sys.path[0] when run as a script
 
 # vocab 65: wte / lm_head rows split 33 + 32, so the padded gather runs
 CONFIG = GPTConfig(sequence_len=16, vocab_size=65, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
@@ -84,3 +85,6 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     main(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    exit_without_finalization()

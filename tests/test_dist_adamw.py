@@ -13,9 +13,8 @@ import torch.multiprocessing as mp
 
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW, row_range
 
-from cpu_launch import launch_cpu_processes
+from cpu_launch import exit_without_finalization, free_port, launch_cpu_processes
 
-from cpu_launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -125,6 +124,7 @@ def _worker(rank, port, out_dir):
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_without_finalization()
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ blocks share one compiled graph, so compiling takes one block's time) and leaves
 final norm and the loss outside. Only the nanochat-equivalent configuration (torch kernels, fast, no
 FP8) compiles the whole model. Everything else uses "blocks": Unsloth's offloaded checkpoint cannot be
 traced, and with --fp8 the whole-model compile, though 1.2% faster once compiled (d20 B=32, H100), took
-~3 minutes at B=32 and did not finish within 190-220 s at B=8 and B=4 (docs/PERF.md), where blocks take
-under a minute. NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
+~3 minutes instead of under one and is unmeasured at smaller batches (docs/PERF.md). NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
 """
 
 from __future__ import annotations
