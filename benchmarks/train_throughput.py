@@ -15,8 +15,7 @@ Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
                 | torch-blocks (torch kernels, compiled block by block)
                 | unsloth-model (the whole model compiled, like torch)
-                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8; torch-fp8
-                is compiled block by block, as training does with --fp8)
+                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
@@ -85,7 +84,7 @@ def setup(args):
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    mode = compile_mode(raw_model.ops.name, memory, raw_model.ops.fp8) if on_cuda else "none"
+    mode = compile_mode(raw_model.ops.name, memory) if on_cuda else "none"
     model = compile_for_training(model, raw_model, mode)
 
     gen = torch.Generator(device=device)

@@ -218,7 +218,6 @@ def test_unknown_memory_mode():
 
 def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
     assert M.compile_mode("torch", "fast") == "model"
-    assert M.compile_mode("torch", "fast", fp8=True) == "blocks"
     assert M.compile_mode("unsloth", "fast") == "blocks"
     assert M.compile_mode("torch", "lean") == "blocks"
     monkeypatch.setenv("NANOCHAT_COMPILE", "none")

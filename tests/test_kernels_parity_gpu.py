@@ -110,7 +110,7 @@ def test_fp8_path_tracks_torch_path(state, torch_path):
     (equal loss is shown by the 300-step curves in docs/PERF.md). Without autograd it is the bf16 path."""
     model = build("unsloth", state=state, fp8=True)
     assert model.ops.fp8 and model.ops.label == "unsloth+fp8"
-    call = M.compile_for_training(model, model, M.compile_mode("unsloth", "fast", fp8=True))
+    call = M.compile_for_training(model, model, M.compile_mode("unsloth", "fast"))
     compare("unsloth+fp8 vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
     x, _ = data()  # inference mode: the plain (uncompiled) blocks, as GPT.generate and evaluation run them
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -164,8 +164,8 @@ def train(cfg: TrainConfig) -> dict:
     model, *optimizers = accelerator.prepare(model, *optimizers)
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     accelerator.register_for_checkpointing(train_loader)
-    if on_cuda:  # the whole model (nanochat's) for torch kernels in fast mode, else block by block
-        model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory, raw_model.ops.fp8))
+    if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
+        model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
 
     # ---- resume ----------------------------------------------------------------------------------
     run_dir = ckpt.run_dir_for(base_dir, cfg.tag)

@@ -13,13 +13,15 @@ Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch select
     torch     torch.utils.checkpoint (non-reentrant) around the compiled block; works on every device
 
 Compilation (`compile_for_training`): "model" compiles the whole model once (nanochat's
-torch.compile; the fused loss of the "unsloth" kernels is a `torch.compiler.disable` region, so the
-graph simply ends before it); "blocks" compiles each Block separately (regional compilation: the
-blocks share one compiled graph, so compiling takes one block's time) and leaves the embedding, the
-final norm and the loss outside. Only the nanochat-equivalent configuration (torch kernels, fast, no
-FP8) compiles the whole model. Everything else uses "blocks": Unsloth's offloaded checkpoint cannot be
-traced, and with --fp8 the whole-model compile, though 1.2% faster once compiled (d20 B=32, H100), took
-~3 minutes instead of under one and is unmeasured at smaller batches (docs/PERF.md). NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
+torch.compile); "blocks" compiles each Block separately (regional compilation: the blocks share one
+compiled graph, so compiling takes one block's time) and leaves the embedding, the final norm and the
+loss outside. The torch kernels in fast mode use "model": their loss, logits and all, must be inside
+the graph to stay fast and small. Lean mode uses "blocks": Unsloth's offloaded checkpoint cannot be
+traced. The unsloth kernels use "blocks" too: their fused loss is a `torch.compiler.disable` region,
+so "model" works (the graph ends before the loss) and measured 1.1-1.2% faster on the H100 at d20
+B=32 (bf16 and --fp8), but with --fp8 it compiled for ~3 minutes instead of under one and is
+unmeasured at smaller batches (docs/PERF.md).
+NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
 """
 
 from __future__ import annotations
@@ -99,14 +101,14 @@ def run_block(memory: str, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor
 # Compiling for training
 
 
-def compile_mode(kernels: str, memory: str, fp8: bool = False) -> str:
-    """How to compile a model built with these (resolved) kernels, memory mode and --fp8."""
+def compile_mode(kernels: str, memory: str) -> str:
+    """How to compile a model built with these (resolved) kernels and memory mode."""
     override = os.environ.get("NANOCHAT_COMPILE")
     if override:
         if override not in COMPILE_CHOICES:
             raise ValueError(f"NANOCHAT_COMPILE={override!r}: choose one of {', '.join(COMPILE_CHOICES)}")
         return override
-    return "model" if (kernels == "torch" and memory == "fast" and not fp8) else "blocks"
+    return "blocks" if (kernels == "unsloth" or memory == "lean") else "model"
 
 
 def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> nn.Module:
