@@ -338,6 +338,32 @@ def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, cap
     assert resumed == straight  # AdamW state and the cosine schedule resume exactly
 
 
+def test_fp8_refuses_rows_that_are_not_a_multiple_of_16(base, monkeypatch):
+    from nanochat_unsloth.train import fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))  # as on an H100
+    with pytest.raises(UserError, match=r"--fp8 needs --device_batch_size x --max_seq_len .* 1 x 24"):
+        run_train(base, "--num-iterations", "1", "--model-tag", "fp8rows", "--fp8", "--device-batch-size", "1",
+                  "--max-seq-len", "24", "--total-batch-size", "96")
+
+
+def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
+    """With FP8 "supported" (as on an H100), the loop trains with FP8 block GEMMs: torch._scaled_mm runs
+    on the CPU too, slowly, which is fine at this size."""
+    from nanochat_unsloth.train import fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
+    calls = []
+    real = fp8._scaled_mm
+    monkeypatch.setattr(fp8, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_train(base, "--num-iterations", "2", "--model-tag", "fp8loop", "--fp8")
+    out = capsys.readouterr().out
+    assert "kernels=torch+fp8" in out
+    assert len(calls) == 2 * 2 * (2 * 6 * 3)  # steps x micro-steps x (layers x Linears x GEMMs)
+    lines = (base / "runs" / "fp8loop" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+
+
 def test_config_flags_parse():
     cfg = parse_train_args(normalize_flags(["--memory", "lean", "--optimizer=adamw8bit"]))
     assert (cfg.memory, cfg.optimizer) == ("lean", "adamw8bit")

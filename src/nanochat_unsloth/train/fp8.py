@@ -35,6 +35,7 @@ from torch import Tensor
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients
 _AMAX_FLOOR = 1e-12  # an all-zero tensor (zero-initialised c_proj weights at step 0) gets a finite scale
+ROW_MULTIPLE = 16  # cuBLAS's FP8 GEMM needs every dimension, the B*T rows included, a multiple of 16
 
 
 def fp8_supported(device: torch.device) -> tuple[bool, str]:

@@ -20,7 +20,7 @@ from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import optim
+from nanochat_unsloth.train import fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.memory import MEMORY_CHOICES, compile_for_training, compile_mode
@@ -126,6 +126,9 @@ def train(cfg: TrainConfig) -> dict:
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
     model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8)
     kernels = model.ops.name  # "torch" when the unsloth set fell back
+    if model.ops.fp8 and (cfg.device_batch_size * cfg.max_seq_len) % fp8.ROW_MULTIPLE:
+        raise UserError(f"--fp8 needs --device_batch_size x --max_seq_len to be a multiple of {fp8.ROW_MULTIPLE} "
+                        f"(FP8 GEMM shapes), not {cfg.device_batch_size} x {cfg.max_seq_len}; change one of them")
     raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
