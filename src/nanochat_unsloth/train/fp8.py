@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanochat_unsloth.train.kernels import compute_dtype
+
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients
 _AMAX_FLOOR = 1e-12  # an all-zero tensor (zero-initialised c_proj weights at step 0) gets a finite scale
@@ -102,16 +104,10 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def fp8_linear(x: Tensor, weight: Tensor) -> Tensor:
     """`F.linear(x, weight)` (no bias) with FP8 GEMMs while training; plain `F.linear` without autograd."""
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
-    x2d = x.reshape(-1, x.size(-1)).to(_compute_dtype(x))
+    x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     y = _Fp8Matmul.apply(x2d, weight)
     return y.view(*x.shape[:-1], weight.size(0))

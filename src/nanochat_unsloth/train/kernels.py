@@ -185,7 +185,8 @@ def loss_chunk_rows(n_rows: int, vocab_size: int) -> int:
     return -(-n_rows // n_chunks)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the GEMMs of an op on x run in: the autocast dtype when autocast is on, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -194,7 +195,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str) -> Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         device = x.device
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device.type, enabled=False):
@@ -247,7 +248,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
 def _chunked_token_losses(x: Tensor, weight: Tensor, targets: Tensor, softcap: float) -> Tensor:
     """Flat fp32 per-token losses without building all logits (no autograd)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         h = x.reshape(-1, x.size(-1)).to(dtype)
         t = targets.reshape(-1)
