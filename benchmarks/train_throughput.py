@@ -223,7 +223,10 @@ def categorize(name: str) -> str:
         return "data"
     if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "sdpa", "attn")):
         return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "cublas", "_mm_")):
+    # Inductor's generated kernels are named after the ops they fuse: "triton_poi_fused__scaled_mm__to_copy_..."
+    # is FP8 quantisation feeding a GEMM, not a GEMM; only its templates ("triton_tem_") are matmuls.
+    inductor = n.startswith("triton_") and not n.startswith("triton_tem")
+    if not inductor and any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "cublas", "_mm_")):
         return "matmul"
     # the softcap (tanh), log-softmax / logsumexp and NLL of the loss, however Inductor names them
     if any(k in n for k in ("tanh", "log_softmax", "logsumexp", "cross_entropy", "nll", "_ce_chunk")):

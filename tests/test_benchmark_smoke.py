@@ -34,3 +34,16 @@ def test_train_throughput_cpu_smoke(tmp_path):
     # the same initial weights and batches: every configuration starts from the same loss
     assert len({round(r["losses"][0], 5) for r in results}) == 1
     assert "| 2 | unsloth-fp8 | 2 | lean |" in proc.stdout  # the table comes last
+
+
+def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from train_throughput import categorize
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert categorize("nvjet_sm90_qqtst_192x192_128x4_1x2_h_bz_coopB_TNN") == "matmul"  # cuBLAS FP8 GEMM
+    assert categorize("triton_tem_fused_mm_0") == "matmul"  # an Inductor GEMM template
+    assert categorize("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_add_clamp_clone_mul_pow") == "elementwise"
+    assert categorize("triton_red_fused__to_copy_arange_div_eq_exp_logsumexp_mul_ne_pow_rsub_sub_tanh") == "loss"
+    assert categorize("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
