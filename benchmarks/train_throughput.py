@@ -50,6 +50,7 @@ KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
     "unsloth-zoo": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
     "unsloth-model": ("unsloth", False, {"NANOCHAT_COMPILE": "model"}),
     "unsloth-fp8": ("unsloth", True, {}),
+    "unsloth-fp8-dynamic": ("unsloth", True, {"NANOCHAT_FP8_SCALING": "dynamic"}),
     "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
 }
 MEMORY_VARIANTS = {
@@ -103,6 +104,7 @@ def setup(args):
 def run_one(args) -> dict:
     import torch
 
+    from nanochat_unsloth.train import fp8
     from nanochat_unsloth.train.step import optimizer_step
 
     on_cuda = args.device == "cuda"
@@ -111,17 +113,25 @@ def run_one(args) -> dict:
     accelerator, model, raw_model, optimizers, next_batch, grad_accum, info = setup(args)
     setup_s = time.perf_counter() - t_setup
 
+    # --fp8 starts with dynamic scaling and switches to delayed scaling after a few steps, compiling
+    # the blocks again: warm-up lasts --warmup steps and at least one step in the final mode.
+    scalings = fp8.delayed_scalings(raw_model)
     times, losses = [], []
-    for step in range(args.warmup + args.steps):
+    step = steps_in_final_mode = 0
+    while len(times) < args.steps:
+        final_mode = all(s.active for s in scalings)
         sync()
         t0 = time.perf_counter()
         out = optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, 1000)
         sync()
         dt = time.perf_counter() - t0
         losses.append(out.loss.item())  # after the clock: the benchmark's only per-step host read
-        if step >= args.warmup:
+        if step >= args.warmup and steps_in_final_mode >= 1:
             times.append(dt)
-        print(f"  step {step} {dt * 1000:.0f} ms loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        steps_in_final_mode += final_mode
+        print(f"  step {step} {dt * 1000:.0f} ms loss {losses[-1]:.4f}" + ("" if final_mode else " (dynamic fp8 scaling)"),
+              file=sys.stderr, flush=True)
+        step += 1
     peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else 0.0
     peak_reserved = torch.cuda.max_memory_reserved() / 2**30 if on_cuda else 0.0
     profile = None

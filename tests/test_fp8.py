@@ -129,7 +129,7 @@ def test_fp8_matmul_equals_the_gemms_of_its_quantized_operands(x_dtype, strict_s
     w = (torch.randn(48, 64, generator=gen(3)) * 0.1).requires_grad_()  # fp32 master weight
     g = torch.randn(32, 48, generator=gen(4)).to(x_dtype)
 
-    y = F8.fp8_linear(x, w)
+    y = F8.fp8_matmul(x, w)
     y.backward(g)
 
     x8, x_inv = F8.quantize_tensorwise(x.detach(), F8.E4M3)
@@ -155,7 +155,7 @@ def test_fp8_matmul_the_e5m2_grad_is_what_the_reference_needs():
     x = torch.randn(32, 64, generator=gen(2)).requires_grad_()
     w = torch.randn(48, 64, generator=gen(3)).requires_grad_()
     g = torch.randn(32, 48, generator=gen(4))
-    F8.fp8_linear(x, w).backward(g)
+    F8.fp8_matmul(x, w).backward(g)
     w8, w_inv = F8.quantize_tensorwise(w.detach(), F8.E4M3)
     wq = deq(w8, w_inv)
     for wrong in (deq(*F8.quantize_tensorwise(g, F8.E4M3)), g.double()):
@@ -172,13 +172,13 @@ def test_fp8_linear_grad_of_only_one_operand(strict_scaled_mm):
     w8, w_inv = F8.quantize_tensorwise(w, F8.E4M3)
 
     w_only = w.clone().requires_grad_()  # frozen input (e.g. the first layer of a frozen stack)
-    F8.fp8_linear(x, w_only).backward(g)
+    F8.fp8_matmul(x, w_only).backward(g)
     assert_matches_rounded(w_only.grad, deq(g8, g_inv).T @ deq(x8, x_inv), torch.float32)
     assert [c[2:] for c in strict_scaled_mm] == [(torch.float32, True), (torch.float32, False)]  # no dx GEMM
 
     strict_scaled_mm.clear()
     x_only = x.clone().requires_grad_()  # frozen weight
-    F8.fp8_linear(x_only, w).backward(g)
+    F8.fp8_matmul(x_only, w).backward(g)
     assert x_only.grad.shape == x.shape
     assert_matches_rounded(x_only.grad.reshape(32, 64), deq(g8, g_inv) @ deq(w8, w_inv), torch.float32)
     assert len(strict_scaled_mm) == 2  # forward and dx, no dW GEMM
@@ -189,7 +189,7 @@ def test_fp8_linear_with_a_column_major_grad(strict_scaled_mm):
     x = torch.randn(32, 64, generator=gen(8), requires_grad=True)
     w = torch.randn(48, 64, generator=gen(9), requires_grad=True)
     g = torch.randn(48, 32, generator=gen(10)).t()
-    F8.fp8_linear(x, w).backward(g)
+    F8.fp8_matmul(x, w).backward(g)
     g8, g_inv = F8.quantize_tensorwise(g.contiguous(), F8.E5M2)
     w8, w_inv = F8.quantize_tensorwise(w.detach(), F8.E4M3)
     assert_matches_rounded(x.grad, deq(g8, g_inv) @ deq(w8, w_inv), torch.float32)
@@ -203,7 +203,7 @@ def test_fp8_linear_is_close_to_but_not_exactly_f_linear():
     x = torch.randn(2, 16, 64, generator=gen(11), requires_grad=True)
     w = (torch.randn(48, 64, generator=gen(12)) * 0.1).requires_grad_()
     g = torch.randn(2, 16, 48, generator=gen(13))
-    y = F8.fp8_linear(x, w)
+    y = F8.fp8_matmul(x, w)
     assert y.shape == (2, 16, 48) and y.dtype == torch.float32
     y.backward(g)
 
@@ -219,7 +219,7 @@ def test_fp8_linear_under_cpu_autocast_computes_in_bf16():
     x = torch.randn(32, 64, generator=gen(14), requires_grad=True)
     w = (torch.randn(48, 64, generator=gen(15)) * 0.1).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = F8.fp8_linear(x, w)
+        y = F8.fp8_matmul(x, w)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
@@ -232,11 +232,129 @@ def test_fp8_linear_without_autograd_is_exactly_f_linear(monkeypatch):
     x = torch.randn(2, 16, 64, generator=gen(16), requires_grad=True)
     w = torch.randn(48, 64, generator=gen(17), requires_grad=True)
     with torch.no_grad():
-        assert torch.equal(F8.fp8_linear(x, w), F.linear(x, w))
+        assert torch.equal(F8.fp8_matmul(x, w), F.linear(x, w))
     with torch.inference_mode():
-        assert torch.equal(F8.fp8_linear(x, w), F.linear(x, w))
+        assert torch.equal(F8.fp8_matmul(x, w), F.linear(x, w))
     xb, wb = x.detach().bfloat16(), w.detach().bfloat16()  # grad enabled, but nothing requires it
-    assert torch.equal(F8.fp8_linear(xb, wb), F.linear(xb, wb))
+    assert torch.equal(F8.fp8_matmul(xb, wb), F.linear(xb, wb))
+
+
+# -----------------------------------------------------------------------------
+# Delayed scaling: the previous micro-step's amax sets the scale
+
+
+def linear_with_scaling(n_out=48, n_in=64, seed=20):
+    layer = torch.nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_out, n_in, generator=gen(seed)) * 0.1)
+    F8.attach_delayed_scaling(layer)
+    return layer
+
+
+def test_inactive_delayed_scaling_is_dynamic_scaling_and_records_both_amaxes(strict_scaled_mm):
+    layer = linear_with_scaling()
+    plain = copy.deepcopy(layer.weight)
+    x = (torch.randn(32, 64, generator=gen(21)) * 3).requires_grad_()
+    g = torch.randn(32, 48, generator=gen(22)) * 1e-4
+    y = F8.fp8_linear(x, layer)
+    y.backward(g)
+    scaling = layer.fp8_scaling
+    assert not scaling.active
+    assert scaling.x_amax.item() == x.detach().abs().max().item()
+    assert scaling.grad_amax.item() == g.abs().max().item()
+
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = plain.detach().clone().requires_grad_()
+    y_ref = F8.fp8_matmul(x_ref, w_ref)  # no state: dynamic scaling
+    y_ref.backward(g)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, w_ref.grad)
+
+
+def test_active_delayed_scaling_quantizes_with_the_recorded_amax_times_the_margin(strict_scaled_mm):
+    layer = linear_with_scaling()
+    scaling = layer.fp8_scaling
+    x = (torch.randn(32, 64, generator=gen(23)) * 3).requires_grad_()
+    g = torch.randn(32, 48, generator=gen(24)) * 1e-4
+    x_hist, g_hist = 2.5, 3e-4  # as if recorded one micro-step earlier
+    with torch.no_grad():
+        scaling.x_amax.fill_(x_hist)
+        scaling.grad_amax.fill_(g_hist)
+    scaling.active = True
+    F8.fp8_linear(x, layer).backward(g)
+
+    x8, x_inv = F8.quantize_with_amax(x.detach(), torch.tensor(x_hist * F8.MARGIN), F8.E4M3)
+    w8, w_inv = F8.quantize_tensorwise(layer.weight.detach(), F8.E4M3)  # weights: always their own amax
+    g8, g_inv = F8.quantize_with_amax(g, torch.tensor(g_hist * F8.MARGIN), F8.E5M2)
+    assert_matches_rounded(x.grad, deq(g8, g_inv) @ deq(w8, w_inv), torch.float32)
+    assert_matches_rounded(layer.weight.grad, deq(g8, g_inv).T @ deq(x8, x_inv), torch.float32)
+    # and the dynamic operands are different ones: the history was used
+    g8_dyn, g_inv_dyn = F8.quantize_tensorwise(g, F8.E5M2)
+    assert not torch.equal(g_inv, g_inv_dyn)
+    # the history now holds this micro-step's amaxes
+    assert scaling.x_amax.item() == x.detach().abs().max().item()
+    assert scaling.grad_amax.item() == g.abs().max().item()
+
+
+def test_delayed_scaling_saturates_values_above_the_predicted_range():
+    layer = linear_with_scaling()
+    scaling = layer.fp8_scaling
+    with torch.no_grad():
+        scaling.x_amax.fill_(0.01)  # the history is far below this input's range
+        scaling.grad_amax.fill_(1e-9)
+    scaling.active = True
+    x = (torch.randn(32, 64, generator=gen(25)) * 3).requires_grad_()
+    y = F8.fp8_linear(x, layer)
+    y.backward(torch.randn(32, 48, generator=gen(26)))
+    for t in (y, x.grad, layer.weight.grad):
+        assert torch.isfinite(t).all()  # clamped to +-max, never nan (e4m3fn has no inf)
+    x8, _ = F8.quantize_with_amax(x.detach(), torch.tensor(0.02), F8.E4M3)
+    assert x8.float().abs().max().item() == torch.finfo(F8.E4M3).max
+
+
+def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
+    model = torch.nn.Sequential(linear_with_scaling(seed=27), linear_with_scaling(seed=28))
+    scalings = F8.delayed_scalings(model)
+    assert len(scalings) == 2
+    assert F8.start_delayed_scaling(model) is False  # nothing recorded yet
+    for s in scalings:
+        s.x_amax.fill_(1.0)
+    scalings[1].grad_amax.fill_(1.0)
+    assert F8.start_delayed_scaling(model) is False and not any(s.active for s in scalings)  # one gradient was 0
+    scalings[0].grad_amax.fill_(0.5)
+    assert F8.start_delayed_scaling(model) is True and all(s.active for s in scalings)
+    assert F8.start_delayed_scaling(torch.nn.Linear(4, 4)) is False  # no state: dynamic for good
+
+
+def test_gpt_with_fp8_has_delayed_scaling_on_block_linears_only_and_not_in_lean(monkeypatch):
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    model = GPT.build(TINY, "cpu", seed=0, fp8=True)
+    with_state = sorted(n for n, m in model.named_modules() if hasattr(m, "fp8_scaling"))
+    assert len(with_state) == 6 * TINY.n_layer and all(n.startswith("transformer.h.") for n in with_state)
+    assert all(s.x_amax.item() == 0 and s.grad_amax.item() == 0 and not s.active for s in F8.delayed_scalings(model))
+    assert model.state_dict().keys() == GPT.build(TINY, "cpu", seed=0).state_dict().keys()  # nanochat's keys
+    assert F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True, memory="lean")) == []
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, strict_scaled_mm):
+    ref = build()
+    model = set_ops(copy.deepcopy(ref), K.fp8_kernels(ref.ops))
+    F8.attach_delayed_scaling(model.transformer.h)
+    run = model if backend is None else torch.compile(model, backend=backend)
+    loss_and_grads(run, *batch(seed=3))  # first micro-step: dynamic, records the history
+    assert F8.start_delayed_scaling(model) is True
+    history = [s.grad_amax.clone() for s in F8.delayed_scalings(model)]
+    strict_scaled_mm.clear()
+    x, y = batch()
+    loss_ref, g_ref = loss_and_grads(ref, x, y)
+    loss_del, g_del = loss_and_grads(run, x, y)  # another batch, scaled from the recorded amaxes
+    assert len(strict_scaled_mm) == 3 * 6 * TINY.n_layer
+    recorded = [s.grad_amax for s in F8.delayed_scalings(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(recorded, history))  # and recorded anew
+    g_del = {name.removeprefix("_orig_mod."): g for name, g in g_del.items()}
+    assert abs(loss_del.item() - loss_ref.item()) <= 0.02 * abs(loss_ref.item())
+    cosines = {name: cosine(g_del[name], g_ref[name]) for name in g_ref}
+    assert min(cosines.values()) > 0.985, cosines  # as good as dynamic scaling (the test above)
 
 
 # -----------------------------------------------------------------------------

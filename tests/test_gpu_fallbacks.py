@@ -356,12 +356,18 @@ def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
     calls = []
     real = fp8._scaled_mm
     monkeypatch.setattr(fp8, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    run_train(base, "--num-iterations", "2", "--model-tag", "fp8loop", "--fp8")
+    switched = []
+    real_start = fp8.start_delayed_scaling
+    monkeypatch.setattr(fp8, "start_delayed_scaling", lambda model: switched.append(real_start(model)) or switched[-1])
+    run_train(base, "--num-iterations", "3", "--model-tag", "fp8loop", "--fp8")
     out = capsys.readouterr().out
     assert "kernels=torch+fp8" in out
-    assert len(calls) == 2 * 2 * (2 * 6 * 3)  # steps x micro-steps x (layers x Linears x GEMMs)
+    assert len(calls) == 3 * 2 * (2 * 6 * 3)  # steps x micro-steps x (layers x Linears x GEMMs)
+    # lm_head and the c_proj's start at zero: step 0's block gradients are all zero, and in step 1 the
+    # q/k/v/fc gradients still are (they pass through the still-zero c_proj's): delayed from step 3 on
+    assert switched == [False, False, True]
     lines = (base / "runs" / "fp8loop" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+    assert len(lines) == 3 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
 
 
 def test_config_flags_parse():

@@ -4,7 +4,7 @@
 `self.ops.<op>`. A faster implementation only has to provide the same five callables with the same
 math, and the model file stays untouched.
 
-    linear(x, weight)                                  x @ weight.T (no bias): every block GEMM
+    linear(x, layer)                                   x @ layer.weight.T (no bias): every block GEMM
     rms_norm(x)                                        weightless RMSNorm over the last dim
     apply_rotary(x, cos, sin)                          x: (B, T, H, D); cos/sin: (1, T, 1, D/2) bf16
     attention(q, k, v, enable_gqa)                     q: (B, H, T, D), k/v: (B, Hkv, T, D); causal
@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 KERNEL_CHOICES = ("torch", "unsloth")
 LOSS_CHOICES = ("chunked", "zoo")
@@ -61,7 +61,7 @@ IGNORE_INDEX = -1
 @dataclass(frozen=True)
 class Kernels:
     name: str
-    linear: Callable[[Tensor, Tensor], Tensor]
+    linear: Callable[[Tensor, nn.Linear], Tensor]
     rms_norm: Callable[[Tensor], Tensor]
     apply_rotary: Callable[[Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
@@ -78,8 +78,8 @@ class Kernels:
 # The torch reference: nanochat b399e43's math, op for op
 
 
-def torch_linear(x: Tensor, weight: Tensor) -> Tensor:
-    return F.linear(x, weight)
+def torch_linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    return F.linear(x, layer.weight)
 
 
 def torch_rms_norm(x: Tensor) -> Tensor:

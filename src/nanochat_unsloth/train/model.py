@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanochat_unsloth.train import fp8 as fp8_ops
 from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
 from nanochat_unsloth.train.memory import check_memory_mode, run_block
 
@@ -74,9 +75,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.shape
-        q = self.ops.linear(x, self.c_q.weight).view(B, T, self.n_head, self.head_dim)
-        k = self.ops.linear(x, self.c_k.weight).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.ops.linear(x, self.c_v.weight).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.ops.linear(x, self.c_q).view(B, T, self.n_head, self.head_dim)
+        k = self.ops.linear(x, self.c_k).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.ops.linear(x, self.c_v).view(B, T, self.n_kv_head, self.head_dim)
         # rotary first, then QK norm (nanochat's order)
         q = self.ops.rms_norm(self.ops.apply_rotary(q, cos, sin))
         k = self.ops.rms_norm(self.ops.apply_rotary(k, cos, sin))
@@ -84,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         y = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                self.n_head != self.n_kv_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.ops.linear(y, self.c_proj.weight)
+        return self.ops.linear(y, self.c_proj)
 
 
 class MLP(nn.Module):
@@ -95,8 +96,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.ops.linear(x, self.c_fc.weight)).square()
-        return self.ops.linear(h, self.c_proj.weight)
+        h = F.relu(self.ops.linear(x, self.c_fc)).square()
+        return self.ops.linear(h, self.c_proj)
 
 
 class Block(nn.Module):
@@ -128,6 +129,10 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if self.ops.fp8 and memory == "fast" and fp8_ops.scaling_mode() == "delayed":
+            # FP8 scales from the previous micro-step's amax (fp8.py). Not under lean: its recomputed
+            # forward would quantise with a newer scale than the forward it replays.
+            fp8_ops.attach_delayed_scaling(self.transformer.h)
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
         self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
@@ -163,6 +168,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        for scaling in fp8_ops.delayed_scalings(self):
+            scaling.reset()
         self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=self.get_device())
         if self.get_device().type == "cuda":
             # bf16 embedding: the optimizer copes and it halves the table and its activations

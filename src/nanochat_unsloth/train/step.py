@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nanochat_unsloth.train import optim
+from nanochat_unsloth.train import fp8, optim
 
 
 class NonFiniteLoss(RuntimeError):
@@ -60,4 +60,5 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
+    fp8.start_delayed_scaling(raw_model)  # --fp8: from the step after the first with a full amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
