@@ -17,6 +17,7 @@ Configuration names (comma lists, crossed with --batch-sizes):
                 | unsloth-model (the whole model compiled, like torch)
                 | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
+                | lean-K (`--lean_blocks K`: only the first K blocks checkpointed)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
 
@@ -61,6 +62,17 @@ MEMORY_VARIANTS = {
 }
 
 
+def memory_variant(name: str) -> tuple[str, dict, int]:
+    """(memory mode, extra environment, lean_blocks) of a --memory name; "lean-K" checkpoints the first K
+    blocks only (`--lean_blocks K`)."""
+    if name in MEMORY_VARIANTS:
+        return (*MEMORY_VARIANTS[name], -1)
+    prefix, _, k = name.rpartition("-")
+    if prefix == "lean" and k.isdigit():
+        return (*MEMORY_VARIANTS["lean"], int(k))
+    raise KeyError(name)
+
+
 # -----------------------------------------------------------------------------
 # One configuration (in its own process)
 
@@ -79,8 +91,8 @@ def setup(args):
     device = accelerator.device
     cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
     kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
-    memory, _ = MEMORY_VARIANTS[args.memory]
-    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8)
+    memory, _, lean_blocks = memory_variant(args.memory)
+    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks)
     raw_model = model
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
@@ -323,7 +335,8 @@ def main() -> int:
     p.add_argument("--total-batch", type=int, default=524288)
     p.add_argument("--kernels", default="torch,unsloth", help="comma list of: " + ", ".join(KERNEL_VARIANTS))
     p.add_argument("--batch-sizes", default="32,16,8,4")
-    p.add_argument("--memory", default="fast", help="comma list of: " + ", ".join(MEMORY_VARIANTS))
+    p.add_argument("--memory", default="fast",
+                   help="comma list of: " + ", ".join(MEMORY_VARIANTS) + ", lean-K (only the first K blocks checkpointed)")
     p.add_argument("--optimizer", default="muon", choices=("muon", "adamw8bit"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -358,12 +371,14 @@ def main() -> int:
         if k not in KERNEL_VARIANTS:
             p.error(f"--kernels {k!r}: choose from {', '.join(KERNEL_VARIANTS)}")
     for m in memory_list:
-        if m not in MEMORY_VARIANTS:
-            p.error(f"--memory {m!r}: choose from {', '.join(MEMORY_VARIANTS)}")
+        try:
+            memory_variant(m)
+        except KeyError:
+            p.error(f"--memory {m!r}: choose from {', '.join(MEMORY_VARIANTS)}, lean-K")
     results = []
     for kernels, batch_size, memory in itertools.product(kernel_list, [int(b) for b in args.batch_sizes.split(",")],
                                                          memory_list):
-        env = dict(os.environ, **KERNEL_VARIANTS[kernels][2], **MEMORY_VARIANTS[memory][1])
+        env = dict(os.environ, **KERNEL_VARIANTS[kernels][2], **memory_variant(memory)[1])
         cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
                "--vocab", str(args.vocab), "--total-batch", str(args.total_batch), "--kernels", kernels,
                "--batch-size", str(batch_size), "--memory", memory, "--optimizer", args.optimizer,

@@ -465,7 +465,7 @@ def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step(monkeypa
     monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
     fast = set_ops(build(), K.fp8_kernels(K.TORCH_KERNELS))
     lean = copy.deepcopy(fast)
-    lean.memory = "lean"
+    lean.block_memory = ["lean"] * TINY.n_layer
     x, y = batch()
     loss_fast, g_fast = loss_and_grads(fast, x, y)
     loss_lean, g_lean = loss_and_grads(lean, x, y)

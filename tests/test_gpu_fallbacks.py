@@ -198,6 +198,53 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
     assert calls == []
 
 
+def test_lean_blocks_checkpoints_only_the_first_k_blocks_and_matches_fast(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
+    config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
+    checkpointed = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
+    fast = build_tiny(memory="fast", config=config)
+    with torch.device("meta"):
+        partial = GPT(config, memory="lean", lean_blocks=3)
+    partial.to_empty(device="cpu")
+    partial.load_state_dict(fast.state_dict())
+    partial.cos, partial.sin = fast.cos, fast.sin
+    assert partial.block_memory == ["lean", "lean", "lean", "fast"]
+    x, y = tiny_batch(config)
+    loss_fast, g_fast = loss_and_grads(fast, x, y)
+    loss_partial, g_partial = loss_and_grads(partial, x, y)
+    assert checkpointed == list(partial.transformer.h)[:3]  # the first three blocks, once each
+    torch.testing.assert_close(loss_partial, loss_fast, rtol=0, atol=0)
+    for name in g_fast:
+        torch.testing.assert_close(g_partial[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_block_memory_modes():
+    assert M.block_memory_modes("lean", -1, 3) == ["lean"] * 3
+    assert M.block_memory_modes("lean", 3, 3) == ["lean"] * 3
+    assert M.block_memory_modes("lean", 1, 3) == ["lean", "fast", "fast"]
+    assert M.block_memory_modes("lean", 0, 3) == ["fast"] * 3
+    assert M.block_memory_modes("fast", -1, 3) == ["fast"] * 3
+    with pytest.raises(ValueError, match=r"--lean_blocks 2 needs --memory lean"):
+        M.block_memory_modes("fast", 2, 3)
+    for bad in (4, -2):
+        with pytest.raises(ValueError, match=rf"--lean_blocks {bad} is outside -1..3"):
+            M.block_memory_modes("lean", bad, 3)
+
+
+def test_fp8_delayed_scaling_only_in_blocks_that_are_not_checkpointed(monkeypatch):
+    from nanochat_unsloth.train import fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
+    config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
+    model = GPT.build(config, "cpu", seed=0, memory="lean", lean_blocks=2, fp8=True)
+    has_state = [all(hasattr(m, "fp8_scaling") for m in b.modules() if isinstance(m, torch.nn.Linear))
+                 for b in model.transformer.h]
+    assert has_state == [False, False, True]
+
+
 @pytest.mark.parametrize("choice", [None, "auto", "offload"])  # the default is Unsloth's offloading
 def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, monkeypatch, choice):
     if choice:
@@ -319,9 +366,11 @@ def run_train(base, *extra):
 
 
 def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, capsys):
-    flags = ["--kernels", "unsloth", "--memory", "lean", "--optimizer", "adamw8bit", "--fp8"]
+    flags = ["--kernels", "unsloth", "--memory", "lean", "--lean-blocks", "1", "--optimizer", "adamw8bit", "--fp8"]
     run_train(base, "--num-iterations", "4", "--model-tag", "straight", *flags)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "memory=lean (1 of 2 blocks checkpointed)" in captured.out
+    err = captured.err
     notices = [line for line in err.splitlines() if line.startswith("notice:")]
     for flag in ("--kernels unsloth", "--memory lean", "--optimizer adamw8bit", "--fp8"):
         assert sum(flag in n for n in notices) == 1, (flag, notices)
@@ -381,3 +430,5 @@ def test_train_refuses_unknown_memory_and_optimizer(base):
         run_train(base, "--num-iterations", "1", "--model-tag", "bad1", "--memory", "small")
     with pytest.raises(UserError, match="--optimizer"):
         run_train(base, "--num-iterations", "1", "--model-tag", "bad2", "--optimizer", "lion")
+    with pytest.raises(UserError, match="--lean_blocks 1 needs --memory lean"):
+        run_train(base, "--num-iterations", "1", "--model-tag", "bad3", "--lean-blocks", "1")

@@ -4,6 +4,8 @@
     --memory lean   per-block activation checkpointing: a block keeps only its input, and backward
                     re-runs its forward. Costs about one extra forward (~a quarter of the step) and
                     frees nearly all activation memory, so deeper models and larger batches fit.
+                    `--lean_blocks K` checkpoints only the first K blocks: a point between the two
+                    (for a memory budget that lean undershoots and fast overshoots).
 
 Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch selects; auto = offload):
     offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
@@ -43,6 +45,25 @@ def check_memory_mode(memory: str) -> str:
     if memory not in MEMORY_CHOICES:
         raise ValueError(f"--memory {memory!r} is not a memory mode; choose one of: {', '.join(MEMORY_CHOICES)}")
     return memory
+
+
+def block_memory_modes(memory: str, lean_blocks: int, n_layer: int) -> list[str]:
+    """The memory mode of each block: under lean, the first `lean_blocks` are checkpointed (-1: all).
+
+    Checkpointing only some blocks spends the memory a budget leaves on speed: each block kept whole
+    skips its recomputed forward. Which blocks does not matter for speed or memory (all are alike);
+    the first ones are chosen.
+    """
+    check_memory_mode(memory)
+    if lean_blocks < -1 or lean_blocks > n_layer:
+        raise ValueError(f"--lean_blocks {lean_blocks} is outside -1..{n_layer} (the model has {n_layer} blocks; "
+                         "-1 = all)")
+    if memory == "fast":
+        if lean_blocks not in (-1, 0):
+            raise ValueError(f"--lean_blocks {lean_blocks} needs --memory lean")
+        return ["fast"] * n_layer
+    n = n_layer if lean_blocks == -1 else lean_blocks
+    return ["lean"] * n + ["fast"] * (n_layer - n)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from nanochat_unsloth.train import fp8 as fp8_ops
 from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
-from nanochat_unsloth.train.memory import check_memory_mode, run_block
+from nanochat_unsloth.train.memory import block_memory_modes, check_memory_mode, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -118,21 +118,26 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast", fp8: bool = False):
+    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast", fp8: bool = False,
+                 lean_blocks: int = -1):
         super().__init__()
         self.config = config
         self.ops = get_kernels(kernels, fp8=fp8)
         self.memory = check_memory_mode(memory)  # "lean": blocks are checkpointed while training
+        # under lean, the first `lean_blocks` blocks are checkpointed (all of them by default)
+        self.block_memory = block_memory_modes(memory, lean_blocks, config.n_layer)
         self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if self.ops.fp8 and memory == "fast" and fp8_ops.scaling_mode() == "delayed":
-            # FP8 scales from the previous micro-step's amax (fp8.py). Not under lean: its recomputed
-            # forward would quantise with a newer scale than the forward it replays.
-            fp8_ops.attach_delayed_scaling(self.transformer.h)
+        if self.ops.fp8 and fp8_ops.scaling_mode() == "delayed":
+            # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed blocks: their
+            # recomputed forward would quantise with a newer scale than the forward it replays.
+            for block, mode in zip(self.transformer.h, self.block_memory):
+                if mode == "fast":
+                    fp8_ops.attach_delayed_scaling(block)
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
         self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
@@ -142,11 +147,11 @@ class GPT(nn.Module):
 
     @classmethod
     def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast",
-              fp8: bool = False) -> "GPT":
+              fp8: bool = False, lean_blocks: int = -1) -> "GPT":
         """nanochat's construction: shapes on the meta device (no memory, no init cost), then storage on
         `device`, then init_weights under `seed`: the same weights on every rank and every world size."""
         with torch.device("meta"):
-            model = cls(config, kernels=kernels, memory=memory, fp8=fp8)
+            model = cls(config, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks)
         model.to_empty(device=device)
         torch.manual_seed(seed)
         model.init_weights()
@@ -215,7 +220,7 @@ class GPT(nn.Module):
         x = self.ops.rms_norm(self.transformer.wte(idx))
         twins = self.compiled_blocks
         for i, block in enumerate(self.transformer.h):
-            x = run_block(self.memory, block, x, cos, sin, None if twins is None else twins[i])
+            x = run_block(self.block_memory[i], block, x, cos, sin, None if twins is None else twins[i])
         x = self.ops.rms_norm(x)
 
         if targets is None:
