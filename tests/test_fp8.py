@@ -247,7 +247,7 @@ def linear_with_scaling(n_out=48, n_in=64, seed=20):
     layer = torch.nn.Linear(n_in, n_out, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(n_out, n_in, generator=gen(seed)) * 0.1)
-    F8.attach_delayed_scaling(layer)
+    F8.attach_delayed_scaling(layer, min_rows=0)  # delayed at any size (the toy tensors have 32 rows)
     return layer
 
 
@@ -311,6 +311,44 @@ def test_delayed_scaling_saturates_values_above_the_predicted_range():
     assert x8.float().abs().max().item() == torch.finfo(F8.E4M3).max
 
 
+def test_active_scaling_below_min_rows_stays_dynamic_and_keeps_recording():
+    layer = linear_with_scaling()
+    layer.fp8_scaling.min_rows = 33  # one more than this batch has
+    layer.fp8_scaling.x_amax.fill_(0.01)  # a history that delayed scaling would saturate on
+    layer.fp8_scaling.grad_amax.fill_(1e-9)
+    layer.fp8_scaling.active = True
+    w_ref = layer.weight.detach().clone().requires_grad_()
+    x = (torch.randn(32, 64, generator=gen(29)) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(32, 48, generator=gen(30)) * 1e-4
+    F8.fp8_linear(x, layer).backward(g)
+    F8.fp8_matmul(x_ref, w_ref).backward(g)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, w_ref.grad)
+    assert layer.fp8_scaling.x_amax.item() == x.detach().abs().max().item()
+    assert layer.fp8_scaling.grad_amax.item() == g.abs().max().item()
+
+
+@pytest.mark.parametrize("mode, min_rows", [(None, F8.DELAYED_SCALING_MIN_ROWS), ("auto", F8.DELAYED_SCALING_MIN_ROWS),
+                                            ("delayed", 0), ("dynamic", None)])
+def test_scaling_mode_chooses_the_state_the_model_gets(monkeypatch, mode, min_rows):
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    if mode is None:
+        monkeypatch.delenv("NANOCHAT_FP8_SCALING", raising=False)
+    else:
+        monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
+    scalings = F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True))
+    if min_rows is None:
+        assert scalings == []
+    else:
+        assert len(scalings) == 6 * TINY.n_layer and {s.min_rows for s in scalings} == {min_rows}
+
+
+def test_unknown_scaling_mode(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "sometimes")
+    with pytest.raises(ValueError, match=r"NANOCHAT_FP8_SCALING='sometimes': choose one of auto, delayed, dynamic"):
+        F8.scaling_mode()
+
+
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
     model = torch.nn.Sequential(linear_with_scaling(seed=27), linear_with_scaling(seed=28))
     scalings = F8.delayed_scalings(model)
@@ -339,7 +377,7 @@ def test_gpt_with_fp8_has_delayed_scaling_on_block_linears_only_and_not_in_lean(
 def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, strict_scaled_mm):
     ref = build()
     model = set_ops(copy.deepcopy(ref), K.fp8_kernels(ref.ops))
-    F8.attach_delayed_scaling(model.transformer.h)
+    F8.attach_delayed_scaling(model.transformer.h, min_rows=0)
     run = model if backend is None else torch.compile(model, backend=backend)
     loss_and_grads(run, *batch(seed=3))  # first micro-step: dynamic, records the history
     assert F8.start_delayed_scaling(model) is True

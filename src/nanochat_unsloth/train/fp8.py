@@ -63,13 +63,15 @@ def quantize_tensorwise(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def tensor_amax(x: Tensor) -> Tensor:
-    """max|x| in fp32. For a matrix, row maxima first: a reduction along rows iterates like the
-    elementwise kernel that produces or casts the matrix, so torch.compile can fuse the two (one read
-    of the tensor); a whole-tensor reduction would be a separate pass."""
-    x = x.detach().abs()
-    if x.dim() == 2:
-        x = x.amax(dim=1)
-    return x.amax().float()
+    return x.detach().abs().amax().float()
+
+
+def row_first_amax(x: Tensor) -> Tensor:
+    """max|x| of a matrix, as the max of its row maxima. A reduction along rows iterates like the
+    elementwise kernel that produces or casts the matrix, so torch.compile fuses the two into one read
+    of the tensor; a whole-tensor reduction is a pass of its own. Only worth it where nothing waits
+    for the result (delayed scaling): a cast that needs it still waits for the second stage."""
+    return x.detach().abs().amax(dim=1).amax().float()
 
 
 def quantize_with_amax(x: Tensor, amax: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -102,12 +104,17 @@ def _scaled_mm(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: to
 # micro-step earlier, times MARGIN (activations and gradients change little between micro-steps;
 # a value above the predicted range saturates at the format's max instead of overflowing).
 
-SCALING_CHOICES = ("delayed", "dynamic")
+SCALING_CHOICES = ("auto", "delayed", "dynamic")
+# Below this many rows (B*T) per micro-batch delayed scaling measured slower on the H100 (d20 at B=4:
+# 115k vs 127k tok/s; d44 at B=2 likewise), above it faster (B=8: 158k vs 156k; B=32: 176k vs 172k):
+# the pass it saves shrinks with the rows, while its per-layer bookkeeping does not. docs/PERF.md.
+DELAYED_SCALING_MIN_ROWS = 16384
 
 
 def scaling_mode() -> str:
-    """NANOCHAT_FP8_SCALING=delayed (default) | dynamic (every tensor from its own amax; for comparison)."""
-    mode = os.environ.get("NANOCHAT_FP8_SCALING", "delayed")
+    """NANOCHAT_FP8_SCALING: auto (default; delayed from DELAYED_SCALING_MIN_ROWS rows up), delayed
+    (always), dynamic (never: every tensor from its own amax)."""
+    mode = os.environ.get("NANOCHAT_FP8_SCALING", "auto")
     if mode not in SCALING_CHOICES:
         raise ValueError(f"NANOCHAT_FP8_SCALING={mode!r}: choose one of {', '.join(SCALING_CHOICES)}")
     return mode
@@ -124,11 +131,13 @@ class DelayedScaling(nn.Module):
     dynamically (and records amaxes). At initialisation lm_head is zero, so every block gradient of
     step 0 is exactly zero and a zero history would be meaningless; `start_delayed_scaling` switches
     the layers on once every recorded amax is positive. The switch is a Python attribute, so
-    torch.compile compiles the block once per mode (twice in a run).
+    torch.compile compiles the block once per mode (twice in a run). Micro-batches of fewer than
+    `min_rows` rows stay dynamic even then (a static shape check: no recompilation).
     """
 
-    def __init__(self):
+    def __init__(self, min_rows: int = DELAYED_SCALING_MIN_ROWS):
         super().__init__()
+        self.min_rows = min_rows  # smaller micro-batches keep dynamic scaling (still recording amaxes)
         self.register_buffer("x_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
@@ -140,11 +149,11 @@ class DelayedScaling(nn.Module):
         self.active = False
 
 
-def attach_delayed_scaling(blocks: nn.Module) -> None:
+def attach_delayed_scaling(blocks: nn.Module, min_rows: int = DELAYED_SCALING_MIN_ROWS) -> None:
     """Give every Linear inside `blocks` a DelayedScaling, as `layer.fp8_scaling` (its `fp8_linear` uses it)."""
     for module in list(blocks.modules()):
         if isinstance(module, nn.Linear) and not hasattr(module, "fp8_scaling"):
-            module.fp8_scaling = DelayedScaling()
+            module.fp8_scaling = DelayedScaling(min_rows)
 
 
 def delayed_scalings(model: nn.Module) -> list[DelayedScaling]:
@@ -177,19 +186,17 @@ def start_delayed_scaling(model: nn.Module) -> bool:
 class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W.T with all three GEMMs in FP8. x: (M, K) in the compute dtype, W: (N, K) parameter.
 
-    `grad_amax` (a DelayedScaling buffer, or None) is the output gradient's amax history: read for the
-    scale when `delayed`, overwritten with this backward's amax either way.
+    `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
+    DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale when
+    `delayed`, overwritten with this backward's amax either way.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor | None, grad_amax: Tensor | None,
+    def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
                 delayed: bool) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
-        if x_scale_amax is None:
-            x8, x_inv = quantize_tensorwise(x, E4M3)
-        else:
-            x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
+        x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
         # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
         w8, w_inv = quantize_tensorwise(weight, E4M3)
         # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy. Fast accumulation in the
@@ -205,12 +212,14 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x8, x_inv, w8, w_inv, *history = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        if history and ctx.delayed:
+        if ctx.delayed:
             g8, g_inv = quantize_with_amax(grad_y, history[0] * MARGIN, E5M2)
+            history[0].copy_(row_first_amax(grad_y))  # the next micro-step's scale
         else:
-            g8, g_inv = quantize_tensorwise(grad_y, E5M2)
-        if history:
-            history[0].copy_(tensor_amax(grad_y))  # the next micro-step's scale
+            amax = tensor_amax(grad_y)
+            g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
+            if history:
+                history[0].copy_(amax)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_y.dtype, fast_accum=False)
@@ -229,17 +238,20 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
-    if scaling is None:
-        y = _Fp8Matmul.apply(x2d, weight, None, None, False)
+    delayed = scaling is not None and scaling.active and x2d.size(0) >= scaling.min_rows
+    if delayed:
+        x_scale_amax = scaling.x_amax * MARGIN
+        new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
-        delayed = scaling.active
-        x_scale_amax = scaling.x_amax * MARGIN if delayed else None
-        y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, scaling.grad_amax, delayed)
+        x_scale_amax = new_x_amax = tensor_amax(x2d)
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
+    if scaling is not None:
         with torch.no_grad():
-            scaling.x_amax.copy_(tensor_amax(x2d))  # the next micro-step's scale
+            scaling.x_amax.copy_(new_x_amax)
     return y.view(*x.shape[:-1], weight.size(0))
 
 
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, and its delayed scaling if it has one."""
     return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
+

@@ -132,12 +132,14 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if self.ops.fp8 and fp8_ops.scaling_mode() == "delayed":
+        scaling = fp8_ops.scaling_mode() if self.ops.fp8 else "dynamic"
+        if scaling != "dynamic":
             # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed blocks: their
             # recomputed forward would quantise with a newer scale than the forward it replays.
+            min_rows = fp8_ops.DELAYED_SCALING_MIN_ROWS if scaling == "auto" else 0
             for block, mode in zip(self.transformer.h, self.block_memory):
                 if mode == "fast":
-                    fp8_ops.attach_delayed_scaling(block)
+                    fp8_ops.attach_delayed_scaling(block, min_rows)
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
         self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
