@@ -328,6 +328,18 @@ def test_active_scaling_below_min_rows_stays_dynamic_and_keeps_recording():
     assert layer.fp8_scaling.grad_amax.item() == g.abs().max().item()
 
 
+def test_micro_batches_below_min_rows_drop_the_state_and_stop_recording():
+    model = torch.nn.Sequential(linear_with_scaling(seed=31), linear_with_scaling(seed=32))
+    for s in F8.delayed_scalings(model):
+        s.min_rows = 64
+    assert F8.start_delayed_scaling(model, rows=63) is False
+    assert F8.delayed_scalings(model) == [] and not any(hasattr(m, "fp8_scaling") for m in model)
+    x = torch.randn(32, 64, generator=gen(33), requires_grad=True)
+    F8.fp8_linear(x, model[0]).sum().backward()  # plain dynamic scaling, nothing to record into
+    assert model[0].weight.grad is not None
+    assert F8.start_delayed_scaling(model, rows=63) is False
+
+
 @pytest.mark.parametrize("mode, min_rows", [(None, F8.DELAYED_SCALING_MIN_ROWS), ("auto", F8.DELAYED_SCALING_MIN_ROWS),
                                             ("delayed", 0), ("dynamic", None)])
 def test_scaling_mode_chooses_the_state_the_model_gets(monkeypatch, mode, min_rows):
@@ -353,14 +365,14 @@ def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
     model = torch.nn.Sequential(linear_with_scaling(seed=27), linear_with_scaling(seed=28))
     scalings = F8.delayed_scalings(model)
     assert len(scalings) == 2
-    assert F8.start_delayed_scaling(model) is False  # nothing recorded yet
+    assert F8.start_delayed_scaling(model, rows=32) is False  # nothing recorded yet
     for s in scalings:
         s.x_amax.fill_(1.0)
     scalings[1].grad_amax.fill_(1.0)
-    assert F8.start_delayed_scaling(model) is False and not any(s.active for s in scalings)  # one gradient was 0
+    assert F8.start_delayed_scaling(model, rows=32) is False and not any(s.active for s in scalings)  # one gradient was 0
     scalings[0].grad_amax.fill_(0.5)
-    assert F8.start_delayed_scaling(model) is True and all(s.active for s in scalings)
-    assert F8.start_delayed_scaling(torch.nn.Linear(4, 4)) is False  # no state: dynamic for good
+    assert F8.start_delayed_scaling(model, rows=32) is True and all(s.active for s in scalings)
+    assert F8.start_delayed_scaling(torch.nn.Linear(4, 4), rows=32) is False  # no state: dynamic for good
 
 
 def test_gpt_with_fp8_has_delayed_scaling_on_block_linears_only_and_not_in_lean(monkeypatch):
@@ -379,8 +391,9 @@ def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, str
     model = set_ops(copy.deepcopy(ref), K.fp8_kernels(ref.ops))
     F8.attach_delayed_scaling(model.transformer.h, min_rows=0)
     run = model if backend is None else torch.compile(model, backend=backend)
+    x_rows = batch()[0].numel()
     loss_and_grads(run, *batch(seed=3))  # first micro-step: dynamic, records the history
-    assert F8.start_delayed_scaling(model) is True
+    assert F8.start_delayed_scaling(model, rows=x_rows) is True
     history = [s.grad_amax.clone() for s in F8.delayed_scalings(model)]
     strict_scaled_mm.clear()
     x, y = batch()

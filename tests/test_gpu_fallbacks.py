@@ -405,9 +405,11 @@ def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
     calls = []
     real = fp8._scaled_mm
     monkeypatch.setattr(fp8, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")  # at any size: the tiny batch has 2 x 32 rows
     switched = []
     real_start = fp8.start_delayed_scaling
-    monkeypatch.setattr(fp8, "start_delayed_scaling", lambda model: switched.append(real_start(model)) or switched[-1])
+    monkeypatch.setattr(fp8, "start_delayed_scaling",
+                        lambda model, rows: switched.append(real_start(model, rows)) or switched[-1])
     run_train(base, "--num-iterations", "3", "--model-tag", "fp8loop", "--fp8")
     out = capsys.readouterr().out
     assert "kernels=torch+fp8" in out

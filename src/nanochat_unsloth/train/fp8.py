@@ -160,14 +160,21 @@ def delayed_scalings(model: nn.Module) -> list[DelayedScaling]:
     return [m for m in model.modules() if isinstance(m, DelayedScaling)]
 
 
-def start_delayed_scaling(model: nn.Module) -> bool:
+def start_delayed_scaling(model: nn.Module, rows: int) -> bool:
     """Switch every layer to delayed scaling once all of them have a positive amax history.
 
-    Called after each optimizer step. Returns True when delayed scaling is (now) on. Costs one host
-    sync per call until the switch, none after it.
+    Called after each optimizer step with the micro-batch's rows (B*T). Returns True when delayed
+    scaling is (now) on. Costs one host sync per call until the switch, none after it. Micro-batches
+    smaller than the layers' `min_rows` never use the history: the state is removed instead, so that
+    they stop recording (a few small kernels per layer that measurably cost at small batch sizes).
     """
     scalings = delayed_scalings(model)
     if not scalings:
+        return False
+    if rows < min(s.min_rows for s in scalings):
+        for module in list(model.modules()):
+            if isinstance(getattr(module, "fp8_scaling", None), DelayedScaling):
+                del module.fp8_scaling
         return False
     if all(s.active for s in scalings):
         return True

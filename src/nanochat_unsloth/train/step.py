@@ -60,5 +60,5 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    fp8.start_delayed_scaling(raw_model)  # --fp8: from the step after the first with a full amax history
+    fp8.start_delayed_scaling(raw_model, x.numel())  # --fp8: once every layer has an amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
