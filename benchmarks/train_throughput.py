@@ -81,11 +81,14 @@ def setup(args):
     import torch
     from accelerate import Accelerator
 
+    from nanochat_unsloth.train import fp8 as fp8_ops
     from nanochat_unsloth.train import optim
     from nanochat_unsloth.train.memory import compile_for_training, compile_mode
     from nanochat_unsloth.train.model import GPT
 
     on_cuda = args.device == "cuda"
+    if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
+        fp8_ops.fp8_supported = lambda device: (True, "")
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
     device = accelerator.device
@@ -127,11 +130,11 @@ def run_one(args) -> dict:
 
     # --fp8 starts with dynamic scaling and switches to delayed scaling after a few steps, compiling
     # the blocks again: warm-up lasts --warmup steps and at least one step in the final mode.
-    scalings = fp8.delayed_scalings(raw_model)
     times, losses = [], []
     step = steps_in_final_mode = 0
     while len(times) < args.steps:
-        final_mode = all(s.active for s in scalings)
+        # final: no state left (dynamic scaling) or all of it active; re-read, the first step may drop it
+        final_mode = all(s.active for s in fp8.delayed_scalings(raw_model))
         sync()
         t0 = time.perf_counter()
         out = optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, 1000)
@@ -350,6 +353,7 @@ def main() -> int:
     p.add_argument("--micro", action="store_true", help="time the loss implementations alone (first batch size)")
     p.add_argument("--micro-losses", default="chunked,zoo", help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fp8-anywhere", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -384,6 +388,7 @@ def main() -> int:
                "--batch-size", str(batch_size), "--memory", memory, "--optimizer", args.optimizer,
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
         cmd += ["--profile"] if args.profile else []
+        cmd += ["--fp8-anywhere"] if args.fp8_anywhere else []
         head = {"depth": args.depth, "kernels": kernels, "batch_size": batch_size, "memory": memory}
         t0 = time.time()
         try:

@@ -7,6 +7,7 @@ The GPU figures themselves come from the device (docs/PERF.md); this only keeps 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,26 @@ def test_train_throughput_cpu_smoke(tmp_path):
     # the same initial weights and batches: every configuration starts from the same loss
     assert len({round(r["losses"][0], 5) for r in results}) == 1
     assert "| 2 | unsloth-fp8 | 2 | lean |" in proc.stdout  # the table comes last
+
+
+def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_path):
+    """--fp8 starts with dynamic scaling: below 16,384 rows ("auto") the first step drops the delayed-
+    scaling state; with NANOCHAT_FP8_SCALING=delayed the layers switch once every amax history is
+    positive (after step 2 from nanochat's init). Warm-up must last until then, and timing must start."""
+    base = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
+            "--seq", "32", "--vocab", "256", "--total-batch", "64", "--batch-sizes", "2",
+            "--kernels", "unsloth-fp8", "--warmup", "1", "--steps", "1", "--fp8-anywhere"]
+    for mode, dynamic_steps in (("auto", 1), ("delayed", 3)):
+        out = tmp_path / f"{mode}.json"
+        env = dict(os.environ, NANOCHAT_FP8_SCALING=mode)
+        proc = subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (r,) = json.loads(out.read_text())
+        assert "error" not in r, r
+        assert r["kernels_used"] == "torch+fp8" and len(r["step_times_s"]) == 1
+        # the dynamic steps, one step in the final mode (recompilation), then the timed step
+        assert len(r["losses"]) == dynamic_steps + 2, (mode, r["losses"])
 
 
 def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
