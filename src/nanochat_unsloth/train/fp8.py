@@ -10,7 +10,10 @@ With `--fp8` each of them reads its operands in 8-bit floating point (`torch._sc
 GEMM: about twice the bf16 rate on an H100) and writes its result in bf16 / fp32. Activations and
 weights use e4m3 (3 mantissa bits), gradients e5m2 (more range, 2 mantissa bits), the usual split.
 Scaling is "tensorwise": one fp32 scale per tensor per call, chosen so that the tensor's largest
-magnitude lands on the format's largest value (dynamic scaling: no state, nothing to tune or save).
+magnitude lands on the format's largest value. Weights always use their own amax ("dynamic"). For
+activations and gradients of large micro-batches the model attaches a `DelayedScaling` state: the
+scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
+for a reduction over the tensor (see the section below; NANOCHAT_FP8_SCALING=auto|delayed|dynamic).
 
 What stays exact: the parameters, their gradients' accumulation and the optimizer are unchanged (the
 master weights stay fp32, `dW` comes back in fp32); lm_head, the softcap and the loss stay bf16/fp32;
