@@ -135,12 +135,13 @@ class DelayedScaling(nn.Module):
     step 0 is exactly zero and a zero history would be meaningless; `start_delayed_scaling` switches
     the layers on once every recorded amax is positive. The switch is a Python attribute, so
     torch.compile compiles the block once per mode (twice in a run). Micro-batches of fewer than
-    `min_rows` rows stay dynamic even then (a static shape check: no recompilation).
+    `min_rows` rows stay dynamic (a static shape check), and `start_delayed_scaling` then removes the
+    state after the first step.
     """
 
     def __init__(self, min_rows: int = DELAYED_SCALING_MIN_ROWS):
         super().__init__()
-        self.min_rows = min_rows  # smaller micro-batches keep dynamic scaling (still recording amaxes)
+        self.min_rows = min_rows  # smaller micro-batches scale dynamically; their first step drops the state
         self.register_buffer("x_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
@@ -264,4 +265,3 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, and its delayed scaling if it has one."""
     return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
-
