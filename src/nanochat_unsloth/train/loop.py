@@ -23,7 +23,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
-from nanochat_unsloth.train.memory import MEMORY_CHOICES, block_memory_modes, compile_for_training, compile_mode
+from nanochat_unsloth.train.memory import MEMORY_CHOICES, compile_for_training, compile_mode
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
@@ -124,12 +124,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
-    try:
-        block_memory_modes(cfg.memory, cfg.lean_blocks, model_config.n_layer)
+    try:  # flag values the model itself checks: --lean_blocks, NANOCHAT_FP8_SCALING, ...
+        model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
+                          lean_blocks=cfg.lean_blocks)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
-                      lean_blocks=cfg.lean_blocks)
     kernels = model.ops.name  # "torch" when the unsloth set fell back
     if model.ops.fp8 and (cfg.device_batch_size * cfg.max_seq_len) % fp8.ROW_MULTIPLE:
         raise UserError(f"--fp8 needs --device_batch_size x --max_seq_len to be a multiple of {fp8.ROW_MULTIPLE} "

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from nanochat_unsloth.train import fp8 as fp8_ops
 from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
-from nanochat_unsloth.train.memory import block_memory_modes, check_memory_mode, run_block
+from nanochat_unsloth.train.memory import block_memory_modes, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -123,9 +123,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = get_kernels(kernels, fp8=fp8)
-        self.memory = check_memory_mode(memory)  # "lean": blocks are checkpointed while training
-        # under lean, the first `lean_blocks` blocks are checkpointed (all of them by default)
+        # "lean": blocks are checkpointed while training, the first `lean_blocks` of them (all by default)
         self.block_memory = block_memory_modes(memory, lean_blocks, config.n_layer)
+        self.memory = memory
         self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
