@@ -16,10 +16,14 @@ Configuration names (comma lists, crossed with --batch-sizes):
                 | torch-blocks (torch kernels, compiled block by block)
                 | unsloth-model (the whole model compiled, like torch)
                 | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
+                | unsloth-fp8-dynamic (no delayed scaling) | unsloth-fp8-fastacc (fast accumulation in the
+                  backward GEMMs too)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-K (`--lean_blocks K`: only the first K blocks checkpointed)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
+Every configuration inherits the environment, e.g. NANOCHAT_INDUCTOR="triton.tile_reductions=True" (Inductor
+settings applied before compiling, `memory.apply_inductor_settings`).
 
 `--profile` adds a torch.profiler pass over one more step per configuration (the step of
 `step.optimizer_step`, with phase labels): GPU time per category (matmul / attention / elementwise /
@@ -53,6 +57,7 @@ KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
     "unsloth-fp8": ("unsloth", True, {}),
     "unsloth-fp8-dynamic": ("unsloth", True, {"NANOCHAT_FP8_SCALING": "dynamic"}),
     "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
+    "unsloth-fp8-fastacc": ("unsloth", True, {"NANOCHAT_FP8_FAST_ACCUM": "all"}),  # an experiment (PERF.md)
 }
 MEMORY_VARIANTS = {
     "fast": ("fast", {}),

@@ -408,6 +408,21 @@ def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, str
     assert min(cosines.values()) > 0.985, cosines  # as good as dynamic scaling (the test above)
 
 
+def test_backward_fast_accumulation_is_opt_in(monkeypatch):
+    """Only the forward GEMM asks cuBLAS for fast accumulation, unless NANOCHAT_FP8_FAST_ACCUM=all."""
+    seen = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: seen.append(kw["use_fast_accum"]) or
+                        (a.float() * kw["scale_a"]) @ (b.float() * kw["scale_b"]))
+    x = torch.randn(32, 16, generator=gen(5)).requires_grad_()
+    w = torch.randn(16, 16, generator=gen(6)).requires_grad_()
+    F8.fp8_matmul(x, w).sum().backward()
+    assert seen == [True, False, False]
+    seen.clear()
+    monkeypatch.setattr(F8, "BACKWARD_FAST_ACCUM", True)
+    F8.fp8_matmul(x, w).sum().backward()
+    assert seen == [True, True, True]
+
+
 # -----------------------------------------------------------------------------
 # Kernel sets: --fp8 dispatch and fallback
 

@@ -278,6 +278,21 @@ def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
         M.compile_for_training(model, model, "fastest")
 
 
+def test_inductor_settings_from_the_environment_are_applied_and_checked(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.triton, "tile_reductions", False)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    monkeypatch.setenv("NANOCHAT_INDUCTOR", "triton.tile_reductions=True, coordinate_descent_tuning=true")
+    model = build_tiny()
+    M.compile_for_training(model, model, "blocks")
+    assert inductor_config.triton.tile_reductions is True and inductor_config.coordinate_descent_tuning is True
+    for bad in ("triton.tile_reduction=True", "tile_reductions", "nosuch.section.key=1"):
+        monkeypatch.setenv("NANOCHAT_INDUCTOR", bad)
+        with pytest.raises(ValueError, match="NANOCHAT_INDUCTOR"):
+            M.compile_for_training(model, model, "blocks")
+
+
 def test_compiled_blocks_run_in_training_not_in_generate():
     model = build_tiny()
     seen = []

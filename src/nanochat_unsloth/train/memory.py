@@ -23,7 +23,8 @@ traced. The unsloth kernels use "blocks" too: their fused loss is a `torch.compi
 so "model" works (the graph ends before the loss) and measured 1.1-1.2% faster on the H100 at d20
 B=32 (bf16 and --fp8), but with --fp8 it compiled for ~3 minutes instead of under one and is
 unmeasured at smaller batches (docs/PERF.md).
-NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks.
+NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks. NANOCHAT_INDUCTOR="key=value,..." sets
+torch._inductor.config entries before compiling (e.g. `triton.tile_reductions=True`), for benchmarks too.
 """
 
 from __future__ import annotations
@@ -132,6 +133,38 @@ def compile_mode(kernels: str, memory: str) -> str:
     return "blocks" if (kernels == "unsloth" or memory == "lean") else "model"
 
 
+def _parse_config_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def apply_inductor_settings(spec: str | None = None) -> dict:
+    """Set the torch._inductor.config entries of `spec` (default: $NANOCHAT_INDUCTOR), "a.b=value,...".
+
+    Returns what was set. An unknown key is an error naming it: a typo would otherwise measure nothing.
+    """
+    spec = os.environ.get("NANOCHAT_INDUCTOR", "") if spec is None else spec
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, text = item.partition("=")
+        section, _, name = key.strip().rpartition(".")
+        target = inductor_config
+        for part in filter(None, section.split(".")):
+            target = getattr(target, part, None)
+        if not sep or target is None or not hasattr(target, name):
+            raise ValueError(f"NANOCHAT_INDUCTOR: {item!r} is not `key=value` with a torch._inductor.config key")
+        setattr(target, name, _parse_config_value(text.strip()))
+        applied[key.strip()] = getattr(target, name)
+    return applied
+
+
 def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> nn.Module:
     """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
 
@@ -142,6 +175,8 @@ def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> n
     """
     if mode not in COMPILE_CHOICES:
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    if mode != "none":
+        apply_inductor_settings()
     if mode == "model":
         return torch.compile(model, dynamic=False)
     if mode == "blocks":
