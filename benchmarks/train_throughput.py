@@ -100,7 +100,8 @@ def setup(args):
     cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
     kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
     memory, _, lean_blocks = memory_variant(args.memory)
-    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks)
+    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks,
+                      fp8_rows=args.batch_size * args.seq)
     raw_model = model
     optimizers = optim.build_optimizers_for(args.optimizer, model)
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)

@@ -355,6 +355,18 @@ def test_scaling_mode_chooses_the_state_the_model_gets(monkeypatch, mode, min_ro
         assert len(scalings) == 6 * TINY.n_layer and {s.min_rows for s in scalings} == {min_rows}
 
 
+@pytest.mark.parametrize("mode, rows, expect_state", [("auto", F8.DELAYED_SCALING_MIN_ROWS - 16, False),
+                                                       ("auto", F8.DELAYED_SCALING_MIN_ROWS, True),
+                                                       ("delayed", 16, True)])
+def test_known_micro_batch_rows_settle_auto_scaling_at_build(monkeypatch, mode, rows, expect_state):
+    """With the micro-batch's rows known, `auto` below DELAYED_SCALING_MIN_ROWS builds no state at all (the
+    graph of dynamic scaling from the first step); `delayed` keeps its state whatever the rows."""
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
+    scalings = F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True, fp8_rows=rows))
+    assert len(scalings) == (6 * TINY.n_layer if expect_state else 0)
+
+
 def test_unknown_scaling_mode(monkeypatch):
     monkeypatch.setenv("NANOCHAT_FP8_SCALING", "sometimes")
     with pytest.raises(ValueError, match=r"NANOCHAT_FP8_SCALING='sometimes': choose one of auto, delayed, dynamic"):

@@ -144,7 +144,8 @@ class DelayedScaling(nn.Module):
     the layers on once every recorded amax is positive. The switch is a Python attribute, so
     torch.compile compiles the block once per mode (twice in a run). Micro-batches of fewer than
     `min_rows` rows stay dynamic (a static shape check), and `start_delayed_scaling` then removes the
-    state after the first step.
+    state after the first step. (The training loop and the benchmark tell `GPT.build` the rows up front,
+    so under `auto` such a model gets no state in the first place.)
     """
 
     def __init__(self, min_rows: int = DELAYED_SCALING_MIN_ROWS):

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
     try:  # flag values the model itself checks: --lean_blocks, NANOCHAT_FP8_SCALING, ...
         model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
-                          lean_blocks=cfg.lean_blocks)
+                          lean_blocks=cfg.lean_blocks, fp8_rows=cfg.device_batch_size * cfg.max_seq_len)
     except ValueError as e:
         raise UserError(str(e)) from None
     kernels = model.ops.name  # "torch" when the unsloth set fell back

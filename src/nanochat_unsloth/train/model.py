@@ -119,7 +119,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast", fp8: bool = False,
-                 lean_blocks: int = -1):
+                 lean_blocks: int = -1, fp8_rows: int | None = None):
         super().__init__()
         self.config = config
         self.ops = get_kernels(kernels, fp8=fp8)
@@ -133,6 +133,10 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         scaling = fp8_ops.scaling_mode() if self.ops.fp8 else "dynamic"
+        if scaling == "auto" and fp8_rows is not None and fp8_rows < fp8_ops.DELAYED_SCALING_MIN_ROWS:
+            # the micro-batch (fp8_rows = B*T) is known to be too small for delayed scaling: no state at
+            # all, rather than a first step that records amaxes and a recompilation once it is dropped
+            scaling = "dynamic"
         if scaling != "dynamic":
             # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed blocks: their
             # recomputed forward would quantise with a newer scale than the forward it replays.
@@ -149,11 +153,12 @@ class GPT(nn.Module):
 
     @classmethod
     def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast",
-              fp8: bool = False, lean_blocks: int = -1) -> "GPT":
+              fp8: bool = False, lean_blocks: int = -1, fp8_rows: int | None = None) -> "GPT":
         """nanochat's construction: shapes on the meta device (no memory, no init cost), then storage on
-        `device`, then init_weights under `seed`: the same weights on every rank and every world size."""
+        `device`, then init_weights under `seed`: the same weights on every rank and every world size.
+        `fp8_rows`, the rows (B*T) of a training micro-batch when known, lets --fp8 pick its scaling now."""
         with torch.device("meta"):
-            model = cls(config, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks)
+            model = cls(config, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks, fp8_rows=fp8_rows)
         model.to_empty(device=device)
         torch.manual_seed(seed)
         model.init_weights()
