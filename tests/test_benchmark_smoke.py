@@ -69,3 +69,14 @@ def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
     assert categorize("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_add_clamp_clone_mul_pow") == "elementwise"
     assert categorize("triton_red_fused__to_copy_arange_div_eq_exp_logsumexp_mul_ne_pow_rsub_sub_tanh") == "loss"
     assert categorize("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
+
+
+def test_rope_norm_micro_runs_its_torch_side_on_cpu(tmp_path):
+    out = tmp_path / "micro.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rope_norm_micro.py"), "--device", "cpu",
+                           "--batch", "2", "--seq", "32", "--heads", "2", "--head-dim", "16", "--warmup", "0",
+                           "--iters", "1", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["variant"] == "torch (eager)" and r["shape"] == [2, 32, 2, 16]
+    assert r["min_gb_moved"] == 10 * 2 * (2 * 32 * 2 * 16) / 1e9
