@@ -175,7 +175,10 @@ def train(cfg: TrainConfig) -> dict:
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     accelerator.register_for_checkpointing(train_loader)
     if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
-        model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
+        try:  # NANOCHAT_COMPILE / NANOCHAT_INDUCTOR values are checked here
+            model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     # ---- resume ----------------------------------------------------------------------------------
     run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
