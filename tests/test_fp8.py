@@ -397,6 +397,69 @@ def test_gpt_with_fp8_has_delayed_scaling_on_block_linears_only_and_not_in_lean(
     assert F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True, memory="lean")) == []
 
 
+def test_q_k_v_scale_their_shared_input_from_one_history(monkeypatch):
+    """c_q, c_k and c_v read the same normed x: one history (c_q's) scales all three casts, and c_v, the
+    last to run, records the new amax after all three have read the old one."""
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")
+    model = copy.deepcopy(GPT.build(TINY, "cpu", seed=0, fp8=True))  # the sharing survives a copy
+    attn = model.transformer.h[0].attn
+    q, k, v = (layer.fp8_scaling for layer in (attn.c_q, attn.c_k, attn.c_v))
+    assert q.input_scaling is q and k.input_scaling is q and v.input_scaling is q
+    assert [s.records_input for s in (q, k, v)] == [False, False, True]
+    assert attn.c_proj.fp8_scaling.input_scaling is attn.c_proj.fp8_scaling  # unshared layers: their own
+
+    x, y = tiny_batch(B=2)
+    model(x, y).backward()  # inactive: dynamic casts; the histories record
+    assert q.x_amax.item() > 0 and k.x_amax.item() == 0 and v.x_amax.item() == 0  # one history, c_q's
+    for s in F8.delayed_scalings(model):
+        s.grad_amax.fill_(1.0)  # step 0's block gradients are zero (lm_head starts at zero)
+    assert F8.start_delayed_scaling(model, rows=x.numel()) is True  # the shared history counts for all three
+
+    forward_scales = []
+    real = F8._scaled_mm
+
+    def record(a, a_inv, b, b_inv, out_dtype, fast_accum):
+        if fast_accum:  # the forward GEMM: a_inv is the input's inverse scale
+            forward_scales.append(a_inv.item())
+        return real(a, a_inv, b, b_inv, out_dtype, fast_accum)
+
+    monkeypatch.setattr(F8, "_scaled_mm", record)
+    old = q.x_amax.item()
+    model(*tiny_batch(B=2, seed=5)).backward()
+    expected = old * F8.MARGIN / torch.finfo(F8.E4M3).max
+    assert forward_scales[:3] == pytest.approx([expected] * 3, rel=1e-6)  # all three from the old amax
+    assert q.x_amax.item() != old  # and the new one recorded, once
+
+
+def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
+    """Compiled with torch.compile's min-cut partitioner (Inductor's, without its code generation): a
+    block under delayed scaling saves as many bytes for backward as under dynamic scaling. With three
+    histories for q, k and v it kept two more e4m3 copies of the normed x (+3.2 GiB at d20 B=32)."""
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+
+    def saved_bytes(mode):
+        monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
+        torch._dynamo.reset()
+        model = GPT.build(TINY, "cpu", seed=0, fp8=True)
+        for s in F8.delayed_scalings(model):
+            s.x_amax.fill_(1.0)
+            s.grad_amax.fill_(1.0)
+            s.active = True
+        block = torch.compile(model.transformer.h[0], backend="aot_eager_decomp_partition", dynamic=False)
+        x = torch.randn(8, TINY.sequence_len, TINY.n_embd, generator=gen(9)).requires_grad_()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = block(x, model.cos[:, :TINY.sequence_len], model.sin[:, :TINY.sequence_len])
+        out.sum().backward()
+        return sum(sizes)
+
+    dynamic, delayed = saved_bytes("dynamic"), saved_bytes("delayed")
+    one_e4m3_copy = 8 * TINY.sequence_len * TINY.n_embd
+    assert delayed < dynamic + one_e4m3_copy // 4, (dynamic, delayed)  # a few fp32 scalars at most
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
 def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, strict_scaled_mm):
     ref = build()

@@ -154,6 +154,15 @@ class DelayedScaling(nn.Module):
         self.register_buffer("x_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
+        # Set by share_input_history: whose x_amax this layer's input uses, and whether it records it.
+        # Plain attributes (not submodules): the module tree, state_dict and to_empty stay as they were.
+        object.__setattr__(self, "_input_owner", None)
+        self.records_input = True
+
+    @property
+    def input_scaling(self) -> "DelayedScaling":
+        """The state whose `x_amax` scales this layer's input: its own, or the owner of a shared history."""
+        return self if self._input_owner is None else self._input_owner
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -167,6 +176,22 @@ def attach_delayed_scaling(blocks: nn.Module, min_rows: int = DELAYED_SCALING_MI
     for module in list(blocks.modules()):
         if isinstance(module, nn.Linear) and not hasattr(module, "fp8_scaling"):
             module.fp8_scaling = DelayedScaling(min_rows)
+
+
+def share_input_history(*layers: nn.Linear) -> None:
+    """Layers that read the same input tensor (a block's q, k and v) scale it from one history.
+
+    Their histories would hold the same amax anyway (same tensor), but as three buffers they make three
+    casts of the tensor that torch.compile cannot tell apart: the compiled block then computed three e4m3
+    copies of the normed x and kept two of them for backward (+3.2 GiB at d20 B=32), where dynamic
+    scaling's three identical casts were one. With one history the casts are one expression, computed and
+    kept once. Pass the layers in the order the forward calls them: the first owns the history, the last
+    records the new amax, so every cast of the micro-step reads the previous micro-step's value.
+    """
+    owner = layers[0].fp8_scaling
+    for layer in layers:
+        object.__setattr__(layer.fp8_scaling, "_input_owner", None if layer.fp8_scaling is owner else owner)
+        layer.fp8_scaling.records_input = layer is layers[-1]
 
 
 def delayed_scalings(model: nn.Module) -> list[DelayedScaling]:
@@ -191,7 +216,7 @@ def start_delayed_scaling(model: nn.Module, rows: int) -> bool:
         return False
     if all(s.active for s in scalings):
         return True
-    history = torch.stack([a for s in scalings for a in (s.x_amax, s.grad_amax)])
+    history = torch.stack([a for s in scalings for a in (s.input_scaling.x_amax, s.grad_amax)])
     if not bool((history > 0).all()):
         return False
     for s in scalings:
@@ -260,14 +285,14 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     delayed = scaling is not None and scaling.active and x2d.size(0) >= scaling.min_rows
     if delayed:
-        x_scale_amax = scaling.x_amax * MARGIN
+        x_scale_amax = scaling.input_scaling.x_amax * MARGIN
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
     y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
-    if scaling is not None:
+    if scaling is not None and scaling.records_input:
         with torch.no_grad():
-            scaling.x_amax.copy_(new_x_amax)
+            scaling.input_scaling.x_amax.copy_(new_x_amax)
     return y.view(*x.shape[:-1], weight.size(0))
 
 

@@ -144,6 +144,7 @@ class GPT(nn.Module):
             for block, mode in zip(self.transformer.h, self.block_memory):
                 if mode == "fast":
                     fp8_ops.attach_delayed_scaling(block, min_rows)
+                    fp8_ops.share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
         self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
