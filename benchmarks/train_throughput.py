@@ -20,6 +20,7 @@ Configuration names (comma lists, crossed with --batch-sizes):
                   backward GEMMs too)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-K (`--lean_blocks K`: only the first K blocks checkpointed)
+                | selective | selective-K (`--memory selective`: the MLP recomputed in backward, in all or K blocks)
                 | lean-offload | lean-torch (torch.utils.checkpoint)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
 Every configuration inherits the environment, e.g. NANOCHAT_INDUCTOR="triton.tile_reductions=True" (Inductor
@@ -64,6 +65,7 @@ MEMORY_VARIANTS = {
     "lean": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "auto"}),
     "lean-offload": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "offload"}),
     "lean-torch": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "torch"}),
+    "selective": ("selective", {}),
 }
 
 
@@ -73,8 +75,8 @@ def memory_variant(name: str) -> tuple[str, dict, int]:
     if name in MEMORY_VARIANTS:
         return (*MEMORY_VARIANTS[name], -1)
     prefix, _, k = name.rpartition("-")
-    if prefix == "lean" and k.isdigit():
-        return (*MEMORY_VARIANTS["lean"], int(k))
+    if prefix in ("lean", "selective") and k.isdigit():
+        return (*MEMORY_VARIANTS[prefix], int(k))
     raise KeyError(name)
 
 
@@ -345,7 +347,7 @@ def main() -> int:
     p.add_argument("--kernels", default="torch,unsloth", help="comma list of: " + ", ".join(KERNEL_VARIANTS))
     p.add_argument("--batch-sizes", default="32,16,8,4")
     p.add_argument("--memory", default="fast",
-                   help="comma list of: " + ", ".join(MEMORY_VARIANTS) + ", lean-K (only the first K blocks checkpointed)")
+                   help="comma list of: " + ", ".join(MEMORY_VARIANTS) + ", lean-K / selective-K (only the first K blocks)")
     p.add_argument("--optimizer", default="muon", choices=("muon", "adamw8bit"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -384,7 +386,7 @@ def main() -> int:
         try:
             memory_variant(m)
         except KeyError:
-            p.error(f"--memory {m!r}: choose from {', '.join(MEMORY_VARIANTS)}, lean-K")
+            p.error(f"--memory {m!r}: choose from {', '.join(MEMORY_VARIANTS)}, lean-K, selective-K")
     results = []
     for kernels, batch_size, memory in itertools.product(kernel_list, [int(b) for b in args.batch_sizes.split(",")],
                                                          memory_list):

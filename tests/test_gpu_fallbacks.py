@@ -221,12 +221,59 @@ def test_lean_blocks_checkpoints_only_the_first_k_blocks_and_matches_fast(monkey
         torch.testing.assert_close(g_partial[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_memory_selective_recomputes_only_the_mlp_of_the_first_k_blocks_and_matches_fast(monkeypatch):
+    config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
+    recomputed = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **k: recomputed.append(fn) or real(fn, *a, **k))
+    fast = build_tiny(memory="fast", config=config)
+    with torch.device("meta"):
+        selective = GPT(config, memory="selective", lean_blocks=2)
+    selective.to_empty(device="cpu")
+    selective.load_state_dict(fast.state_dict())
+    selective.cos, selective.sin = fast.cos, fast.sin
+    assert selective.block_memory == ["selective", "selective", "fast"]
+    x, y = tiny_batch(config)
+    loss_fast, g_fast = loss_and_grads(fast, x, y)
+    loss_sel, g_sel = loss_and_grads(selective, x, y)
+    assert recomputed == [b.mlp._mlp for b in list(selective.transformer.h)[:2]]  # the MLPs, not the blocks
+    torch.testing.assert_close(loss_sel, loss_fast, rtol=0, atol=0)
+    for name in g_fast:
+        torch.testing.assert_close(g_sel[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
+    recomputed.clear()
+    with torch.no_grad():  # evaluation never recomputes
+        selective(x, y)
+    assert recomputed == []
+
+
+def test_memory_selective_keeps_less_for_backward_under_torch_compile():
+    """Compiled with the min-cut partitioner (Inductor's, without its code generation), a selective block
+    keeps at least the MLP's (rows x 4*n_embd) hidden activation less for backward than a fast one."""
+    def saved_bytes(memory):
+        torch._dynamo.reset()
+        model = build_tiny(memory=memory)
+        block = torch.compile(model.transformer.h[0], backend="aot_eager_decomp_partition", dynamic=False)
+        x = torch.randn(8, TINY.sequence_len, TINY.n_embd, generator=torch.Generator().manual_seed(4))
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = block(x.requires_grad_(), model.cos[:, :TINY.sequence_len], model.sin[:, :TINY.sequence_len])
+        out.sum().backward()
+        return sum(sizes)
+
+    hidden = 8 * TINY.sequence_len * 4 * TINY.n_embd * 4  # fp32 on the CPU
+    assert saved_bytes("selective") <= saved_bytes("fast") - hidden
+
+
 def test_block_memory_modes():
     assert M.block_memory_modes("lean", -1, 3) == ["lean"] * 3
     assert M.block_memory_modes("lean", 3, 3) == ["lean"] * 3
     assert M.block_memory_modes("lean", 1, 3) == ["lean", "fast", "fast"]
     assert M.block_memory_modes("lean", 0, 3) == ["fast"] * 3
     assert M.block_memory_modes("fast", -1, 3) == ["fast"] * 3
+    assert M.block_memory_modes("selective", -1, 2) == ["selective"] * 2
+    assert M.block_memory_modes("selective", 1, 3) == ["selective", "fast", "fast"]
     with pytest.raises(ValueError, match=r"--lean_blocks 2 needs --memory lean"):
         M.block_memory_modes("fast", 2, 3)
     for bad in (4, -2):
@@ -239,10 +286,11 @@ def test_fp8_delayed_scaling_only_in_blocks_that_are_not_checkpointed(monkeypatc
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
-    model = GPT.build(config, "cpu", seed=0, memory="lean", lean_blocks=2, fp8=True)
-    has_state = [all(hasattr(m, "fp8_scaling") for m in b.modules() if isinstance(m, torch.nn.Linear))
-                 for b in model.transformer.h]
-    assert has_state == [False, False, True]
+    for memory in ("lean", "selective"):
+        model = GPT.build(config, "cpu", seed=0, memory=memory, lean_blocks=2, fp8=True)
+        has_state = [all(hasattr(m, "fp8_scaling") for m in b.modules() if isinstance(m, torch.nn.Linear))
+                     for b in model.transformer.h]
+        assert has_state == [False, False, True], memory
 
 
 @pytest.mark.parametrize("choice", [None, "auto", "offload"])  # the default is Unsloth's offloading
@@ -434,6 +482,15 @@ def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
     assert switched == [False, False, True]
     lines = (base / "runs" / "fp8loop" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+
+
+def test_memory_selective_trains_through_the_loop_like_fast(base, capsys):
+    run_train(base, "--num-iterations", "2", "--model-tag", "sel_fast")
+    run_train(base, "--num-iterations", "2", "--model-tag", "sel", "--memory", "selective", "--lean-blocks", "1")
+    assert "memory=selective (1 of 2 blocks recomputing their MLP)" in capsys.readouterr().out
+    losses = {tag: [json.loads(line)["loss"] for line in (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()]
+              for tag in ("sel_fast", "sel")}
+    assert len(losses["sel"]) == 2 and losses["sel"] == losses["sel_fast"]  # the same math, recomputed
 
 
 def test_config_flags_parse():

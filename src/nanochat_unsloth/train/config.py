@@ -26,8 +26,9 @@ class TrainConfig:
     depth: int = field(default=20, metadata={"help": "transformer depth; n_embd = 64*depth, heads = ceil(n_embd/128)"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
     kernels: str = field(default="auto", metadata={"help": "auto|torch|unsloth: the model's kernel backend"})
-    memory: str = field(default="fast", metadata={"help": "fast|lean: lean checkpoints every block (less memory, ~25% slower)"})
-    lean_blocks: int = field(default=-1, metadata={"help": "with --memory lean: checkpoint only the first N blocks (-1 = all)"})
+    memory: str = field(default="fast", metadata={"help": "fast|lean|selective: lean checkpoints every block (less memory, "
+                                                          "~25% slower); selective recomputes only the MLP"})
+    lean_blocks: int = field(default=-1, metadata={"help": "with --memory lean|selective: only the first N blocks (-1 = all)"})
     fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval stay bf16)"})
     # ---- horizon (first one set wins, in this order) ----------------------------------------
     num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})

@@ -134,8 +134,9 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--fp8 needs --device_batch_size x --max_seq_len to be a multiple of {fp8.ROW_MULTIPLE} "
                         f"(FP8 GEMM shapes), not {cfg.device_batch_size} x {cfg.max_seq_len}; change one of them")
     raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
-    n_lean = model.block_memory.count("lean")
-    partial_lean = f" ({n_lean} of {cfg.depth} blocks checkpointed)" if 0 < n_lean < cfg.depth else ""
+    n_lean = model.block_memory.count(cfg.memory)
+    what = "checkpointed" if cfg.memory == "lean" else "recomputing their MLP"
+    partial_lean = f" ({n_lean} of {cfg.depth} blocks {what})" if 0 < n_lean < cfg.depth else ""
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "

@@ -6,6 +6,11 @@
                     frees nearly all activation memory, so deeper models and larger batches fit.
                     `--lean_blocks K` checkpoints only the first K blocks: a point between the two
                     (for a memory budget that lean undershoots and fast overshoots).
+    --memory selective
+                    recompute only the MLP (its c_fc GEMM and ReLU^2) in backward: the MLP's 4*n_embd-wide
+                    hidden activation, the largest tensor a block keeps (~40% of its activations), is not
+                    stored. Costs one c_fc GEMM per block (~1/9 of the block's GEMM work) where lean costs
+                    the whole block forward. `--lean_blocks K` limits it to the first K blocks too.
 
 Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch selects; auto = offload):
     offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
@@ -37,7 +42,7 @@ from torch import Tensor, nn
 
 from nanochat_unsloth.train.kernels import import_unsloth_module, notice_once
 
-MEMORY_CHOICES = ("fast", "lean")
+MEMORY_CHOICES = ("fast", "lean", "selective")
 LEAN_CHOICES = ("auto", "offload", "torch")
 COMPILE_CHOICES = ("model", "blocks", "none")
 
@@ -49,7 +54,8 @@ def check_memory_mode(memory: str) -> str:
 
 
 def block_memory_modes(memory: str, lean_blocks: int, n_layer: int) -> list[str]:
-    """The memory mode of each block: under lean, the first `lean_blocks` are checkpointed (-1: all).
+    """The memory mode of each block: under lean (or selective), the first `lean_blocks` blocks are
+    checkpointed (or recompute their MLP); -1: all.
 
     Checkpointing only some blocks spends the memory a budget leaves on speed: each block kept whole
     skips its recomputed forward. Which blocks does not matter for speed or memory (all are alike);
@@ -61,10 +67,10 @@ def block_memory_modes(memory: str, lean_blocks: int, n_layer: int) -> list[str]
                          "-1 = all)")
     if memory == "fast":
         if lean_blocks not in (-1, 0):
-            raise ValueError(f"--lean_blocks {lean_blocks} needs --memory lean")
+            raise ValueError(f"--lean_blocks {lean_blocks} needs --memory lean or selective")
         return ["fast"] * n_layer
     n = n_layer if lean_blocks == -1 else lean_blocks
-    return ["lean"] * n + ["fast"] * (n_layer - n)
+    return [memory] * n + ["fast"] * (n_layer - n)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 A state_dict of this model loads into nanochat's GPT with strict=True and vice versa. The norm,
 rotary, attention, loss and block-GEMM ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
 without touching this file; how each block runs (plain, or checkpointed in `--memory lean`) comes from
-`memory.py`.
+`memory.py`, and `--memory selective` makes the MLP recompute itself in backward.
 """
 
 from __future__ import annotations
@@ -94,8 +94,16 @@ class MLP(nn.Module):
         self.ops = ops
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.recompute = False  # --memory selective: keep only the input for backward (memory.py)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # The 4*n_embd-wide hidden activation is the largest tensor a block would keep; backward
+            # re-runs c_fc and ReLU^2 instead (under torch.compile only what backward needs is re-run).
+            return torch.utils.checkpoint.checkpoint(self._mlp, x, use_reentrant=False, preserve_rng_state=False)
+        return self._mlp(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
         h = F.relu(self.ops.linear(x, self.c_fc)).square()
         return self.ops.linear(h, self.c_proj)
 
@@ -123,7 +131,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = get_kernels(kernels, fp8=fp8)
-        # "lean": blocks are checkpointed while training, the first `lean_blocks` of them (all by default)
+        # "lean" / "selective": the first `lean_blocks` blocks (all by default) are checkpointed while
+        # training / recompute their MLP in backward
         self.block_memory = block_memory_modes(memory, lean_blocks, config.n_layer)
         self.memory = memory
         self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
@@ -132,14 +141,16 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for block, mode in zip(self.transformer.h, self.block_memory):
+            block.mlp.recompute = mode == "selective"
         scaling = fp8_ops.scaling_mode() if self.ops.fp8 else "dynamic"
         if scaling == "auto" and fp8_rows is not None and fp8_rows < fp8_ops.DELAYED_SCALING_MIN_ROWS:
             # the micro-batch (fp8_rows = B*T) is known to be too small for delayed scaling: no state at
             # all, rather than a first step that records amaxes and a recompilation once it is dropped
             scaling = "dynamic"
         if scaling != "dynamic":
-            # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed blocks: their
-            # recomputed forward would quantise with a newer scale than the forward it replays.
+            # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed or selective
+            # blocks: their recomputed forward would quantise with a newer scale than the one it replays.
             min_rows = fp8_ops.DELAYED_SCALING_MIN_ROWS if scaling == "auto" else 0
             for block, mode in zip(self.transformer.h, self.block_memory):
                 if mode == "fast":
