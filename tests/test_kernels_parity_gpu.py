@@ -130,6 +130,17 @@ def test_lean_matches_fast(state, torch_path, lean_impl, monkeypatch):
     compare(f"lean/{lean_impl} vs torch path", torch_path, loss_and_grads(model, call))
 
 
+@pytest.mark.parametrize("kernels", ["torch", "unsloth"])
+def test_selective_matches_fast(state, torch_path, kernels):
+    """--memory selective re-runs each MLP's c_fc and ReLU^2 in backward: the same math, compiled."""
+    if kernels == "unsloth" and importlib.util.find_spec("unsloth_zoo") is None:
+        pytest.skip("needs unsloth_zoo")
+    model = build(kernels, memory="selective", state=state)
+    assert model.block_memory == ["selective"] * DEPTH
+    call = M.compile_for_training(model, model, M.compile_mode(kernels, "selective"))
+    compare(f"selective/{kernels} vs torch path", torch_path, loss_and_grads(model, call))
+
+
 @needs_bnb
 def test_adamw8bit_state_saves_and_resumes(state):
     import bitsandbytes as bnb
