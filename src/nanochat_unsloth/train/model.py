@@ -149,12 +149,13 @@ class GPT(nn.Module):
             # all, rather than a first step that records amaxes and a recompilation once it is dropped
             scaling = "dynamic"
         if scaling != "dynamic":
-            # FP8 scales from the previous micro-step's amax (fp8.py). Not in checkpointed or selective
-            # blocks: their recomputed forward would quantise with a newer scale than the one it replays.
+            # FP8 scales from the previous micro-step's amax (fp8.py). Not where the forward is re-run in
+            # backward (checkpointed blocks, the MLP of selective ones): the re-run would quantise with a
+            # newer scale than the one it replays.
             min_rows = fp8_ops.DELAYED_SCALING_MIN_ROWS if scaling == "auto" else 0
             for block, mode in zip(self.transformer.h, self.block_memory):
-                if mode == "fast":
-                    fp8_ops.attach_delayed_scaling(block, min_rows)
+                if mode != "lean":
+                    fp8_ops.attach_delayed_scaling(block if mode == "fast" else block.attn, min_rows)
                     fp8_ops.share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
