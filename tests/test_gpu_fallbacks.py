@@ -198,7 +198,10 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
     assert calls == []
 
 
-def test_lean_blocks_checkpoints_only_the_first_k_blocks_and_matches_fast(monkeypatch):
+@pytest.mark.parametrize("memory", ["lean", "selective"])
+def test_lean_blocks_limits_the_memory_mode_to_the_first_k_blocks_and_matches_fast(monkeypatch, memory):
+    """--lean_blocks 3 of 4: lean checkpoints the first three blocks, selective their MLPs only; either
+    way the step is fast mode's, exactly. Evaluation never checkpoints."""
     monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
     config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
     checkpointed = []
@@ -207,44 +210,24 @@ def test_lean_blocks_checkpoints_only_the_first_k_blocks_and_matches_fast(monkey
                         lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
     fast = build_tiny(memory="fast", config=config)
     with torch.device("meta"):
-        partial = GPT(config, memory="lean", lean_blocks=3)
+        partial = GPT(config, memory=memory, lean_blocks=3)
     partial.to_empty(device="cpu")
     partial.load_state_dict(fast.state_dict())
     partial.cos, partial.sin = fast.cos, fast.sin
-    assert partial.block_memory == ["lean", "lean", "lean", "fast"]
+    assert partial.block_memory == [memory] * 3 + ["fast"]
     x, y = tiny_batch(config)
     loss_fast, g_fast = loss_and_grads(fast, x, y)
     loss_partial, g_partial = loss_and_grads(partial, x, y)
-    assert checkpointed == list(partial.transformer.h)[:3]  # the first three blocks, once each
+    first_three = list(partial.transformer.h)[:3]
+    # once each: the blocks (lean) or only their MLPs (selective)
+    assert checkpointed == (first_three if memory == "lean" else [b.mlp._mlp for b in first_three])
     torch.testing.assert_close(loss_partial, loss_fast, rtol=0, atol=0)
     for name in g_fast:
         torch.testing.assert_close(g_partial[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_memory_selective_recomputes_only_the_mlp_of_the_first_k_blocks_and_matches_fast(monkeypatch):
-    config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
-    recomputed = []
-    real = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda fn, *a, **k: recomputed.append(fn) or real(fn, *a, **k))
-    fast = build_tiny(memory="fast", config=config)
-    with torch.device("meta"):
-        selective = GPT(config, memory="selective", lean_blocks=2)
-    selective.to_empty(device="cpu")
-    selective.load_state_dict(fast.state_dict())
-    selective.cos, selective.sin = fast.cos, fast.sin
-    assert selective.block_memory == ["selective", "selective", "fast"]
-    x, y = tiny_batch(config)
-    loss_fast, g_fast = loss_and_grads(fast, x, y)
-    loss_sel, g_sel = loss_and_grads(selective, x, y)
-    assert recomputed == [b.mlp._mlp for b in list(selective.transformer.h)[:2]]  # the MLPs, not the blocks
-    torch.testing.assert_close(loss_sel, loss_fast, rtol=0, atol=0)
-    for name in g_fast:
-        torch.testing.assert_close(g_sel[name], g_fast[name], rtol=1e-6, atol=1e-7, msg=name)
-    recomputed.clear()
-    with torch.no_grad():  # evaluation never recomputes
-        selective(x, y)
-    assert recomputed == []
+    checkpointed.clear()
+    with torch.no_grad():
+        partial(x, y)
+    assert checkpointed == []
 
 
 def test_memory_selective_keeps_less_for_backward_under_torch_compile():
