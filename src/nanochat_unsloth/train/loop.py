@@ -23,7 +23,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
-from nanochat_unsloth.train.memory import MEMORY_CHOICES, compile_for_training, compile_mode
+from nanochat_unsloth.train.memory import compile_for_training, compile_mode
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
@@ -119,12 +119,10 @@ def train(cfg: TrainConfig) -> dict:
     # ---- model -----------------------------------------------------------------------------------
     model_config = optim.depth_to_model_config(cfg.depth, cfg.max_seq_len, vocab_size)
     kernels = resolve_kernels(cfg.kernels, device_type)
-    if cfg.memory not in MEMORY_CHOICES:
-        raise UserError(f"--memory {cfg.memory!r} is not a memory mode; choose one of: {', '.join(MEMORY_CHOICES)}")
     if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
                         f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
-    try:  # flag values the model itself checks: --lean_blocks, NANOCHAT_FP8_SCALING, ...
+    try:  # flag values the model itself checks: --memory, --lean_blocks, NANOCHAT_FP8_SCALING, ...
         model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
                           lean_blocks=cfg.lean_blocks, fp8_rows=cfg.device_batch_size * cfg.max_seq_len)
     except ValueError as e:
