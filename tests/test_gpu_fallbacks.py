@@ -249,6 +249,39 @@ def test_memory_selective_keeps_less_for_backward_under_torch_compile():
     assert saved_bytes("selective") <= saved_bytes("fast") - hidden
 
 
+@pytest.mark.parametrize("memory", ["fast", "selective"])
+def test_memory_selective_tags_the_fp8_mlp_gemms_must_recompute(monkeypatch, memory):
+    """The partitioner sees every GEMM of a selective MLP tagged MUST_RECOMPUTE, and none of a fast block.
+
+    A plain `checkpoint` tags them PREFER_RECOMPUTE, which torch 2.11's partitioner overrode for the FP8
+    GEMMs on the H100: it kept the bf16 pre-activation, as in fast mode (docs/PERF.md). This CPU torch
+    honours either tag, so the tag itself is what is checked."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from nanochat_unsloth.train import fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
+    tags = []
+
+    def partition(joint, inputs, **kwargs):
+        tags.extend(str(n.meta.get("recompute")) for n in joint.graph.nodes
+                    if n.op == "call_function" and n.target is torch.ops.aten._scaled_mm.default)
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    torch._dynamo.reset()
+    model = GPT.build(TINY, "cpu", seed=0, fp8=True, memory=memory)
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+    block = torch.compile(model.transformer.h[0], backend=backend, dynamic=False)
+    x = torch.randn(8, TINY.sequence_len, TINY.n_embd, generator=torch.Generator().manual_seed(4))
+    block(x.requires_grad_(), model.cos[:, :TINY.sequence_len], model.sin[:, :TINY.sequence_len]).sum().backward()
+    # 6 Linears: 6 forward GEMMs and 12 backward ones; the MLP's two forward GEMMs are the region's
+    assert len(tags) == 18
+    must = tags.count("CheckpointPolicy.MUST_RECOMPUTE")
+    assert must == (2 if memory == "selective" else 0), tags
+    assert tags.count("None") == 18 - must
+
+
 def test_block_memory_modes():
     assert M.block_memory_modes("lean", -1, 3) == ["lean"] * 3
     assert M.block_memory_modes("lean", 3, 3) == ["lean"] * 3

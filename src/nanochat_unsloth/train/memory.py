@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from nanochat_unsloth.train.kernels import import_unsloth_module, notice_once
 
@@ -71,6 +72,32 @@ def block_memory_modes(memory: str, lean_blocks: int, n_layer: int) -> list[str]
         return ["fast"] * n_layer
     n = n_layer if lean_blocks == -1 else lean_blocks
     return [memory] * n + ["fast"] * (n_layer - n)
+
+
+# -----------------------------------------------------------------------------
+# Recomputing the MLP (--memory selective)
+
+
+def _recompute_every_op(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _recompute_every_op_contexts():
+    return create_selective_checkpoint_contexts(_recompute_every_op)
+
+
+def checkpoint_recomputed(fn: Callable, *args: Tensor) -> Tensor:
+    """`fn(*args)` keeping only its inputs for backward, which re-runs it: a selective MLP's region.
+
+    Every op inside is tagged MUST_RECOMPUTE through a selective-checkpoint context rather than left to
+    plain `checkpoint`: inside a compiled block, torch 2.11 did not honour a plain non-reentrant
+    checkpoint around the FP8 matmul (an autograd.Function). The partitioner kept the MLP's bf16
+    pre-activation as if there were no checkpoint (482 MiB kept per d20 block at B=8, as in fast mode) and
+    the block ran 2.5x slower; with every op tagged it kept 322 MiB at fast mode's speed (docs/PERF.md).
+    Eager and in bf16 the two are the same thing.
+    """
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
+                                             context_fn=_recompute_every_op_contexts)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from nanochat_unsloth.train import fp8 as fp8_ops
 from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
-from nanochat_unsloth.train.memory import block_memory_modes, run_block
+from nanochat_unsloth.train.memory import block_memory_modes, checkpoint_recomputed, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
@@ -100,7 +100,7 @@ class MLP(nn.Module):
         if self.recompute and self.training and torch.is_grad_enabled():
             # The 4*n_embd-wide hidden activation is the largest tensor a block would keep; backward
             # re-runs c_fc and ReLU^2 instead (under torch.compile only what backward needs is re-run).
-            return torch.utils.checkpoint.checkpoint(self._mlp, x, use_reentrant=False, preserve_rng_state=False)
+            return checkpoint_recomputed(self._mlp, x)
         return self._mlp(x)
 
     def _mlp(self, x: Tensor) -> Tensor:

@@ -1,0 +1,204 @@
+"""What each block keeps for backward, per memory mode: measured on the allocator, not estimated.
+
+    python benchmarks/activation_memory.py --depth 20 --batch-size 8 --kernels unsloth-fp8 \\
+        --memory fast,selective-14,lean-7 --out act.json
+
+For each --memory variant (each in its own subprocess, like train_throughput.py) this builds the model
+as training does (GPT.build, `memory.compile_for_training`, bf16 autocast; with --fp8 every delayed
+scaling state switched on, as after the first steps), runs one warm-up micro-step (compilation), then
+one measured micro-step forward:
+    kept per block   memory_allocated() after each block minus before it: the block's saved tensors and
+                     its output (the next block's input), i.e. what it holds until backward;
+    kept in all      after the loss minus before the embedding;
+    peak             max_memory_allocated() over the measured forward + backward, above the start;
+    saved tensors    (shape, dtype, count) of what autograd saved for the first block, through
+                     `saved_tensors_hooks` (best effort: "unavailable" where the hooks break compilation).
+The weights, gradients and optimizer state are not part of these figures (no optimizer is built).
+`--device cpu` runs a toy-size smoke test (the CPU allocator is not measured: memory columns are 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from train_throughput import KERNEL_VARIANTS, memory_variant  # noqa: E402
+
+MIB = 2**20
+
+
+def measure(args) -> dict:
+    import torch
+
+    from nanochat_unsloth.train import fp8 as fp8_ops
+    from nanochat_unsloth.train import optim
+    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
+    from nanochat_unsloth.train.model import GPT
+
+    on_cuda = args.device == "cuda"
+    if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
+        fp8_ops.fp8_supported = lambda device: (True, "")
+    device = torch.device(args.device)
+    cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
+    kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
+    memory, _, lean_blocks = memory_variant(args.memory)
+    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks,
+                      fp8_rows=args.batch_size * args.seq)
+    for s in fp8_ops.delayed_scalings(model):  # the steady state: delayed scaling on, a plausible history
+        s.x_amax.fill_(1.0)
+        s.grad_amax.fill_(1e-3)
+        s.active = True
+    mode = compile_mode(model.ops.name, memory) if on_cuda else "none"
+    compiled = compile_for_training(model, model, mode)
+
+    allocated = torch.cuda.memory_allocated if on_cuda else (lambda: 0)
+    marks: list[int] = []
+    current = {"block": -1}
+
+    def wrap(i, fn):
+        def run(*a):
+            current["block"] = i
+            out = fn(*a)
+            marks.append(allocated())
+            current["block"] = -1
+            return out
+        return run
+
+    blocks = list(model.transformer.h)
+    originals = list(model.compiled_blocks) if model.compiled_blocks is not None else None
+    if mode == "model":
+        raise SystemExit("activation_memory: needs the blocks compiled separately; run with NANOCHAT_COMPILE=blocks")
+    twins = originals if originals is not None else blocks
+    model.compiled_blocks = [wrap(i, fn) for i, fn in enumerate(twins)]
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def micro_step(hooks=None):
+        w = torch.randint(0, args.vocab, (args.batch_size * args.seq + 1,), device=device, generator=gen)
+        x, y = w[:-1].view(args.batch_size, args.seq).int(), w[1:].view(args.batch_size, args.seq)
+        marks.clear()
+        start = allocated()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            if hooks is None:
+                loss = compiled(x, y)
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(*hooks):
+                    loss = compiled(x, y)
+        after = allocated()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return start, after
+
+    micro_step()  # compiles
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start, after = micro_step()
+    peak = torch.cuda.max_memory_allocated() if on_cuda else 0
+    before_blocks = [start] + marks[:-1]
+    per_block = [(m - b) / MIB for m, b in zip(marks, before_blocks)]
+    # the first block's delta includes the embedding's output; every other one starts at a block output
+    result = {
+        "depth": args.depth, "kernels": args.kernels, "batch_size": args.batch_size, "memory": args.memory,
+        "compile": mode, "block_memory": model.block_memory,
+        "kept_per_block_mib": per_block,
+        "kept_total_gib": (after - start) / 2**30,
+        "peak_above_start_gib": (peak - start) / 2**30,
+        "gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
+    }
+
+    saved: list = []
+
+    def pack(t):
+        if current["block"] == 0:
+            saved.append((tuple(t.shape), str(t.dtype).replace("torch.", "")))
+        return t
+
+    try:
+        micro_step((pack, lambda t: t))
+        counts = collections.Counter(saved)
+        result["block0_saved"] = [{"shape": list(s), "dtype": d, "count": n}
+                                  for (s, d), n in sorted(counts.items(), key=lambda kv: -_numel(kv[0][0]))]
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the allocator figures above stand on their own
+        result["block0_saved"] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return result
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--kernels", default="unsloth-fp8", choices=sorted(KERNEL_VARIANTS))
+    p.add_argument("--memory", default="fast,selective", help="comma list: fast, lean, lean-K, selective, selective-K")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--out", default="")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per variant")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fp8-anywhere", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.one:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return 0
+    results = []
+    for name in args.memory.split(","):
+        try:
+            extra_env = memory_variant(name)[1]
+        except KeyError:
+            p.error(f"--memory {name!r}: choose fast, lean, lean-K, selective or selective-K")
+        env = dict(os.environ, **KERNEL_VARIANTS[args.kernels][2], **extra_env)
+        cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
+               "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--kernels", args.kernels,
+               "--memory", name, "--device", args.device] + (["--fp8-anywhere"] if args.fp8_anywhere else [])
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            result = json.loads(lines[-1][7:]) if lines else {
+                "memory": name, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            result = {"memory": name, "error": f"timeout {args.timeout}s"}
+        result["wall_s"] = time.time() - t0
+        results.append(result)
+        print(format_result(result), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def format_result(r: dict) -> str:
+    if "error" in r:
+        return f"{r['memory']:<14} ERROR {r['error']}"
+    by_mode = collections.defaultdict(list)
+    for mode, mib in zip(r["block_memory"][1:], r["kept_per_block_mib"][1:]):  # block 0 also holds the embedding
+        by_mode[mode].append(mib)
+    per_mode = ", ".join(f"{m} {sum(v) / len(v):.0f} MiB/block" for m, v in by_mode.items())
+    lines = [f"{r['memory']:<14} kept {r['kept_total_gib']:6.2f} GiB | peak +{r['peak_above_start_gib']:6.2f} GiB | "
+             f"{per_mode} | {r['wall_s']:.0f}s"]
+    if isinstance(r.get("block0_saved"), list):
+        lines += [f"    block 0 saved {e['count']} x {e['shape']} {e['dtype']}" for e in r["block0_saved"][:10]]
+    elif r.get("block0_saved"):
+        lines.append(f"    block 0 saved: {r['block0_saved']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
