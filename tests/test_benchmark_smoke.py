@@ -7,6 +7,7 @@ The GPU figures themselves come from the device (docs/PERF.md); this only keeps 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,3 +81,23 @@ def test_rope_norm_micro_runs_its_torch_side_on_cpu(tmp_path):
     (r,) = json.loads(out.read_text())
     assert r["variant"] == "torch (eager)" and r["shape"] == [2, 32, 2, 16]
     assert r["min_gb_moved"] == 10 * 2 * (2 * 32 * 2 * 16) / 1e9
+
+
+def test_activation_memory_lists_what_a_block_saves_on_cpu(tmp_path):
+    """CPU smoke test (no allocator figures there): the saved-tensor listing of block 0 shows the MLP's
+    4*n_embd-wide tensors under fast mode and none under selective."""
+    out = tmp_path / "act.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "activation_memory.py"), "--device", "cpu",
+                           "--depth", "2", "--seq", "32", "--vocab", "256", "--batch-size", "2",
+                           "--kernels", "unsloth-fp8", "--fp8-anywhere", "--memory", "fast,selective",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fast, selective = json.loads(out.read_text())
+    assert (fast["memory"], selective["memory"]) == ("fast", "selective")
+    assert len(fast["kept_per_block_mib"]) == 2 and selective["block_memory"] == ["selective"] * 2
+    hidden = 2 * 32 * 4 * 2 * 64  # B * T * 4 * n_embd at depth 2
+
+    def sizes(r):
+        return {math.prod(e["shape"]) for e in r["block0_saved"]}
+
+    assert hidden in sizes(fast) and hidden not in sizes(selective)
