@@ -10,7 +10,8 @@
                     recompute only the MLP (its c_fc GEMM and ReLU^2) in backward: the MLP's 4*n_embd-wide
                     hidden activation, the largest tensor a block keeps (~40% of its activations), is not
                     stored. Costs one c_fc GEMM per block (~1/9 of the block's GEMM work) where lean costs
-                    the whole block forward. `--lean_blocks K` limits it to the first K blocks too.
+                    the whole block forward: measured at d20 with --fp8, 5.5-8% of the step for 35% less
+                    activation memory. `--lean_blocks K` limits it to the first K blocks too.
 
 Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch selects; auto = offload):
     offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
@@ -91,10 +92,10 @@ def checkpoint_recomputed(fn: Callable, *args: Tensor) -> Tensor:
 
     Every op inside is tagged MUST_RECOMPUTE through a selective-checkpoint context rather than left to
     plain `checkpoint`: inside a compiled block, torch 2.11 did not honour a plain non-reentrant
-    checkpoint around the FP8 matmul (an autograd.Function). The partitioner kept the MLP's bf16
-    pre-activation as if there were no checkpoint (482 MiB kept per d20 block at B=8, as in fast mode) and
-    the block ran 2.5x slower; with every op tagged it kept 322 MiB at fast mode's speed (docs/PERF.md).
-    Eager and in bf16 the two are the same thing.
+    checkpoint around the FP8 matmul (an autograd.Function): plain checkpoint tags the region
+    PREFER_RECOMPUTE, and the partitioner kept the MLP's bf16 pre-activation as if there were no checkpoint
+    (482 MiB kept per d20 block at B=8, as in fast mode). With every op tagged MUST_RECOMPUTE it keeps 322
+    MiB (benchmarks/activation_memory.py, docs/PERF.md). Eager, the two are the same thing.
     """
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
                                              context_fn=_recompute_every_op_contexts)
