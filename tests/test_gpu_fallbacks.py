@@ -526,3 +526,28 @@ def test_train_refuses_unknown_memory_and_optimizer(base):
         run_train(base, "--num-iterations", "1", "--model-tag", "bad2", "--optimizer", "lion")
     with pytest.raises(UserError, match="--lean_blocks 1 needs --memory lean"):
         run_train(base, "--num-iterations", "1", "--model-tag", "bad3", "--lean-blocks", "1")
+
+
+def test_out_of_memory_advice_names_the_flags_cheapest_first():
+    fast = M.out_of_memory_advice(32, "fast", -1, False, 77.9, 79.1)
+    assert fast.startswith("out of GPU memory (peak 77.9 of 79.1 GiB) at --device_batch_size=32 --memory=fast: ")
+    assert fast.index("--memory selective") < fast.index("--device_batch_size to 16") < fast.index("--memory lean")
+    assert "--fp8" not in fast and "\n" not in fast
+    partial = M.out_of_memory_advice(8, "selective", 14, True, 15.9, 16.0)
+    assert "--lean_blocks=14: raise --lean_blocks" in partial and "add --fp8" in partial
+    assert "add --memory selective" not in partial
+    floor = M.out_of_memory_advice(1, "lean", -1, False, 70.0, 79.1)
+    assert "--device_batch_size to" not in floor and "--depth" in floor and "MULTI_GPU" in floor
+
+
+def test_training_step_out_of_memory_is_a_one_line_user_error(tmp_path, monkeypatch):
+    from nanochat_unsloth.train import loop
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "optimizer_step", out_of_memory)
+    base = make_train_base_dir(tmp_path)
+    cfg = parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "2"]))
+    with pytest.raises(UserError, match=r"^out of GPU memory .* --device_batch_size=\d+ --memory=fast: add --memory selective"):
+        loop.train(cfg)

@@ -23,7 +23,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
-from nanochat_unsloth.train.memory import compile_for_training, compile_mode
+from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
@@ -294,6 +294,11 @@ def train(cfg: TrainConfig) -> dict:
         except NonFiniteLoss as e:
             print0(f"{e}: stopping. The last good checkpoint in {run_dir} is kept; lower the LRs or resume it.")
             raise
+        except torch.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else 0.0
+            suggest_fp8 = not raw_model.ops.fp8 and fp8.fp8_supported(device)[0]
+            raise UserError(out_of_memory_advice(cfg.device_batch_size, cfg.memory, cfg.lean_blocks, suggest_fp8,
+                                                 peak_memory_gib(device_type), total)) from None
         step_loss, lrm = out.global_loss, out.lrm
         grad_norm = out.grad_norm.item() if out.grad_norm is not None else None
         if device_type == "cuda":

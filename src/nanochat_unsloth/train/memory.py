@@ -75,6 +75,33 @@ def block_memory_modes(memory: str, lean_blocks: int, n_layer: int) -> list[str]
     return [memory] * n + ["fast"] * (n_layer - n)
 
 
+def out_of_memory_advice(device_batch_size: int, memory: str, lean_blocks: int, suggest_fp8: bool,
+                         peak_gib: float, total_gib: float) -> str:
+    """The one-line error for a training step that ran out of GPU memory: what to change, cheapest first.
+
+    Ordered by what each costs in speed, as measured at d20 on an H100 (docs/PERF.md): recomputing part of
+    the blocks (`--lean_blocks K`, when a recompute mode is on), the MLP recomputed (selective, 6-8% with
+    --fp8 for ~35% less activation memory), a smaller micro-batch (the step's math is unchanged: more
+    gradient accumulation), whole blocks recomputed (lean, ~25% for ~90% less).
+    """
+    where = f"out of GPU memory (peak {peak_gib:.1f} of {total_gib:.1f} GiB) at --device_batch_size={device_batch_size}"
+    where += f" --memory={memory}" + (f" --lean_blocks={lean_blocks}" if lean_blocks != -1 else "")
+    options = []
+    if memory != "fast" and lean_blocks != -1:
+        options.append("raise --lean_blocks (or -1: all blocks)")
+    if memory == "fast":
+        options.append("add --memory selective (the MLP recomputed in backward)")
+    if device_batch_size > 1:
+        options.append(f"lower --device_batch_size to {device_batch_size // 2} (same step math, more accumulation)")
+    if memory != "lean":
+        options.append("use --memory lean (every block recomputed)")
+    if suggest_fp8:
+        options.append("add --fp8 (smaller saved tensors)")
+    if memory == "lean" and lean_blocks == -1 and device_batch_size == 1:
+        options.append("the model itself does not fit: a smaller --depth, or FSDP2 over several GPUs (docs/MULTI_GPU.md)")
+    return where + ": " + "; or ".join(options) + " (docs/PERF.md lists the memory of each setting)"
+
+
 # -----------------------------------------------------------------------------
 # Recomputing the MLP (--memory selective)
 
