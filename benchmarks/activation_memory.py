@@ -23,15 +23,13 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_throughput import KERNEL_VARIANTS, memory_variant  # noqa: E402
+from train_throughput import KERNEL_VARIANTS, memory_variant, run_configuration  # noqa: E402
 
 MIB = 2**20
 
@@ -168,15 +166,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
                "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--kernels", args.kernels,
                "--memory", name, "--device", args.device] + (["--fp8-anywhere"] if args.fp8_anywhere else [])
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            result = json.loads(lines[-1][7:]) if lines else {
-                "memory": name, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-            result = {"memory": name, "error": f"timeout {args.timeout}s"}
-        result["wall_s"] = time.time() - t0
+        result = run_configuration(cmd, env, args.timeout, {"memory": name})
         results.append(result)
         print(format_result(result), flush=True)
         if args.out:

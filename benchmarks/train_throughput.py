@@ -398,22 +398,7 @@ def main() -> int:
         cmd += ["--profile"] if args.profile else []
         cmd += ["--fp8-anywhere"] if args.fp8_anywhere else []
         head = {"depth": args.depth, "kernels": kernels, "batch_size": batch_size, "memory": memory}
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            err = proc.stderr.strip().splitlines()
-            if lines:
-                result = json.loads(lines[-1][len("RESULT "):])
-                result["notices"] = [ln for ln in err if ln.startswith("notice:")]
-            else:
-                oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
-                result = dict(head, error="OOM" if oom else (err[-1][:300] if err else f"exit {proc.returncode}"),
-                              stderr_tail="\n".join(err[-25:]))
-        except subprocess.TimeoutExpired as e:
-            err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()
-            result = dict(head, error=f"timeout {args.timeout}s", stderr_tail="\n".join(err[-25:]))
-        result["wall_s"] = time.time() - t0
+        result = run_configuration(cmd, env, args.timeout, head)
         results.append(result)
         print(format_row(result), flush=True)
         if result.get("profile"):
@@ -422,6 +407,28 @@ def main() -> int:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
     return report(results, args.plot)
+
+
+def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> dict:
+    """Run one configuration's subprocess (`cmd` prints `RESULT <json>`); its result, or `head` with an error
+    (OOM, timeout, the last stderr line). Also used by activation_memory.py."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        err = proc.stderr.strip().splitlines()
+        if lines:
+            result = json.loads(lines[-1][len("RESULT "):])
+            result["notices"] = [ln for ln in err if ln.startswith("notice:")]
+        else:
+            oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
+            result = dict(head, error="OOM" if oom else (err[-1][:300] if err else f"exit {proc.returncode}"),
+                          stderr_tail="\n".join(err[-25:]))
+    except subprocess.TimeoutExpired as e:
+        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()
+        result = dict(head, error=f"timeout {timeout}s", stderr_tail="\n".join(err[-25:]))
+    result["wall_s"] = time.time() - t0
+    return result
 
 
 def report(results: list[dict], plot_path: str) -> int:
