@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -125,17 +126,10 @@ def measure(args) -> dict:
         micro_step((pack, lambda t: t))
         counts = collections.Counter(saved)
         result["block0_saved"] = [{"shape": list(s), "dtype": d, "count": n}
-                                  for (s, d), n in sorted(counts.items(), key=lambda kv: -_numel(kv[0][0]))]
+                                  for (s, d), n in sorted(counts.items(), key=lambda kv: -math.prod(kv[0][0]))]
     except Exception as e:  # noqa: BLE001 - a diagnostic; the allocator figures above stand on their own
         result["block0_saved"] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     return result
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def main() -> int:
