@@ -285,16 +285,31 @@ def test_round_trip_ours_nanochat_ours_is_identical(base, tmp_path):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def test_cpu_run_export_casts_only_wte_to_bf16(base, tmp_path):
+def test_cpu_run_export_is_lossless(base, tmp_path):
+    # nanochat keeps wte in fp32 on the CPU (its init_weights casts to bf16 on CUDA only): so do we
     export_to_nanochat(base / "runs" / "cpu", base_dir=tmp_path, log=quiet)
     state = torch.load(tmp_path / "base_checkpoints" / "cpu" / "model_000003.pt", weights_only=True)
     original = ckpt.load_model_state_dict(base / "runs" / "cpu" / "step_000003")
     assert original["transformer.wte.weight"].dtype == torch.float32
+    assert sorted(state) == sorted(original)
     for name, tensor in state.items():
-        if name == "transformer.wte.weight":
-            assert torch.equal(tensor, original[name].bfloat16())
-        else:
-            assert tensor.dtype == torch.float32 and torch.equal(tensor, original[name]), name
+        assert tensor.dtype == original[name].dtype and torch.equal(tensor, original[name]), name
+
+
+@pytest.mark.parametrize("device_type, wte_dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_export_writes_wte_as_nanochat_would_on_the_runs_device(base, tmp_path, device_type, wte_dtype):
+    # the meta's device decides, not the checkpoint's dtype: an FSDP2 run on CUDA holds an fp32 wte
+    run = tmp_path / "base" / "runs" / "moved"
+    shutil.copytree(base / "runs" / "cpu", run)
+    for name in ("tokenizer", "shards"):
+        shutil.copytree(base / name, tmp_path / "base" / name)
+    meta_path = run / "step_000003" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "device_type": device_type}))
+    export_to_nanochat(run, base_dir=tmp_path / "out", log=quiet)
+    state = torch.load(tmp_path / "out" / "base_checkpoints" / "moved" / "model_000003.pt", weights_only=True)
+    original = ckpt.load_model_state_dict(run / "step_000003")["transformer.wte.weight"]
+    assert state["transformer.wte.weight"].dtype == wte_dtype
+    assert torch.equal(state["transformer.wte.weight"], original.to(wte_dtype))
 
 
 def test_step_selection(base, tmp_path):
@@ -514,7 +529,10 @@ def test_nanochat_build_model_loads_converted_checkpoint(base, tmp_path, monkeyp
     theirs, tokenizer, meta = cm.build_model(str(target / "base_checkpoints" / "d2"), 3, torch.device("cpu"), "eval")
     assert meta["step"] == 3 and tokenizer.get_vocab_size() == theirs.config.vocab_size
     ours = build_model(layout.load_nanochat_checkpoint(target / "base_checkpoints" / "d2"), torch.device("cpu"))
-    # our model straight from our run checkpoint, with wte rounded to bf16 as the conversion stores it
+    # nanochat's loader gets the CPU run's weights exactly, fp32 wte included
+    trained = ckpt.load_model_state_dict(base / "runs" / "cpu" / "step_000003")
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, theirs.config.vocab_size, (2, SEQ), generator=g)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from nanochat_unsloth.train import bf16_gemm
 from nanochat_unsloth.train.model import GPT, GPTConfig
 from nanochat_unsloth.train.optim import build_optimizers
 
@@ -107,7 +108,19 @@ def test_state_dict_loads_strict_and_forward_matches(nanochat_gpt, name):
                                    theirs(idx, targets, loss_reduction="none"), rtol=1e-5, atol=1e-5)
 
 
-def test_one_optimizer_step_matches(nanochat_gpt):
+# Relative distance of our Muon update to nanochat's, by how this CPU runs bf16 GEMMs. native: the same
+# bf16 operations, only batched differently (measured <= 2.4e-8 on AVX-512 and AVX2). emulated: fp32 GEMMs
+# of bf16 values, rounded once, against nanochat's bf16 ones; Newton-Schulz amplifies that rounding noise,
+# most in these 64-wide matrices of a low-rank one-batch gradient (measured at most 8.4e-2 on AVX-512 and
+# AVX2, c_q; test_bf16_gemm shows the emulated iteration as close to float64 as nanochat's). AdamW's
+# parameters see no bf16 GEMM: 1e-4 in both (measured <= 2.4e-8).
+UPDATE_RTOL = {"native": 1e-4, "emulated": 0.15}
+
+
+@pytest.mark.parametrize("cpu_bf16", list(UPDATE_RTOL))
+def test_one_optimizer_step_matches(nanochat_gpt, cpu_bf16, monkeypatch):
+    monkeypatch.setattr(bf16_gemm, "_cpu_choice", None)
+    bf16_gemm.configure_cpu_bf16(cpu_bf16)
     config = CONFIGS["gqa"]
     ours, theirs = build_both(nanochat_gpt, config)
     randomize(ours)
@@ -129,5 +142,5 @@ def test_one_optimizer_step_matches(nanochat_gpt):
     for k, v in ours.state_dict().items():
         delta_ours, delta_theirs = v - before[k], theirs_sd[k] - before[k]
         assert delta_theirs.norm() > 0, k
-        # Newton-Schulz runs in bf16 in both; batching it differently may round differently
-        assert (delta_ours - delta_theirs).norm() / delta_theirs.norm() < 1e-4, k
+        rel = ((delta_ours - delta_theirs).norm() / delta_theirs.norm()).item()
+        assert rel < (UPDATE_RTOL[cpu_bf16] if k.startswith("transformer.h.") else 1e-4), k

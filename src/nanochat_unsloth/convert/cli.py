@@ -97,7 +97,8 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     if n_vocab != loaded.model_config["vocab_size"]:
         raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but the checkpoint's model has vocab_size "
                         f"{loaded.model_config['vocab_size']}; config and tokenizer do not belong together")
-    state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir))
+    state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir),
+                                          layout.nanochat_embedding_dtype(meta, loaded.state_dict))
     nano_meta = layout.nanochat_meta({**meta, "step": loaded.step}, tag)
     optim_states = layout.nanochat_optim_from_run(step_dir) if with_optim else None
 

@@ -129,17 +129,29 @@ def check_state_dict(state: dict[str, torch.Tensor], model_config: dict,
     return OrderedDict((k, state[k]) for k in shapes)
 
 
-def to_nanochat_state_dict(state: dict[str, torch.Tensor], model_config: dict,
-                           where: str = "checkpoint") -> "OrderedDict[str, torch.Tensor]":
-    """Our weights as nanochat's trainer leaves them: module order, wte bf16, everything else fp32.
+def nanochat_embedding_dtype(meta: dict, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """wte's dtype in the checkpoint nanochat itself would write on the run's device: its init_weights
+    casts wte to bf16 on CUDA only, so bf16 there and fp32 on a CPU (or MPS) run.
 
-    nanochat's build_model would also load an fp32 wte (it upcasts bf16 on CPU anyway), but we match the
-    layout its own CUDA run writes, byte for byte; a CPU-trained run of ours loses wte's low mantissa bits.
+    The run's device comes from the meta (`device_type`); checkpoints written before the meta recorded it
+    hold wte in the dtype our model (which follows the same rule) trained it in.
+    """
+    device_type = meta.get("device_type")
+    if device_type is None:
+        return ckpt.strip_wrapper_prefixes(state)[EMBEDDING_KEY].dtype
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def to_nanochat_state_dict(state: dict[str, torch.Tensor], model_config: dict, where: str = "checkpoint",
+                           embedding_dtype: torch.dtype = torch.bfloat16) -> "OrderedDict[str, torch.Tensor]":
+    """Our weights as nanochat's trainer leaves them: module order, wte in `embedding_dtype` (see
+    `nanochat_embedding_dtype`), everything else fp32. A run's own dtypes are kept, so nothing is lost
+    except where nanochat would have rounded too (an FSDP2 run's fp32 wte, bf16 on CUDA for nanochat).
     """
     ordered = check_state_dict(ckpt.strip_wrapper_prefixes(state), model_config, where)
     out = OrderedDict()
     for name, tensor in ordered.items():
-        dtype = torch.bfloat16 if name == EMBEDDING_KEY else torch.float32
+        dtype = embedding_dtype if name == EMBEDDING_KEY else torch.float32
         out[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
     return out
 

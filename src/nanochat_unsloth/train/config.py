@@ -16,7 +16,7 @@ RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
 RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
-    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer",
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
 )
 
 
@@ -30,6 +30,10 @@ class TrainConfig:
                                                           "~25% slower); selective recomputes only the MLP"})
     lean_blocks: int = field(default=-1, metadata={"help": "with --memory lean|selective: only the first N blocks (-1 = all)"})
     fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval stay bf16)"})
+    cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
+                                                            "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
+                                                            "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
+                                                            "once (GPUs are always native)"})
     # ---- horizon (first one set wins, in this order) ----------------------------------------
     num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})
     target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 = off)"})

@@ -20,7 +20,7 @@ from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import fp8, optim
+from nanochat_unsloth.train import bf16_gemm, fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
@@ -104,6 +104,11 @@ def train(cfg: TrainConfig) -> dict:
     master = accelerator.is_main_process
     print0 = accelerator.print
     set_seed(cfg.seed)
+    if cfg.cpu_bf16 not in bf16_gemm.CHOICES:
+        raise UserError(f"--cpu_bf16 {cfg.cpu_bf16!r} is not one of: {', '.join(bf16_gemm.CHOICES)}")
+    if device_type == "cpu":  # decided before the model exists: the probe times clean matmuls
+        bf16_gemm.configure_cpu_bf16(cfg.cpu_bf16)
+        print0(bf16_gemm.cpu_bf16_summary())
 
     base_dir = get_base_dir(cfg.base_dir or None)
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
@@ -230,7 +235,9 @@ def train(cfg: TrainConfig) -> dict:
             "val_bpb": val_bpb,
             "world_size": world_size,
             "grad_accum": grad_accum,
+            "device_type": device_type,  # convert writes wte as nanochat would on this device
             "num_iterations": num_iterations,
+            "cpu_bf16": bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
         }
 
     def log_jsonl(path: Path, record: dict):

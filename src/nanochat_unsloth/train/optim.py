@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train import bf16_gemm
+from nanochat_unsloth.train.bf16_gemm import NATIVE, Bf16Math
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.fsdp import apply_full_update, full_tensor, is_dtensor
 from nanochat_unsloth.train.kernels import notice_once
@@ -47,34 +49,37 @@ depth_to_config = depth_to_model_config  # the name docs/ARCHITECTURE.md first u
 # Muon
 
 
-def _newtonschulz5(G: Tensor, steps: int) -> Tensor:
+def _newtonschulz5(G: Tensor, steps: int, math: Bf16Math = NATIVE) -> Tensor:
     # Quintic Newton-Schulz towards the orthogonal factor of G (Keller Jordan's Muon). The coefficients
     # maximise the slope at zero: singular values land roughly in (0.5, 1.5) instead of exactly 1, which
-    # trains as well and needs only 5 steps. bf16 is enough for this iteration.
+    # trains as well and needs only 5 steps. bf16 is enough for this iteration; `math` says how bf16 is
+    # carried out (bf16_gemm.py), and each `round` stands where a bf16 program stores a bf16 result.
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = math.round(G)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    norm = math.round(math.round(X.norm(dim=(-2, -1), keepdim=True)) + 1e-7)
+    X = math.round(X / norm)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    return X.mT if tall else X
+        A = math.mm(X, X.mT)
+        B = math.round(b * A + math.mm(math.round(c * A), A))  # c * A @ A parses as (c * A) @ A
+        X = math.round(a * X + math.mm(B, X))
+    return (X.mT if tall else X).bfloat16()
 
 
 _compiled_newtonschulz5 = None
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, math: Bf16Math | None = None) -> Tensor:
     """Approximately orthogonalise G (..., rows, cols), batched over leading dims; returns bf16.
 
-    Compiled with torch.compile on CUDA only, so CPU runs need no compiler toolchain.
+    CUDA: native bf16, compiled with torch.compile. CPU: eager (no compiler toolchain needed), with the
+    process's bf16 choice (`bf16_gemm.configure_cpu_bf16`) unless `math` is given.
     """
     global _compiled_newtonschulz5
     if not G.is_cuda:
-        return _newtonschulz5(G, steps)
+        return _newtonschulz5(G, steps, math or bf16_gemm.math_for(G))
     if _compiled_newtonschulz5 is None:
         _compiled_newtonschulz5 = torch.compile(_newtonschulz5)
     return _compiled_newtonschulz5(G, steps)
