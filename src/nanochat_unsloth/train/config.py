@@ -66,6 +66,8 @@ class TrainConfig:
     keep_last: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
     resume: str = field(default="", metadata={"help": "'auto' = newest complete checkpoint of the run, or a step dir"})
     stop_after: int = field(default=-1, metadata={"help": "save and exit after this step, as an interruption would"})
+    profile_step: int = field(default=-1, metadata={"help": "time this step's phases on every rank and trace it with "
+                                                             "torch.profiler, into <run>/profile/ (-1 = off)"})
     force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings"})
 
     @property

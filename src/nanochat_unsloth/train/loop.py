@@ -25,6 +25,7 @@ from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FI
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
 from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.train.phase_timer import profiled_step
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
 PROMISED_FLOPS_H100 = 989e12  # bf16 dense, the basis of nanochat's MFU figure
@@ -292,12 +293,13 @@ def train(cfg: TrainConfig) -> dict:
             torch.cuda.synchronize()
         t0 = time.time()
         try:
-            out = optimizer_step(
-                accelerator, model, raw_model, optimizers, lambda: next(train_loader), grad_accum, step,
-                num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
-                warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
-                global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(),
-            )
+            with profiled_step(run_dir / "profile", rank, step, device, step == cfg.profile_step) as timer:
+                out = optimizer_step(
+                    accelerator, model, raw_model, optimizers, lambda: next(train_loader), grad_accum, step,
+                    num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
+                    warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
+                    global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(), timer=timer,
+                )
         except NonFiniteLoss as e:
             print0(f"{e}: stopping. The last good checkpoint in {run_dir} is kept; lower the LRs or resume it.")
             raise

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from nanochat_unsloth.train import fp8, optim
+from nanochat_unsloth.train.phase_timer import DISABLED, PhaseTimer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,33 +33,41 @@ class StepResult:
 def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callable[[], tuple[Tensor, Tensor]],
                    grad_accum: int, step: int, num_iterations: int, *, grad_clip: float = 1.0,
                    warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
-                   global_mean: Callable[[Tensor], float] | None = None) -> StepResult:
+                   global_mean: Callable[[Tensor], float] | None = None,
+                   timer: PhaseTimer = DISABLED) -> StepResult:
     """Run step `step` (0-based).
 
     `global_mean(local_mean_loss) -> float` reduces the loss over ranks (a host sync); when given, a
-    non-finite loss raises NonFiniteLoss before the optimizers touch the weights.
+    non-finite loss raises NonFiniteLoss before the optimizers touch the weights. `timer` marks the
+    phases of a profiled step (`--profile_step`).
     """
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro_step in range(grad_accum):
+        last = micro_step == grad_accum - 1
         x, y = next_batch()
+        timer.mark("data")
         # DDP all-reduces gradients only on the last micro-step
-        sync_ctx = accelerator.no_sync(model) if micro_step < grad_accum - 1 else contextlib.nullcontext()
+        sync_ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync_ctx, accelerator.autocast():
             loss = model(x, y)
             loss_sum += loss.detach()
             # each backward adds into .grad: normalise once, here (we do not use accelerator.accumulate)
             accelerator.backward(loss / grad_accum)
+        timer.mark("fwd_bwd_last_with_grad_sync" if last else "fwd_bwd")
     mean_loss = loss_sum / grad_accum
     global_loss = None
     if global_mean is not None:
         global_loss = global_mean(mean_loss)
         if not math.isfinite(global_loss):
             raise NonFiniteLoss(f"non-finite loss {global_loss} at step {step}")
+    timer.mark("loss_reduce_host_sync")
     grad_norm = optim.clip_grad_norm(raw_model.parameters(), grad_clip) if grad_clip > 0 else None
+    timer.mark("clip")
     lrm = optim.apply_schedules(optimizers, step, num_iterations, warmup_ratio=warmup_ratio,
                                 warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
     for opt in optimizers:
         opt.step()
+        timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
     model.zero_grad(set_to_none=True)
     fp8.start_delayed_scaling(raw_model, x.numel())  # --fp8: once every layer has an amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
