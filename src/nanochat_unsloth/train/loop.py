@@ -185,7 +185,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(train_loader)
     if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
         try:  # NANOCHAT_COMPILE / NANOCHAT_INDUCTOR values are checked here
-            model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
+            model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory),
+                                         data_parallel=world_size > 1 and not sharded_weights)
         except ValueError as e:
             raise UserError(str(e)) from None
 

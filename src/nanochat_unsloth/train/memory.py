@@ -226,8 +226,14 @@ def apply_inductor_settings(spec: str | None = None) -> dict:
     return applied
 
 
-def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> nn.Module:
+def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False) -> nn.Module:
     """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
+
+    `data_parallel` (DDP): Dynamo's DDP optimizer would split every compiled graph at DDP's bucket
+    boundaries, so that all-reduces start mid-graph; the pieces lose fusions and each keeps its own saved
+    activations (docs/MULTI_GPU.md has the measurements). Unsplit, a compiled region's gradients are ready
+    when its backward ends: compiled blocks still overlap their all-reduce with the next block's backward,
+    and the whole-model graph reduces right after its backward.
 
     `model` may be a DDP wrapper of `raw_model`. For "blocks", each block gets a compiled twin in
     `raw_model.compiled_blocks`, a plain list outside the module tree (parameter names and the
@@ -238,6 +244,8 @@ def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str) -> n
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     if mode != "none":
         apply_inductor_settings()
+    if data_parallel:
+        torch._dynamo.config.optimize_ddp = False
     if mode == "model":
         return torch.compile(model, dynamic=False)
     if mode == "blocks":
