@@ -62,6 +62,10 @@ def test_our_checkpoint_bpb_and_samples(base, run_result):
     r = run_result
     assert r["kind"] == "run" and r["step"] == 2 and r["device_batch_size"] == B and r["max_seq_len"] == SEQ
     assert r["steps"] == {"train": 4, "val": 4}
+    # The same per-token losses, summed in another order and precision (evaluate_bpb: an fp32 tensor sum per
+    # batch; reference_bpb: Python floats). Measured 4e-8 (AVX-512) and 7.4e-8 (AVX2, ONEDNN_MAX_CPU_ISA=AVX2)
+    # relative; bound 1e-5, 135x that and above the worst case of fp32 sums of these 4 batches of 64 positive
+    # terms (about 67 x 2^-24 = 4e-6).
     for split in ("train", "val"):
         assert r[f"{split}_bpb"] == pytest.approx(reference_bpb(base, split, 4), rel=1e-5)
     assert len(r["samples"]) == 7
@@ -128,7 +132,9 @@ def test_nanochat_computes_the_same(base, run_result, monkeypatch):
     for split in ("train", "val"):
         loader = TokenShardLoader(base / "shards", split, meta["device_batch_size"], meta["max_seq_len"])
         theirs = loss_eval.evaluate_bpb(model, loader, 4, token_bytes)
-        assert run_result[f"{split}_bpb"] == pytest.approx(theirs, rel=1e-6), split
+        # Bitwise: nanochat's forward and evaluate_bpb are the same operations in the same order as ours
+        # (test_nanochat_parity's forward is bitwise too). Measured equal on AVX-512 and AVX2.
+        assert run_result[f"{split}_bpb"] == theirs, split
     engine = engine_mod.Engine(model, tokenizer)
     samples = []
     for prompt in SAMPLE_PROMPTS:
@@ -144,5 +150,7 @@ def test_cuda_eval_under_bf16_autocast_is_close_to_cpu(base, run_result):
     theirs = evaluate_checkpoint(base / "base_checkpoints" / "d2", split_tokens=SPLIT_TOKENS, device="cuda", log=quiet)
     assert (ours["train_bpb"], ours["val_bpb"]) == (theirs["train_bpb"], theirs["val_bpb"])
     assert ours["samples"] == theirs["samples"] and len(ours["samples"]) == 7
-    for split in ("train", "val"):  # bf16 autocast on CUDA vs fp32 on CPU
+    # bf16 autocast on CUDA vs fp32 on CPU: bf16 logits and activations (2^-8 relative rounding). The 2e-2 bound
+    # was not measured in this pass (it needs a GPU; the CPU measurements of issue 13 do not cover it).
+    for split in ("train", "val"):
         assert ours[f"{split}_bpb"] == pytest.approx(run_result[f"{split}_bpb"], rel=2e-2)

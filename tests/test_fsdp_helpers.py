@@ -153,9 +153,13 @@ def test_full_grad_is_the_unsharded_average_gradient(ranks):
     m = make_module()
     loss = sum(forward(m, batch(r)).square().mean() for r in range(WORLD_SIZE)) / WORLD_SIZE
     loss.backward()
+    # Bitwise, by construction: backward of (l0 + l1) / 2 halves every term of each rank's gradient
+    # (halving is exact in binary) and adds the two, which is FSDP2's average of the two ranks' gradients;
+    # a sum of two is the same in either order. Measured equal on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2).
+    # A wrong reduction (a sum, or one rank's gradient) is off by a factor or by the other rank's batch.
     for r in ranks:
         for got, layer in zip(r["full_grads"], m):
-            torch.testing.assert_close(got, layer.weight.grad, rtol=1e-5, atol=1e-7)
+            assert torch.equal(got, layer.weight.grad)
 
 
 @pytest.mark.slow
@@ -179,15 +183,22 @@ def test_helpers_are_the_identity_on_plain_tensors():
 def test_sharded_adamw_on_fsdp2_params_is_torch_adamw(ranks):
     # DTensor params are already sharded: ShardedAdamW updates their local shards like torch AdamW does
     want = run_optimizer(make_module(), make_adamw(torch.optim.AdamW))
+    # Bitwise: each element sees the same (unfused) elementwise AdamW operations on its shard as on the whole
+    # tensor. Measured equal on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); a lost or misplaced row update
+    # would move a weight by lr (0.01 to 0.2) per step.
     for r in ranks:
         for got, w in zip(r["sharded_adamw"], want):
-            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+            assert torch.equal(got, w)
 
 
 @pytest.mark.slow
 def test_muon_on_fsdp2_params_is_unsharded_muon(tmp_path):
     spawn(_muon_worker, tmp_path)
     want = run_optimizer(make_module(), make_muon)
+    # Bitwise: the momentum lerps run on row shards (elementwise), Newton-Schulz on the gathered whole
+    # matrix (on the CPU independent of the batch it is in), and each rank adds its rows of the same bf16
+    # update. Measured equal on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), --cpu_bf16 emulated and native.
+    # A mix-up of rows or matrices moves weights by lr (0.05) per step.
     for r in range(WORLD_SIZE):
         for got, w in zip(torch.load(tmp_path / f"muon_rank{r}.pt", weights_only=True), want):
-            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+            assert torch.equal(got, w)
