@@ -140,11 +140,13 @@ def test_muon_aspect_ratio_scaling():
     grad = torch.randn(64, 16, generator=g)
     tall.grad, wide.grad = grad.clone(), grad.T.clone()
     Muon([tall, wide], lr=0.1, momentum=0.0, nesterov=False).step()
-    # Bitwise: the tall matrix is orthogonalised as its transpose, i.e. the wide one's values, and x2 is
-    # exact. Measured equal for seeds 2-11, AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), --cpu_bf16 emulated
-    # and native. (Two bf16 Newton-Schulz runs that rounded differently would be percent-level apart, so
-    # the old 1e-2 bound rested on this equality too; a missing aspect scale is a factor 2.)
-    assert torch.equal(tall.detach(), 2.0 * wide.detach().T)
+    # The tall matrix is orthogonalised as its transpose, i.e. the wide one's values, so the two came out
+    # bitwise equal here (seeds 2-11, AVX-512 and AVX2, --cpu_bf16 emulated and native). But the tall one
+    # reaches the GEMMs as a transposed view, which another CPU's kernels may sum in another order, and
+    # Newton-Schulz turns that into bf16 noise (<= 6.2e-2 relative, test_bf16_gemm / BF16_NS_RTOL). The
+    # bound sits above that noise and far below a wrong aspect scale (1x or 4x instead of 2x: >= 0.5).
+    rel = ((tall.detach() - 2.0 * wide.detach().T).norm() / tall.detach().norm()).item()
+    assert rel < 0.15
     assert tall.abs().max() > 0
 
 
