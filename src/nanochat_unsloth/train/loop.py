@@ -151,6 +151,16 @@ def peak_memory_gib(device_type: str) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training run. -> a summary; "stopped_at" in it when stopped before the end."""
+    locks: list = []
+    try:
+        return _train(cfg, locks)
+    finally:  # an in-process caller may start the next run at once: never leave the run tag locked
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, locks: list) -> dict:
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
 
@@ -175,7 +185,8 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
-    run_lock = take_run_lock(run_dir, cfg.tag) if master else None
+    if master:
+        locks.append(take_run_lock(run_dir, cfg.tag))
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
@@ -415,8 +426,6 @@ def train(cfg: TrainConfig) -> dict:
     # tearing gloo down while another still talks to it aborts or hangs that one)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if run_lock is not None:
-        run_lock.release()
     result["final_step"] = step
     return result
 
