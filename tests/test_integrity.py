@@ -99,7 +99,8 @@ def test_token_id_beyond_the_vocab_is_refused_before_the_model(own_base, no_mode
     entry = manifest.shards_for("train")[0]
     tokens = np.fromfile(shards / entry.file, dtype="<u2", offset=HEADER_BYTES)
     tokens[123] = 400  # vocab is 265; the manifest's checksum is updated, so only the id check can catch it
-    entry.sha256 = write_shard(shards / entry.file, tokens, manifest.tokenizer.vocab_size, manifest.tokenizer.bos_id).sha256
+    tok = manifest.tokenizer
+    entry.sha256 = write_shard(shards / entry.file, tokens, tok.vocab_size, tok.bos_id).sha256
     manifest.save(shards)
     with pytest.raises(UserError, match=r"train_000000.bin: holds token id 400, not below .* vocab size 265"):
         run_train(own_base, "--num-iterations", "1")
@@ -147,8 +148,10 @@ def test_prep_refuses_a_too_small_val_split(tmp_path, tiny_corpus_docs, tiny_tok
 
 
 @pytest.mark.parametrize("extra, match", [
-    (("--device-batch-size", "8", "--max-seq-len", "1024", "--total-batch-size", "8192"), "the val split is too short"),
-    (("--max-seq-len", "4096", "--device-batch-size", "16", "--total-batch-size", str(16 * 4096)), "train split is too short"),
+    (("--device-batch-size", "8", "--max-seq-len", "1024", "--total-batch-size", "8192"),
+     "the val split is too short"),
+    (("--max-seq-len", "4096", "--device-batch-size", "16", "--total-batch-size", str(16 * 4096)),
+     "train split is too short"),
     (("--eval-tokens", "32"), "--eval_tokens 32 is less than one val batch"),
 ])
 def test_data_too_small_for_the_flags_is_refused_before_the_model(base, no_model, extra, match):
@@ -208,7 +211,8 @@ def test_a_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
               "signal.signal(signal.SIGTERM, lambda *a: (m.write_text('sigterm'), sys.exit(0))); "
               "assert launched_by_launcher() and stop_with_parent(); m.write_text('ready'); time.sleep(60)")
     launcher = ("import os, subprocess, sys, time; "
-                "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], env={**os.environ, 'LOCAL_RANK': '0'}); "
+                "env = {**os.environ, 'LOCAL_RANK': '0'}; "  # what torchrun sets in its workers
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], env=env); "
                 "time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", launcher, worker, str(marker)])
     try:
@@ -377,7 +381,8 @@ def test_read_only_target_in_convert_is_one_line(base, tmp_path, monkeypatch, ca
 
 
 def test_stopped_early_exits_3_and_finished_exits_0(base):
-    assert train_cli(base, "--num-iterations", "2", "--model-tag", "codes", "--stop-after", "1", "--force") == EXIT_STOPPED
+    stopped = train_cli(base, "--num-iterations", "2", "--model-tag", "codes", "--stop-after", "1", "--force")
+    assert stopped == EXIT_STOPPED
     assert train_cli(base, "--num-iterations", "2", "--model-tag", "codes", "--resume", "auto") == 0
 
 

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-from nanochat_unsloth.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, disk_failure_message, is_disk_failure
+from nanochat_unsloth.common import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, disk_failure_message,
+                                     is_disk_failure)
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS = {

@@ -327,7 +327,8 @@ def load_run_checkpoint(path: str | Path, step: int | None = None) -> LoadedChec
     step_dir = resolve_run_step_dir(path, step)
     meta = ckpt.load_meta(step_dir)
     model_config = model_config_kwargs(meta.get("model_config"), str(step_dir / ckpt.META_NAME))
-    state = check_state_dict(ckpt.load_model_state_dict(step_dir, verify=False), model_config, str(step_dir / ckpt.MODEL_FILE))
+    weights = ckpt.load_model_state_dict(step_dir, verify=False)  # load_meta has just verified every file
+    state = check_state_dict(weights, model_config, str(step_dir / ckpt.MODEL_FILE))
     return LoadedCheckpoint(
         kind="run", path=step_dir, step=int(meta["step"]), state_dict=state, model_config=model_config, meta=meta,
         base_dir=step_dir.resolve().parent.parent.parent, tokenizer_sha256=meta.get("tokenizer_sha256"),

@@ -32,7 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nanochat_unsloth.common import UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure, read_json
+from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
+                                     read_json)
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
 from nanochat_unsloth.prep.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
@@ -229,7 +230,8 @@ class PrepJob:
     def _check_val_size(self, val_tokens: int) -> None:
         if val_tokens >= self.cfg.min_val_tokens:
             return
-        more = "--val-docs" if self.fingerprint["source"].get("kind") == "hf" else "--val-files (or a val file with text)"
+        hf = self.fingerprint["source"].get("kind") == "hf"
+        more = "--val-docs" if hf else "--val-files (or a val file with text)"
         raise UserError(
             f"--out {self.out}: the val split holds {val_tokens:,} tokens, fewer than --min-val-tokens "
             f"{self.cfg.min_val_tokens:,}, too few to evaluate on; give more val data with {more} or a higher "

@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     parser.add_argument("--max-val-tokens", type=int, default=None, help="cap on val tokens (default: all)")
     parser.add_argument("--min-val-tokens", type=int, default=MIN_VAL_TOKENS,
-                        help=f"refuse a val split smaller than this, before tokenizing train (default {MIN_VAL_TOKENS:,}: "
-                             "one 2048-token sequence + 1)")
+                        help="refuse a val split smaller than this, before tokenizing train "
+                             f"(default {MIN_VAL_TOKENS:,}: one 2048-token sequence + 1)")
     parser.add_argument("--force", action="store_true",
                         help="DELETE the shards in --out (of another source/tokenizer/options) and prep from scratch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, is_disk_failure, read_json,
-                                     sha256_file)
+from nanochat_unsloth.common import (FileLock, UserError, atomic_write_json, disk_failure_message, hold_lock,
+                                     is_disk_failure, read_json, sha256_file)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 META_NAME = "meta.json"
+LOCK_NAME = ".lock"  # one writer per run dir: a training run, or convert's import
 MODEL_FILE = "model.safetensors"
 # Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -28,6 +29,19 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def run_dir_for(base_dir: Path, tag: str) -> Path:
     return Path(base_dir) / "runs" / tag
+
+
+def lock_run(run_dir: Path) -> FileLock:
+    """Hold the run dir's lock (a training run holds it for its life); refuse with the holder's pid."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_failure(e):
+            raise UserError(disk_failure_message(run_dir, e)) from None
+        raise
+    return hold_lock(run_dir / LOCK_NAME, f"run tag {run_dir.name!r}",
+                     "wait for that run to finish (or stop it), or pass another --model_tag")
 
 
 def step_dir_name(step: int) -> str:

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir, hold_lock,
+from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir,
                                      is_disk_failure)
 from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import fp8, optim
-from nanochat_unsloth.train.launcher import launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
-LOCK_NAME = ".lock"  # in the run dir: one writer per run tag
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
+from nanochat_unsloth.train.launcher import launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
@@ -132,18 +131,6 @@ def gather_fp8_scaling(accelerator, raw_model) -> list[list[float]] | None:
     return state.reshape(accelerator.num_processes, -1).cpu().tolist()
 
 
-def take_run_lock(run_dir: Path, tag: str):
-    """One writer per run tag: the lock lives as long as this process (the kernel drops it however we die)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if is_disk_failure(e):
-            raise UserError(disk_failure_message(run_dir, e)) from None
-        raise
-    return hold_lock(run_dir / LOCK_NAME, f"run tag {tag!r}",
-                     "wait for that run to finish (or stop it), or pass another --model_tag")
-
-
 def peak_memory_gib(device_type: str) -> float:
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -186,7 +173,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
     if master:
-        locks.append(take_run_lock(run_dir, cfg.tag))
+        locks.append(ckpt.lock_run(run_dir))
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
