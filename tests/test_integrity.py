@@ -128,6 +128,11 @@ def test_damaged_checkpoint_is_refused_by_eval_and_convert_and_skipped_by_resume
     result = run_train(base, "--num-iterations", "4", "--model-tag", "rot", "--save-every", "1", "--resume", "auto")
     assert result["start_step"] == 1
     assert "--resume auto: skipping step_000002" in capsys.readouterr().out
+    # none verifies: refused, never a silent start from step 0 over the damaged run
+    for _, step_dir in ckpt.list_checkpoints(run_dir):
+        flip_bytes(step_dir / "model.safetensors", 2000, 8)
+    with pytest.raises(UserError, match="no checkpoint in .* verifies"):
+        run_train(base, "--num-iterations", "4", "--model-tag", "rot", "--resume", "auto")
 
 
 # ---- 2. a val split too small is refused at prep and at start-up, not at the final eval ----------

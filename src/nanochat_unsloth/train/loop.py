@@ -253,6 +253,9 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     smooth_loss, ema_start = 0.0, 0  # the loss EMA and the step it started at (debiasing)
     resume = ckpt.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
     if cfg.resume and resume is None:
+        if ckpt.list_checkpoints(run_dir) and not cfg.force:
+            raise UserError(f"--resume {cfg.resume}: no checkpoint in {run_dir} verifies (each is named above); pass "
+                            "--force to start over (they are moved to previous_N/, not deleted)")
         print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
     if resume is not None:
         resume_dir, meta = resume
