@@ -255,6 +255,19 @@ def test_checksum_only_when_asked(shards):
         TokenShardLoader(d, "train", B, T, verify_checksums=True)
 
 
+def test_token_id_past_the_vocab_is_one_line_when_read(tmp_path):
+    """eval reads shards without checksumming them: a bad id must not become an IndexError in the model."""
+    d, _ = make_shards(tmp_path)
+    tokens = np.full(100, VOCAB, dtype=np.uint16)  # == vocab size: one past the last id
+    write_shard(d / "train_000001.bin", tokens, VOCAB, BOS)
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"][1]["sha256"] = "stale"  # the checksum pass is what would catch it at a run's start
+    (d / "manifest.json").write_text(json.dumps(m))
+    loader = TokenShardLoader(d, "train", B, T)
+    with pytest.raises(UserError, match=rf"train_000001.bin: holds token id {VOCAB}, not below the vocab size"):
+        take(loader, loader.num_windows)
+
+
 def test_state_mismatch(shards):
     d, _ = shards
     state = TokenShardLoader(d, "train", B, T, 0, 2, 2).state_dict()

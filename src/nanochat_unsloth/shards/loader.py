@@ -82,7 +82,8 @@ class TokenShardLoader:
         manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,), part=(rank, world_size))
         self._vocab_size = manifest.tokenizer.vocab_size
         self._bos_id = manifest.tokenizer.bos_id
-        self._shards = [open_shard_tokens(self.shards_dir / e.file) for e in entries]
+        self._paths = [self.shards_dir / e.file for e in entries]
+        self._shards = [open_shard_tokens(path) for path in self._paths]
         sizes = np.array([len(m) for m in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard, plus the end
         self._tokens = int(self._starts[-1])
@@ -180,7 +181,13 @@ class TokenShardLoader:
         while done < self.window:
             lo = start + done - int(self._starts[i])
             n = min(self.window - done, len(self._shards[i]) - lo)
-            buf[done : done + n] = self._shards[i][lo : lo + n]  # uint16 -> int64 in one numpy pass
+            chunk = self._shards[i][lo : lo + n]
+            # an id past the vocab would be an IndexError deep in the model (eval does not checksum the shards);
+            # the uint16 max costs ~4 us per 65k-token window
+            if n and int(chunk.max()) >= self._vocab_size:
+                raise UserError(f"{self._paths[i]}: holds token id {int(chunk.max())}, not below the vocab size "
+                                f"{self._vocab_size}; the shard is corrupt, re-run prep")
+            buf[done : done + n] = chunk  # uint16 -> int64 in one numpy pass
             done += n
             i += 1
         return out
