@@ -245,6 +245,11 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     model, *optimizers = accelerator.prepare(model, *optimizers)
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     accelerator.register_for_checkpointing(train_loader)
+    if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
+        try:  # NANOCHAT_COMPILE / NANOCHAT_INDUCTOR values are checked here
+            model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory))
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     # ---- resume ----------------------------------------------------------------------------------
     metrics_path = run_dir / "metrics.jsonl"
