@@ -251,18 +251,64 @@ def test_checksum_only_when_asked(shards):
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
     TokenShardLoader(d, "train", B, T)
-    with pytest.raises(UserError, match="checksum"):
+    with pytest.raises(UserError, match="sha256 does not match"):
         TokenShardLoader(d, "train", B, T, verify_checksums=True)
+
+
+def test_token_id_past_the_vocab_is_one_line_when_read(tmp_path):
+    """eval reads shards without checksumming them: a bad id must not become an IndexError in the model."""
+    d, _ = make_shards(tmp_path)
+    tokens = np.full(100, VOCAB, dtype=np.uint16)  # == vocab size: one past the last id
+    write_shard(d / "train_000001.bin", tokens, VOCAB, BOS)
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"][1]["sha256"] = "stale"  # the checksum pass is what would catch it at a run's start
+    (d / "manifest.json").write_text(json.dumps(m))
+    loader = TokenShardLoader(d, "train", B, T)
+    with pytest.raises(UserError, match=rf"train_000001.bin: holds token id {VOCAB}, not below the vocab size"):
+        take(loader, loader.num_windows)
 
 
 def test_state_mismatch(shards):
     d, _ = shards
     state = TokenShardLoader(d, "train", B, T, 0, 2, 2).state_dict()
-    with pytest.raises(UserError, match=r"B 2 vs 3 now"):
+    with pytest.raises(UserError, match=r"device batch size 2 \(now 3\).*--force"):
         TokenShardLoader(d, "train", 3, T, 0, 2, 2).load_state_dict(state)
-    with pytest.raises(UserError, match=r"world_size 2 vs 4 now, grad_accum 2 vs 1 now"):
-        TokenShardLoader(d, "train", B, T, 0, 4, 1).load_state_dict(state)
+    with pytest.raises(UserError, match=r"windows per step 4 \(now 2\)"):
+        TokenShardLoader(d, "train", B, T, 0, 2, 1).load_state_dict(state)
     with pytest.raises(UserError, match=r"split 'train' vs 'val' now"):
         TokenShardLoader(d, "val", B, T, 0, 2, 2).load_state_dict(state)
     with pytest.raises(UserError, match="not a TokenShardLoader state"):
         TokenShardLoader(d, "train", B, T, 0, 2, 2).load_state_dict({"cursor": 3})
+
+
+@pytest.mark.parametrize("old, new", [((2, 2), (4, 1)), ((1, 4), (2, 2)), ((4, 1), (1, 4))])
+def test_resume_on_another_world_size_reads_the_same_step_tokens(shards, old, new):
+    """(world_size, grad_accum) -> another split of the same K: every later step reads the same windows."""
+    d, _ = shards
+    (ws0, ga0), (ws1, ga1) = old, new
+    before = [TokenShardLoader(d, "train", B, T, r, ws0, ga0) for r in range(ws0)]
+    for ld in before:
+        take(ld, 3 * ga0)  # 3 steps done
+    after = [TokenShardLoader(d, "train", B, T, r, ws1, ga1) for r in range(ws1)]
+    for ld in after:
+        ld.load_state_dict(before[0].state_dict())
+    assert "the same tokens in every step" in after[0].notice
+
+    def next_steps(loaders, accum, n=5):  # the set of windows each step reads, over all ranks
+        steps = []
+        for _ in range(n):
+            steps.append(sorted(key(b) for ld in loaders for b in take(ld, accum)))
+        return steps
+    assert next_steps(after, ga1) == next_steps(before, ga0)
+
+
+def test_new_batch_layout_only_with_allow_and_a_notice(shards):
+    d, _ = shards
+    old = TokenShardLoader(d, "train", B, T, 0, 1, 2)
+    take(old, 4)
+    new = TokenShardLoader(d, "train", 1, T, 0, 1, 4)
+    with pytest.raises(UserError, match="device batch size 2 \\(now 1\\)"):
+        new.load_state_dict(old.state_dict())
+    new.allow_new_layout = True
+    new.load_state_dict(old.state_dict())
+    assert new.cursor == 2 * 4 and "--force" in new.notice  # step 2 of the new layout

@@ -147,12 +147,12 @@ def test_max_tokens_caps_train_only(tmp_path, tiny_corpus_dir, tiny_tokenizer_di
     assert m.source["max_tokens"] == 12_345
     # a separate cap for val; an exact multiple of the shard size leaves no empty shard
     out2 = tmp_path / "capped2"
-    r2 = prep(out2, tiny_corpus_dir, tiny_tokenizer_dir, max_tokens=10_000, max_val_tokens=777, workers=2, batch_chars=3_000)
+    r2 = prep(out2, tiny_corpus_dir, tiny_tokenizer_dir, max_tokens=10_000, max_val_tokens=2_777, workers=2, batch_chars=3_000)
     assert [e.tokens for e in r2.manifest.shards_for("train")] == [5_000, 5_000]
-    assert [e.tokens for e in r2.manifest.shards_for("val")] == [777]
+    assert [e.tokens for e in r2.manifest.shards_for("val")] == [2_777]
     # capped and interrupted: same bytes
     out3 = tmp_path / "capped3"
-    while not prep(out3, tiny_corpus_dir, tiny_tokenizer_dir, max_tokens=10_000, max_val_tokens=777, stop_after_shards=1).complete:
+    while not prep(out3, tiny_corpus_dir, tiny_tokenizer_dir, max_tokens=10_000, max_val_tokens=2_777, stop_after_shards=1).complete:
         pass
     assert dir_bytes(out3) == dir_bytes(out2)
 
@@ -264,7 +264,7 @@ def test_out_dir_of_another_tokenizer_or_source_is_refused_unless_force(
     with pytest.raises(UserError, match="origin is unknown"):
         prep(stray, tiny_corpus_dir, tiny_tokenizer_dir)
     # --force replaces them all
-    r = prep(out, other_data, tiny_tokenizer_dir, force=True)
+    r = prep(out, other_data, tiny_tokenizer_dir, force=True, min_val_tokens=1)
     assert r.complete and set(p.name for p in out.iterdir()) == {"manifest.json", "train_000000.bin", "val_000000.bin"}
     assert r.manifest.totals()["train"]["documents"] == 2
 

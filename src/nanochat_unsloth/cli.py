@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, disk_failure_message,
+                                     is_disk_failure)
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS = {
@@ -36,12 +37,24 @@ def normalize_flags(argv: list[str]) -> list[str]:
 
 
 def run_main(main, argv: list[str] | None) -> int:
-    """Run a sub-command's main, turning UserError into one clear line and exit code 2."""
+    """Run a sub-command's main, turning UserError into one clear line and exit code 2.
+
+    Ctrl-C (outside a loop that handles it) is one line and exit 130; a full disk or a read-only
+    directory that no stage caught itself is still one line naming the path.
+    """
     try:
         return main(normalize_flags(sys.argv[1:] if argv is None else argv)) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if not is_disk_failure(e):
+            raise
+        print(f"error: {disk_failure_message(e.filename or '?', e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +20,34 @@ class UserError(Exception):
     """
 
 
+EXIT_USER_ERROR = 2  # bad input, refused with one line
+EXIT_STOPPED = 3  # stopped early (SIGINT/SIGTERM, --stop_after): a checkpoint is saved, resume with --resume auto
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: interrupted before anything could be saved
+
+# errnos that mean "this disk or directory cannot take the write", not a bug
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer, not an OSError
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def is_disk_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in DISK_ERRNOS
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILURES)
+
+
+def disk_failure_message(path: str | os.PathLike, e: BaseException) -> str:
+    """One line naming the path: no space, read-only, or no permission, and what to do."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = "no space left on the disk", "free space there or choose another directory"
+    elif isinstance(e, OSError):
+        why, fix = f"not writable ({e.strerror})", "make it writable or choose another directory"
+    else:
+        why, fix = f"the write failed ({str(e).splitlines()[0][:120]}), most likely a full disk", \
+            "free space there or choose another directory"
+    return f"{path}: cannot write: {why}; {fix}"
+
+
 def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     """nanochat's convention: --base-dir, else $NANOCHAT_BASE_DIR, else ~/.cache/nanochat."""
     if base_dir:
@@ -27,7 +57,12 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     else:
         path = Path.home() / ".cache" / "nanochat"
     path = path.expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_failure(e):
+            raise UserError(disk_failure_message(path, e) + " (--base-dir)") from None
+        raise
     return path
 
 
@@ -36,23 +71,29 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it over `final` only if the block succeeds.
 
     A crash leaves at most a `.tmp` file behind, never a half-written `final`.
+    A full disk or a read-only directory becomes a UserError naming `final`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{suffix}.tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    # mkstemp creates 0600; give the final file the permissions a plain open() would have
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{suffix}.tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        # mkstemp creates 0600; give the final file the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_failure(e):
+            raise
+        raise UserError(disk_failure_message(final, e)) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -73,6 +114,57 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: {what} is not valid JSON ({e}); it is corrupt, re-create it") from None
+
+
+class FileLock:
+    """An advisory exclusive lock on a file, held until `release()` or until this process exits.
+
+    The kernel drops the lock however the holder dies, so a stale lock file never blocks a later job.
+    The file holds the holder's pid for the refusal message, and is removed on release (after checking,
+    on taking it, that the path still names the locked file, so a removal cannot admit two holders).
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str, fix: str):
+        self.path = Path(path)
+        while True:
+            try:
+                f = open(self.path, "a+")
+            except OSError as e:
+                if is_disk_failure(e):
+                    raise UserError(disk_failure_message(self.path, e)) from None
+                raise
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                f.close()
+                raise UserError(f"{self.path}: {what} is in use by another process (pid {pid}); {fix}") from None
+            if self._still_named(f):
+                break
+            f.close()  # the holder before us removed it on release: lock the new file
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def _still_named(self, f) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+            self._file = None
+
+
+def hold_lock(path: str | os.PathLike, what: str, fix: str) -> FileLock:
+    """Take the lock on `path` or refuse with one line naming the holder's pid and `fix`."""
+    return FileLock(path, what, fix)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -220,7 +220,11 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
         "fresh_optimizer": True,
         "imported_from": str(loaded.path),
     }
-    final = ckpt.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
+    lock = ckpt.lock_run(run_dir)  # not while a training run of this tag is writing
+    try:
+        final = ckpt.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
+    finally:
+        lock.release()
     log(f"wrote {final}: nanochat's weights at step {s}, with a FRESH optimizer state (Muon momentum and AdamW "
         f"moments start from zero) and the data position of step {s}")
     log(f"continue with: nanochat-unsloth train --base-dir {out_base} --model-tag {run_dir.name} --resume auto"

@@ -278,7 +278,7 @@ def resolve_run_step_dir(path: str | Path, step: int | None = None) -> Path:
         if step is not None and m and int(m.group(1)) != step:
             raise UserError(f"{path} is step {int(m.group(1))}, but --step {step} was asked for; "
                             "pass the run dir instead")
-        ckpt.load_meta(path)  # partial / truncated -> a clear error
+        ckpt.load_meta(path, checksums=False)  # partial / truncated -> a clear error (the loader checks sha256)
         return path
     found = ckpt.list_checkpoints(path)
     if not found:
@@ -339,7 +339,8 @@ def load_run_checkpoint(path: str | Path, step: int | None = None) -> LoadedChec
     step_dir = resolve_run_step_dir(path, step)
     meta = ckpt.load_meta(step_dir)
     model_config = model_config_kwargs(meta.get("model_config"), str(step_dir / ckpt.META_NAME))
-    state = check_state_dict(ckpt.load_model_state_dict(step_dir), model_config, str(step_dir / ckpt.MODEL_FILE))
+    weights = ckpt.load_model_state_dict(step_dir, verify=False)  # load_meta has just verified every file
+    state = check_state_dict(weights, model_config, str(step_dir / ckpt.MODEL_FILE))
     return LoadedCheckpoint(
         kind="run", path=step_dir, step=int(meta["step"]), state_dict=state, model_config=model_config, meta=meta,
         base_dir=step_dir.resolve().parent.parent.parent, tokenizer_sha256=meta.get("tokenizer_sha256"),

@@ -10,6 +10,11 @@ never on the number of workers or on interruptions:
     shards and the resume cursor (split, row, token offset inside that row's document);
   * a re-run with the same fingerprint skips to the cursor (parquet: by row-group metadata,
     without reading text) and continues; manifest.json is written last, then the state removed.
+
+The fingerprint holds what decides the tokens (source files, tokenizer, options), not where they
+live: a moved or copied base dir re-preps as "already complete". One prep at a time per --out
+(an advisory lock, `.prep.lock`); a val split too small to evaluate on is refused before the train
+split is tokenized.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nanochat_unsloth.common import UserError, atomic_write_json, read_json
+from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
+                                     read_json)
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
 from nanochat_unsloth.prep.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
@@ -40,6 +46,11 @@ PREP_VERSION = 1  # bump when the token stream for the same inputs would change
 # Files prep owns in --out (what --force may delete): shards, manifest, state, and their temp files.
 OWNED = re.compile(r"^\.?((train|val)_\d{6}\.bin|manifest\.json|prep_state\.json)(\..*\.tmp)?$")
 STOP_ENV = "NANOCHAT_UNSLOTH_PREP_STOP_AFTER_SHARDS"  # tests: simulate an interruption after N shards
+LOCK_NAME = ".prep.lock"
+# one 2048-token sequence + its shifted target: less val than this cannot evaluate nanochat's default context
+MIN_VAL_TOKENS = 2049
+# describe() keys that say where the source lives, not what it holds: not part of the fingerprint
+LOCATION_KEYS = ("path", "description")
 
 
 @dataclass
@@ -51,6 +62,7 @@ class PrepConfig:
     shard_tokens: int = 100_000_000  # tokens per shard, except the last of each split
     max_tokens: int | None = None  # cap on train tokens (None: the whole train split)
     max_val_tokens: int | None = None  # cap on val tokens (None: the whole val split)
+    min_val_tokens: int = MIN_VAL_TOKENS  # refuse a val split smaller than this (before tokenizing train)
     val_files: int = DEFAULT_VAL_FILES  # parquet dir: the last K files are val
     val_docs: int = DEFAULT_VAL_DOCS  # hf: the first N documents of the stream are val
     hf_config: str | None = None
@@ -153,10 +165,13 @@ def _fingerprint_sha(fingerprint: dict) -> str:
 class PrepJob:
     def __init__(self, config: PrepConfig):
         self.cfg = config
-        for name in ("shard_tokens", "max_tokens", "max_val_tokens", "batch_chars"):
+        for name in ("shard_tokens", "max_tokens", "max_val_tokens", "batch_chars", "min_val_tokens"):
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} {value}: must be a positive number")
+        if config.max_val_tokens is not None and config.max_val_tokens < config.min_val_tokens:
+            raise UserError(f"--max-val-tokens {config.max_val_tokens:,} is below --min-val-tokens "
+                            f"{config.min_val_tokens:,}: too little val data to evaluate on; raise --max-val-tokens")
         if config.workers < 0:
             raise UserError(f"--workers {config.workers}: must be 0 (tokenize in this process) or more")
         self.out = Path(config.out_dir).expanduser().resolve()
@@ -175,15 +190,21 @@ class PrepJob:
             hf_config=config.hf_config,
             hf_data_files=config.hf_data_files,
         )
+        self.described = described = self.source.describe()
         self.fingerprint = {
             "prep_version": PREP_VERSION,
             "tokenizer": asdict(self.tokenizer),
-            "source": self.source.describe(),
+            "source": {k: v for k, v in described.items() if k not in LOCATION_KEYS},
             "shard_tokens": config.shard_tokens,
             "max_tokens": config.max_tokens,
             "max_val_tokens": config.max_val_tokens,
         }
         self.fingerprint_sha = _fingerprint_sha(self.fingerprint)
+        # what preps before the location left the fingerprint recorded: still "the same prep" here
+        self.legacy_fingerprint_sha = _fingerprint_sha({**self.fingerprint, "source": described})
+
+    def _same_prep(self, sha: str | None) -> bool:
+        return sha in (self.fingerprint_sha, self.legacy_fingerprint_sha)
 
     # ---- what is already in --out ---------------------------------------------------------------
     def _difference(self, tokenizer: dict, source: dict, options: dict) -> str:
@@ -195,6 +216,9 @@ class PrepJob:
             return f"come from another source ({source.get('description', '?')})"
         diffs = [f"--{k.replace('_', '-')} {options.get(k)} (this run: {self.fingerprint[k]})"
                  for k in ("shard_tokens", "max_tokens", "max_val_tokens") if options.get(k) != self.fingerprint[k]]
+        if not diffs and source.get("path") not in (None, self.described.get("path")):
+            return (f"were made from the same files at {source['path']} by an older version, whose fingerprint "
+                    "included that path")
         return f"were made with other options: {', '.join(diffs) or 'another prep version'}"
 
     def _refuse(self, why: str, whose: str = "its shards") -> None:
@@ -202,6 +226,16 @@ class PrepJob:
             f"--out {self.out}: {whose} {why}; pass --force to delete them and start over, "
             "or choose another --out"
         )
+
+    def _check_val_size(self, val_tokens: int) -> None:
+        if val_tokens >= self.cfg.min_val_tokens:
+            return
+        hf = self.fingerprint["source"].get("kind") == "hf"
+        more = "--val-docs" if hf else "--val-files (or a val file with text)"
+        raise UserError(
+            f"--out {self.out}: the val split holds {val_tokens:,} tokens, fewer than --min-val-tokens "
+            f"{self.cfg.min_val_tokens:,}, too few to evaluate on; give more val data with {more} or a higher "
+            "--max-val-tokens, then re-run with --force (which deletes the shards this prep wrote)")
 
     def _clear_out_dir(self) -> None:
         for path in self.out.iterdir():
@@ -218,16 +252,17 @@ class PrepJob:
         if manifest_path.exists():
             try:
                 manifest = ShardManifest.load(self.out)
-                same = manifest.source.get("prep_fingerprint_sha256") == self.fingerprint_sha
+                same = self._same_prep(manifest.source.get("prep_fingerprint_sha256"))
             except UserError:
                 manifest, same = None, False
             if same:
-                try:  # sizes and headers: cheap, catches a deleted or truncated shard
-                    manifest.verify(self.out)
+                try:  # sizes, headers, sha256 and token ids: "already complete" means intact
+                    manifest.verify(self.out, checksums=True)
                     intact = True
                 except UserError as e:
                     if not self.cfg.force:
-                        raise UserError(f"{e} (or pass --force to prep {self.out} again from scratch)") from None
+                        raise UserError(f"{e} (pass --force to delete {self.out}'s shards and prep again "
+                                        "from scratch)") from None
                     intact = False
                 if intact:
                     self.manifest = manifest
@@ -241,7 +276,7 @@ class PrepJob:
                 self._refuse(self._difference(asdict(manifest.tokenizer), manifest.source, options))
         elif state_path.exists():
             state = read_json(state_path, "prep progress file")
-            if state.get("fingerprint_sha256") == self.fingerprint_sha:
+            if self._same_prep(state.get("fingerprint_sha256")):
                 return state
             if not self.cfg.force:
                 fp = state.get("fingerprint", {})
@@ -255,6 +290,20 @@ class PrepJob:
 
     # ---- running --------------------------------------------------------------------------------
     def run(self) -> PrepResult:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if is_disk_failure(e):
+                raise UserError(disk_failure_message(self.out, e) + " (--out)") from None
+            raise
+        lock = hold_lock(self.out / LOCK_NAME, f"--out {self.out}",
+                         "wait for that prep to finish (or stop it), or choose another --out")
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> PrepResult:
         t0 = time.time()
         state = self._load_existing()
         if state is None:
@@ -275,6 +324,8 @@ class PrepJob:
             _init_encoder(self.tokenizer_bytes)
         try:
             while state["cursor"]["split"] != DONE:
+                if state["cursor"]["split"] != "val":  # val is done: refuse it now, not at a final eval
+                    self._check_val_size(sum(e["tokens"] for e in state["shards"] if e["split"] == "val"))
                 self._run_split(pool)
         except _Stop:
             return PrepResult(False, self.out, None, self.written_shards, self.written_tokens,
@@ -286,7 +337,7 @@ class PrepJob:
         manifest = ShardManifest(
             tokenizer=self.tokenizer,
             source={
-                **self.fingerprint["source"],
+                **self.described,
                 "max_tokens": self.cfg.max_tokens,
                 "max_val_tokens": self.cfg.max_val_tokens,
                 # null / non-string rows are skipped, not fatal: see _run_split

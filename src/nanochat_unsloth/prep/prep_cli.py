@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nanochat_unsloth.common import get_base_dir
-from nanochat_unsloth.prep.job import STOP_ENV, PrepConfig, run_prep, summary_line
+from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, STOP_ENV, PrepConfig, run_prep, summary_line
 from nanochat_unsloth.prep.sources import add_source_args
 
 
@@ -23,7 +23,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on train tokens (default: all)")
     parser.add_argument("--max-val-tokens", type=int, default=None, help="cap on val tokens (default: all)")
-    parser.add_argument("--force", action="store_true", help="overwrite --out holding shards of another source/tokenizer")
+    parser.add_argument("--min-val-tokens", type=int, default=MIN_VAL_TOKENS,
+                        help="refuse a val split smaller than this, before tokenizing train "
+                             f"(default {MIN_VAL_TOKENS:,}: one 2048-token sequence + 1)")
+    parser.add_argument("--force", action="store_true",
+                        help="DELETE the shards in --out (of another source/tokenizer/options) and prep from scratch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
     args = parser.parse_args(argv)
 
@@ -37,6 +41,7 @@ def main(argv: list[str]) -> int:
         shard_tokens=args.shard_tokens,
         max_tokens=args.max_tokens,
         max_val_tokens=args.max_val_tokens,
+        min_val_tokens=args.min_val_tokens,
         val_files=args.val_files,
         val_docs=args.val_docs,
         hf_config=args.hf_config,

@@ -101,6 +101,18 @@ def read_shard_header(path: str | Path) -> ShardHeader:
     return ShardHeader(ntok=ntok, vocab_size=int(header[3]), bos_id=int(header[4]))
 
 
+def scan_shard(path: str | Path, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(sha256 of the whole file, largest token id) in one read of the file."""
+    digest = hashlib.sha256()
+    max_token = -1
+    with open(path, "rb") as f:
+        digest.update(f.read(HEADER_BYTES))
+        while block := f.read(chunk):  # chunk is even: blocks hold whole uint16 tokens
+            digest.update(block)
+            max_token = max(max_token, int(np.frombuffer(block, dtype="<u2").max()))
+    return digest.hexdigest(), max_token
+
+
 def open_shard_tokens(path: str | Path) -> np.memmap:
     """Memory-map a shard's tokens read-only, after validating the header."""
     header = read_shard_header(path)

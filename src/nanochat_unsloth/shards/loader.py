@@ -13,6 +13,12 @@ so one optimizer step always consumes global windows [s*K, (s+1)*K) with K = gra
 however (world_size, grad_accum) splits K: one GPU accumulating 8 and eight GPUs without accumulation
 train on the same tokens in the same steps. The cursor is the same on every rank, which matters because
 Accelerate saves the custom state of the main process only and every rank loads that one file.
+
+A saved state therefore loads into another split of the same K (a run moved from 8 GPUs to 4): the
+cursor is rescaled to the same step and the run stays bit-identical. A different window size or K
+(another --device_batch_size or --total_batch_size) is refused unless `allow_new_layout` is set
+(the loop's --force): the run then continues at the same step of the new layout, whose windows are
+cut differently, so a few tokens may be seen twice or skipped.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from nanochat_unsloth.shards.manifest import SPLITS, ShardManifest
 
 STATE_FORMAT = "nanochat-unsloth-loader"
 STATE_VERSION = 1
-# the keys a state must agree on with the loader it is loaded into
-_GEOMETRY = ("split", "B", "T", "world_size", "grad_accum", "num_windows")
+# the keys a state must agree on with the loader it is loaded into (the step layout is checked apart)
+_ALWAYS_SAME = ("split", "T")
 
 
 class TokenShardLoader:
@@ -72,10 +78,12 @@ class TokenShardLoader:
         entries = manifest.shards_for(split)
         if not entries:
             raise UserError(f"{self.shards_dir}: the manifest has no {split} shards; re-run `nanochat-unsloth prep`")
-        manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,))
+        # with several processes each checksums its share of the shards (a bad one stops the whole job)
+        manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,), part=(rank, world_size))
         self._vocab_size = manifest.tokenizer.vocab_size
         self._bos_id = manifest.tokenizer.bos_id
-        self._shards = [open_shard_tokens(self.shards_dir / e.file) for e in entries]
+        self._paths = [self.shards_dir / e.file for e in entries]
+        self._shards = [open_shard_tokens(path) for path in self._paths]
         sizes = np.array([len(m) for m in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard, plus the end
         self._tokens = int(self._starts[-1])
@@ -96,6 +104,8 @@ class TokenShardLoader:
 
         self._cursor = 0  # batches this rank has yielded (the same number on every rank)
         self._epoch = 0  # epoch of the last batch yielded
+        self.allow_new_layout = False  # load_state_dict: accept another window size / K (the loop's --force)
+        self.notice: str | None = None  # what load_state_dict changed, for the log
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -171,7 +181,13 @@ class TokenShardLoader:
         while done < self.window:
             lo = start + done - int(self._starts[i])
             n = min(self.window - done, len(self._shards[i]) - lo)
-            buf[done : done + n] = self._shards[i][lo : lo + n]  # uint16 -> int64 in one numpy pass
+            chunk = self._shards[i][lo : lo + n]
+            # an id past the vocab would be an IndexError deep in the model (eval does not checksum the shards);
+            # the uint16 max costs ~4 us per 65k-token window
+            if n and int(chunk.max()) >= self._vocab_size:
+                raise UserError(f"{self._paths[i]}: holds token id {int(chunk.max())}, not below the vocab size "
+                                f"{self._vocab_size}; the shard is corrupt, re-run prep")
+            buf[done : done + n] = chunk  # uint16 -> int64 in one numpy pass
             done += n
             i += 1
         return out
@@ -197,14 +213,41 @@ class TokenShardLoader:
         if state.get("version") != STATE_VERSION:
             raise UserError(f"loader state version {state.get('version')} is not supported (expected {STATE_VERSION})")
         mine = self.state_dict()
-        diffs = [f"{k} {state.get(k)!r} vs {mine[k]!r} now" for k in _GEOMETRY if state.get(k) != mine[k]]
+        diffs = [f"{k} {state.get(k)!r} vs {mine[k]!r} now" for k in _ALWAYS_SAME if state.get(k) != mine[k]]
         if diffs:
-            raise UserError(
-                "the checkpoint's loader state was made for a different setup (" + ", ".join(diffs) + "); resume with "
-                "the same --device_batch_size/--max_seq_len/--total_batch_size, number of processes and shards"
-            )
-        cursor = int(state["cursor"])
-        if cursor < 0 or (self.split == "val" and cursor > self.batches_per_rank):
-            raise UserError(f"loader state has cursor {cursor}, out of range for the {self.split} split; it is corrupt")
+            raise UserError("the checkpoint's loader state was made for a different setup (" + ", ".join(diffs) + "); "
+                            "resume with the same --max_seq_len and shards")
+        cursor, old_accum = int(state["cursor"]), int(state["grad_accum"])
+        if self.split == "val":
+            if cursor < 0 or cursor > self.batches_per_rank:
+                raise UserError(f"loader state has cursor {cursor}, out of range for the val split; it is corrupt")
+        else:
+            if cursor < 0:
+                raise UserError(f"loader state has cursor {cursor}; the checkpoint is corrupt")
+            self._check_layout(state)
+            if (state["world_size"], old_accum) != (self.world_size, self.grad_accum):
+                if cursor % old_accum:  # checkpoints are saved between steps, never inside one
+                    raise UserError(f"loader state has cursor {cursor}, inside a step of {old_accum} micro-batches; "
+                                    "resume it with the same number of processes and --total_batch_size")
+                cursor = cursor // old_accum * self.grad_accum  # the same step, in this run's split of it
         self._cursor = cursor
-        self._epoch = int(state["epoch"])
+        self._epoch = self.global_window(cursor - 1) // self._num_windows if cursor > 0 else 0
+
+    def _check_layout(self, state: dict) -> None:
+        """Steps are the same tokens when the window size, K and the shards are: else refuse or note."""
+        old_k, new_k = int(state["world_size"]) * int(state["grad_accum"]), self.world_size * self.grad_accum
+        layout = [f"{name} {old} (now {new})" for name, old, new in (
+            ("device batch size", state["B"], self.B), ("windows per step", old_k, new_k),
+            ("windows in the split", state["num_windows"], self._num_windows)) if old != new]
+        moved = (state["world_size"], state["grad_accum"]) != (self.world_size, self.grad_accum)
+        if not layout:
+            if moved:
+                self.notice = (f"loader: {state['world_size']} process(es) x {state['grad_accum']} accumulation -> "
+                               f"{self.world_size} x {self.grad_accum}: the same tokens in every step")
+            return
+        if not self.allow_new_layout:
+            raise UserError("cannot resume: the steps would read other tokens (" + ", ".join(layout) + "); resume "
+                            "with the same --device_batch_size, --total_batch_size and shards, or pass --force to "
+                            "continue on the new layout (not bit-identical to an uninterrupted run)")
+        self.notice = ("--force: the loader continues at the same step on a new layout (" + ", ".join(layout) +
+                       "): some tokens may be seen twice or skipped")

@@ -3,7 +3,9 @@
 A checkpoint is Accelerate's `save_state` output (model, optimizers, RNG, the loader's position)
 plus our `meta.json`. It is written under a hidden temporary name and renamed into place only once
 every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
-`meta.json` records every file's size, which catches truncation when a checkpoint is loaded.
+`meta.json` records every file's size and sha256; loading checks both, so a truncated or bit-flipped
+checkpoint is refused with one line instead of resuming into NaNs (and `--resume auto` falls back to
+the newest checkpoint that verifies).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, atomic_write_json, read_json
+from nanochat_unsloth.common import (FileLock, UserError, atomic_write_json, disk_failure_message, hold_lock,
+                                     is_disk_failure, read_json, sha256_file)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 META_NAME = "meta.json"
+LOCK_NAME = ".lock"  # one writer per run dir: a training run, or convert's import
 MODEL_FILE = "model.safetensors"
 # Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -25,6 +29,19 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def run_dir_for(base_dir: Path, tag: str) -> Path:
     return Path(base_dir) / "runs" / tag
+
+
+def lock_run(run_dir: Path) -> FileLock:
+    """Hold the run dir's lock (a training run holds it for its life); refuse with the holder's pid."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_failure(e):
+            raise UserError(disk_failure_message(run_dir, e)) from None
+        raise
+    return hold_lock(run_dir / LOCK_NAME, f"run tag {run_dir.name!r}",
+                     "wait for that run to finish (or stop it), or pass another --model_tag")
 
 
 def step_dir_name(step: int) -> str:
@@ -49,16 +66,23 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict, keep_last
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an earlier crash mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # debris of an earlier crash mid-save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as e:
+        if not is_disk_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
+        raise UserError(disk_failure_message(tmp, e) + "; the earlier checkpoints are kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / META_NAME, {**meta, "step": step, "files": files, "complete": True})
+        sha256 = {name: sha256_file(tmp / name) for name in files}
+        atomic_write_json(tmp / META_NAME, {**meta, "step": step, "files": files, "sha256": sha256, "complete": True})
         if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): newest wins
             shutil.rmtree(final)
         tmp.rename(final)
@@ -83,8 +107,9 @@ def set_aside(run_dir: Path) -> Path:
     return aside
 
 
-def load_meta(step_dir: Path) -> dict:
-    """meta.json of a complete checkpoint, after checking that every recorded file is whole."""
+def load_meta(step_dir: Path, checksums: bool = True) -> dict:
+    """meta.json of a complete checkpoint, after checking that every recorded file is whole (its size,
+    and its sha256 unless `checksums` is False; checkpoints from before sha256 was recorded: size only)."""
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise UserError(f"{step_dir}: checkpoint directory not found")
@@ -106,21 +131,35 @@ def load_meta(step_dir: Path) -> dict:
                 f"{path}: {path.stat().st_size:,} bytes but {size:,} were saved; the checkpoint is corrupt, "
                 "resume from another step"
             )
+    for name, digest in meta.get("sha256", {}).items() if checksums else ():
+        if sha256_file(step_dir / name) != digest:
+            raise UserError(f"{step_dir / name}: sha256 does not match the one recorded at save; the checkpoint "
+                            "is corrupt (bit rot or an overwritten file), resume from another step")
     return meta
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """--resume '' -> None; 'auto' -> newest complete checkpoint (or None); a path -> that checkpoint."""
+def find_resume(run_dir: Path, resume: str, log=print) -> tuple[Path, dict] | None:
+    """--resume '' -> None; a path -> that checkpoint, verified; 'auto' -> the newest checkpoint that
+    verifies (a damaged newer one is skipped with a one-line notice), or None when there is none."""
     if not resume:
         return None
     if resume == "auto":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1][1] if ckpts else None
+        for _, step_dir in reversed(list_checkpoints(run_dir)):
+            try:
+                return step_dir, load_meta(step_dir)
+            except UserError as e:
+                log(f"--resume auto: skipping {step_dir.name}: {e}")
+        return None
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = Path(run_dir) / resume
-    load_meta(path)  # validates, raises a clear error
-    return path
+    return path, load_meta(path)  # validates, raises a clear error
+
+
+def resolve_resume(run_dir: Path, resume: str, log=print) -> Path | None:
+    """The checkpoint directory `find_resume` picks."""
+    found = find_resume(run_dir, resume, log)
+    return found[0] if found else None
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,13 +175,15 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def load_model_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, with nanochat's parameter names (no wrapper prefixes)."""
+def load_model_state_dict(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, with nanochat's parameter names (no wrapper prefixes).
+    `verify=False` when the caller has just verified the checkpoint with `load_meta`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     step_dir = Path(step_dir)
-    load_meta(step_dir)
+    if verify:
+        load_meta(step_dir)
     path = step_dir / MODEL_FILE
     try:
         state = load_file(str(path))

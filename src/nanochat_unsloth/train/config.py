@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
+
+from nanochat_unsloth.common import UserError
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
 # The model shape is never overridable: the weights would not load.
@@ -54,7 +57,7 @@ class TrainConfig:
     seed: int = 42
     # ---- evaluation / sampling --------------------------------------------------------------
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end)"})
-    eval_tokens: int = field(default=20 * 524288, metadata={"help": "val tokens per evaluation"})
+    eval_tokens: int = field(default=20 * 524288, metadata={"help": "val tokens per evaluation (0 = no val evaluation)"})
     sample_every: int = field(default=2000, metadata={"help": "greedy samples every N steps (-1 = only at the end)"})
     # ---- io ---------------------------------------------------------------------------------
     base_dir: str = field(default="", metadata={"help": "base dir (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"})
@@ -63,12 +66,14 @@ class TrainConfig:
     run: str = field(default="dummy", metadata={"help": "tracker run name; 'dummy' disables trackers"})
     tracker: str = field(default="", metadata={"help": "wandb|tensorboard|all (used when --run is not dummy)"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only the final one)"})
-    keep_last: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
+    keep_last: int = field(default=2, metadata={"help": "how many step checkpoints to keep (0 = all)"})
     resume: str = field(default="", metadata={"help": "'auto' = newest complete checkpoint of the run, or a step dir"})
     stop_after: int = field(default=-1, metadata={"help": "save and exit after this step, as an interruption would"})
     profile_step: int = field(default=-1, metadata={"help": "time this step's phases on every rank and trace it with "
                                                              "torch.profiler, into <run>/profile/ (-1 = off)"})
-    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings"})
+    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings (not the "
+                                                          "model shape), or start over on a tag with checkpoints "
+                                                          "(the old run is moved to previous_N/, not deleted)"})
 
     @property
     def tag(self) -> str:
@@ -77,11 +82,57 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Refuse out-of-range numbers with one line naming the flag, before anything is built."""
+        for name, ok, rule in _BOUNDS:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+                raise UserError(f"--{name} {value}: must be {rule}")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
+                            f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
+
+
+def _off_or(test):
+    """A field whose -1 means 'off', any other value must pass `test`."""
+    return lambda v: v == -1 or test(v)
+
+
+# (field, check, what the message says it must be); every numeric field of TrainConfig is here
+_BOUNDS = (
+    ("depth", lambda v: v >= 1, "at least 1"),
+    ("max_seq_len", lambda v: v >= 1, "at least 1"),
+    ("lean_blocks", _off_or(lambda v: v >= 0), "-1 (all blocks) or 0 or more"),
+    ("num_iterations", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
+    ("target_flops", _off_or(lambda v: v > 0), "-1 (off) or positive"),
+    ("target_param_data_ratio", _off_or(lambda v: v > 0), "-1 (off) or positive"),
+    ("device_batch_size", lambda v: v >= 1, "at least 1"),
+    ("total_batch_size", lambda v: v >= 1, "at least 1"),
+    ("embedding_lr", lambda v: v >= 0, "0 or more"),
+    ("unembedding_lr", lambda v: v >= 0, "0 or more"),
+    ("matrix_lr", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("grad_clip", lambda v: v >= 0, "0 (off) or more"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("warmdown_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("final_lr_frac", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("seed", lambda v: 0 <= v < 2**32, "between 0 and 2**32-1"),
+    ("eval_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
+    ("eval_tokens", lambda v: v >= 0, "0 (no val evaluation) or more"),
+    ("sample_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
+    ("save_every", _off_or(lambda v: v >= 1), "-1 (only the final checkpoint) or at least 1"),
+    ("keep_last", lambda v: v >= 0, "0 (keep all) or more"),
+    ("stop_after", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nanochat_unsloth.train",
         description="Pretrain nanochat's GPT with nanochat's step math (Muon + AdamW) under Accelerate.",
+        epilog="exit codes: 0 finished; 1 non-finite loss; 2 refused (one-line error); 3 stopped early by "
+               "SIGINT/SIGTERM or --stop_after after saving a checkpoint (continue with --resume auto); "
+               "130 interrupted during start-up (nothing saved)",
     )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

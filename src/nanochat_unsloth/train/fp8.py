@@ -224,6 +224,33 @@ def start_delayed_scaling(model: nn.Module, rows: int) -> bool:
     return True
 
 
+def scaling_state(model: nn.Module) -> Tensor | None:
+    """The delayed-scaling state as one float32 vector (x_amax, grad_amax, active per layer), or None.
+
+    The buffers are not in the model's state_dict (nanochat's keys stay as they are), so a checkpoint
+    carries this instead: a resumed run then scales its first step as the uninterrupted run would,
+    rather than starting over dynamically (another step's numerics, and one more compilation).
+    """
+    scalings = delayed_scalings(model)
+    if not scalings:
+        return None
+    return torch.stack([v for s in scalings for v in (
+        s.x_amax.float(), s.grad_amax.float(), s.x_amax.new_tensor(float(s.active)))])
+
+
+def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
+    """Restore `scaling_state`'s values; False (nothing changed) when the model's layers differ."""
+    scalings = delayed_scalings(model)
+    if len(values) != 3 * len(scalings) or not scalings:
+        return False
+    with torch.no_grad():
+        for i, s in enumerate(scalings):
+            s.x_amax.fill_(values[3 * i])
+            s.grad_amax.fill_(values[3 * i + 1])
+            s.active = bool(values[3 * i + 2])
+    return True
+
+
 # -----------------------------------------------------------------------------
 # The three GEMMs of a Linear
 

@@ -1,7 +1,8 @@
 """The training loop: nanochat's base_train, with Accelerate owning devices, precision and processes.
 
-Read top to bottom: setup -> model -> optimizers -> data -> resume -> the step loop. The step math
-(schedules, Muon, AdamW, clipping) lives in `optim.py`; this file only sequences it.
+Read top to bottom: setup -> data -> model -> optimizers -> resume -> the step loop. The step math
+(schedules, Muon, AdamW, clipping) lives in `optim.py`; this file only sequences it. Everything that
+can be refused (flags, the run lock, shards, the val split) is checked before the model is built.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, atomic_write_bytes, get_base_dir
+from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir,
+                                     is_disk_failure)
 from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
@@ -23,6 +25,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import bf16_gemm, fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
+from nanochat_unsloth.train.launcher import launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.phase_timer import profiled_step
@@ -57,29 +60,76 @@ def resolve_kernels(name: str, device_type: str) -> str:
     return name
 
 
-def check_resume_compatible(meta: dict, cfg: TrainConfig, world_size: int) -> None:
+def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
+    """The model shape must match; batch and optimizer settings too, unless --force. Another number of
+    processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
     saved = meta.get("train_config", {})
     model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
     if model_diff:
         desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
         raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
     guarded = [f for f in RESUME_GUARDED_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
-    if meta.get("world_size", world_size) != world_size:
-        guarded.append("world_size")
     if guarded and not cfg.force:
-        desc = ", ".join(
-            f"world size {meta['world_size']} (now {world_size})" if f == "world_size" else f"--{f}={saved[f]} (now {getattr(cfg, f)})"
-            for f in guarded
-        )
+        desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in guarded)
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
 
 
-def rewrite_metrics_before(path: Path, step: int) -> None:
+def read_jsonl_records(path: Path, log=print) -> list[dict]:
+    """The records of a metrics/eval log. A torn last line (a crash or a full disk mid-append) is dropped
+    with a notice; a damaged line before it is refused, since records would be lost silently."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON, and later lines follow; the log is damaged, "
+                                "repair or remove that line") from None
+            log(f"{path}: dropping its torn last line {line[:60]!r} (an append cut short)")
+    return records
+
+
+def rewrite_metrics_before(path: Path, step: int, log=print) -> None:
     """On resume, drop records of steps >= `step` (logged after the checkpoint) so no step appears twice."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    kept = [json.dumps(r) for r in read_jsonl_records(path, log) if r["step"] < step]
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoader) -> int:
+    """Val batches per rank per evaluation (0: --eval_tokens 0, none). Refuses a budget below one batch."""
+    if cfg.eval_tokens == 0:
+        return 0
+    per_batch = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.eval_tokens < per_batch:
+        raise UserError(f"--eval_tokens {cfg.eval_tokens:,} is less than one val batch on every process "
+                        f"({cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {per_batch:,}); raise it, "
+                        "or pass --eval_tokens 0 to train without val evaluation")
+    return min(cfg.eval_tokens // per_batch, val_loader.batches_per_rank)
+
+
+def restore_train_state(meta: dict, raw_model, rank: int, step: int, log=print) -> tuple[float, int]:
+    """The loss EMA and this rank's FP8 scaling history from a checkpoint's meta. -> (EMA value, its start
+    step); a checkpoint without them (older, or imported) starts the EMA afresh at `step`."""
+    histories = meta.get("fp8_scaling")
+    if histories and fp8.delayed_scalings(raw_model):
+        # another number of processes: each rank takes a saved rank's history (same layer shapes, close amaxes)
+        if not fp8.load_scaling_state(raw_model, histories[rank % len(histories)]):
+            log("FP8 scaling history not restored (the checkpoint's FP8 layers differ); it rebuilds in the first step")
+    ema = meta.get("loss_ema")
+    return (float(ema["value"]), int(ema["start_step"])) if ema else (0.0, step)
+
+
+def gather_fp8_scaling(accelerator, raw_model) -> list[list[float]] | None:
+    """Every rank's FP8 delayed-scaling state (ranks see different data, so different amaxes). Collective."""
+    state = fp8.scaling_state(raw_model)
+    if state is None:
+        return None
+    if accelerator.num_processes > 1:
+        state = accelerator.gather(state.unsqueeze(0))  # (world_size, n)
+    return state.reshape(accelerator.num_processes, -1).cpu().tolist()
 
 
 def peak_memory_gib(device_type: str) -> float:
@@ -89,13 +139,26 @@ def peak_memory_gib(device_type: str) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training run. -> a summary; "stopped_at" in it when stopped before the end."""
+    locks: list = []
+    try:
+        return _train(cfg, locks)
+    finally:  # an in-process caller may start the next run at once: never leave the run tag locked
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, locks: list) -> dict:
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     # ---- setup -----------------------------------------------------------------------------------
+    cfg.validate()  # flags first: nothing is built for a run that cannot start
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") is None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if launched_by_launcher():  # a kill -9 of torchrun / accelerate launch must not leave us training
+        stop_with_parent()
     on_cuda = torch.cuda.is_available()
     log_with = None
     if cfg.run != "dummy":
@@ -116,6 +179,11 @@ def train(cfg: TrainConfig) -> dict:
         print0(bf16_gemm.cpu_bf16_summary())
 
     base_dir = get_base_dir(cfg.base_dir or None)
+    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
+    # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
+    # with it (the launcher stops every worker when one fails)
+    if master:
+        locks.append(ckpt.lock_run(run_dir))
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
@@ -125,13 +193,30 @@ def train(cfg: TrainConfig) -> dict:
     if encoding.n_vocab != vocab_size:
         raise UserError(f"{tokenizer_dir}: tokenizer has {encoding.n_vocab} tokens but the shards say {vocab_size}")
     token_bytes = load_token_bytes(tokenizer_dir, device)
+    if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
+        raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
+                        f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
+
+    # ---- data: before the model, so shards too short for --max_seq_len or a val split too small for
+    # one evaluation are refused in seconds; each shard's sha256 and token ids are checked here once ----
+    grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    t_verify = time.time()
+    train_loader = TokenShardLoader(
+        shards_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
+        grad_accum=grad_accum, device=device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
+    )
+    val_loader = TokenShardLoader(
+        shards_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
+        device=device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
+    )
+    eval_steps = eval_steps_for(cfg, world_size, val_loader)
+    print0(f"shards: {manifest.totals()['train']['tokens']:,} train / {manifest.totals()['val']['tokens']:,} val "
+           f"tokens, checksums verified in {time.time() - t_verify:.1f}s")
+    train_loader.allow_new_layout = cfg.force
 
     # ---- model -----------------------------------------------------------------------------------
     model_config = optim.depth_to_model_config(cfg.depth, cfg.max_seq_len, vocab_size)
     kernels = resolve_kernels(cfg.kernels, device_type)
-    if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
-        raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
-                        f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
     try:  # flag values the model itself checks: --memory, --lean_blocks, NANOCHAT_FP8_SCALING, ...
         model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
                           lean_blocks=cfg.lean_blocks, fp8_rows=cfg.device_batch_size * cfg.max_seq_len)
@@ -153,7 +238,6 @@ def train(cfg: TrainConfig) -> dict:
            f"optimizer={cfg.optimizer}")
 
     # ---- horizon and batch -----------------------------------------------------------------------
-    grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
     num_iterations = optim.resolve_num_iterations(
         cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params, flops_per_token,
         cfg.total_batch_size,
@@ -167,18 +251,6 @@ def train(cfg: TrainConfig) -> dict:
         matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
     )
 
-    # ---- data ------------------------------------------------------------------------------------
-    train_loader = TokenShardLoader(
-        shards_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
-        grad_accum=grad_accum, device=device, tokenizer_sha256=manifest.tokenizer.sha256,
-    )
-
-    def build_val_loader():
-        return TokenShardLoader(
-            shards_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
-            device=device, tokenizer_sha256=manifest.tokenizer.sha256,
-        )
-
     # ---- accelerate ------------------------------------------------------------------------------
     model, *optimizers = accelerator.prepare(model, *optimizers)
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
@@ -191,16 +263,19 @@ def train(cfg: TrainConfig) -> dict:
             raise UserError(str(e)) from None
 
     # ---- resume ----------------------------------------------------------------------------------
-    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
     metrics_path = run_dir / "metrics.jsonl"
     eval_path = run_dir / "eval.jsonl"
     start_step = 0
-    resume_dir = ckpt.resolve_resume(run_dir, cfg.resume)
-    if cfg.resume and resume_dir is None:
+    smooth_loss, ema_start = 0.0, 0  # the loss EMA and the step it started at (debiasing)
+    resume = ckpt.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
+    if cfg.resume and resume is None:
+        if ckpt.list_checkpoints(run_dir) and not cfg.force:
+            raise UserError(f"--resume {cfg.resume}: no checkpoint in {run_dir} verifies (each is named above); pass "
+                            "--force to start over (they are moved to previous_N/, not deleted)")
         print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
-    if resume_dir is not None:
-        meta = ckpt.load_meta(resume_dir)
-        check_resume_compatible(meta, cfg, world_size)
+    if resume is not None:
+        resume_dir, meta = resume
+        check_resume_compatible(meta, cfg)
         if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
             raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
@@ -210,13 +285,16 @@ def train(cfg: TrainConfig) -> dict:
         for opt, lrs in zip(optimizers, initial_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["initial_lr"] = lr
+        if train_loader.notice:
+            print0(train_loader.notice)
         start_step = int(meta["step"])
+        smooth_loss, ema_start = restore_train_state(meta, raw_model, rank, start_step, print0)
         if meta.get("fresh_optimizer"):
             print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
         print0(f"resumed from {resume_dir} at step {start_step}")
         if master:
-            rewrite_metrics_before(metrics_path, start_step)
-            rewrite_metrics_before(eval_path, start_step)
+            rewrite_metrics_before(metrics_path, start_step, print0)
+            rewrite_metrics_before(eval_path, start_step, print0)
     elif ckpt.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
         if not cfg.force:
             raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
@@ -224,16 +302,15 @@ def train(cfg: TrainConfig) -> dict:
         if master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
             aside = ckpt.set_aside(run_dir)
             print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_dir is None:
-            for path in (metrics_path, eval_path):
-                path.unlink(missing_ok=True)
+    if master and resume is None:
+        for path in (metrics_path, eval_path):
+            path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if log_with and master:
         accelerator.init_trackers("nanochat", config=cfg.to_dict(), init_kwargs={"wandb": {"name": cfg.run}})
 
     def meta_for(step, val_bpb):
+        """Collective (the FP8 histories of every rank are gathered): every process calls it."""
         return {
             "model_config": dataclasses.asdict(model_config),
             "train_config": cfg.to_dict(),
@@ -244,17 +321,24 @@ def train(cfg: TrainConfig) -> dict:
             "device_type": device_type,  # convert writes wte as nanochat would on this device
             "num_iterations": num_iterations,
             "cpu_bf16": bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
+            "loss_ema": {"value": smooth_loss, "start_step": ema_start},
+            "fp8_scaling": gather_fp8_scaling(accelerator, raw_model),
         }
 
     def log_jsonl(path: Path, record: dict):
         if master:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: one line (a torn line left behind is dropped on resume)
+                if is_disk_failure(e):
+                    raise UserError(disk_failure_message(path, e)) from None
+                raise
 
     # ---- the step loop ---------------------------------------------------------------------------
     stop = StopRequest()
     stop.install()
-    smooth_loss, val_bpb, min_val_bpb = 0.0, None, float("inf")
+    val_bpb, min_val_bpb = None, float("inf")
     total_time = 0.0
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
     step = start_step
@@ -262,22 +346,16 @@ def train(cfg: TrainConfig) -> dict:
         last_step = step == num_iterations
 
         # once in a while: val bits per byte (all ranks take part)
-        if last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            val_loader = build_val_loader()
-            eval_steps = min(cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size),
-                             val_loader.batches_per_rank)
-            if eval_steps == 0:
-                print0("val split too small for one eval batch per rank; skipping val bpb")
-            else:
-                model.eval()
-                with accelerator.autocast():
-                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-                model.train()
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
-                log_jsonl(eval_path, {"step": step, "val_bpb": val_bpb})
-                result["val_bpb"].append((step, val_bpb))
-                accelerator.log({"val/bpb": val_bpb}, step=step)
+        if eval_steps and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            model.eval()
+            with accelerator.autocast():
+                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # iter() restarts the val split
+            model.train()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
+            log_jsonl(eval_path, {"step": step, "val_bpb": val_bpb})
+            result["val_bpb"].append((step, val_bpb))
+            accelerator.log({"val/bpb": val_bpb}, step=step)
 
         # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP every rank
         # holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
@@ -322,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- logging ------------------------------------------------------------------------------
         smooth_loss = EMA_BETA * smooth_loss + (1 - EMA_BETA) * step_loss
-        debiased = smooth_loss / (1 - EMA_BETA ** (step - start_step))
+        debiased = smooth_loss / (1 - EMA_BETA ** (step - ema_start))
         tok_per_sec = cfg.total_batch_size / dt
         mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * world_size)
         if step - start_step > 10:
@@ -346,7 +424,8 @@ def train(cfg: TrainConfig) -> dict:
             path = ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last)
             print0(f"saved {path}")
         if stop_now:
-            print0(f"stopped after step {step}; continue with --resume auto")
+            print0(f"stopped after step {step} of {num_iterations}; continue with --resume auto "
+                   f"(exit code {EXIT_STOPPED})")
             result["stopped_at"] = step
             break
 
