@@ -202,3 +202,96 @@ def test_muon_on_fsdp2_params_is_unsharded_muon(tmp_path):
     for r in range(WORLD_SIZE):
         for got, w in zip(torch.load(tmp_path / f"muon_rank{r}.pt", weights_only=True), want):
             assert torch.equal(got, w)
+
+
+# ---- checkpoints: an FSDP2 run saved whole, resumed sharded or unsharded ----------------------------
+
+
+class Cursor:
+    """A Stateful stand-in for the loader Accelerate checkpoints beside the model."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def two_optimizers(m):
+    # nanochat's shape of the problem: one model, AdamW on some matrices and Muon on the others
+    return [ShardedAdamW([m[0].weight, m[3].weight], lr=0.05, betas=(0.8, 0.95), eps=1e-10),
+            optim.Muon([m[1].weight, m[2].weight], lr=0.05, momentum=0.9)]
+
+
+def train_steps(m, opts, steps):
+    for step in steps:
+        set_grads(m, grads_for(step))
+        for opt in opts:
+            opt.step()
+
+
+def _checkpoint_worker(rank, port, out_dir):
+    from nanochat_unsloth.train.checkpoint import ShardedRun, load_sharded_state, save_sharded_state
+
+    from accelerate import PartialState
+
+    mesh = _init(rank, port)
+    PartialState(cpu=True)  # Accelerate's checkpoint functions log through its state
+    try:
+        ckpt_dir = Path(out_dir) / "ckpt"
+        ckpt_dir.mkdir(exist_ok=True)
+        m = shard(make_module(), mesh)
+        opts = two_optimizers(m)
+        train_steps(m, opts, range(STEPS))
+        save_sharded_state(ckpt_dir, ShardedRun(m, opts, Cursor(STEPS)), rank, rank == 0)
+        dist.barrier()
+        train_steps(m, opts, [STEPS])
+        continued = [full_tensor(layer.weight.detach()).clone() for layer in m]
+
+        fresh = shard(make_module(), mesh)
+        fresh_opts, cursor = two_optimizers(fresh), Cursor()
+        load_sharded_state(ckpt_dir, ShardedRun(fresh, fresh_opts, cursor), rank)
+        train_steps(fresh, fresh_opts, [STEPS])
+        resumed = [full_tensor(layer.weight.detach()).clone() for layer in fresh]
+        torch.save({"continued": continued, "resumed": resumed, "cursor": cursor.value},
+                   Path(out_dir) / f"ckpt_rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_is_whole_and_resumes_sharded_or_on_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from nanochat_unsloth.train.checkpoint import ShardedRun, load_sharded_state
+
+    spawn(_checkpoint_worker, tmp_path)
+    ckpt_dir = tmp_path / "ckpt"
+    # the files of an unsharded run: whole weights and torch-format optimizer states
+    assert {"model.safetensors", "optimizer.bin", "optimizer_1.bin"} <= {p.name for p in ckpt_dir.iterdir()}
+    weights = load_file(str(ckpt_dir / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {f"{i}.weight": s for i, s in enumerate(LAYERS)}
+
+    # Bitwise: a resume restores exact copies of every weight and optimizer state, sharded (2 ranks) or
+    # whole (1 process, as after moving a run to another GPU count), and the next step is the same math
+    # (test_sharded_adamw_... and test_muon_... above: sharded and unsharded optimizers agree exactly).
+    from accelerate.state import AcceleratorState, PartialState
+
+    single = make_module()
+    opts = two_optimizers(single)
+    PartialState(cpu=True)
+    try:
+        load_sharded_state(ckpt_dir, ShardedRun(single, opts, Cursor()), 0)
+    finally:  # later tests in this process make Accelerators of their own
+        AcceleratorState._reset_state(reset_partial_state=True)
+    train_steps(single, opts, [STEPS])
+    for r in range(WORLD_SIZE):
+        got = torch.load(tmp_path / f"ckpt_rank{r}.pt", weights_only=True)
+        assert got["cursor"] == STEPS
+        for continued, resumed, one in zip(got["continued"], got["resumed"], single):
+            assert torch.equal(resumed, continued)
+            assert torch.equal(one.weight.detach(), continued)

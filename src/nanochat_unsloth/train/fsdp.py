@@ -1,4 +1,4 @@
-"""FSDP2 helpers for optimizer math that needs whole matrices (Muon's Newton-Schulz).
+"""FSDP2 helpers: optimizer math that needs whole matrices (Muon's Newton-Schulz), and checkpoints.
 
 Under FSDP2 (`torch.distributed.fsdp.fully_shard`, which Accelerate applies for `fsdp_version: 2`) every
 parameter, and after backward its gradient, is a DTensor sharded on dim 0 across the ranks, the gradient
@@ -6,11 +6,17 @@ already averaged. Elementwise math (AdamW, Muon's momentum lerp) runs on the loc
 Newton-Schulz does not, so Muon gathers the whole matrix first and adds back only this rank's rows of
 the result. Gathering is a collective: every rank must call these in the same order. The plain-tensor
 branch of each helper is the identity, so DDP / single-GPU code paths stay bitwise the same.
+
+Checkpoints of an FSDP2 run are written whole, in the layout of an unsharded run (`model.safetensors`,
+`optimizer.bin`, `optimizer_1.bin`; train/checkpoint.py): Accelerate's FSDP save pairs optimizer i with
+model i, and nanochat trains one model with two optimizers (AdamW and Muon), and its sharded format is
+one that `convert` and `eval` cannot read. Whole states also resume on another GPU count, or under DDP.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -48,3 +54,60 @@ def apply_full_update(p: Tensor, update: Tensor, alpha: float) -> None:
         p.to_local().add_(mine, alpha=alpha)
     else:
         p.add_(update, alpha=alpha)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: FSDP2 runs are saved whole, in the layout of an unsharded run
+
+
+def gathered_state_dict(state, keep: bool):
+    """`state` (a model or optimizer state dict, nested dicts / lists) with every DTensor gathered whole.
+
+    A collective: every rank calls it on the same structure. The rank that `keep`s the result gets host
+    copies (one whole tensor on the device at a time); the others get None in their place.
+    """
+    if isinstance(state, DTensor):
+        whole = state.full_tensor()
+        return whole.cpu() if keep else None
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu() if keep else None
+    if isinstance(state, dict):
+        return {k: gathered_state_dict(v, keep) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(gathered_state_dict(v, keep) for v in state)
+    return state
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of `whole` laid out as the DTensor `like` (sliced locally, nothing is sent); a tensor
+    for a plain `like` moves to its device."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return whole.to(like.device)
+
+
+def load_whole_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy a whole (unsharded) state dict into a model whose parameters may be FSDP2 shards."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, target in own.items():
+            part = shard_like(state[name].to(target.dtype), target)
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(
+                part.to_local() if isinstance(part, DTensor) else part)
+
+
+def shard_optimizer_state(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state dict (torch's format) with each per-parameter tensor cut like its parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    if len(saved_ids) != len(params):
+        raise ValueError(f"optimizer state for {len(saved_ids)} parameters, the optimizer has {len(params)}")
+    state = {}
+    for saved_id, p in zip(saved_ids, params):
+        if saved_id in state_dict["state"]:
+            state[saved_id] = {k: shard_like(v, p) if isinstance(v, Tensor) and v.shape == p.shape else v
+                               for k, v in state_dict["state"][saved_id].items()}
+    return {**state_dict, "state": state}

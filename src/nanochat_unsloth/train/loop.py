@@ -254,6 +254,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     # ---- accelerate ------------------------------------------------------------------------------
     model, *optimizers = accelerator.prepare(model, *optimizers)
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
+    # FSDP2: checkpoints are saved and loaded whole by us, not by Accelerate (train/fsdp.py says why)
+    sharded_run = ckpt.ShardedRun(raw_model, optimizers, train_loader) if sharded_weights else None
     accelerator.register_for_checkpointing(train_loader)
     if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
         try:  # NANOCHAT_COMPILE / NANOCHAT_INDUCTOR values are checked here
@@ -281,7 +283,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
         # checkpoint's only when --force allowed it)
         initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
-        accelerator.load_state(str(resume_dir))
+        ckpt.load_training_state(accelerator, resume_dir, sharded_run)
         for opt, lrs in zip(optimizers, initial_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["initial_lr"] = lr
@@ -368,7 +370,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             raw_model.train()
 
         if last_step:
-            ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last)
+            ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
+                                 sharded_run)
             break
 
         # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
@@ -421,7 +424,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             flag = torch.tensor(float(stop_now), device=device)
             stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
         if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < num_iterations):
-            path = ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last)
+            path = ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
+                                        sharded_run)
             print0(f"saved {path}")
         if stop_now:
             print0(f"stopped after step {step} of {num_iterations}; continue with --resume auto "
