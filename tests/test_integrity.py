@@ -266,7 +266,7 @@ def test_force_resumes_onto_another_device_batch_size_with_a_notice(base, capsys
 BAD_FLAGS = [
     ("--depth", "0"), ("--depth", "-1"), ("--max_seq_len", "0"), ("--max_seq_len", "-64"), ("--seed", "-1"),
     ("--eval_tokens", "-1"), ("--matrix_lr", "-0.02"), ("--embedding_lr", "nan"), ("--warmup_ratio", "5"),
-    ("--device_batch_size", "0"), ("--save_every", "0"), ("--keep_last", "-3"),
+    ("--device_batch_size", "0"), ("--save_every", "0"), ("--keep_last", "-3"), ("--profile_step", "-2"),
 ]
 
 

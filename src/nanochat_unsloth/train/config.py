@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
 # The model shape is never overridable: the weights would not load.
@@ -88,6 +89,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value) or not ok(value):
                 raise UserError(f"--{name} {value}: must be {rule}")
+        if self.cpu_bf16 not in CPU_BF16_CHOICES:
+            raise UserError(f"--cpu_bf16 {self.cpu_bf16!r} is not one of: {', '.join(CPU_BF16_CHOICES)}")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
@@ -123,6 +126,7 @@ _BOUNDS = (
     ("save_every", _off_or(lambda v: v >= 1), "-1 (only the final checkpoint) or at least 1"),
     ("keep_last", lambda v: v >= 0, "0 (keep all) or more"),
     ("stop_after", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
+    ("profile_step", _off_or(lambda v: v >= 0), "-1 (off) or a step, 0 or more"),
 )
 
 
