@@ -13,10 +13,13 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
 PR_SET_PDEATHSIG = 1
 # set by torchrun (and so by `accelerate launch`) in every worker's environment; read, never set, by us
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+ORPHAN_GRACE_S = 300.0  # a d20 checkpoint saves in seconds; a much larger model's in well under this
 
 
 def launched_by_launcher() -> bool:
@@ -33,3 +36,20 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> bool:
     if os.getppid() == 1:  # the parent died before the prctl: nobody will send the signal
         os.kill(os.getpid(), sig)
     return True
+
+
+def exit_when_orphaned(grace_s: float = ORPHAN_GRACE_S, poll_s: float = 1.0) -> threading.Thread:
+    """Start a daemon thread that ends this process `grace_s` after its parent (the launcher) exits."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        time.sleep(grace_s)
+        print(f"pid {os.getpid()}: the launcher exited {grace_s:.0f}s ago and this worker has not stopped "
+              "(blocked in a collective?); exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    thread.start()
+    return thread

@@ -25,7 +25,7 @@ from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import bf16_gemm, fp8, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
-from nanochat_unsloth.train.launcher import launched_by_launcher, stop_with_parent
+from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
 from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.phase_timer import profiled_step
@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if launched_by_launcher():  # a kill -9 of torchrun / accelerate launch must not leave us training
         stop_with_parent()
+        exit_when_orphaned()
     on_cuda = torch.cuda.is_available()
     log_with = None
     if cfg.run != "dummy":
