@@ -150,7 +150,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, locks: list) -> dict:
     from accelerate import Accelerator, DistributedType
-    from accelerate.utils import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -164,10 +163,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     log_with = None
     if cfg.run != "dummy":
         log_with = {"": None, "all": "all"}.get(cfg.tracker, cfg.tracker) or "all"
-    # DDP (several processes): the gradients live in the all-reduce buckets themselves instead of beside a
-    # copy of them, one fewer model-sized fp32 buffer per GPU (same sums, same step)
-    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
-    accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", log_with=log_with, kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", log_with=log_with)
     device, device_type = accelerator.device, accelerator.device.type
     rank, world_size = accelerator.process_index, accelerator.num_processes
     master = accelerator.is_main_process
