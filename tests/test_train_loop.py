@@ -203,3 +203,16 @@ def test_existing_run_is_refused_then_set_aside_with_force(base):
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1], "the new run's checkpoint only"
     assert [s for s, _ in ckpt.list_checkpoints(run_dir / "previous_0")] == [2], "the old run kept, aside"
     assert [m["step"] for m in metrics(base, "again")] == [0]
+
+
+def test_profile_step_writes_each_ranks_phases(base):
+    run_train(base, "--num-iterations", "2", "--model-tag", "profiled", "--profile-step", "1")
+    record = json.loads((base / "runs" / "profiled" / "profile" / "rank0.json").read_text())
+    assert record["rank"] == 0 and record["step"] == 1
+    phases = record["phases_s"]
+    # 2 micro-steps per step here: one plain forward+backward, then the one that syncs gradients
+    for name in ("data", "fwd_bwd", "fwd_bwd_last_with_grad_sync", "loss_reduce_host_sync", "clip",
+                 "optimizer_AdamW", "optimizer_Muon"):
+        assert name in phases and phases[name] >= 0, name
+    assert sum(phases.values()) <= record["wall_s"] and record["cpu_s"] > 0
+    assert record["cpu_affinity"], "which CPUs the rank may use"
