@@ -12,10 +12,11 @@ from nanochat_unsloth.train.optim import zeropower_via_newtonschulz5
 NS_SHAPES = [(4, 64, 256), (4, 256, 64), (3, 128, 128)]
 
 
-def nanochat_newtonschulz5(G, steps=5):
-    """nanochat b399e43's zeropower_via_newtonschulz5, operation for operation, in eager bf16."""
+def nanochat_newtonschulz5(G, steps=5, dtype=torch.bfloat16):
+    """nanochat b399e43's zeropower_via_newtonschulz5, operation for operation, eager, in `dtype` (bf16 as
+    nanochat runs it; float64 gives the exact iteration the bf16 ones approximate)."""
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.bfloat16()
+    X = G.to(dtype)
     if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -26,18 +27,6 @@ def nanochat_newtonschulz5(G, steps=5):
     if G.size(-2) > G.size(-1):
         X = X.mT
     return X
-
-
-def newtonschulz5_float64(G, steps=5):
-    a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.double()
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if G.size(-2) > G.size(-1) else X
 
 
 def rel(x, ref):
@@ -78,7 +67,7 @@ def test_emulated_newton_schulz_is_within_bf16_noise_of_nanochats(shape, seed):
     ours = zeropower_via_newtonschulz5(G, 5, EMULATED)
     assert ours.dtype == torch.bfloat16
     theirs = nanochat_newtonschulz5(G)
-    exact = newtonschulz5_float64(G)
+    exact = nanochat_newtonschulz5(G, dtype=torch.float64)
     # Two bf16 computations of five amplifying iterations: measured over 10 seeds x these shapes and
     # (2, 256, 1024), the same on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): emulated vs nanochat's
     # <= 3.8e-2, emulated vs float64 <= 2.7e-2, nanochat's own vs float64 <= 3.5e-2. So the emulated
