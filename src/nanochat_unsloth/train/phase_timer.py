@@ -51,8 +51,8 @@ DISABLED = PhaseTimer(torch.device("cpu"), enabled=False)
 
 @contextmanager
 def profiled_step(out_dir: Path, rank: int, step: int, device: torch.device, enabled: bool):
-    """Yield the step's PhaseTimer; when enabled, also run the step under torch.profiler and write
-    `<out_dir>/rank<r>.json` (phases, CPU time, CPU affinity, peak memory) and `rank<r>_trace.json.gz`."""
+    """Yield the step's PhaseTimer; when enabled, write `<out_dir>/rank<r>.json` (phases, CPU time, CPU
+    affinity, peak memory) and, on CUDA, run the step under torch.profiler into `rank<r>_trace.json.gz`."""
     if not enabled:
         yield DISABLED
         return
