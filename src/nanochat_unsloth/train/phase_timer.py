@@ -4,7 +4,7 @@ The step marks its phase boundaries (data, forward+backward, the last micro-step
 gradient all-reduce, the loss reduction, clipping, the optimizers). On the profiled step every mark
 synchronizes the device, so each phase's time is its own device work plus the waiting it causes on this
 rank; on every other step the marks cost nothing. Comparing the ranks' files shows which rank the others
-wait for, and in which phase. The same step also runs under torch.profiler.
+wait for, and in which phase. On CUDA the same step also runs under torch.profiler.
 """
 
 from __future__ import annotations
