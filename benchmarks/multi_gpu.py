@@ -88,29 +88,51 @@ def make_data(base: Path, max_chars: int, vocab_size: int) -> None:
 
 
 class GpuSampler:
-    """nvidia-smi utilisation of every GPU every 0.5 s, in a thread, while a launch runs."""
+    """nvidia-smi every 0.5 s, in a thread, while a launch runs: each GPU's utilisation, SM clock, power,
+    temperature and clock-event (throttle) reasons, so a slow GPU shows whether it was busy or held back."""
+
+    FIELDS = ["index", "utilization.gpu", "clocks.sm", "power.draw", "temperature.gpu"]
+    REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer, older drivers
 
     def __init__(self):
-        self.samples: dict[int, list[float]] = {}
+        self.samples: dict[int, list[dict]] = {}
         self._proc = None
+
+    def _query(self) -> list[str] | None:
+        for reasons in (*self.REASONS, None):
+            fields = self.FIELDS + ([reasons] if reasons else [])
+            probe = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                return fields
+        return None
 
     def __enter__(self):
         try:
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            fields = self._query()
         except FileNotFoundError:
             return self
-        threading.Thread(target=self._read, daemon=True).start()
+        if fields is None:
+            return self
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-lms", "500"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, args=(len(fields),), daemon=True).start()
         return self
 
-    def _read(self):
+    def _read(self, n_fields: int):
         for line in self._proc.stdout:
+            values = [v.strip() for v in line.split(",")]
+            if len(values) != n_fields:
+                continue
             try:
-                index, util = (int(v) for v in line.split(","))
+                sample = {"util": float(values[1]), "sm_mhz": float(values[2]), "power_w": float(values[3]),
+                          "temp_c": float(values[4]), "t": time.time()}
             except ValueError:
                 continue
-            self.samples.setdefault(index, []).append(util)
+            if n_fields > 5:
+                sample["reasons"] = values[5]
+            self.samples.setdefault(int(values[0]), []).append(sample)
 
     def __exit__(self, *exc):
         if self._proc is not None:
@@ -118,7 +140,29 @@ class GpuSampler:
             self._proc.wait()
 
     def mean(self) -> dict[int, float]:
-        return {i: round(statistics.fmean(v), 1) for i, v in sorted(self.samples.items()) if v}
+        return {i: round(statistics.fmean(s["util"] for s in v), 1) for i, v in sorted(self.samples.items()) if v}
+
+    def series(self, t0: float) -> dict[int, list]:
+        """Every sample as [seconds since t0, util %, SM MHz, W, reasons], to line up with the steps' times."""
+        return {i: [[round(s["t"] - t0, 1), s["util"], s["sm_mhz"], s["power_w"], s.get("reasons")] for s in v]
+                for i, v in sorted(self.samples.items())}
+
+    def summary(self) -> dict[int, dict]:
+        """Per GPU, over the samples where it was busy (utilisation >= 50%): SM clock mean and min, power mean
+        and max, the hottest temperature, and how often each clock-event reason bitmask was active."""
+        out = {}
+        for i, v in sorted(self.samples.items()):
+            busy = [s for s in v if s["util"] >= 50] or v
+            reasons: dict[str, int] = {}
+            for s in busy:
+                if "reasons" in s:
+                    reasons[s["reasons"]] = reasons.get(s["reasons"], 0) + 1
+            out[i] = {"busy_samples": len(busy), "sm_mhz_mean": round(statistics.fmean(s["sm_mhz"] for s in busy)),
+                      "sm_mhz_min": min(s["sm_mhz"] for s in busy),
+                      "power_w_mean": round(statistics.fmean(s["power_w"] for s in busy)),
+                      "power_w_max": max(s["power_w"] for s in busy), "temp_c_max": max(s["temp_c"] for s in busy),
+                      "reasons": reasons}
+        return out
 
 
 def launch(args, variant: str, n: int) -> dict:
@@ -143,12 +187,16 @@ def launch(args, variant: str, n: int) -> dict:
         except subprocess.TimeoutExpired as e:
             rc, out = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
     (args.base_dir / f"{tag}.log").write_text(out)
-    result = {"variant": variant, "gpus": n, "rc": rc, "wall_s": round(time.time() - t0, 1), "gpu_util": gpus.mean()}
+    result = {"variant": variant, "gpus": n, "rc": rc, "wall_s": round(time.time() - t0, 1), "gpu_util": gpus.mean(),
+              "gpu_health": gpus.summary(), "gpu_series": gpus.series(t0)}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
     # the profiled step synchronizes at every phase and runs under the profiler: not a steady step
     steady = [m["dt"] for m in metrics if m["step"] >= args.warmup and m["step"] != args.profile_step]
     result["step_dts"] = [round(m["dt"], 3) for m in metrics]
+    result["step_end_s"] = [round(m["time"] - t0, 1) for m in metrics if "time" in m]
+    # the allocator's cumulative retries (a cudaFree + retry under memory pressure, which synchronizes)
+    result["alloc_retries"] = [m.get("alloc_retries") for m in metrics]
     if steady:
         dt = statistics.median(steady)
         result.update(step_s=dt, tok_s=args.total_batch / dt, tok_s_per_gpu=args.total_batch / dt / n)
@@ -178,6 +226,11 @@ def report(results: list[dict]) -> None:
         eff = r["tok_s_per_gpu"] / base[r["variant"]] if base.get(r["variant"]) else float("nan")
         print(f"{r['variant']:8} {r['gpus']:>4} {1000 * r['step_s']:>8.0f} {r['tok_s']:>10,.0f} "
               f"{r['tok_s_per_gpu']:>10,.0f} {eff:>6.3f} {r.get('peak_mem_gib', 0):>9.1f}  {r['gpu_util']}")
+    print("\nwhile busy, per GPU: SM MHz mean/min, W mean/max, max C, clock-event reasons (bitmask: samples)")
+    for r in results:
+        for gpu, h in r.get("gpu_health", {}).items():
+            print(f"{r['variant']:6} N={r['gpus']} GPU {gpu}: {h['sm_mhz_mean']}/{h['sm_mhz_min']:.0f} MHz, "
+                  f"{h['power_w_mean']}/{h['power_w_max']:.0f} W, {h['temp_c_max']:.0f} C, {h['reasons']}")
     print("\nprofiled step, per rank (seconds): phases | wall | cpu")
     for r in results:
         for rank in r.get("ranks", []):

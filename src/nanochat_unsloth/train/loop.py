@@ -409,9 +409,12 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                f"loss: {debiased:.6f} (raw {step_loss:.4f}) |{gn} lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
                f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | mem: {mem:.1f}GiB | total time: {total_time / 60:.2f}m")
         record = {"step": step - 1, "loss": step_loss, "smooth_loss": debiased, "lrm": lrm, "grad_norm": grad_norm,
-                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "peak_mem_gib": mem}
+                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "peak_mem_gib": mem, "time": time.time()}
+        if device_type == "cuda":  # cumulative; a retry frees cached blocks and synchronizes: a slow step's sign
+            record["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
         log_jsonl(metrics_path, record)
-        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None}, step=step - 1)
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time") and v is not None},
+                        step=step - 1)
 
         # ---- checkpoints and stops ----------------------------------------------------------------
         stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after)

@@ -1,0 +1,100 @@
+"""Is a run on N GPUs the same run as on one GPU? A loss curve of N GPUs against two of one GPU.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    python benchmarks/curve_check.py --base-dir /tmp/mg --gpus 4 --depth 12 --steps 200 --out curve.json
+
+Three runs of the real loop on the same shards and settings (one step = --total-batch tokens, so 1 GPU
+accumulates N times as many micro-batches as each of N GPUs):
+    A, B: one GPU each, at the same time on GPUs 0 and 1: their difference is this GPU's run-to-run noise
+          (attention's backward accumulates with atomics), which grows as training amplifies it;
+    N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml.
+It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
+(evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
+(benchmarks/multi_gpu.py --make-data writes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
+    train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
+             str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
+             str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
+             "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
+    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
+    if n == 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd = [sys.executable, "-m", "nanochat_unsloth.train", *train]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes", str(n),
+               "-m", "nanochat_unsloth.train", *train]
+    log = open(args.base_dir / f"{tag}.log", "w")
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def read(args, tag: str, name: str) -> list[dict]:
+    path = args.base_dir / "runs" / tag / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-dir", type=Path, required=True)
+    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--device-batch-size", type=int, default=8)
+    p.add_argument("--total-batch", type=int, default=65536, help="tokens per step (4 GPUs x 8 x 2048 by default)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=524288)
+    p.add_argument("--extra", default="--kernels torch", help="more training flags for every run")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+
+    runs = {"a": start(args, "curve_1gpu_a", 1, 0), "b": start(args, "curve_1gpu_b", 1, 1)}
+    rcs = {k: proc.wait() for k, proc in runs.items()}
+    rcs["n"] = start(args, f"curve_{args.gpus}gpu", args.gpus).wait()
+    if any(rcs.values()):
+        raise SystemExit(f"exit codes {rcs}; see the logs in {args.base_dir}")
+
+    tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b", "n": f"curve_{args.gpus}gpu"}
+    loss = {k: [m["loss"] for m in read(args, t, "metrics.jsonl")] for k, t in tags.items()}
+    val = {k: [(e["step"], e["val_bpb"]) for e in read(args, t, "eval.jsonl")] for k, t in tags.items()}
+    windows = [(lo, min(hi, args.steps)) for lo, hi in ((0, 10), (10, 50), (50, 100), (100, args.steps))
+               if lo < args.steps]
+
+    def rel(x, y, lo, hi):
+        return max(abs(loss[x][s] - loss[y][s]) / abs(loss[x][s]) for s in range(lo, hi))
+
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "windows": [f"{lo}-{hi - 1}" for lo, hi in windows],
+        "a_vs_b_max_rel": [rel("a", "b", lo, hi) for lo, hi in windows],
+        "a_vs_n_max_rel": [rel("a", "n", lo, hi) for lo, hi in windows],
+        "val_bpb": val, "loss": loss,
+        "tok_per_sec_median": {k: sorted(m["tok_per_sec"] for m in read(args, t, "metrics.jsonl"))[args.steps // 2]
+                               for k, t in tags.items()},
+    }
+    print(f"steps            {'  '.join(f'{w:>10}' for w in result['windows'])}")
+    for key, label in (("a_vs_b_max_rel", "1 GPU vs 1 GPU"), ("a_vs_n_max_rel", f"1 GPU vs {args.gpus} GPUs")):
+        print(f"{label:16} {'  '.join(f'{v:10.2e}' for v in result[key])}")
+    for k, v in val.items():
+        print(f"val bpb {k}: " + ", ".join(f"{s}: {b:.5f}" for s, b in v))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
