@@ -96,19 +96,34 @@ def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 240) ->
     raise AssertionError(f"the run ended before {prefix!r}:\n{''.join(seen[-40:])}\n{proc.stderr.read()[-3000:]}")
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The worker process with RANK=rank among the launcher's descendants (Linux /proc)."""
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root` (Linux /proc): torchrun starts each worker in a session of its own."""
+    children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The worker process with RANK=rank below the launcher."""
+    for pid in _descendants(launcher_pid):
         try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        session = int(stat.rsplit(")", 1)[1].split()[3])
-        if session == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
+        if f"RANK={rank}".encode() in environ:
+            return pid
     return None
 
 
@@ -178,6 +193,8 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     launcher = _start(_cmd(DDP, 2, base, "ddp_term", "--force"))
     try:
         _wait_for_line(launcher, "step 00005/")
+        workers = [p for p in (_rank_pid(launcher.pid, r) for r in (0, 1)) if p]
+        assert len(workers) == 2, workers
         os.kill(launcher.pid, signal.SIGTERM)  # the launcher only; it forwards SIGTERM to its workers
         signalled_at = time.time()
         out, err = launcher.communicate(timeout=120)
@@ -192,7 +209,8 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     assert f"stopped after step {stopped_at} of {STEPS}" in out, out[-2000:]
     ckpt.load_meta(saved[0][1])  # every file's sha256 verifies
     time.sleep(5)
-    left = _session_processes(launcher.pid)
+    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not left, f"workers still running after the launcher exited: {left}"
 
     out = _run(_cmd(DDP, 1, base, "ddp_term", "--resume", "auto"))
@@ -209,18 +227,3 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     # drift apart through Muon's bf16 Newton-Schulz; they are recorded, not bounded.
     assert first <= 1e-4, first
     assert exit_s < 60, exit_s
-
-
-def _session_processes(session: int) -> list[int]:
-    """Live processes of a session (the launcher was started as a session leader)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(proc.name))
-    return pids
