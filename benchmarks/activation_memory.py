@@ -38,10 +38,10 @@ MIB = 2**20
 def measure(args) -> dict:
     import torch
 
-    from nanochat_unsloth.train import fp8 as fp8_ops
+    from nanochat_unsloth.model import fp8 as fp8_ops
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
-    from nanochat_unsloth.train.model import GPT
+    from nanochat_unsloth.model.memory import compile_for_training, compile_mode
+    from nanochat_unsloth.model.gpt import GPT
 
     on_cuda = args.device == "cuda"
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes

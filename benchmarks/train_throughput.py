@@ -88,10 +88,10 @@ def setup(args):
     import torch
     from accelerate import Accelerator
 
-    from nanochat_unsloth.train import fp8 as fp8_ops
+    from nanochat_unsloth.model import fp8 as fp8_ops
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
-    from nanochat_unsloth.train.model import GPT
+    from nanochat_unsloth.model.memory import compile_for_training, compile_mode
+    from nanochat_unsloth.model.gpt import GPT
 
     on_cuda = args.device == "cuda"
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
@@ -127,7 +127,7 @@ def setup(args):
 def run_one(args) -> dict:
     import torch
 
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
     from nanochat_unsloth.train.step import optimizer_step
 
     on_cuda = args.device == "cuda"
@@ -278,7 +278,7 @@ def categorize(name: str) -> str:
 def run_micro(args) -> list[dict]:
     import torch
 
-    from nanochat_unsloth.train import kernels as K
+    from nanochat_unsloth.model import ops as K
 
     device = "cuda"
     n_embd = 64 * args.depth

@@ -86,7 +86,7 @@ def tiny_corpus_dir(tiny_base_dir, tiny_corpus_docs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_base_dir, tiny_corpus_docs, tiny_corpus_dir) -> Path:
     """<base>/tokenizer: vocab 512 trained on the tiny corpus's train split."""
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     enc = train_tokenizer(iter(tiny_corpus_docs["train"]), TINY_VOCAB)
     out = tiny_base_dir / "tokenizer"
@@ -110,7 +110,8 @@ def tiny_shards_dir(tiny_base_dir, tiny_corpus_dir, tiny_tokenizer_dir) -> Path:
 def fresh_notices(monkeypatch):
     """Each test sees fallback notices as a fresh process would: none shown yet, no lean choice cached,
     rank 0, and none of the benchmark knobs set in the environment."""
-    from nanochat_unsloth.train import kernels, memory
+    from nanochat_unsloth.model import memory
+    from nanochat_unsloth.model import ops as kernels
 
     monkeypatch.setattr(kernels, "_NOTICES_SHOWN", set())
     monkeypatch.setattr(memory, "_LEAN_IMPLS", {})

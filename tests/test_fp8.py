@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat_unsloth.train import fp8 as F8
-from nanochat_unsloth.train import kernels as K
+from nanochat_unsloth.model import fp8 as F8
+from nanochat_unsloth.model import ops as K
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.model.gpt import GPT
 from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 
 

@@ -17,11 +17,11 @@ import torch
 
 from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train import kernels as K
-from nanochat_unsloth.train import memory as M
+from nanochat_unsloth.model import ops as K
+from nanochat_unsloth.model import memory as M
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
 from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
@@ -273,7 +273,7 @@ def test_memory_selective_tags_the_fp8_mlp_gemms_must_recompute(monkeypatch, mem
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     tags = []
@@ -312,7 +312,7 @@ def test_block_memory_modes():
 
 
 def test_fp8_delayed_scaling_only_in_blocks_that_are_not_checkpointed(monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
@@ -485,7 +485,7 @@ def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, cap
 
 
 def test_fp8_refuses_rows_that_are_not_a_multiple_of_16(base, monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))  # as on an H100
     with pytest.raises(UserError, match=r"--fp8 needs --device_batch_size x --max_seq_len .* 1 x 24"):
@@ -496,7 +496,7 @@ def test_fp8_refuses_rows_that_are_not_a_multiple_of_16(base, monkeypatch):
 def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
     """With FP8 "supported" (as on an H100), the loop trains with FP8 block GEMMs: torch._scaled_mm runs
     on the CPU too, slowly, which is fine at this size."""
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     calls = []

@@ -23,7 +23,7 @@ from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
-from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.model.gpt import GPT
 
 from conftest import write_parquet_files
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
@@ -108,7 +108,7 @@ def test_token_id_beyond_the_vocab_is_refused_before_the_model(own_base, no_mode
 
 def test_damaged_checkpoint_is_refused_by_eval_and_convert_and_skipped_by_resume_auto(base, capsys):
     from nanochat_unsloth.convert.cli import main as convert_main
-    from nanochat_unsloth.train.eval_cli import main as eval_main
+    from nanochat_unsloth.eval.cli import main as eval_main
 
     run_train(base, "--num-iterations", "4", "--model-tag", "rot", "--save-every", "1", "--stop-after", "2")
     run_dir = base / "runs" / "rot"
@@ -441,7 +441,7 @@ def test_moved_base_dir_reprep_is_complete_and_verifies_checksums(tmp_path, tiny
 
 
 def test_fp8_scaling_state_and_loss_ema_resume_exactly(base, monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))  # torch._scaled_mm runs on the CPU
     monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")  # delayed scaling at the tiny batch too

@@ -16,9 +16,9 @@ import importlib.util
 import pytest
 import torch
 
-from nanochat_unsloth.train import memory as M
+from nanochat_unsloth.model import memory as M
 from nanochat_unsloth.train import optim
-from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.model.gpt import GPT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_zoo = pytest.mark.skipif(importlib.util.find_spec("unsloth_zoo") is None, reason="needs unsloth_zoo")

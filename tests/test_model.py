@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from nanochat_unsloth.train import kernels as kernels_mod
-from nanochat_unsloth.train.kernels import TORCH_KERNELS, get_kernels
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model import ops as kernels_mod
+from nanochat_unsloth.model.ops import TORCH_KERNELS, get_kernels
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.optim import (
     Muon, apply_schedules, build_optimizers, clip_grad_norm, depth_to_model_config, grad_accum_steps,
     lr_multiplier, muon_momentum, resolve_num_iterations, zeropower_via_newtonschulz5,

@@ -15,7 +15,7 @@ from conftest import TINY_SHARD_TOKENS, write_parquet_files
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError, sha256_file
 from nanochat_unsloth.prep.job import STATE_NAME, STOP_ENV, PrepConfig, run_prep
-from nanochat_unsloth.prep.tokenizer import SPLIT_PATTERN, bos_id, load_tokenizer
+from nanochat_unsloth.tokenizer import SPLIT_PATTERN, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import open_shard_tokens, read_shard_header
 from nanochat_unsloth.shards.manifest import ShardManifest
 
@@ -233,7 +233,7 @@ def test_bad_sources_are_refused_through_prep(tmp_path, tiny_tokenizer_dir):
 def test_out_dir_of_another_tokenizer_or_source_is_refused_unless_force(
     tmp_path, tiny_shards_dir, tiny_corpus_dir, tiny_tokenizer_dir, tiny_corpus_docs
 ):
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     out = tmp_path / "shards"
     shutil.copytree(tiny_shards_dir, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 

@@ -18,7 +18,7 @@ COMMANDS = {
     "tokenizer": ("nanochat_unsloth.prep.tokenizer_cli", "train the RustBPE tokenizer on parquet text"),
     "prep": ("nanochat_unsloth.prep.prep_cli", "tokenize a corpus into uint16 token shards"),
     "train": ("nanochat_unsloth.train.__main__", "pretrain the GPT (also: accelerate launch -m nanochat_unsloth.train)"),
-    "eval": ("nanochat_unsloth.train.eval_cli", "train/val bits-per-byte and samples of a checkpoint"),
+    "eval": ("nanochat_unsloth.eval.cli", "train/val bits-per-byte and samples of a checkpoint"),
     "convert": ("nanochat_unsloth.convert.cli", "checkpoints to/from nanochat's base_checkpoints layout"),
     "demo-data": ("nanochat_unsloth.prep.demo_data", "write the built-in demo corpus as parquet"),
     "demo": ("nanochat_unsloth.demo", "the whole pipeline on the built-in demo corpus"),

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         "--shard-tokens", "500000"])
 
     # ---- loader check: the first batch decodes back to text ---------------------------------------------
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
 
     loader = TokenShardLoader(base / "shards", "train", B=2, T=64)
@@ -92,9 +92,9 @@ def main(argv: list[str]) -> int:
         "convert", str(run_dir), "--model-tag", DEMO_TAG, "--base-dir", str(base), "--force"])
 
     # ---- summary ----------------------------------------------------------------------------------------
-    from nanochat_unsloth.train.evaluate import sample_completions
+    from nanochat_unsloth.eval.metrics import sample_completions
     from nanochat_unsloth.train.checkpoint import list_checkpoints, load_model_state_dict, load_meta
-    from nanochat_unsloth.train.model import GPT, GPTConfig
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
     step, step_dir = list_checkpoints(run_dir)[-1]
     meta = load_meta(step_dir)

@@ -89,7 +89,7 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     meta = loaded.meta
 
     # ---- check everything first: nothing is written if any of this fails
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
 
     src_tok = src_base / "tokenizer"
     copies = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
@@ -143,11 +143,11 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     """
     from accelerate import Accelerator
 
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
     from nanochat_unsloth.shards.manifest import ShardManifest
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.model import GPT, GPTConfig
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
     loaded = layout.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config

@@ -35,7 +35,7 @@ import numpy as np
 from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
                                      read_json)
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
-from nanochat_unsloth.prep.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
+from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
 

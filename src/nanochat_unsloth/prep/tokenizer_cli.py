@@ -13,7 +13,7 @@ from typing import Iterator
 
 from nanochat_unsloth.common import UserError, atomic_write_json, get_base_dir, read_json, sha256_file
 from nanochat_unsloth.prep.sources import Source, add_source_args, open_source
-from nanochat_unsloth.prep.tokenizer import (
+from nanochat_unsloth.tokenizer import (
     SPECIAL_TOKENS,
     TOKEN_BYTES_PT,
     TOKENIZER_PKL,

@@ -18,16 +18,17 @@ import torch
 
 from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir,
                                      is_disk_failure)
-from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
+from nanochat_unsloth.tokenizer import load_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import bf16_gemm, fp8, optim
+from nanochat_unsloth.model import fp8
+from nanochat_unsloth.train import bf16_gemm, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
-from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
+from nanochat_unsloth.eval.metrics import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
-from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
-from nanochat_unsloth.train.model import GPT
+from nanochat_unsloth.model.memory import compile_for_training, compile_mode, out_of_memory_advice
+from nanochat_unsloth.model.gpt import GPT
 from nanochat_unsloth.train.phase_timer import profiled_step
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 

@@ -25,8 +25,8 @@ from nanochat_unsloth.train import bf16_gemm
 from nanochat_unsloth.train.bf16_gemm import NATIVE, Bf16Math
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.fsdp import apply_full_update, full_tensor, is_dtensor
-from nanochat_unsloth.train.kernels import notice_once
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.ops import notice_once
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
 OPTIMIZER_CHOICES = ("muon", "adamw8bit")
 

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nanochat_unsloth.train import fp8, optim
+from nanochat_unsloth.model import fp8
+from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.phase_timer import DISABLED, PhaseTimer
 
 

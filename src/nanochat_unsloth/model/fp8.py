@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanochat_unsloth.train.kernels import compute_dtype
+from nanochat_unsloth.model.ops import compute_dtype
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients

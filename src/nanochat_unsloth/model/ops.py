@@ -358,7 +358,7 @@ def get_kernels(name: str = "torch", fp8: bool = False) -> Kernels:
 
 def with_fp8(ops: Kernels) -> Kernels:
     """`ops` with its block GEMMs in FP8, or `ops` unchanged (and a notice) where FP8 cannot run fast."""
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     ok, why = fp8.fp8_supported(device)
@@ -370,7 +370,7 @@ def with_fp8(ops: Kernels) -> Kernels:
 
 def fp8_kernels(ops: Kernels) -> Kernels:
     """`ops` with `linear` in FP8, whatever the device."""
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     return dataclasses.replace(ops, linear=fp8.fp8_linear, fp8=True)
 

@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanochat_unsloth.train import fp8 as fp8_ops
-from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
-from nanochat_unsloth.train.memory import block_memory_modes, checkpoint_recomputed, run_block
+from nanochat_unsloth.model import fp8 as fp8_ops
+from nanochat_unsloth.model.ops import Kernels, get_kernels, softcapped_logits
+from nanochat_unsloth.model.memory import block_memory_modes, checkpoint_recomputed, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000

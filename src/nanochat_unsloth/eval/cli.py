@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(loaded, device: torch.device, kernels: str = "torch"):
     """Our GPT with the checkpoint's weights, in the dtypes nanochat's build_model would give it."""
-    from nanochat_unsloth.train.model import GPT, GPTConfig
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
         model = GPT(GPTConfig(**loaded.model_config), kernels=kernels)
@@ -76,9 +76,9 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
                         kernels: str = "torch", log=print) -> dict:
     """Train/val bits per byte and the seven greedy samples of a checkpoint (ours or nanochat's)."""
     from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
-    from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
+    from nanochat_unsloth.tokenizer import load_token_bytes, load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
-    from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS, evaluate_bpb
+    from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb
 
     loaded = load_any_checkpoint(checkpoint, step)
     base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir

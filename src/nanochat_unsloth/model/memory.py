@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from nanochat_unsloth.train.kernels import import_unsloth_module, notice_once
+from nanochat_unsloth.model.ops import import_unsloth_module, notice_once
 
 MEMORY_CHOICES = ("fast", "lean", "selective")
 LEAN_CHOICES = ("auto", "offload", "torch")
