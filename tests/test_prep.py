@@ -14,7 +14,7 @@ from conftest import TINY_SHARD_TOKENS, write_parquet_files
 
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError, sha256_file
-from nanochat_unsloth.prep.job import STATE_NAME, STOP_ENV, PrepConfig, run_prep
+from nanochat_unsloth.prep.job import STATE_NAME, PrepConfig, run_prep
 from nanochat_unsloth.tokenizer import SPLIT_PATTERN, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import open_shard_tokens, read_shard_header
 from nanochat_unsloth.shards.manifest import ShardManifest
@@ -276,10 +276,8 @@ def test_prep_cli(tmp_path, tiny_corpus_dir, tiny_tokenizer_dir, tiny_shards_dir
     base = tmp_path / "base"
     shutil.copytree(tiny_tokenizer_dir, base / "tokenizer")
     args = ["prep", "--source", str(tiny_corpus_dir), "--base-dir", str(base), "--shard_tokens=5000", "--workers", "2", "--quiet"]
-    monkeypatch.setenv(STOP_ENV, "2")
-    assert cli.main(args) == 0
+    assert cli.main(args + ["--stop-after-shards", "2"]) == 0
     assert "re-run the same command" in capsys.readouterr().out
-    monkeypatch.delenv(STOP_ENV)
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("prep: done") and "skipped" in out and "tok/s" in out
