@@ -109,12 +109,10 @@ def tiny_shards_dir(tiny_base_dir, tiny_corpus_dir, tiny_tokenizer_dir) -> Path:
 @pytest.fixture
 def fresh_notices(monkeypatch):
     """Each test sees fallback notices as a fresh process would: none shown yet, no lean choice cached,
-    rank 0, and none of the benchmark knobs set in the environment."""
+    rank 0."""
+    from nanochat_unsloth import common
     from nanochat_unsloth.model import memory
-    from nanochat_unsloth.model import ops as kernels
 
-    monkeypatch.setattr(kernels, "_NOTICES_SHOWN", set())
+    monkeypatch.setattr(common, "_NOTICES_SHOWN", set())
     monkeypatch.setattr(memory, "_LEAN_IMPLS", {})
     monkeypatch.delenv("RANK", raising=False)
-    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT", "NANOCHAT_COMPILE"):
-        monkeypatch.delenv(var, raising=False)

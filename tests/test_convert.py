@@ -63,14 +63,14 @@ def make_run(base: Path, tag: str, steps: list[int], wte_bf16: bool, seed: int =
 
     from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.model.gpt import GPT
 
     vocab = load_tokenizer(base / "tokenizer").n_vocab
     sha = sha256_file(base / "tokenizer" / "tokenizer.pkl")
-    config = optim.depth_to_model_config(DEPTH, SEQ, vocab)
+    config = GPTConfig.from_depth(DEPTH, SEQ, vocab)
     torch.manual_seed(seed)
-    model = GPT(config, kernels="torch")
+    model = GPT(config)
     model.init_weights()
     with torch.no_grad():  # lm_head and the c_proj's start at zero: make every tensor carry information
         for p in model.parameters():

@@ -146,8 +146,9 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
     from nanochat_unsloth.shards.manifest import ShardManifest
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
     loaded = layout.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config
@@ -165,7 +166,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
         raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but {loaded.path.name}'s model has "
                         f"vocab_size {model_config['vocab_size']}; this is not the tokenizer it was trained with")
     train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name)
-    derived = optim.depth_to_model_config(train_config["depth"], train_config["max_seq_len"], n_vocab)
+    derived = GPTConfig.from_depth(train_config["depth"], train_config["max_seq_len"], n_vocab)
     if layout.model_config_kwargs(vars(derived)) != model_config:
         raise UserError(f"{loaded.path.parent / layout.meta_file(s)}: model_config {model_config} is not what depth "
                         f"{train_config['depth']} gives ({vars(derived)}); our trainer builds models from --depth, "
@@ -192,10 +193,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     log(f"importing {loaded.path} (step {s}) -> {step_dir}")
     copy_tokenizer(src_tok, out_base / "tokenizer", copies, log)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config), kernels="torch")
-    model.to_empty(device="cpu")
-    model.init_weights()  # computes the rotary tables; the weights are replaced next
+    model = build_model(GPTConfig(**model_config), device="cpu")  # rotary tables; the weights are replaced next
     model.load_state_dict(loaded.state_dict, strict=True, assign=True)  # assign: keep nanochat's dtypes
     optimizers = optim.build_optimizers(  # after assign: they must hold the loaded parameters
         model, embedding_lr=train_config["embedding_lr"], unembedding_lr=train_config["unembedding_lr"],
@@ -293,6 +291,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

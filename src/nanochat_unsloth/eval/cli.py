@@ -24,8 +24,6 @@ import torch
 from nanochat_unsloth.common import UserError, sha256_file
 
 DEFAULT_SPLIT_TOKENS = 20 * 524288  # base_loss's split_tokens
-SAMPLE_TOKENS = 16
-TERMINAL_TOKENS = ("<|bos|>", "<|assistant_end|>")  # nanochat's Engine.generate_batch stops at these
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,35 +37,15 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(loaded, device: torch.device, kernels: str = "torch"):
     """Our GPT with the checkpoint's weights, in the dtypes nanochat's build_model would give it."""
-    from nanochat_unsloth.model.gpt import GPT, GPTConfig
+    from nanochat_unsloth.model.build import ModelOptions, build_model as build
+    from nanochat_unsloth.model.gpt import GPTConfig
 
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**loaded.model_config), kernels=kernels)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary tables, and on CUDA the bf16 wte nanochat's trainer leaves
+    # init_weights computes the rotary tables, and on CUDA the bf16 wte nanochat's trainer leaves
+    model = build(GPTConfig(**loaded.model_config), ModelOptions(kernels=kernels), device)
     # copy (not assign) into the model's own dtypes: bf16 -> fp32 on CPU, as build_model does
     model.load_state_dict(loaded.state_dict, strict=True)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def greedy_samples(model, encoding, prompts, max_tokens: int = SAMPLE_TOKENS,
-                   autocast=contextlib.nullcontext) -> list[str]:
-    """base_loss's samples: <|bos|> + prompt, greedy, stop at a terminal token, decoded with the <|bos|>."""
-    bos = encoding.encode_single_token("<|bos|>")
-    terminal = {encoding.encode_single_token(t) for t in TERMINAL_TOKENS if t in encoding.special_tokens_set}
-    out = []
-    for prompt in prompts:
-        tokens = [bos] + encoding.encode_ordinary(prompt)
-        generated = []
-        with autocast():
-            for token in model.generate(tokens, max_tokens=max_tokens, temperature=0.0):
-                if token in terminal:
-                    break
-                generated.append(token)
-        out.append(encoding.decode(tokens + generated))
-    return out
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLIT_TOKENS,
@@ -78,7 +56,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
     from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
     from nanochat_unsloth.tokenizer import load_token_bytes, load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
-    from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb
+    from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb, greedy_completions
 
     loaded = load_any_checkpoint(checkpoint, step)
     base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir
@@ -125,7 +103,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
         result[f"{split}_bpb"] = bpb
         result["steps"][split] = n
 
-    samples = greedy_samples(model, encoding, SAMPLE_PROMPTS, autocast=autocast)
+    samples = greedy_completions(model, encoding, SAMPLE_PROMPTS, style="base_loss", autocast=autocast)
     for sample in samples:
         log(sample)
     result["samples"] = samples
@@ -146,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-dir", help="base dir with tokenizer/ and shards/ (default: the checkpoint's base dir)")
     p.add_argument("--shards", help="token shard dir (default <base>/shards)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
-    p.add_argument("--kernels", default="torch", choices=("torch", "unsloth"), help="model kernels (default torch)")
+    p.add_argument("--kernels", default="torch", choices=("torch", "fused", "unsloth"),
+                   help="model kernels (default torch; unsloth = fused, its former name)")
     return p
 
 
@@ -159,6 +138,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

@@ -1,52 +1,40 @@
-"""Memory modes and how the model is compiled for training.
+"""Memory modes: what each block keeps for backward.
 
     --memory fast   every block keeps its activations for backward (nanochat)
     --memory lean   per-block activation checkpointing: a block keeps only its input, and backward
-                    re-runs its forward. Costs about one extra forward (~a quarter of the step) and
-                    frees nearly all activation memory, so deeper models and larger batches fit.
-                    `--lean_blocks K` checkpoints only the first K blocks: a point between the two
-                    (for a memory budget that lean undershoots and fast overshoots).
+                    re-runs its forward: about one extra forward for nearly all activation memory, so
+                    deeper models and larger batches fit. `--lean_blocks K` checkpoints only the first K
+                    blocks: a point between the two (for a budget that lean undershoots and fast overshoots).
     --memory selective
                     recompute only the MLP (its c_fc GEMM and ReLU^2) in backward: the MLP's 4*n_embd-wide
-                    hidden activation, the largest tensor a block keeps (~40% of its activations), is not
-                    stored. Costs one c_fc GEMM per block (~1/9 of the block's GEMM work) where lean costs
-                    the whole block forward: measured at d20 with --fp8, 5.5-8% of the step for 35% less
-                    activation memory. `--lean_blocks K` limits it to the first K blocks too.
+                    hidden activation, the largest tensor a block keeps, is not stored, for one c_fc GEMM per
+                    block instead of lean's whole block forward. `--lean_blocks K` limits it to K blocks too.
 
-Lean has two implementations (NANOCHAT_LEAN_CHECKPOINT=auto|offload|torch selects; auto = offload):
+Lean has two implementations (`--lean_checkpoint auto|offload|torch`; auto = offload where it can run):
     offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
-              pinned CPU memory. The default: on the H100 it ran as fast as torch's and peaked 2.6 GiB
-              lower (d20, B=32; docs/PERF.md). CUDA + unsloth_zoo only; elsewhere lean falls back to
-              torch's with a one-line notice.
+              pinned CPU memory, so the GPU keeps even less. CUDA + unsloth_zoo only; elsewhere lean falls
+              back to torch's with a one-line notice.
     torch     torch.utils.checkpoint (non-reentrant) around the compiled block; works on every device
-
-Compilation (`compile_for_training`): "model" compiles the whole model once (nanochat's
-torch.compile); "blocks" compiles each Block separately (regional compilation: the blocks share one
-compiled graph, so compiling takes one block's time) and leaves the embedding, the final norm and the
-loss outside. The torch kernels in fast mode use "model": their loss, logits and all, must be inside
-the graph to stay fast and small. Lean mode uses "blocks": Unsloth's offloaded checkpoint cannot be
-traced. The unsloth kernels use "blocks" too: their fused loss is a `torch.compiler.disable` region,
-so "model" works (the graph ends before the loss) and measured 1.1-1.2% faster on the H100 at d20
-B=32 (bf16 and --fp8), but with --fp8 it compiled for ~3 minutes instead of under one and is
-unmeasured at smaller batches (docs/PERF.md).
-NANOCHAT_COMPILE=model|blocks|none overrides, for benchmarks. NANOCHAT_INDUCTOR="key=value,..." sets
-torch._inductor.config entries before compiling (e.g. `triton.tile_reductions=True`), for benchmarks too.
+docs/PERF.md has the speed and memory of each mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from nanochat_unsloth.model.ops import import_unsloth_module, notice_once
+from nanochat_unsloth.common import notice_once
 
 MEMORY_CHOICES = ("fast", "lean", "selective")
 LEAN_CHOICES = ("auto", "offload", "torch")
-COMPILE_CHOICES = ("model", "blocks", "none")
 
 
 def check_memory_mode(memory: str) -> str:
@@ -142,16 +130,20 @@ def _offload_checkpoint(block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -
     return gc.unsloth_offloaded_gradient_checkpoint(block, x, cos, sin)
 
 
-_LEAN_IMPLS: dict[str, Callable] = {}
+_LEAN_IMPLS: dict[tuple[str, str], Callable] = {}
 
 
-def lean_checkpoint_impl(device: torch.device) -> Callable:
-    """The checkpointing function lean mode uses on `device` (resolved once per device type)."""
-    key = device.type
+def check_lean_checkpoint(want: str) -> str:
+    if want not in LEAN_CHOICES:
+        raise ValueError(f"--lean_checkpoint {want!r}: choose one of {', '.join(LEAN_CHOICES)}")
+    return want
+
+
+def lean_checkpoint_impl(device: torch.device, want: str = "auto") -> Callable:
+    """The checkpointing function lean mode uses on `device` (resolved once per device type and choice)."""
+    key = (device.type, want)
     if key not in _LEAN_IMPLS:
-        want = os.environ.get("NANOCHAT_LEAN_CHECKPOINT", "auto")
-        if want not in LEAN_CHOICES:
-            raise ValueError(f"NANOCHAT_LEAN_CHECKPOINT={want!r}: choose one of {', '.join(LEAN_CHOICES)}")
+        check_lean_checkpoint(want)
         impl = _torch_checkpoint
         if want in ("auto", "offload"):
             try:
@@ -167,87 +159,54 @@ def lean_checkpoint_impl(device: torch.device) -> Callable:
 
 
 def run_block(memory: str, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor,
-              compiled: Callable | None = None) -> Tensor:
+              compiled: Callable | None = None, lean_checkpoint: str = "auto") -> Tensor:
     """One block's forward under the memory mode (checkpointed only when training with grad).
 
-    `compiled` is the block's compiled twin (`compile_for_training(..., "blocks")`); it is skipped under
+    `compiled` is the block's compiled twin (`compile.compile_for_training(..., "blocks")`); it is skipped under
     inference mode (`GPT.generate`: every new length would be a recompilation). Under a whole-model
     compile it is None, and the checks below fold away at trace time.
     """
     fn = block if compiled is None or torch.is_inference_mode_enabled() else compiled
     if memory == "lean" and block.training and torch.is_grad_enabled():
-        return lean_checkpoint_impl(x.device)(fn, x, cos, sin)
+        return lean_checkpoint_impl(x.device, lean_checkpoint)(fn, x, cos, sin)
     return fn(x, cos, sin)
 
 
 # -----------------------------------------------------------------------------
-# Compiling for training
+# Importing Unsloth without its global side effects
 
 
-def compile_mode(kernels: str, memory: str) -> str:
-    """How to compile a model built with these (resolved) kernels and memory mode."""
-    override = os.environ.get("NANOCHAT_COMPILE")
-    if override:
-        if override not in COMPILE_CHOICES:
-            raise ValueError(f"NANOCHAT_COMPILE={override!r}: choose one of {', '.join(COMPILE_CHOICES)}")
-        return override
-    return "blocks" if (kernels == "unsloth" or memory == "lean") else "model"
-
-
-def _parse_config_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def apply_inductor_settings(spec: str | None = None) -> dict:
-    """Set the torch._inductor.config entries of `spec` (default: $NANOCHAT_INDUCTOR), "a.b=value,...".
-
-    Returns what was set. An unknown key is an error naming it: a typo would otherwise measure nothing.
-    """
-    spec = os.environ.get("NANOCHAT_INDUCTOR", "") if spec is None else spec
+@contextlib.contextmanager
+def _keep_torch_compile_settings():
+    """Undo what Unsloth's imports do to process-wide torch.compile settings and to the PYTORCH_* / TORCH* /
+    CUDA_* environment variables (which Inductor's compile workers, started later, would inherit)."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    applied = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, sep, text = item.partition("=")
-        section, _, name = key.strip().rpartition(".")
-        target = inductor_config
-        for part in filter(None, section.split(".")):
-            target = getattr(target, part, None)
-        if not sep or target is None or not hasattr(target, name):
-            raise ValueError(f"NANOCHAT_INDUCTOR: {item!r} is not `key=value` with a torch._inductor.config key")
-        setattr(target, name, _parse_config_value(text.strip()))
-        applied[key.strip()] = getattr(target, name)
-    return applied
+    saved = [(cfg, cfg.get_config_copy()) for cfg in (dynamo_config, inductor_config)]
+    prefixes = ("PYTORCH_", "TORCH", "CUDA_")
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated keys warn when read
+            for cfg, snapshot in saved:
+                for key, value in snapshot.items():
+                    try:
+                        if getattr(cfg, key) != value:
+                            setattr(cfg, key, value)
+                    except Exception:  # a read-only or removed key: leave it
+                        pass
+        for k in [k for k in os.environ if k.startswith(prefixes) and k not in saved_env]:
+            del os.environ[k]
+        os.environ.update(saved_env)
 
 
-def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False) -> nn.Module:
-    """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
-
-    `data_parallel` (DDP): Dynamo's DDP optimizer would split every compiled graph at DDP's bucket
-    boundaries, so that all-reduces start mid-graph; the pieces lose fusions and each keeps its own saved
-    activations (docs/MULTI_GPU.md has the measurements). Unsplit, a compiled region's gradients are ready
-    when its backward ends: compiled blocks still overlap their all-reduce with the next block's backward,
-    and the whole-model graph reduces right after its backward.
-
-    `model` may be a DDP wrapper of `raw_model`. For "blocks", each block gets a compiled twin in
-    `raw_model.compiled_blocks`, a plain list outside the module tree (parameter names and the
-    state_dict stay nanochat's) that `GPT.forward` hands to `run_block`; the twins share one compiled
-    graph (same code, parameters as graph inputs), so compiling costs one block.
-    """
-    if mode not in COMPILE_CHOICES:
-        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES)}")
-    if mode != "none":
-        apply_inductor_settings()
-    if data_parallel:
-        torch._dynamo.config.optimize_ddp = False
-    if mode == "model":
-        return torch.compile(model, dynamic=False)
-    if mode == "blocks":
-        raw_model.compiled_blocks = [torch.compile(block, dynamic=False) for block in raw_model.transformer.h]
-    return model
+def import_unsloth_module(name: str):
+    """Import an `unsloth_zoo` module, keeping torch.compile's global settings as they were."""
+    if name in sys.modules:
+        return sys.modules[name]
+    os.environ.setdefault("UNSLOTH_IS_PRESENT", "1")  # unsloth_zoo refuses to import without it
+    with _keep_torch_compile_settings():
+        return importlib.import_module(name)

@@ -70,5 +70,5 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
         opt.step()
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
     model.zero_grad(set_to_none=True)
-    fp8.start_delayed_scaling(raw_model, x.numel())  # --fp8: once every layer has an amax history
+    fp8.start_delayed_scaling(raw_model)  # --fp8: once every layer has an amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
