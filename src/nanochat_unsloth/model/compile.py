@@ -21,8 +21,8 @@ def compile_mode(kernels: str, memory: str, choice: str = "auto") -> str:
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     if choice == "model" and kernels == "fused":
-        # the fused loss is a compiler-disabled region, so the graph would end before it anyway; measured no
-        # faster than blocks and much slower to compile (docs/PERF.md)
+        # the fused loss is a compiler-disabled region, so the whole-model graph ends before it anyway:
+        # no gain over blocks for a much longer compile (docs/PERF.md)
         raise ValueError("--compile model does not go with --kernels fused; use --compile auto or blocks")
     if choice != "auto":
         return choice

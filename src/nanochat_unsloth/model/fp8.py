@@ -174,8 +174,8 @@ def share_input_history(*layers: nn.Linear) -> None:
 
     Their histories would hold the same amax anyway (same tensor), but as three buffers they make three
     casts of the tensor that torch.compile cannot tell apart: the compiled block then computed three e4m3
-    copies of the normed x and kept two of them for backward (+3.2 GiB at d20 B=32), where dynamic
-    scaling's three identical casts were one. With one history the casts are one expression, computed and
+    copies of the normed x and kept two of them for backward, where dynamic scaling's three identical
+    casts were one (docs/PERF.md has the memory it cost). With one history the casts are one expression, computed and
     kept once. Pass the layers in the order the forward calls them: the first owns the history, the last
     records the new amax, so every cast of the micro-step reads the previous micro-step's value.
     """

@@ -67,10 +67,9 @@ def out_of_memory_advice(device_batch_size: int, memory: str, lean_blocks: int, 
                          peak_gib: float, total_gib: float) -> str:
     """The one-line error for a training step that ran out of GPU memory: what to change, cheapest first.
 
-    Ordered by what each costs in speed, as measured at d20 on an H100 (docs/PERF.md): recomputing part of
-    the blocks (`--lean_blocks K`, when a recompute mode is on), the MLP recomputed (selective, 6-8% with
-    --fp8 for ~35% less activation memory), a smaller micro-batch (the step's math is unchanged: more
-    gradient accumulation), whole blocks recomputed (lean, ~25% for ~90% less).
+    Ordered by what each costs in speed (docs/PERF.md has the measurements): recomputing part of the blocks
+    (`--lean_blocks K`, when a recompute mode is on), the MLP recomputed (selective), a smaller micro-batch
+    (the step's math is unchanged: more gradient accumulation), whole blocks recomputed (lean).
     """
     where = f"out of GPU memory (peak {peak_gib:.1f} of {total_gib:.1f} GiB) at --device_batch_size={device_batch_size}"
     where += f" --memory={memory}" + (f" --lean_blocks={lean_blocks}" if lean_blocks != -1 else "")
@@ -109,8 +108,8 @@ def checkpoint_recomputed(fn: Callable, *args: Tensor) -> Tensor:
     plain `checkpoint`: inside a compiled block, torch 2.11 did not honour a plain non-reentrant
     checkpoint around the FP8 matmul (an autograd.Function): plain checkpoint tags the region
     PREFER_RECOMPUTE, and the partitioner kept the MLP's bf16 pre-activation as if there were no checkpoint
-    (482 MiB kept per d20 block at B=8, as in fast mode). With every op tagged MUST_RECOMPUTE it keeps 322
-    MiB (benchmarks/activation_memory.py, docs/PERF.md). Eager, the two are the same thing.
+    (as in fast mode); with every op tagged MUST_RECOMPUTE it is not kept (benchmarks/activation_memory.py
+    measures it; docs/PERF.md has the numbers). Eager, the two are the same thing.
     """
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
                                              context_fn=_recompute_every_op_contexts)
