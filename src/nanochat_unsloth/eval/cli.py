@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, sha256_file
+from nanochat_unsloth.common import UserError
 
 DEFAULT_SPLIT_TOKENS = 20 * 524288  # base_loss's split_tokens
 
@@ -54,21 +54,15 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
                         kernels: str = "torch", log=print) -> dict:
     """Train/val bits per byte and the seven greedy samples of a checkpoint (ours or nanochat's)."""
     from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
-    from nanochat_unsloth.tokenizer import load_token_bytes, load_tokenizer
+    from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
     from nanochat_unsloth.shards.loader import TokenShardLoader
     from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb, greedy_completions
 
     loaded = load_any_checkpoint(checkpoint, step)
     base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir
     tok_dir = base / "tokenizer"
-    encoding = load_tokenizer(tok_dir)
-    tokenizer_sha = sha256_file(tok_dir / "tokenizer.pkl")
-    if loaded.tokenizer_sha256 is not None and loaded.tokenizer_sha256 != tokenizer_sha:
-        raise UserError(f"{tok_dir / 'tokenizer.pkl'}: sha256 {tokenizer_sha[:12]} is not the tokenizer "
-                        f"{loaded.path} was trained with ({loaded.tokenizer_sha256[:12]}); pass the right --base-dir")
-    if encoding.n_vocab != loaded.model_config["vocab_size"]:
-        raise UserError(f"{tok_dir / 'tokenizer.pkl'}: {encoding.n_vocab} tokens, but {loaded.path}'s model has "
-                        f"vocab_size {loaded.model_config['vocab_size']}; pass the --base-dir it was trained in")
+    encoding, tokenizer_sha = load_checked_tokenizer(tok_dir, str(loaded.path), loaded.tokenizer_sha256,
+                                                     loaded.model_config["vocab_size"])
 
     B = device_batch_size or loaded.device_batch_size
     T = loaded.model_config["sequence_len"]  # as base_loss: the model's context, whatever it was trained with

@@ -23,7 +23,7 @@ from nanochat_unsloth.model import fp8
 from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.model.gpt import PROMISED_FLOPS_H100, GPTConfig
 from nanochat_unsloth.model.memory import out_of_memory_advice
-from nanochat_unsloth.tokenizer import load_token_bytes, load_tokenizer
+from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
@@ -183,11 +183,10 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
-    manifest.check_tokenizer(tokenizer_dir / "tokenizer.pkl")
-    encoding = load_tokenizer(tokenizer_dir)
     vocab_size = manifest.tokenizer.vocab_size
-    if encoding.n_vocab != vocab_size:
-        raise UserError(f"{tokenizer_dir}: tokenizer has {encoding.n_vocab} tokens but the shards say {vocab_size}")
+    encoding, _ = load_checked_tokenizer(
+        tokenizer_dir, f"the shards in {shards_dir}", manifest.tokenizer.sha256, vocab_size,
+        fix="re-run prep with it, or point --base-dir at the matching tokenizer")
     token_bytes = load_token_bytes(tokenizer_dir, device)
 
     # ---- data: before the model, so shards too short for --max_seq_len or a val split too small for
