@@ -120,3 +120,14 @@ def test_the_checker_sees_lazy_and_package_relative_imports():
     assert "nanochat_unsloth.convert.nanochat_layout" in GRAPH["nanochat_unsloth.eval.cli"]  # inside a function
     assert "nanochat_unsloth.model.fp8" in GRAPH["nanochat_unsloth.model.build"]  # `from pkg import module`
     assert unit_of("nanochat_unsloth.eval.cli") == "eval.cli" and unit_of("nanochat_unsloth.eval") is None
+
+
+def test_the_model_is_assembled_only_in_build_model():
+    """`GPT(...)` is called in one place, model/build.py; everything else (loop, eval, convert, demo, the
+    layout's expected shapes) goes through `build_model`."""
+    callers = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "GPT":
+                callers.append(module)
+    assert callers == ["nanochat_unsloth.model.build"], callers
