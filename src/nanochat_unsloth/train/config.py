@@ -94,8 +94,8 @@ class TrainConfig:
     stop_after: int = field(default=-1, metadata={"help": "save and exit after this step, as an interruption would"})
     profile_step: int = field(default=-1, metadata={"help": "time this step's phases on every rank and trace it with "
                                                              "torch.profiler, into <run>/profile/ (-1 = off)"})
-    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings (not the "
-                                                          "model shape), or start over on a tag with checkpoints "
+    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim/numerics settings "
+                                                          "(not the model shape), or start over on a tag with checkpoints "
                                                           "(the old run is moved to previous_N/, not deleted)"})
 
     @property
