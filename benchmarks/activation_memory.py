@@ -4,7 +4,7 @@
         --memory fast,selective-14,lean-7 --out act.json
 
 For each --memory variant (each in its own subprocess, like train_throughput.py) this builds the model
-as training does (GPT.build, `memory.compile_for_training`, bf16 autocast; with --fp8 every delayed
+as training does (`build.build_model`, `compile.compile_for_training`, bf16 autocast; with --fp8 every delayed
 scaling state switched on, as after the first steps), runs one warm-up micro-step (compilation), then
 one measured micro-step forward:
     kept per block   memory_allocated() after each block minus before it: the block's saved tensors and
@@ -23,14 +23,13 @@ import argparse
 import collections
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_throughput import KERNEL_VARIANTS, memory_variant, run_configuration  # noqa: E402
+from train_throughput import KERNEL_VARIANTS, memory_variant, model_options, run_configuration  # noqa: E402
 
 MIB = 2**20
 
@@ -38,25 +37,22 @@ MIB = 2**20
 def measure(args) -> dict:
     import torch
 
-    from nanochat_unsloth.train import fp8 as fp8_ops
-    from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
-    from nanochat_unsloth.train.model import GPT
+    from nanochat_unsloth.model import fp8 as fp8_ops
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.compile import compile_for_training, compile_mode
+    from nanochat_unsloth.model.gpt import GPTConfig
 
     on_cuda = args.device == "cuda"
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
         fp8_ops.fp8_supported = lambda device: (True, "")
     device = torch.device(args.device)
-    cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
-    kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
-    memory, _, lean_blocks = memory_variant(args.memory)
-    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks,
-                      fp8_rows=args.batch_size * args.seq)
+    options = model_options(args.kernels, args.memory, args.batch_size, args.seq)
+    model = build_model(GPTConfig.from_depth(args.depth, args.seq, args.vocab), options, device, seed=0)
     for s in fp8_ops.delayed_scalings(model):  # the steady state: delayed scaling on, a plausible history
         s.x_amax.fill_(1.0)
         s.grad_amax.fill_(1e-3)
         s.active = True
-    mode = compile_mode(model.ops.name, memory) if on_cuda else "none"
+    mode = compile_mode(model.ops.name, options.memory, options.compile) if on_cuda else "none"
     compiled = compile_for_training(model, model, mode)
 
     allocated = torch.cuda.memory_allocated if on_cuda else (lambda: 0)
@@ -75,7 +71,7 @@ def measure(args) -> dict:
     blocks = list(model.transformer.h)
     originals = list(model.compiled_blocks) if model.compiled_blocks is not None else None
     if mode == "model":
-        raise SystemExit("activation_memory: needs the blocks compiled separately; run with NANOCHAT_COMPILE=blocks")
+        raise SystemExit("activation_memory: needs the blocks compiled separately; use a torch-blocks or fused variant")
     twins = originals if originals is not None else blocks
     model.compiled_blocks = [wrap(i, fn) for i, fn in enumerate(twins)]
 
@@ -153,10 +149,10 @@ def main() -> int:
     results = []
     for name in args.memory.split(","):
         try:
-            extra_env = memory_variant(name)[1]
+            memory_variant(name)
         except KeyError:
             p.error(f"--memory {name!r}: choose fast, lean, lean-K, selective or selective-K")
-        env = dict(os.environ, **KERNEL_VARIANTS[args.kernels][2], **extra_env)
+        env = None  # every setting is a flag of the configuration's process
         cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
                "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--kernels", args.kernels,
                "--memory", name, "--device", args.device] + (["--fp8-anywhere"] if args.fp8_anywhere else [])

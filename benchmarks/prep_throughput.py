@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nanochat_unsloth.prep.demo_data import demo_documents
 from nanochat_unsloth.prep.job import PrepConfig, run_prep
-from nanochat_unsloth.prep.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from nanochat_unsloth.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
 def cpu_model() -> str:

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nanochat_unsloth.train.kernels import import_unsloth_module, torch_apply_rotary, torch_rms_norm  # noqa: E402
-from nanochat_unsloth.train.model import rotary_tables  # noqa: E402
+from nanochat_unsloth.model.memory import import_unsloth_module  # noqa: E402
+from nanochat_unsloth.model.ops import torch_apply_rotary, torch_rms_norm  # noqa: E402
+from nanochat_unsloth.model.gpt import rotary_tables  # noqa: E402
 
 
 def torch_qk(q, k, cos, sin):

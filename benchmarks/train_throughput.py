@@ -4,30 +4,27 @@
         --memory fast,lean --out bench.json --plot frontier.png
 
 Each configuration runs in its own subprocess (a clean CUDA allocator, so peaks do not leak between
-configurations, and an out-of-memory kills only that one). A configuration builds the model exactly as
-the training loop does (meta init, bf16 autocast, `memory.compile_for_training`: the whole model for
---kernels torch in fast mode, block by block otherwise), feeds random tokens at seq 2048 and total batch
-524,288, and times whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up steps
+configurations, and an out-of-memory kills only that one). A configuration builds and prepares the model
+with the training loop's own code (`model.build.build_model`, then `train.setup.prepare_for_training`:
+optimizers, Accelerate, compilation), feeds random tokens at seq 2048 and total batch 524,288, and times
+whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up steps
 (compilation) are excluded; the figure is the median of the timed steps. MFU uses nanochat's formula
 on the 989 TFLOP/s H100 bf16 basis.
 
 Configuration names (comma lists, crossed with --batch-sizes):
-    --kernels   torch | unsloth | unsloth-zoo (Unsloth's fused CE instead of our chunked one)
-                | torch-blocks (torch kernels, compiled block by block)
-                | unsloth-model (the whole model compiled, like torch)
-                | torch-fp8 | unsloth-fp8 | unsloth-fp8-model (`--fp8`: block GEMMs in FP8)
-                | unsloth-fp8-dynamic (no delayed scaling) | unsloth-fp8-fastacc (fast accumulation in the
-                  backward GEMMs too)
+    --kernels   torch | fused (`--kernels fused`) | torch-blocks (torch kernels, `--compile blocks`)
+                | torch-fp8 | fused-fp8 (`--fp8`: block GEMMs in FP8)
+                | fused-fp8-dynamic | fused-fp8-delayed (`--fp8_scaling dynamic|delayed`)
+                (records in docs/PERF.md before 2026-11-28 call the fused set "unsloth"; those names are
+                still accepted)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-K (`--lean_blocks K`: only the first K blocks checkpointed)
                 | selective | selective-K (`--memory selective`: the MLP recomputed in backward, in all or K blocks)
-                | lean-offload | lean-torch (torch.utils.checkpoint)
+                | lean-offload | lean-torch (`--lean_checkpoint offload|torch`)
                 (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
-Every configuration inherits the environment, e.g. NANOCHAT_INDUCTOR="triton.tile_reductions=True" (Inductor
-settings applied before compiling, `memory.apply_inductor_settings`).
 
-`--profile` adds a torch.profiler pass over one more step per configuration (the step of
-`step.optimizer_step`, with phase labels): GPU time per category (matmul / attention / elementwise /
+`--profile` adds a torch.profiler pass over one more step per configuration (`step.optimizer_step` with the
+loop's `--profile_step` phase marks): GPU time per category (matmul / attention / elementwise /
 loss / optimizer / data / memory / other), GPU idle time (launch gaps and host syncs), top kernels.
 `--micro` times only the lm_head + softcap + cross-entropy (forward + backward) of each loss
 implementation at one batch size, with its peak memory and its agreement with the torch loss.
@@ -46,38 +43,41 @@ import sys
 import time
 from pathlib import Path
 
-PROMISED_FLOPS = 989e12
-
-KERNEL_VARIANTS = {  # name -> (kernels, fp8, extra environment)
-    "torch": ("torch", False, {}),
-    "torch-blocks": ("torch", False, {"NANOCHAT_COMPILE": "blocks"}),
-    "torch-fp8": ("torch", True, {}),
-    "unsloth": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "chunked"}),
-    "unsloth-zoo": ("unsloth", False, {"NANOCHAT_UNSLOTH_LOSS": "zoo"}),
-    "unsloth-model": ("unsloth", False, {"NANOCHAT_COMPILE": "model"}),
-    "unsloth-fp8": ("unsloth", True, {}),
-    "unsloth-fp8-dynamic": ("unsloth", True, {"NANOCHAT_FP8_SCALING": "dynamic"}),
-    "unsloth-fp8-model": ("unsloth", True, {"NANOCHAT_COMPILE": "model"}),
-    "unsloth-fp8-fastacc": ("unsloth", True, {"NANOCHAT_FP8_FAST_ACCUM": "all"}),  # an experiment (PERF.md)
+KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
+    "torch": {"kernels": "torch"},
+    "torch-blocks": {"kernels": "torch", "compile": "blocks"},
+    "torch-fp8": {"kernels": "torch", "fp8": True},
+    "fused": {"kernels": "fused"},
+    "fused-fp8": {"kernels": "fused", "fp8": True},
+    "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
+    "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
 }
+# the fused set's former name, as docs/PERF.md's older records spell it
+KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})
 MEMORY_VARIANTS = {
-    "fast": ("fast", {}),
-    "lean": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "auto"}),
-    "lean-offload": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "offload"}),
-    "lean-torch": ("lean", {"NANOCHAT_LEAN_CHECKPOINT": "torch"}),
-    "selective": ("selective", {}),
+    "fast": {"memory": "fast"},
+    "lean": {"memory": "lean"},
+    "lean-offload": {"memory": "lean", "lean_checkpoint": "offload"},
+    "lean-torch": {"memory": "lean", "lean_checkpoint": "torch"},
+    "selective": {"memory": "selective"},
 }
 
 
-def memory_variant(name: str) -> tuple[str, dict, int]:
-    """(memory mode, extra environment, lean_blocks) of a --memory name; "lean-K" checkpoints the first K
-    blocks only (`--lean_blocks K`)."""
+def memory_variant(name: str) -> dict:
+    """The ModelOptions of a --memory name; "lean-K" / "selective-K" only the first K blocks (`--lean_blocks K`)."""
     if name in MEMORY_VARIANTS:
-        return (*MEMORY_VARIANTS[name], -1)
+        return MEMORY_VARIANTS[name]
     prefix, _, k = name.rpartition("-")
     if prefix in ("lean", "selective") and k.isdigit():
-        return (*MEMORY_VARIANTS[prefix], int(k))
+        return {**MEMORY_VARIANTS[prefix], "lean_blocks": int(k)}
     raise KeyError(name)
+
+
+def model_options(kernels: str, memory: str, batch_size: int, seq: int):
+    """The ModelOptions of a configuration, with the micro-batch's rows (as the loop passes them)."""
+    from nanochat_unsloth.model.build import ModelOptions
+
+    return ModelOptions(**KERNEL_VARIANTS[kernels], **memory_variant(memory), fp8_rows=batch_size * seq)
 
 
 # -----------------------------------------------------------------------------
@@ -88,10 +88,11 @@ def setup(args):
     import torch
     from accelerate import Accelerator
 
-    from nanochat_unsloth.train import fp8 as fp8_ops
+    from nanochat_unsloth.model import fp8 as fp8_ops
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.memory import compile_for_training, compile_mode
-    from nanochat_unsloth.train.model import GPT
+    from nanochat_unsloth.train.setup import prepare_for_training
 
     on_cuda = args.device == "cuda"
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
@@ -99,17 +100,11 @@ def setup(args):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
     device = accelerator.device
-    cfg = optim.depth_to_model_config(args.depth, args.seq, args.vocab)
-    kernels, fp8, _ = KERNEL_VARIANTS[args.kernels]
-    memory, _, lean_blocks = memory_variant(args.memory)
-    model = GPT.build(cfg, device, seed=0, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks,
-                      fp8_rows=args.batch_size * args.seq)
-    raw_model = model
-    optimizers = optim.build_optimizers_for(args.optimizer, model)
+    options = model_options(args.kernels, args.memory, args.batch_size, args.seq)
+    raw_model = build_model(GPTConfig.from_depth(args.depth, args.seq, args.vocab), options, device, seed=0)
+    prepared = prepare_for_training(accelerator, raw_model, options, args.optimizer)
+    model, optimizers, mode = prepared.model, prepared.optimizers, prepared.compile
     grad_accum = optim.grad_accum_steps(args.total_batch, args.batch_size, args.seq, 1)
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    mode = compile_mode(raw_model.ops.name, memory) if on_cuda else "none"
-    model = compile_for_training(model, raw_model, mode)
 
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
@@ -119,7 +114,7 @@ def setup(args):
         w = torch.randint(0, args.vocab, (args.batch_size * args.seq + 1,), device=device, generator=gen)
         return w[:-1].view(args.batch_size, args.seq).int(), w[1:].view(args.batch_size, args.seq)
 
-    info = {"compile": mode, "kernels_used": raw_model.ops.label, "loss_impl": raw_model.ops.loss_impl,
+    info = {"compile": mode, "kernels_used": raw_model.ops.label,
             "flops_per_token": raw_model.estimate_flops(), "num_params": raw_model.num_params()}
     return accelerator, model, raw_model, optimizers, next_batch, grad_accum, info
 
@@ -127,7 +122,8 @@ def setup(args):
 def run_one(args) -> dict:
     import torch
 
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
+    from nanochat_unsloth.model.gpt import PROMISED_FLOPS_H100
     from nanochat_unsloth.train.step import optimizer_step
 
     on_cuda = args.device == "cuda"
@@ -166,7 +162,7 @@ def run_one(args) -> dict:
         "optimizer": args.optimizer, "seq": args.seq, "total_batch": args.total_batch, "grad_accum": grad_accum,
         **info, "setup_s": setup_s,
         "median_step_s": dt, "tok_per_s": args.total_batch / dt,
-        "mfu": 100 * info["flops_per_token"] * args.total_batch / dt / PROMISED_FLOPS,
+        "mfu": 100 * info["flops_per_token"] * args.total_batch / dt / PROMISED_FLOPS_H100,
         "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_reserved,
         "losses": losses, "step_times_s": times, "profile": profile,
         "gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
@@ -178,44 +174,35 @@ def run_one(args) -> dict:
 
 
 def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda) -> dict:
-    """One optimizer step as `step.optimizer_step` runs it, under torch.profiler, with phase labels.
+    """One `step.optimizer_step` under torch.profiler, its phases marked by the loop's PhaseTimer.
 
-    Kernels that start inside the "optimizer" phase (clip + schedules + the optimizers' steps, fenced
-    by device syncs so no earlier kernel spills in) count as optimizer; the others by kernel name.
+    Kernels that start inside the clip / optimizer phases (the timer syncs the device at every mark, so no
+    earlier kernel spills in) count as optimizer; the others by kernel name.
     """
     import torch
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
-    from nanochat_unsloth.train import optim
+    from nanochat_unsloth.train.phase_timer import PhaseTimer
+    from nanochat_unsloth.train.step import optimizer_step
 
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    sync()
+    timer = PhaseTimer(accelerator.device, enabled=True)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(grad_accum):
-            with record_function("phase:data"):
-                x, y = next_batch()
-            with record_function("phase:forward_backward"), accelerator.autocast():
-                loss = model(x, y)
-                accelerator.backward(loss / grad_accum)
-        sync()
-        with record_function("phase:optimizer"):
-            optim.clip_grad_norm(raw_model.parameters(), 1.0)
-            optim.apply_schedules(optimizers, 10, 1000)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            sync()
+        timer.start()
+        optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, 10, 1000, timer=timer)
+        timer.mark("rest")  # zero_grad and the FP8 scaling switch
     wall_ms = (time.perf_counter() - t0) * 1000
 
     events = list(prof.events())
-    opt_ranges = [(e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == DeviceType.CPU and e.name == "phase:optimizer"]
+    marks = sorted((e.time_range.start, e.name) for e in events
+                   if e.device_type == DeviceType.CPU and e.name.startswith(("phase_start", "phase_end:")))
+    opt_ranges = [(a[0], b[0]) for a, b in zip(marks, marks[1:])
+                  if b[1].startswith(("phase_end:clip", "phase_end:optimizer_", "phase_end:rest"))]
     by_cat, by_kernel, intervals = {}, {}, []
     for e in events:
-        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or e.name.startswith("phase:"):
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or e.name.startswith("phase"):
             continue
         start, end = e.time_range.start, e.time_range.end
         ms = (end - start) / 1000
@@ -229,7 +216,8 @@ def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_acc
         by_kernel[e.name] = by_kernel.get(e.name, 0.0) + ms
     busy_ms = merged_length(intervals) / 1000
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
-    return {"wall_ms": wall_ms, "gpu_kernel_ms": sum(by_cat.values()), "gpu_busy_ms": busy_ms,
+    return {"wall_ms": wall_ms, "phases_ms": {k: v * 1000 for k, v in timer.seconds.items()},
+            "gpu_kernel_ms": sum(by_cat.values()), "gpu_busy_ms": busy_ms,
             "gpu_idle_ms": max(0.0, wall_ms - busy_ms), "by_category_ms": by_cat,
             "top_kernels_ms": [[k[:140], v] for k, v in top]}
 
@@ -278,7 +266,8 @@ def categorize(name: str) -> str:
 def run_micro(args) -> list[dict]:
     import torch
 
-    from nanochat_unsloth.train import kernels as K
+    from nanochat_unsloth.model import ops as K
+    from nanochat_unsloth.model.lm_head_loss import chunked_lm_head_loss
 
     device = "cuda"
     n_embd = 64 * args.depth
@@ -291,9 +280,7 @@ def run_micro(args) -> list[dict]:
     targets[:, :7] = -1  # a few ignored positions
 
     variants = [("torch-compiled", torch.compile(K.torch_lm_head_loss, dynamic=False)),
-                ("chunked", K.chunked_lm_head_loss)]
-    if "zoo" in args.micro_losses:
-        variants.append(("zoo", K._zoo_lm_head_loss))
+                ("chunked", chunked_lm_head_loss)]
     results, ref = [], None
     for name, fn in variants:
         x = x0.clone().requires_grad_(True)
@@ -359,7 +346,6 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
     p.add_argument("--profile", action="store_true", help="also profile one step per configuration")
     p.add_argument("--micro", action="store_true", help="time the loss implementations alone (first batch size)")
-    p.add_argument("--micro-losses", default="chunked,zoo", help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp8-anywhere", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
@@ -390,7 +376,7 @@ def main() -> int:
     results = []
     for kernels, batch_size, memory in itertools.product(kernel_list, [int(b) for b in args.batch_sizes.split(",")],
                                                          memory_list):
-        env = dict(os.environ, **KERNEL_VARIANTS[kernels][2], **memory_variant(memory)[1])
+        env = None  # every setting is a flag of the configuration's process
         cmd = [sys.executable, __file__, "--one", "--depth", str(args.depth), "--seq", str(args.seq),
                "--vocab", str(args.vocab), "--total-batch", str(args.total_batch), "--kernels", kernels,
                "--batch-size", str(batch_size), "--memory", memory, "--optimizer", args.optimizer,
@@ -447,8 +433,8 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head} | {r['error']} ({r.get('wall_s', 0):.0f}s)"
     return (f"{head} | {r['tok_per_s']:>9,.0f} tok/s | MFU {r['mfu']:5.1f}% | peak {r['peak_alloc_gib']:5.1f} GiB "
-            f"| step {r['median_step_s'] * 1000:6.0f} ms | loss {r['losses'][-1]:.4f} | compile={r['compile']} "
-            f"loss={r['loss_impl']} | {r.get('wall_s', 0):.0f}s")
+            f"| step {r['median_step_s'] * 1000:6.0f} ms | loss {r['losses'][-1]:.4f} | compile={r['compile']} | "
+            f"{r.get('wall_s', 0):.0f}s")
 
 
 def format_profile(prof: dict) -> str:

@@ -86,7 +86,7 @@ def tiny_corpus_dir(tiny_base_dir, tiny_corpus_docs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_base_dir, tiny_corpus_docs, tiny_corpus_dir) -> Path:
     """<base>/tokenizer: vocab 512 trained on the tiny corpus's train split."""
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     enc = train_tokenizer(iter(tiny_corpus_docs["train"]), TINY_VOCAB)
     out = tiny_base_dir / "tokenizer"
@@ -109,11 +109,10 @@ def tiny_shards_dir(tiny_base_dir, tiny_corpus_dir, tiny_tokenizer_dir) -> Path:
 @pytest.fixture
 def fresh_notices(monkeypatch):
     """Each test sees fallback notices as a fresh process would: none shown yet, no lean choice cached,
-    rank 0, and none of the benchmark knobs set in the environment."""
-    from nanochat_unsloth.train import kernels, memory
+    rank 0."""
+    from nanochat_unsloth import common
+    from nanochat_unsloth.model import memory
 
-    monkeypatch.setattr(kernels, "_NOTICES_SHOWN", set())
+    monkeypatch.setattr(common, "_NOTICES_SHOWN", set())
     monkeypatch.setattr(memory, "_LEAN_IMPLS", {})
     monkeypatch.delenv("RANK", raising=False)
-    for var in ("NANOCHAT_UNSLOTH_LOSS", "NANOCHAT_LOSS_CHUNK_MB", "NANOCHAT_LEAN_CHECKPOINT", "NANOCHAT_COMPILE"):
-        monkeypatch.delenv(var, raising=False)

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.step import optimizer_step
 from cpu_launch import exit_without_finalization  # tests/ is sys.path[0] when run as a script
 

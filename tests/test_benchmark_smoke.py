@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,43 +19,42 @@ def test_train_throughput_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
            "--seq", "32", "--vocab", "256", "--total-batch", "128", "--batch-sizes", "2",
-           "--kernels", "torch,unsloth-fp8", "--memory", "fast,lean", "--warmup", "1", "--steps", "1",
+           "--kernels", "torch,fused-fp8", "--memory", "fast,lean", "--warmup", "1", "--steps", "1",
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert [(r["kernels"], r["memory"]) for r in results] == [
-        ("torch", "fast"), ("torch", "lean"), ("unsloth-fp8", "fast"), ("unsloth-fp8", "lean")]
+        ("torch", "fast"), ("torch", "lean"), ("fused-fp8", "fast"), ("fused-fp8", "lean")]
     for r in results:
         assert "error" not in r, r
         assert r["grad_accum"] == 2 and r["tok_per_s"] > 0 and len(r["step_times_s"]) == 1
-        assert r["kernels_used"] == "torch"  # on the CPU the unsloth set and --fp8 fall back to bf16 torch
+        assert r["kernels_used"] == "torch"  # on the CPU the fused set and --fp8 fall back to bf16 torch
     fp8_notices = [n for r in results[2:] for n in r["notices"]]
     assert any(n.startswith("notice: --fp8") for n in fp8_notices), fp8_notices
     # the same initial weights and batches: every configuration starts from the same loss
     assert len({round(r["losses"][0], 5) for r in results}) == 1
-    assert "| 2 | unsloth-fp8 | 2 | lean |" in proc.stdout  # the table comes last
+    assert "| 2 | fused-fp8 | 2 | lean |" in proc.stdout  # the table comes last
 
 
 def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_path):
     """Below 16,384 rows "auto" builds no delayed-scaling state (the benchmark passes the rows): every
-    step is in the final mode. With NANOCHAT_FP8_SCALING=delayed the layers start dynamic and switch once
+    step is in the final mode. With --fp8_scaling delayed (fused-fp8-delayed) the layers start dynamic and switch once
     every amax history is positive (after step 2 from nanochat's init). Warm-up must last until then, and
     timing must start."""
     base = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
             "--seq", "32", "--vocab", "256", "--total-batch", "64", "--batch-sizes", "2",
-            "--kernels", "unsloth-fp8", "--warmup", "1", "--steps", "1", "--fp8-anywhere"]
-    for mode, dynamic_steps in (("auto", 0), ("delayed", 3)):
-        out = tmp_path / f"{mode}.json"
-        env = dict(os.environ, NANOCHAT_FP8_SCALING=mode)
-        proc = subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO,
-                              env=env)
+            "--warmup", "1", "--steps", "1", "--fp8-anywhere"]
+    for variant, dynamic_steps in (("fused-fp8", 0), ("fused-fp8-delayed", 3)):
+        out = tmp_path / f"{variant}.json"
+        proc = subprocess.run(base + ["--kernels", variant, "--out", str(out)], capture_output=True, text=True,
+                              timeout=300, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
         (r,) = json.loads(out.read_text())
         assert "error" not in r, r
         assert r["kernels_used"] == "torch+fp8" and len(r["step_times_s"]) == 1
         # the dynamic steps, one step in the final mode (recompilation), then the timed step
-        assert len(r["losses"]) == dynamic_steps + 2, (mode, r["losses"])
+        assert len(r["losses"]) == dynamic_steps + 2, (variant, r["losses"])
 
 
 def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
@@ -89,7 +87,7 @@ def test_activation_memory_lists_what_a_block_saves_on_cpu(tmp_path):
     out = tmp_path / "act.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "activation_memory.py"), "--device", "cpu",
                            "--depth", "2", "--seq", "32", "--vocab", "256", "--batch-size", "2",
-                           "--kernels", "unsloth-fp8", "--fp8-anywhere", "--memory", "fast,selective",
+                           "--kernels", "fused-fp8", "--fp8-anywhere", "--memory", "fast,selective",
                            "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast, selective = json.loads(out.read_text())

@@ -61,16 +61,16 @@ def make_run(base: Path, tag: str, steps: list[int], wte_bf16: bool, seed: int =
     """
     from accelerate import Accelerator
 
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.model import GPT
 
     vocab = load_tokenizer(base / "tokenizer").n_vocab
     sha = sha256_file(base / "tokenizer" / "tokenizer.pkl")
-    config = optim.depth_to_model_config(DEPTH, SEQ, vocab)
+    config = GPTConfig.from_depth(DEPTH, SEQ, vocab)
     torch.manual_seed(seed)
-    model = GPT(config, kernels="torch")
+    model = GPT(config)
     model.init_weights()
     with torch.no_grad():  # lm_head and the c_proj's start at zero: make every tensor carry information
         for p in model.parameters():
@@ -174,7 +174,7 @@ def work(base, tmp_path) -> Path:
 
 @pytest.fixture
 def other_tokenizer(tmp_path, tiny_corpus_docs) -> Path:
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     out = tmp_path / "other_tokenizer"
     save_tokenizer(train_tokenizer(iter(tiny_corpus_docs["train"][:40]), 300), out)
@@ -514,7 +514,7 @@ def test_import_refuses_shards_of_another_tokenizer(nano, tmp_path, other_tokeni
 
 @needs_nanochat
 def test_nanochat_build_model_loads_converted_checkpoint(base, tmp_path, monkeypatch):
-    from nanochat_unsloth.train.eval_cli import build_model
+    from nanochat_unsloth.eval.cli import build_model
 
     target = tmp_path / "nanochat_base"
     export_to_nanochat(base / "runs" / "cpu", base_dir=target, model_tag="d2", log=quiet)
@@ -523,7 +523,7 @@ def test_nanochat_build_model_loads_converted_checkpoint(base, tmp_path, monkeyp
     tok = import_nanochat("nanochat.tokenizer").get_tokenizer()
     assert tok.get_vocab_size() == ckpt.load_meta(base / "runs" / "cpu" / "step_000003")["model_config"]["vocab_size"]
     text = "The capital of France is Paris."
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
     assert tok.encode(text) == load_tokenizer(base / "tokenizer").encode_ordinary(text)
 
     theirs, tokenizer, meta = cm.build_model(str(target / "base_checkpoints" / "d2"), 3, torch.device("cpu"), "eval")

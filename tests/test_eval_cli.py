@@ -16,8 +16,8 @@ from nanochat_unsloth.cli import main as cli_main
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.convert.cli import export_to_nanochat
 from nanochat_unsloth.shards.loader import TokenShardLoader
-from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS
-from nanochat_unsloth.train.eval_cli import evaluate_checkpoint
+from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS
+from nanochat_unsloth.eval.cli import evaluate_checkpoint
 
 from test_convert import (  # noqa: F401  (isolated_runtime: the same autouse fixture, applied here too)
     B, SEQ, import_nanochat, isolated_runtime, make_base, make_run, needs_nanochat, quiet, reset_accelerate,
@@ -42,7 +42,7 @@ def run_result(base) -> dict:
 def reference_bpb(base: Path, split: str, steps: int) -> float:
     """bpb written out from scratch: per-token cross-entropy of the logits over the bytes of the targets."""
     from nanochat_unsloth.convert.nanochat_layout import load_run_checkpoint
-    from nanochat_unsloth.train.eval_cli import build_model
+    from nanochat_unsloth.eval.cli import build_model
 
     model = build_model(load_run_checkpoint(base / "runs" / "d2"), torch.device("cpu"))
     token_bytes = torch.load(base / "tokenizer" / "token_bytes.pt")
@@ -109,7 +109,7 @@ def test_bad_input(base, tmp_path, tiny_corpus_docs):
     with pytest.raises(UserError, match="available steps: 2"):
         evaluate_checkpoint(base / "base_checkpoints" / "d2", step=5, device="cpu", log=quiet)
     # a base dir with another tokenizer than the checkpoint was trained with
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     other = tmp_path / "other"
     save_tokenizer(train_tokenizer(iter(tiny_corpus_docs["train"][:40]), 512), other / "tokenizer")

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat_unsloth.train import fp8 as F8
-from nanochat_unsloth.train import kernels as K
+from nanochat_unsloth.model import fp8 as F8
+from nanochat_unsloth.model import ops as K
+from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.model import GPT
 from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 
 
@@ -257,8 +257,13 @@ def linear_with_scaling(n_out=48, n_in=64, seed=20):
     layer = torch.nn.Linear(n_in, n_out, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(n_out, n_in, generator=gen(seed)) * 0.1)
-    F8.attach_delayed_scaling(layer, min_rows=0)  # delayed at any size (the toy tensors have 32 rows)
+    F8.attach_delayed_scaling(layer)
     return layer
+
+
+def fp8_model(**options):
+    """The tiny GPT as `build_model` builds it with --fp8 (call with F8.fp8_supported patched to True)."""
+    return build_model(TINY, ModelOptions(fp8=True, **options), "cpu", seed=0)
 
 
 def test_inactive_delayed_scaling_is_dynamic_scaling_and_records_both_amaxes(strict_scaled_mm):
@@ -321,98 +326,54 @@ def test_delayed_scaling_saturates_values_above_the_predicted_range():
     assert x8.float().abs().max().item() == torch.finfo(F8.E4M3).max
 
 
-def test_active_scaling_below_min_rows_stays_dynamic_and_keeps_recording():
-    layer = linear_with_scaling()
-    layer.fp8_scaling.min_rows = 33  # one more than this batch has
-    layer.fp8_scaling.x_amax.fill_(0.01)  # a history that delayed scaling would saturate on
-    layer.fp8_scaling.grad_amax.fill_(1e-9)
-    layer.fp8_scaling.active = True
-    w_ref = layer.weight.detach().clone().requires_grad_()
-    x = (torch.randn(32, 64, generator=gen(29)) * 3).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    g = torch.randn(32, 48, generator=gen(30)) * 1e-4
-    F8.fp8_linear(x, layer).backward(g)
-    F8.fp8_matmul(x_ref, w_ref).backward(g)
-    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, w_ref.grad)
-    assert layer.fp8_scaling.x_amax.item() == x.detach().abs().max().item()
-    assert layer.fp8_scaling.grad_amax.item() == g.abs().max().item()
-
-
-def test_micro_batches_below_min_rows_drop_the_state_and_stop_recording():
-    model = torch.nn.Sequential(linear_with_scaling(seed=31), linear_with_scaling(seed=32))
-    for s in F8.delayed_scalings(model):
-        s.min_rows = 64
-    assert F8.start_delayed_scaling(model, rows=63) is False
-    assert F8.delayed_scalings(model) == [] and not any(hasattr(m, "fp8_scaling") for m in model)
-    x = torch.randn(32, 64, generator=gen(33), requires_grad=True)
-    F8.fp8_linear(x, model[0]).sum().backward()  # plain dynamic scaling, nothing to record into
-    assert model[0].weight.grad is not None
-    assert F8.start_delayed_scaling(model, rows=63) is False
-
-
-@pytest.mark.parametrize("mode, min_rows", [(None, F8.DELAYED_SCALING_MIN_ROWS), ("auto", F8.DELAYED_SCALING_MIN_ROWS),
-                                            ("delayed", 0), ("dynamic", None)])
-def test_scaling_mode_chooses_the_state_the_model_gets(monkeypatch, mode, min_rows):
-    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    if mode is None:
-        monkeypatch.delenv("NANOCHAT_FP8_SCALING", raising=False)
-    else:
-        monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
-    scalings = F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True))
-    if min_rows is None:
-        assert scalings == []
-    else:
-        assert len(scalings) == 6 * TINY.n_layer and {s.min_rows for s in scalings} == {min_rows}
-
-
-@pytest.mark.parametrize("mode, rows, expect_state", [("auto", F8.DELAYED_SCALING_MIN_ROWS - 16, False),
+@pytest.mark.parametrize("mode, rows, expect_state", [("auto", None, False),
+                                                       ("auto", F8.DELAYED_SCALING_MIN_ROWS - 16, False),
                                                        ("auto", F8.DELAYED_SCALING_MIN_ROWS, True),
-                                                       ("delayed", 16, True)])
-def test_known_micro_batch_rows_settle_auto_scaling_at_build(monkeypatch, mode, rows, expect_state):
-    """With the micro-batch's rows known, `auto` below DELAYED_SCALING_MIN_ROWS builds no state at all (the
-    graph of dynamic scaling from the first step); `delayed` keeps its state whatever the rows."""
+                                                       ("delayed", 16, True), ("delayed", None, True),
+                                                       ("dynamic", F8.DELAYED_SCALING_MIN_ROWS, False)])
+def test_fp8_scaling_and_the_micro_batch_rows_settle_the_state_at_build(monkeypatch, mode, rows, expect_state):
+    """`auto` gives delayed-scaling state only to a micro-batch known to have DELAYED_SCALING_MIN_ROWS rows or
+    more (below, the graph of dynamic scaling from the first step); `delayed` always, `dynamic` never."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
-    scalings = F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True, fp8_rows=rows))
+    scalings = F8.delayed_scalings(fp8_model(fp8_scaling=mode, fp8_rows=rows))
     assert len(scalings) == (6 * TINY.n_layer if expect_state else 0)
 
 
 def test_unknown_scaling_mode(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "sometimes")
-    with pytest.raises(ValueError, match=r"NANOCHAT_FP8_SCALING='sometimes': choose one of auto, delayed, dynamic"):
-        F8.scaling_mode()
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    with pytest.raises(ValueError, match=r"--fp8_scaling 'sometimes': choose one of auto, delayed, dynamic"):
+        fp8_model(fp8_scaling="sometimes")
 
 
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
     model = torch.nn.Sequential(linear_with_scaling(seed=27), linear_with_scaling(seed=28))
     scalings = F8.delayed_scalings(model)
     assert len(scalings) == 2
-    assert F8.start_delayed_scaling(model, rows=32) is False  # nothing recorded yet
+    assert F8.start_delayed_scaling(model) is False  # nothing recorded yet
     for s in scalings:
         s.x_amax.fill_(1.0)
     scalings[1].grad_amax.fill_(1.0)
-    assert F8.start_delayed_scaling(model, rows=32) is False and not any(s.active for s in scalings)  # one gradient was 0
+    assert F8.start_delayed_scaling(model) is False and not any(s.active for s in scalings)  # one gradient was 0
     scalings[0].grad_amax.fill_(0.5)
-    assert F8.start_delayed_scaling(model, rows=32) is True and all(s.active for s in scalings)
-    assert F8.start_delayed_scaling(torch.nn.Linear(4, 4), rows=32) is False  # no state: dynamic for good
+    assert F8.start_delayed_scaling(model) is True and all(s.active for s in scalings)
+    assert F8.start_delayed_scaling(torch.nn.Linear(4, 4)) is False  # no state: dynamic for good
 
 
 def test_gpt_with_fp8_has_delayed_scaling_on_block_linears_only_and_not_in_lean(monkeypatch):
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    model = GPT.build(TINY, "cpu", seed=0, fp8=True)
+    model = fp8_model(fp8_scaling="delayed")
     with_state = sorted(n for n, m in model.named_modules() if hasattr(m, "fp8_scaling"))
     assert len(with_state) == 6 * TINY.n_layer and all(n.startswith("transformer.h.") for n in with_state)
     assert all(s.x_amax.item() == 0 and s.grad_amax.item() == 0 and not s.active for s in F8.delayed_scalings(model))
-    assert model.state_dict().keys() == GPT.build(TINY, "cpu", seed=0).state_dict().keys()  # nanochat's keys
-    assert F8.delayed_scalings(GPT.build(TINY, "cpu", seed=0, fp8=True, memory="lean")) == []
+    assert model.state_dict().keys() == build_model(TINY).state_dict().keys()  # nanochat's keys
+    assert F8.delayed_scalings(fp8_model(fp8_scaling="delayed", memory="lean")) == []
 
 
 def test_q_k_v_scale_their_shared_input_from_one_history(monkeypatch):
     """c_q, c_k and c_v read the same normed x: one history (c_q's) scales all three casts, and c_v, the
     last to run, records the new amax after all three have read the old one."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")
-    model = copy.deepcopy(GPT.build(TINY, "cpu", seed=0, fp8=True))  # the sharing survives a copy
+    model = copy.deepcopy(fp8_model(fp8_scaling="delayed"))  # the sharing survives a copy
     attn = model.transformer.h[0].attn
     q, k, v = (layer.fp8_scaling for layer in (attn.c_q, attn.c_k, attn.c_v))
     assert q.input_scaling is q and k.input_scaling is q and v.input_scaling is q
@@ -424,7 +385,7 @@ def test_q_k_v_scale_their_shared_input_from_one_history(monkeypatch):
     assert q.x_amax.item() > 0 and k.x_amax.item() == 0 and v.x_amax.item() == 0  # one history, c_q's
     for s in F8.delayed_scalings(model):
         s.grad_amax.fill_(1.0)  # step 0's block gradients are zero (lm_head starts at zero)
-    assert F8.start_delayed_scaling(model, rows=x.numel()) is True  # the shared history counts for all three
+    assert F8.start_delayed_scaling(model) is True  # the shared history counts for all three
 
     forward_scales = []
     real = F8._scaled_mm
@@ -449,9 +410,8 @@ def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
 
     def saved_bytes(mode):
-        monkeypatch.setenv("NANOCHAT_FP8_SCALING", mode)
         torch._dynamo.reset()
-        model = GPT.build(TINY, "cpu", seed=0, fp8=True)
+        model = fp8_model(fp8_scaling=mode)
         for s in F8.delayed_scalings(model):
             s.x_amax.fill_(1.0)
             s.grad_amax.fill_(1.0)
@@ -473,12 +433,11 @@ def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
 @pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
 def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, strict_scaled_mm):
     ref = build()
-    model = set_ops(copy.deepcopy(ref), K.fp8_kernels(ref.ops))
-    F8.attach_delayed_scaling(model.transformer.h, min_rows=0)
+    model = to_fp8(copy.deepcopy(ref))
+    F8.attach_delayed_scaling(model.transformer.h)
     run = model if backend is None else torch.compile(model, backend=backend)
-    x_rows = batch()[0].numel()
     loss_and_grads(run, *batch(seed=3))  # first micro-step: dynamic, records the history
-    assert F8.start_delayed_scaling(model, rows=x_rows) is True
+    assert F8.start_delayed_scaling(model) is True
     history = [s.grad_amax.clone() for s in F8.delayed_scalings(model)]
     strict_scaled_mm.clear()
     x, y = batch()
@@ -496,8 +455,8 @@ def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, str
     assert min(cosines.values()) > 0.93, cosines
 
 
-def test_backward_fast_accumulation_is_opt_in(monkeypatch):
-    """Only the forward GEMM asks cuBLAS for fast accumulation, unless NANOCHAT_FP8_FAST_ACCUM=all."""
+def test_only_the_forward_gemm_uses_fast_accumulation(monkeypatch):
+    """The backward's long reductions (dW sums over every row of the micro-batch) keep full accumulation."""
     seen = []
     monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: seen.append(kw["use_fast_accum"]) or
                         (a.float() * kw["scale_a"]) @ (b.float() * kw["scale_b"]))
@@ -505,10 +464,6 @@ def test_backward_fast_accumulation_is_opt_in(monkeypatch):
     w = torch.randn(16, 16, generator=gen(6)).requires_grad_()
     F8.fp8_matmul(x, w).sum().backward()
     assert seen == [True, False, False]
-    seen.clear()
-    monkeypatch.setattr(F8, "BACKWARD_FAST_ACCUM", True)
-    F8.fp8_matmul(x, w).sum().backward()
-    assert seen == [True, True, True]
 
 
 # -----------------------------------------------------------------------------
@@ -526,26 +481,23 @@ def test_fp8_supported_needs_cuda_and_capability_8_9(monkeypatch):
         assert F8.fp8_supported(torch.device("cuda", 0)) == (True, "")
 
 
-def test_get_kernels_fp8_falls_back_on_cpu_with_one_notice(capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert K.get_kernels("torch", fp8=True) is K.TORCH_KERNELS
-    assert K.get_kernels("torch", fp8=True) is K.TORCH_KERNELS
-    model = GPT(TINY, fp8=True)
+def test_convert_to_fp8_falls_back_on_cpu_with_one_notice(capsys):
+    model = fp8_model()
     assert model.ops is K.TORCH_KERNELS and not model.ops.fp8 and model.ops.label == "torch"
+    assert F8.delayed_scalings(fp8_model(fp8_scaling="delayed")) == []
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("notice: --fp8") and "CUDA" in err and "bf16" in err
-    assert K.get_kernels("torch") is K.TORCH_KERNELS and capsys.readouterr().err == ""  # no --fp8: silent
+    assert build_model(TINY).ops is K.TORCH_KERNELS and capsys.readouterr().err == ""  # no --fp8: silent
 
 
-def test_with_fp8_where_supported_swaps_only_linear(capsys, monkeypatch):
+def test_convert_to_fp8_where_supported_swaps_only_linear(capsys, monkeypatch):
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    ops = K.get_kernels("torch", fp8=True)
+    model = fp8_model()
+    ops = model.ops
     assert ops.fp8 and ops.linear is F8.fp8_linear and ops.label == "torch+fp8"
     assert dataclasses.replace(ops, linear=K.torch_linear, fp8=False) == K.TORCH_KERNELS
-    assert K.fp8_kernels(K.TORCH_KERNELS) == ops  # forced: the same set
     assert capsys.readouterr().err == ""
-    # the model hands the set to every block module (GPT.build is the training entry point)
-    model = GPT.build(TINY, "cpu", seed=0, fp8=True)
+    # the converter hands the set to every block module
     holders = [m for m in model.modules() if hasattr(m, "ops")]
     assert len(holders) == 1 + 3 * TINY.n_layer  # GPT + (Block, attention, MLP) per layer
     assert all(m.ops is model.ops and m.ops.fp8 for m in holders)
@@ -561,10 +513,9 @@ def build(seed=0):
     return build_tiny(seed=seed, weight_std=0.1)
 
 
-def set_ops(model, ops):
-    for m in model.modules():
-        if hasattr(m, "ops"):
-            m.ops = ops
+def to_fp8(model):
+    """The model's block Linears in FP8, whatever the device, without delayed-scaling state."""
+    F8.set_linear(model, F8.fp8_linear)
     return model
 
 
@@ -578,7 +529,7 @@ def cosine(a, b):
 
 def test_tiny_gpt_with_fp8_block_gemms_tracks_the_unquantized_model(strict_scaled_mm):
     ref = build()
-    fp8 = set_ops(copy.deepcopy(ref), K.fp8_kernels(ref.ops))
+    fp8 = to_fp8(copy.deepcopy(ref))
     x, y = batch()
 
     loss_ref, g_ref = loss_and_grads(ref, x, y)
@@ -620,11 +571,11 @@ def test_tiny_gpt_with_fp8_block_gemms_tracks_the_unquantized_model(strict_scale
     assert strict_scaled_mm == []
 
 
-def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
-    fast = set_ops(build(), K.fp8_kernels(K.TORCH_KERNELS))
+def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step():
+    fast = to_fp8(build())
     lean = copy.deepcopy(fast)
     lean.block_memory = ["lean"] * TINY.n_layer
+    lean.lean_checkpoint = "torch"
     x, y = batch()
     loss_fast, g_fast = loss_and_grads(fast, x, y)
     loss_lean, g_lean = loss_and_grads(lean, x, y)
@@ -639,6 +590,8 @@ def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step(monkeypa
 # The CLI flag
 
 
-def test_fp8_flag_parses():
+def test_fp8_flags_parse():
     assert parse_train_args([]).fp8 is False
     assert parse_train_args(["--fp8"]).fp8 is True
+    assert parse_train_args([]).fp8_scaling == "auto"
+    assert parse_train_args(["--fp8-scaling", "dynamic"]).fp8_scaling == "dynamic"

@@ -1,6 +1,6 @@
 """The GPU-side options on a machine without them: dispatch, fallbacks and the CPU-testable math.
 
---kernels unsloth, --memory lean, --optimizer adamw8bit and --fp8 must run without a GPU, unsloth_zoo or
+--kernels fused, --memory lean, --optimizer adamw8bit and --fp8 must run without a GPU, unsloth_zoo or
 bitsandbytes, each with at most one notice line; the fused chunked loss and lean mode must compute
 exactly what the torch path computes.
 """
@@ -8,7 +8,7 @@ exactly what the torch path computes.
 from __future__ import annotations
 
 import builtins
-import importlib.util
+import dataclasses
 import json
 import math
 
@@ -17,11 +17,14 @@ import torch
 
 from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train import kernels as K
-from nanochat_unsloth.train import memory as M
+from nanochat_unsloth.model import compile as C
+from nanochat_unsloth.model import lm_head_loss as L
+from nanochat_unsloth.model import memory as M
+from nanochat_unsloth.model import ops as K
+from nanochat_unsloth.model.build import ModelOptions, build_model, get_kernels
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.model import GPT, GPTConfig
 
 from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
@@ -29,61 +32,29 @@ from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 pytestmark = pytest.mark.usefixtures("fresh_notices")
 
 
-def pretend_unsloth_installed(monkeypatch):
-    """CUDA "available" and unsloth_zoo "installed": what get_kernels checks before building the set."""
+def pretend_cuda(monkeypatch):
+    """CUDA "available": all the fused set checks before it is built."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "unsloth_zoo" else real_find_spec(name, *a))
 
 
 # -----------------------------------------------------------------------------
 # --kernels
 
 
-def test_unsloth_kernels_fall_back_without_cuda_with_one_notice(capsys, monkeypatch):
+def test_fused_kernels_fall_back_without_cuda_with_one_notice(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
-    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
+    assert get_kernels("fused") is K.TORCH_KERNELS
+    assert get_kernels("unsloth") is K.TORCH_KERNELS
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("notice: --kernels unsloth") and "CUDA" in err
+    assert err.count("\n") == 1 and err.startswith("notice: --kernels fused") and "CUDA" in err
 
 
-def test_unsloth_kernels_fall_back_without_unsloth_zoo(capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("unsloth") else real_find_spec(name, *a))
-    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unsloth_zoo" in err and "falling back to --kernels torch" in err
-
-
-def test_zoo_loss_choice_falls_back_when_the_import_fails(capsys, monkeypatch):
-    pretend_unsloth_installed(monkeypatch)
-    monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", "zoo")
-    real_import = builtins.__import__
-
-    def no_unsloth(name, *args, **kwargs):
-        if name.startswith("unsloth"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_unsloth)
-    assert K.get_kernels("unsloth") is K.TORCH_KERNELS
-    assert "unsloth_zoo" in capsys.readouterr().err
-
-
-def test_unsloth_set_dispatch_when_available(monkeypatch):
-    pretend_unsloth_installed(monkeypatch)
-    ops = K.get_kernels("unsloth")
-    assert ops.name == "unsloth" and ops.loss_impl == "chunked"
-    assert ops.lm_head_loss is K.chunked_lm_head_loss
+def test_fused_set_dispatch_when_available(monkeypatch):
+    pretend_cuda(monkeypatch)
+    ops = get_kernels("fused")
+    assert ops.name == "fused" and ops.lm_head_loss == L.ChunkedLMHeadLoss(L.DEFAULT_CHUNK_MB)
     # norms, rotary and attention stay the torch ops (Inductor fuses them inside compiled blocks)
     assert ops.rms_norm is K.torch_rms_norm and ops.apply_rotary is K.torch_apply_rotary
-    monkeypatch.setenv("NANOCHAT_UNSLOTH_LOSS", "nope")
-    with pytest.raises(ValueError, match="NANOCHAT_UNSLOTH_LOSS"):
-        K.get_kernels("unsloth")
 
 
 def test_import_unsloth_module_restores_compile_settings(monkeypatch, tmp_path):
@@ -99,7 +70,7 @@ def test_import_unsloth_module_restores_compile_settings(monkeypatch, tmp_path):
     import torch._inductor.config as inductor_config
 
     before = (dynamo_config.suppress_errors, inductor_config.fallback_random)
-    K.import_unsloth_module("fake_unsloth_side_effects")
+    M.import_unsloth_module("fake_unsloth_side_effects")
     assert (dynamo_config.suppress_errors, inductor_config.fallback_random) == before
     import os
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
@@ -109,10 +80,9 @@ def test_import_unsloth_module_restores_compile_settings(monkeypatch, tmp_path):
 # The chunked loss: the torch loss's numbers, one chunk at a time
 
 
-@pytest.mark.parametrize("chunk_mb", ["2048", "0.0004"])  # one chunk; ~3 rows per chunk
+@pytest.mark.parametrize("chunk_mb", [2048, 0.0004])  # one chunk; ~3 rows per chunk
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunked_loss_matches_torch_loss_and_gradients(monkeypatch, chunk_mb, reduction):
-    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", chunk_mb)
+def test_chunked_loss_matches_torch_loss_and_gradients(chunk_mb, reduction):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 11, 32, generator=g, dtype=torch.float64) * 2
     w = torch.randn(96, 32, generator=g, dtype=torch.float64)
@@ -123,7 +93,7 @@ def test_chunked_loss_matches_torch_loss_and_gradients(monkeypatch, chunk_mb, re
     # the torch loss's math in float64 (torch_lm_head_loss itself rounds the logits to fp32)
     logits = 15.0 * torch.tanh(xs[0] @ ws[0].T / 15.0)
     ref = torch.nn.functional.cross_entropy(logits.view(-1, 96), t.view(-1), ignore_index=-1, reduction=reduction)
-    got = K.chunked_lm_head_loss(xs[1], ws[1], t, 15.0, reduction)
+    got = L.ChunkedLMHeadLoss(chunk_mb)(xs[1], ws[1], t, 15.0, reduction)
     (ref * 0.37).backward()  # a non-unit upstream gradient, like loss / grad_accum
     (got * 0.37).backward()
     # float64 both ways, summed in other orders (per chunk vs at once). Measured, AVX-512 and AVX2
@@ -132,8 +102,8 @@ def test_chunked_loss_matches_torch_loss_and_gradients(monkeypatch, chunk_mb, re
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(ws[1].grad, ws[0].grad, rtol=1e-9, atol=1e-11)
-    if chunk_mb != "2048":
-        assert K.loss_chunk_rows(44, 96) < 44  # the multi-chunk path really ran
+    if chunk_mb != 2048:
+        assert L.loss_chunk_rows(44, 96, chunk_mb) < 44  # the multi-chunk path really ran
 
 
 def test_chunked_loss_none_reduction_and_no_grad():
@@ -145,30 +115,27 @@ def test_chunked_loss_none_reduction_and_no_grad():
     # absolute, 2.2e-7 relative per token on AVX-512 and AVX2, <= 5% of torch's fp32 default bound
     # (rtol 1.3e-6, atol 1e-5), stated here. The mean came out equal.
     fp32 = dict(rtol=1.3e-6, atol=1e-5)
-    torch.testing.assert_close(K.chunked_lm_head_loss(x, w, t, 15.0, "none"),
+    torch.testing.assert_close(L.chunked_lm_head_loss(x, w, t, 15.0, "none"),
                                K.torch_lm_head_loss(x, w, t, 15.0, "none"), **fp32)
     with torch.no_grad():
-        torch.testing.assert_close(K.chunked_lm_head_loss(x, w, t, 15.0, "mean"),
+        torch.testing.assert_close(L.chunked_lm_head_loss(x, w, t, 15.0, "mean"),
                                    K.torch_lm_head_loss(x, w, t, 15.0, "mean"), **fp32)
     with pytest.raises(ValueError, match="reduction"):
-        K.chunked_lm_head_loss(x, w, t, 15.0, "max")
+        L.chunked_lm_head_loss(x, w, t, 15.0, "max")
 
 
-def test_chunk_rows_split_evenly(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "2048")
-    assert K.loss_chunk_rows(65536, 65536) == 8192  # d20 B=32: 8 chunks of 8192 rows (2 GiB of logits + grad)
-    assert K.loss_chunk_rows(1000, 65536) == 1000
-    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "0.01")
-    rows = K.loss_chunk_rows(100, 96)
+def test_chunk_rows_split_evenly():
+    assert L.loss_chunk_rows(65536, 65536) == 8192  # d20 B=32: 8 chunks of 8192 rows (2 GiB of logits + grad)
+    assert L.loss_chunk_rows(1000, 65536) == 1000
+    rows = L.loss_chunk_rows(100, 96, 0.01)
     assert -(-100 // rows) * rows - 100 < -(-100 // rows)  # chunks differ by less than one row each
 
 
-def test_gpt_with_unsloth_set_matches_torch_path(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LOSS_CHUNK_MB", "0.001")
+def test_gpt_with_fused_set_matches_torch_path(monkeypatch):
     ref = build_tiny("torch")
-    pretend_unsloth_installed(monkeypatch)
-    fused = build_tiny("unsloth")
-    assert fused.ops.name == "unsloth"
+    pretend_cuda(monkeypatch)
+    fused = build_tiny("fused", loss_chunk_mb=0.001)  # several chunks at this size
+    assert fused.ops.name == "fused" and fused.ops.lm_head_loss.chunk_mb == 0.001
     x, y = tiny_batch()
     loss_ref, g_ref = loss_and_grads(ref, x, y)
     loss, g = loss_and_grads(fused, x, y)
@@ -189,11 +156,11 @@ def test_gpt_with_unsloth_set_matches_torch_path(monkeypatch):
 
 
 def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
     calls = []
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast, lean = build_tiny(memory="fast"), build_tiny(memory="lean")
+    lean.lean_checkpoint = "torch"
     x, y = tiny_batch()
     loss_fast, g_fast = loss_and_grads(fast, x, y)
     loss_lean, g_lean = loss_and_grads(lean, x, y)
@@ -215,7 +182,6 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
 def test_lean_blocks_limits_the_memory_mode_to_the_first_k_blocks_and_matches_fast(monkeypatch, memory):
     """--lean_blocks 3 of 4: lean checkpoints the first three blocks, selective their MLPs only; either
     way the step is fast mode's, exactly. Evaluation never checkpoints."""
-    monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", "torch")
     config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
     checkpointed = []
     real = torch.utils.checkpoint.checkpoint
@@ -223,7 +189,7 @@ def test_lean_blocks_limits_the_memory_mode_to_the_first_k_blocks_and_matches_fa
                         lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
     fast = build_tiny(memory="fast", config=config)
     with torch.device("meta"):
-        partial = GPT(config, memory=memory, lean_blocks=3)
+        partial = GPT(config, memory=memory, lean_blocks=3, lean_checkpoint="torch")
     partial.to_empty(device="cpu")
     partial.load_state_dict(fast.state_dict())
     partial.cos, partial.sin = fast.cos, fast.sin
@@ -273,7 +239,7 @@ def test_memory_selective_tags_the_fp8_mlp_gemms_must_recompute(monkeypatch, mem
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     tags = []
@@ -284,7 +250,7 @@ def test_memory_selective_tags_the_fp8_mlp_gemms_must_recompute(monkeypatch, mem
         return min_cut_rematerialization_partition(joint, inputs, **kwargs)
 
     torch._dynamo.reset()
-    model = GPT.build(TINY, "cpu", seed=0, fp8=True, memory=memory)
+    model = build_model(TINY, ModelOptions(fp8=True, fp8_scaling="delayed", memory=memory), "cpu", seed=0)
     backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition)
     block = torch.compile(model.transformer.h[0], backend=backend, dynamic=False)
     x = torch.randn(8, TINY.sequence_len, TINY.n_embd, generator=torch.Generator().manual_seed(4))
@@ -312,67 +278,59 @@ def test_block_memory_modes():
 
 
 def test_fp8_delayed_scaling_only_in_blocks_that_are_not_checkpointed(monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     config = GPTConfig(sequence_len=16, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
     def with_state(module):
         return [name for name, m in module.named_modules() if hasattr(m, "fp8_scaling")]
 
-    model = GPT.build(config, "cpu", seed=0, memory="lean", lean_blocks=2, fp8=True)
+    options = ModelOptions(fp8=True, fp8_scaling="delayed", lean_blocks=2)
+    model = build_model(config, dataclasses.replace(options, memory="lean"), "cpu", seed=0)
     assert [len(with_state(b)) for b in model.transformer.h] == [0, 0, 6]
     # selective blocks re-run only their MLP: the attention's four Linears keep delayed scaling
-    model = GPT.build(config, "cpu", seed=0, memory="selective", lean_blocks=2, fp8=True)
+    model = build_model(config, dataclasses.replace(options, memory="selective"), "cpu", seed=0)
     assert [with_state(b) for b in model.transformer.h][0] == ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"]
     assert [len(with_state(b)) for b in model.transformer.h] == [4, 4, 6]
 
 
 @pytest.mark.parametrize("choice", [None, "auto", "offload"])  # the default is Unsloth's offloading
-def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, monkeypatch, choice):
-    if choice:
-        monkeypatch.setenv("NANOCHAT_LEAN_CHECKPOINT", choice)
+def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, choice):
     model = build_tiny(memory="lean")
+    if choice:
+        model.lean_checkpoint = choice
     x, y = tiny_batch()
     loss_and_grads(model, x, y)
     loss_and_grads(model, x, y)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("notice: --memory lean") and "torch.utils.checkpoint" in err
-    assert M.lean_checkpoint_impl(torch.device("cpu")) is M._torch_checkpoint
+    assert M.lean_checkpoint_impl(torch.device("cpu"), choice or "auto") is M._torch_checkpoint
 
 
-def test_unknown_memory_mode():
+def test_unknown_memory_mode_and_lean_checkpoint():
     with pytest.raises(ValueError, match=r"--memory.*fast, lean"):
         GPT(TINY, memory="tiny")
+    with pytest.raises(ValueError, match=r"--lean_checkpoint 'disk'.*auto, offload, torch"):
+        build_model(TINY, ModelOptions(memory="lean", lean_checkpoint="disk"))
 
 
-def test_compile_modes_and_blocks_keep_state_dict_names(monkeypatch):
-    assert M.compile_mode("torch", "fast") == "model"
-    assert M.compile_mode("unsloth", "fast") == "blocks"
-    assert M.compile_mode("torch", "lean") == "blocks"
-    monkeypatch.setenv("NANOCHAT_COMPILE", "none")
-    assert M.compile_mode("unsloth", "lean") == "none"
+def test_compile_modes_and_blocks_keep_state_dict_names():
+    assert C.compile_mode("torch", "fast") == "model"
+    assert C.compile_mode("fused", "fast") == "blocks"
+    assert C.compile_mode("torch", "lean") == "blocks"
+    assert C.compile_mode("fused", "lean", "none") == "none"
+    assert C.compile_mode("torch", "fast", "blocks") == "blocks"
+    with pytest.raises(ValueError, match="--compile model does not go with --kernels fused"):
+        C.compile_mode("fused", "fast", "model")
+    with pytest.raises(ValueError, match="--compile 'fastest'"):
+        C.compile_mode("torch", "fast", "fastest")
     model = build_tiny()
     names = list(model.state_dict())
-    assert M.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call
+    assert C.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call
     assert len(model.compiled_blocks) == TINY.n_layer
     assert list(model.state_dict()) == names and len(list(model.parameters())) == len(names)
     with pytest.raises(ValueError):
-        M.compile_for_training(model, model, "fastest")
-
-
-def test_inductor_settings_from_the_environment_are_applied_and_checked(monkeypatch):
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config.triton, "tile_reductions", False)
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
-    monkeypatch.setenv("NANOCHAT_INDUCTOR", "triton.tile_reductions=True, coordinate_descent_tuning=true")
-    model = build_tiny()
-    M.compile_for_training(model, model, "blocks")
-    assert inductor_config.triton.tile_reductions is True and inductor_config.coordinate_descent_tuning is True
-    for bad in ("triton.tile_reduction=True", "tile_reductions", "nosuch.section.key=1"):
-        monkeypatch.setenv("NANOCHAT_INDUCTOR", bad)
-        with pytest.raises(ValueError, match="NANOCHAT_INDUCTOR"):
-            M.compile_for_training(model, model, "blocks")
+        C.compile_for_training(model, model, "fastest")
 
 
 def test_compiled_blocks_run_in_training_not_in_generate():
@@ -442,8 +400,8 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_unknown_optimizer():
-    with pytest.raises(UserError, match=r"--optimizer.*muon, adamw8bit"):
-        optim.build_optimizers_for("sgd", build_tiny())
+    with pytest.raises(UserError, match=r"--optimizer 'sgd' is not one of: muon, adamw8bit"):
+        parse_train_args(["--optimizer", "sgd"]).validate()
 
 
 # -----------------------------------------------------------------------------
@@ -464,12 +422,13 @@ def run_train(base, *extra):
 
 def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, capsys):
     flags = ["--kernels", "unsloth", "--memory", "lean", "--lean-blocks", "1", "--optimizer", "adamw8bit", "--fp8"]
+    # (--kernels unsloth: the fused set's former name, still accepted)
     run_train(base, "--num-iterations", "4", "--model-tag", "straight", *flags)
     captured = capsys.readouterr()
     assert "memory=lean (1 of 2 blocks checkpointed)" in captured.out
     err = captured.err
     notices = [line for line in err.splitlines() if line.startswith("notice:")]
-    for flag in ("--kernels unsloth", "--memory lean", "--optimizer adamw8bit", "--fp8"):
+    for flag in ("--kernels fused", "--memory lean", "--optimizer adamw8bit", "--fp8"):
         assert sum(flag in n for n in notices) == 1, (flag, notices)
     assert len(notices) == len(set(notices))  # each at most once
     run_train(base, "--num-iterations", "4", "--model-tag", "resumed", "--stop-after", "2", *flags)
@@ -485,7 +444,7 @@ def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, cap
 
 
 def test_fp8_refuses_rows_that_are_not_a_multiple_of_16(base, monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))  # as on an H100
     with pytest.raises(UserError, match=r"--fp8 needs --device_batch_size x --max_seq_len .* 1 x 24"):
@@ -496,18 +455,17 @@ def test_fp8_refuses_rows_that_are_not_a_multiple_of_16(base, monkeypatch):
 def test_fp8_trains_through_the_loop_where_supported(base, monkeypatch, capsys):
     """With FP8 "supported" (as on an H100), the loop trains with FP8 block GEMMs: torch._scaled_mm runs
     on the CPU too, slowly, which is fine at this size."""
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))
     calls = []
     real = fp8._scaled_mm
     monkeypatch.setattr(fp8, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")  # at any size: the tiny batch has 2 x 32 rows
     switched = []
     real_start = fp8.start_delayed_scaling
-    monkeypatch.setattr(fp8, "start_delayed_scaling",
-                        lambda model, rows: switched.append(real_start(model, rows)) or switched[-1])
-    run_train(base, "--num-iterations", "3", "--model-tag", "fp8loop", "--fp8")
+    monkeypatch.setattr(fp8, "start_delayed_scaling", lambda model: switched.append(real_start(model)) or switched[-1])
+    # delayed at any size: the tiny batch has 2 x 32 rows
+    run_train(base, "--num-iterations", "3", "--model-tag", "fp8loop", "--fp8", "--fp8-scaling", "delayed")
     out = capsys.readouterr().out
     assert "kernels=torch+fp8" in out
     assert len(calls) == 3 * 2 * (2 * 6 * 3)  # steps x micro-steps x (layers x Linears x GEMMs)

@@ -23,7 +23,6 @@ from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
-from nanochat_unsloth.train.model import GPT
 
 from conftest import write_parquet_files
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
@@ -47,7 +46,9 @@ def no_model(monkeypatch):
     """Fail the test if the model gets built: the refusal must come before it."""
     def refuse(*a, **k):
         raise AssertionError("the model was built before the refusal")
-    monkeypatch.setattr(GPT, "build", refuse)
+    from nanochat_unsloth.train import loop
+
+    monkeypatch.setattr(loop, "build_model", refuse)
 
 
 def run_train(base: Path, *extra: str) -> dict:
@@ -108,7 +109,7 @@ def test_token_id_beyond_the_vocab_is_refused_before_the_model(own_base, no_mode
 
 def test_damaged_checkpoint_is_refused_by_eval_and_convert_and_skipped_by_resume_auto(base, capsys):
     from nanochat_unsloth.convert.cli import main as convert_main
-    from nanochat_unsloth.train.eval_cli import main as eval_main
+    from nanochat_unsloth.eval.cli import main as eval_main
 
     run_train(base, "--num-iterations", "4", "--model-tag", "rot", "--save-every", "1", "--stop-after", "2")
     run_dir = base / "runs" / "rot"
@@ -441,11 +442,11 @@ def test_moved_base_dir_reprep_is_complete_and_verifies_checksums(tmp_path, tiny
 
 
 def test_fp8_scaling_state_and_loss_ema_resume_exactly(base, monkeypatch):
-    from nanochat_unsloth.train import fp8
+    from nanochat_unsloth.model import fp8
 
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: (True, ""))  # torch._scaled_mm runs on the CPU
-    monkeypatch.setenv("NANOCHAT_FP8_SCALING", "delayed")  # delayed scaling at the tiny batch too
-    flags = ("--fp8", "--num-iterations", "4", "--eval-tokens", "0")
+    # delayed scaling at the tiny batch too
+    flags = ("--fp8", "--fp8-scaling", "delayed", "--num-iterations", "4", "--eval-tokens", "0")
     run_train(base, *flags, "--model-tag", "fp8_straight")
     # cut after step 3: delayed scaling is on from there (the zero-initialised lm_head and c_proj leave some
     # gradient amaxes at zero for the first steps), so the resumed step 3 must scale from the saved history
@@ -458,3 +459,31 @@ def test_fp8_scaling_state_and_loss_ema_resume_exactly(base, monkeypatch):
         lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
         return [(r["step"], r["loss"], r["smooth_loss"]) for r in map(json.loads, lines)]
     assert records("fp8_cut") == records("fp8_straight")
+
+    # another FP8 scaling is another step's numerics: refused on --resume, unless --force
+    run_train(base, *flags, "--model-tag", "fp8_mode", "--stop-after", "2")
+    dynamic = [f if f != "delayed" else "dynamic" for f in flags]
+    with pytest.raises(UserError, match=r"--fp8_scaling=delayed \(now dynamic\).*--force"):
+        run_train(base, *dynamic, "--model-tag", "fp8_mode", "--resume", "auto")
+    run_train(base, *dynamic, "--model-tag", "fp8_mode", "--resume", "auto", "--force")
+
+
+def test_resume_guards_the_numerics_fields_and_reads_old_checkpoints():
+    """fp8_scaling, loss_chunk_mb, compile and lean_checkpoint are guarded like the step math. A checkpoint
+    written before they existed (no such keys, kernels "unsloth") counts as having their defaults."""
+    from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, TrainConfig
+    from nanochat_unsloth.train.loop import check_resume_compatible
+
+    assert {"fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint"} <= set(RESUME_GUARDED_FIELDS)
+    old = TrainConfig().to_dict()
+    for name in ("fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint"):
+        del old[name]
+    old["kernels"] = "unsloth"
+    meta = {"train_config": old}
+    check_resume_compatible(meta, TrainConfig(kernels="fused"))  # the defaults: resumes
+    for change in ({"fp8_scaling": "dynamic"}, {"loss_chunk_mb": 512.0}, {"compile": "none"},
+                   {"lean_checkpoint": "torch"}):
+        (name, value), = change.items()
+        with pytest.raises(UserError, match=rf"--{name}=.* \(now {value}\).*--force"):
+            check_resume_compatible(meta, TrainConfig(**change))
+        check_resume_compatible(meta, TrainConfig(**change, force=True))

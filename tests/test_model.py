@@ -5,20 +5,16 @@ import math
 import pytest
 import torch
 
-from nanochat_unsloth.train import kernels as kernels_mod
-from nanochat_unsloth.train.kernels import TORCH_KERNELS, get_kernels
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth import common
+from nanochat_unsloth.model.build import ModelOptions, build_model, get_kernels, resolve_kernels
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
+from nanochat_unsloth.model.ops import TORCH_KERNELS
 
 TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 
 def build(config=TINY, seed=0, kernels="torch"):
-    with torch.device("meta"):
-        model = GPT(config, kernels=kernels)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return build_model(config, ModelOptions(kernels=kernels), "cpu", seed)
 
 
 def randomize(model, seed=1):
@@ -163,20 +159,21 @@ def test_generate_greedy_and_sampled():
     assert all(0 <= t < TINY.vocab_size for t in sampled)
 
 
-def test_kernels_unsloth_falls_back_on_cpu_with_notice(capsys, monkeypatch):
+def test_kernels_fused_falls_back_on_cpu_with_notice(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(kernels_mod, "_NOTICES_SHOWN", set())
+    monkeypatch.setattr(common, "_NOTICES_SHOWN", set())
     monkeypatch.delenv("RANK", raising=False)
-    assert get_kernels("unsloth") is TORCH_KERNELS
+    assert get_kernels("fused") is TORCH_KERNELS
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unsloth" in err and "torch" in err
-    get_kernels("unsloth")
+    assert err.count("\n") == 1 and "fused" in err and "torch" in err
+    get_kernels("fused")
     assert capsys.readouterr().err == ""  # once per process
-    model = build(kernels="unsloth")
+    model = build(kernels="fused")
     assert model.ops is TORCH_KERNELS
 
 
-def test_unsloth_placeholder_raises_importerror_without_unsloth_zoo(monkeypatch):
+def test_fused_kernels_need_no_unsloth(monkeypatch):
+    """The fused set is ours: on CUDA it is built without importing anything from Unsloth."""
     import builtins
     real_import = builtins.__import__
 
@@ -187,12 +184,19 @@ def test_unsloth_placeholder_raises_importerror_without_unsloth_zoo(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(builtins, "__import__", no_unsloth)
-    with pytest.raises(ImportError, match="unsloth_zoo"):
-        kernels_mod._unsloth_kernels()
+    ops = get_kernels("fused")
+    assert ops.name == "fused" and ops.lm_head_loss.chunk_mb == 2048
+    assert get_kernels("unsloth") == ops  # the former name, still accepted
+    assert get_kernels("fused", loss_chunk_mb=64).lm_head_loss.chunk_mb == 64
+
+
+def test_auto_kernels_are_fused_on_cuda_and_torch_elsewhere():
+    assert resolve_kernels("auto", "cuda") == "fused" and resolve_kernels("auto", "cpu") == "torch"
+    assert resolve_kernels("unsloth", "cpu") == "fused" and resolve_kernels("torch", "cuda") == "torch"
 
 
 def test_unknown_kernels_name():
-    with pytest.raises(ValueError, match=r"--kernels.*torch, unsloth"):
+    with pytest.raises(ValueError, match=r"--kernels.*auto, torch, fused"):
         get_kernels("triton")
     with pytest.raises(ValueError):
-        GPT(TINY, kernels="nope")
+        build_model(TINY, ModelOptions(kernels="nope"))

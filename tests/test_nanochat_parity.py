@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.train import bf16_gemm
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.optim import build_optimizers
 
 NANOCHAT_SRC = os.environ.get("NANOCHAT_SRC")

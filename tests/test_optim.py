@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.optim import (
-    Muon, apply_schedules, build_optimizers, clip_grad_norm, depth_to_model_config, grad_accum_steps,
+    Muon, apply_schedules, build_optimizers, clip_grad_norm, grad_accum_steps,
     lr_multiplier, muon_momentum, resolve_num_iterations, zeropower_via_newtonschulz5,
 )
 
@@ -240,12 +240,12 @@ def test_clip_grad_norm():
 # Model size, horizon, batch
 
 
-def test_depth_to_model_config():
-    c = depth_to_model_config(20, 2048, 65536)
+def test_config_from_depth():
+    c = GPTConfig.from_depth(20, 2048, 65536)
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.sequence_len, c.vocab_size) == (20, 1280, 10, 10, 2048, 65536)
-    c = depth_to_model_config(3, 64, 100)  # 192 dims -> ceil(192/128) = 2 heads
+    c = GPTConfig.from_depth(3, 64, 100)  # 192 dims -> ceil(192/128) = 2 heads
     assert (c.n_embd, c.n_head) == (192, 2)
-    assert depth_to_model_config(1, 64, 100).n_head == 1
+    assert GPTConfig.from_depth(1, 64, 100).n_head == 1
 
 
 def test_resolve_num_iterations_precedence():

@@ -14,8 +14,8 @@ from conftest import TINY_SHARD_TOKENS, write_parquet_files
 
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError, sha256_file
-from nanochat_unsloth.prep.job import STATE_NAME, STOP_ENV, PrepConfig, run_prep
-from nanochat_unsloth.prep.tokenizer import SPLIT_PATTERN, bos_id, load_tokenizer
+from nanochat_unsloth.prep.job import STATE_NAME, PrepConfig, run_prep
+from nanochat_unsloth.tokenizer import SPLIT_PATTERN, bos_id, load_checked_tokenizer, load_tokenizer
 from nanochat_unsloth.shards.format import open_shard_tokens, read_shard_header
 from nanochat_unsloth.shards.manifest import ShardManifest
 
@@ -55,7 +55,7 @@ def test_shards_hold_bos_plus_encode_ordinary_in_source_order(tiny_shards_dir, t
     bos = bos_id(enc)
     m = ShardManifest.load(tiny_shards_dir)
     m.verify(tiny_shards_dir, checksums=True)
-    m.check_tokenizer(tiny_tokenizer_dir / "tokenizer.pkl")
+    load_checked_tokenizer(tiny_tokenizer_dir, "the shards", m.tokenizer.sha256, m.tokenizer.vocab_size)
     assert m.tokenizer.sha256 == sha256_file(tiny_tokenizer_dir / "tokenizer.pkl")
     assert (m.tokenizer.vocab_size, m.tokenizer.bos_id) == (512, bos)
     assert m.shard_tokens == TINY_SHARD_TOKENS and m.source["kind"] == "parquet"
@@ -233,7 +233,7 @@ def test_bad_sources_are_refused_through_prep(tmp_path, tiny_tokenizer_dir):
 def test_out_dir_of_another_tokenizer_or_source_is_refused_unless_force(
     tmp_path, tiny_shards_dir, tiny_corpus_dir, tiny_tokenizer_dir, tiny_corpus_docs
 ):
-    from nanochat_unsloth.prep.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
 
     out = tmp_path / "shards"
     shutil.copytree(tiny_shards_dir, out)
@@ -243,8 +243,8 @@ def test_out_dir_of_another_tokenizer_or_source_is_refused_unless_force(
     with pytest.raises(UserError, match=r"another tokenizer.*--force"):
         prep(out, tiny_corpus_dir, other_tok)
     # the trainer's check on the same mismatch
-    with pytest.raises(UserError, match="not the one the shards were made with"):
-        ShardManifest.load(out).check_tokenizer(other_tok / "tokenizer.pkl")
+    with pytest.raises(UserError, match="is not the tokenizer of the shards"):
+        load_checked_tokenizer(other_tok, "the shards", ShardManifest.load(out).tokenizer.sha256)
     other_data = tmp_path / "other_data"
     write_parquet_files(other_data, [["one doc", "two docs"], ["val doc"]])
     with pytest.raises(UserError, match=r"another source.*--force"):
@@ -276,10 +276,8 @@ def test_prep_cli(tmp_path, tiny_corpus_dir, tiny_tokenizer_dir, tiny_shards_dir
     base = tmp_path / "base"
     shutil.copytree(tiny_tokenizer_dir, base / "tokenizer")
     args = ["prep", "--source", str(tiny_corpus_dir), "--base-dir", str(base), "--shard_tokens=5000", "--workers", "2", "--quiet"]
-    monkeypatch.setenv(STOP_ENV, "2")
-    assert cli.main(args) == 0
+    assert cli.main(args + ["--stop-after-shards", "2"]) == 0
     assert "re-run the same command" in capsys.readouterr().out
-    monkeypatch.delenv(STOP_ENV)
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("prep: done") and "skipped" in out and "tok/s" in out

@@ -12,7 +12,7 @@ from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.prep import tokenizer_cli
 from nanochat_unsloth.prep.sources import open_source
-from nanochat_unsloth.prep.tokenizer import (
+from nanochat_unsloth.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     bos_id,

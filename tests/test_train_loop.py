@@ -165,7 +165,7 @@ def test_tokenizer_mismatch(base, tmp_path):
     manifest = json.loads((other / "shards" / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = "0" * 64
     (other / "shards" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="not the one the shards were made with"):
+    with pytest.raises(UserError, match="is not the tokenizer of the shards in "):
         run_train(base, "--num-iterations", "1", "--shards", str(other / "shards"))
 
 

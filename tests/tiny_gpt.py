@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.build import ModelOptions, build_model
+from nanochat_unsloth.model.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(sequence_len=16, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 
-def build_tiny(kernels="torch", memory="fast", seed=0, config=TINY, weight_std=0.3) -> GPT:
+def build_tiny(kernels="torch", memory="fast", seed=0, config=TINY, weight_std=0.3, **options) -> GPT:
     """nanochat's init, then every weight redrawn from N(0, weight_std): init zeroes lm_head and the
     c_proj's, which would leave those gradients trivial."""
-    with torch.device("meta"):
-        model = GPT(config, kernels=kernels, memory=memory)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
+    model = build_model(config, ModelOptions(kernels=kernels, memory=memory, **options), "cpu", seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():

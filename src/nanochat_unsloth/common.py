@@ -1,4 +1,4 @@
-"""Small pieces every stage shares: the base dir, user-facing errors, atomic writes."""
+"""Small pieces every stage shares: the base dir, user-facing errors, atomic writes, one-time notices."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -188,3 +189,52 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_NOTICES_SHOWN: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """A fallback notice on stderr, once per process and message, from the main rank only (RANK is set
+    by torchrun / accelerate launch)."""
+    if message in _NOTICES_SHOWN:
+        return
+    _NOTICES_SHOWN.add(message)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Running a sub-command
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+    """`--device_batch_size=32` -> `--device-batch-size=32`: argparse options are declared with dashes."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+def run_main(main, argv: list[str] | None) -> int:
+    """Run a sub-command's main, turning UserError into one clear line and exit code 2.
+
+    Ctrl-C (outside a loop that handles it) is one line and exit 130; a full disk or a read-only
+    directory that no stage caught itself is still one line naming the path.
+    """
+    try:
+        return main(normalize_flags(sys.argv[1:] if argv is None else argv)) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if not is_disk_failure(e):
+            raise
+        print(f"error: {disk_failure_message(e.filename or '?', e)}", file=sys.stderr)
+        return EXIT_USER_ERROR

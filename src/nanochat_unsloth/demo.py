@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         "--shard-tokens", "500000"])
 
     # ---- loader check: the first batch decodes back to text ---------------------------------------------
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
 
     loader = TokenShardLoader(base / "shards", "train", B=2, T=64)
@@ -92,16 +92,17 @@ def main(argv: list[str]) -> int:
         "convert", str(run_dir), "--model-tag", DEMO_TAG, "--base-dir", str(base), "--force"])
 
     # ---- summary ----------------------------------------------------------------------------------------
-    from nanochat_unsloth.train.evaluate import sample_completions
+    from nanochat_unsloth.eval.metrics import greedy_completions
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train.checkpoint import list_checkpoints, load_model_state_dict, load_meta
-    from nanochat_unsloth.train.model import GPT, GPTConfig
 
     step, step_dir = list_checkpoints(run_dir)[-1]
     meta = load_meta(step_dir)
-    model = GPT(GPTConfig(**meta["model_config"]))
+    model = build_model(GPTConfig(**meta["model_config"]))
     model.load_state_dict(load_model_state_dict(step_dir))
     model.eval()
-    sample = sample_completions(model, enc, enc.encode_single_token("<|bos|>"), prompts=("The capital of France is",))[0]
+    sample = greedy_completions(model, enc, prompts=("The capital of France is",))[0]
     nanochat_dir = base / "base_checkpoints" / DEMO_TAG
     print("\n==> summary")
     print(f"  base dir:          {base}")
@@ -121,6 +122,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

@@ -89,14 +89,12 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     meta = loaded.meta
 
     # ---- check everything first: nothing is written if any of this fails
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
+    from nanochat_unsloth.tokenizer import load_checked_tokenizer
 
     src_tok = src_base / "tokenizer"
     copies = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
-    n_vocab = load_tokenizer(src_tok).n_vocab
-    if n_vocab != loaded.model_config["vocab_size"]:
-        raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but the checkpoint's model has vocab_size "
-                        f"{loaded.model_config['vocab_size']}; config and tokenizer do not belong together")
+    load_checked_tokenizer(src_tok, "the checkpoint", vocab_size=loaded.model_config["vocab_size"],
+                           fix="restore the tokenizer it was trained with")
     state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir),
                                           layout.nanochat_embedding_dtype(meta, loaded.state_dict))
     nano_meta = layout.nanochat_meta({**meta, "step": loaded.step}, tag)
@@ -143,11 +141,12 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     """
     from accelerate import Accelerator
 
-    from nanochat_unsloth.prep.tokenizer import load_tokenizer
     from nanochat_unsloth.shards.loader import TokenShardLoader
+    from nanochat_unsloth.tokenizer import load_checked_tokenizer
     from nanochat_unsloth.shards.manifest import ShardManifest
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train import optim
-    from nanochat_unsloth.train.model import GPT, GPTConfig
 
     loaded = layout.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config
@@ -159,13 +158,11 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     # ---- check everything first
     src_tok = loaded.base_dir / "tokenizer"
     copies = plan_tokenizer_copy(src_tok, out_base / "tokenizer", None, force)
-    tokenizer_sha = sha256_file(src_tok / TOKENIZER_PKL)
-    n_vocab = load_tokenizer(src_tok).n_vocab
-    if n_vocab != model_config["vocab_size"]:
-        raise UserError(f"{src_tok / TOKENIZER_PKL}: {n_vocab} tokens, but {loaded.path.name}'s model has "
-                        f"vocab_size {model_config['vocab_size']}; this is not the tokenizer it was trained with")
+    encoding, tokenizer_sha = load_checked_tokenizer(src_tok, loaded.path.name, vocab_size=model_config["vocab_size"],
+                                                     fix="this is not the tokenizer it was trained with")
+    n_vocab = encoding.n_vocab
     train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name)
-    derived = optim.depth_to_model_config(train_config["depth"], train_config["max_seq_len"], n_vocab)
+    derived = GPTConfig.from_depth(train_config["depth"], train_config["max_seq_len"], n_vocab)
     if layout.model_config_kwargs(vars(derived)) != model_config:
         raise UserError(f"{loaded.path.parent / layout.meta_file(s)}: model_config {model_config} is not what depth "
                         f"{train_config['depth']} gives ({vars(derived)}); our trainer builds models from --depth, "
@@ -192,10 +189,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     log(f"importing {loaded.path} (step {s}) -> {step_dir}")
     copy_tokenizer(src_tok, out_base / "tokenizer", copies, log)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config), kernels="torch")
-    model.to_empty(device="cpu")
-    model.init_weights()  # computes the rotary tables; the weights are replaced next
+    model = build_model(GPTConfig(**model_config), device="cpu")  # rotary tables; the weights are replaced next
     model.load_state_dict(loaded.state_dict, strict=True, assign=True)  # assign: keep nanochat's dtypes
     optimizers = optim.build_optimizers(  # after assign: they must hold the loaded parameters
         model, embedding_lr=train_config["embedding_lr"], unembedding_lr=train_config["unembedding_lr"],
@@ -293,6 +287,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

@@ -91,10 +91,10 @@ def optim_file(step: int) -> str:
 
 def expected_shapes(model_config: dict) -> "OrderedDict[str, torch.Size]":
     """Parameter name -> shape, in nanochat's module order, for a model config (built on meta: no memory)."""
-    from nanochat_unsloth.train.model import GPT, GPTConfig
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
 
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config_kwargs(model_config)))
+    model = build_model(GPTConfig(**model_config_kwargs(model_config)), device="meta")
     return OrderedDict((k, v.shape) for k, v in model.state_dict().items())
 
 

@@ -153,6 +153,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

@@ -35,7 +35,7 @@ import numpy as np
 from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
                                      read_json)
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
-from nanochat_unsloth.prep.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
+from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
 
@@ -45,7 +45,6 @@ DONE = "done"
 PREP_VERSION = 1  # bump when the token stream for the same inputs would change
 # Files prep owns in --out (what --force may delete): shards, manifest, state, and their temp files.
 OWNED = re.compile(r"^\.?((train|val)_\d{6}\.bin|manifest\.json|prep_state\.json)(\..*\.tmp)?$")
-STOP_ENV = "NANOCHAT_UNSLOTH_PREP_STOP_AFTER_SHARDS"  # tests: simulate an interruption after N shards
 LOCK_NAME = ".prep.lock"
 # one 2048-token sequence + its shifted target: less val than this cannot evaluate nanochat's default context
 MIN_VAL_TOKENS = 2049

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nanochat_unsloth.common import get_base_dir
-from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, STOP_ENV, PrepConfig, run_prep, summary_line
+from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, PrepConfig, run_prep, summary_line
 from nanochat_unsloth.prep.sources import add_source_args
 
 
@@ -29,10 +29,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true",
                         help="DELETE the shards in --out (of another source/tokenizer/options) and prep from scratch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
+    parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
+                        help="stop after writing N shards, as an interruption would (the same command without it "
+                             "continues); for testing resumption")
     args = parser.parse_args(argv)
 
     base = get_base_dir(args.base_dir)
-    stop = os.environ.get(STOP_ENV)
     config = PrepConfig(
         source=args.source or str(base / "base_data"),
         out_dir=Path(args.out) if args.out else base / "shards",
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
         hf_data_files=args.hf_data_files,
         force=args.force,
         progress=not args.quiet,
-        stop_after_shards=int(stop) if stop else None,
+        stop_after_shards=args.stop_after_shards,
     )
     try:
         result = run_prep(config)
@@ -60,6 +62,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

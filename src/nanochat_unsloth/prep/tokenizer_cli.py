@@ -13,7 +13,7 @@ from typing import Iterator
 
 from nanochat_unsloth.common import UserError, atomic_write_json, get_base_dir, read_json, sha256_file
 from nanochat_unsloth.prep.sources import Source, add_source_args, open_source
-from nanochat_unsloth.prep.tokenizer import (
+from nanochat_unsloth.tokenizer import (
     SPECIAL_TOKENS,
     TOKEN_BYTES_PT,
     TOKENIZER_PKL,
@@ -140,6 +140,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     import sys
 
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

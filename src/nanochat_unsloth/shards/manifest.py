@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nanochat_unsloth.common import UserError, atomic_write_json, read_json, sha256_file
+from nanochat_unsloth.common import UserError, atomic_write_json, read_json
 from nanochat_unsloth.shards.format import read_shard_header, scan_shard
 
 MANIFEST_NAME = "manifest.json"
@@ -134,15 +134,3 @@ class ShardManifest:
                 if max_token >= self.tokenizer.vocab_size:
                     raise UserError(f"{path}: holds token id {max_token}, not below the tokenizer's vocab size "
                                     f"{self.tokenizer.vocab_size}; the shard is corrupt, re-run prep")
-
-    def check_tokenizer(self, tokenizer_pkl: str | Path) -> None:
-        """Refuse shards made with a different tokenizer than `tokenizer_pkl`."""
-        tokenizer_pkl = Path(tokenizer_pkl)
-        if not tokenizer_pkl.exists():
-            raise UserError(f"{tokenizer_pkl}: tokenizer not found; run `nanochat-unsloth tokenizer` first")
-        actual = sha256_file(tokenizer_pkl)
-        if actual != self.tokenizer.sha256:
-            raise UserError(
-                f"{tokenizer_pkl}: this tokenizer (sha256 {actual[:12]}) is not the one the shards were made with "
-                f"({self.tokenizer.sha256[:12]}); re-run prep with it, or point --base-dir at the matching tokenizer"
-            )

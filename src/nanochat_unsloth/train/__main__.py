@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from nanochat_unsloth.cli import run_main
+from nanochat_unsloth.common import run_main
 from nanochat_unsloth.common import EXIT_STOPPED
 
 

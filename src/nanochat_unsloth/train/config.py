@@ -12,15 +12,23 @@ import math
 from dataclasses import dataclass, field, fields
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
+from nanochat_unsloth.model.compile import COMPILE_CHOICES
+from nanochat_unsloth.model.fp8 import SCALING_CHOICES
+from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
+from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
 from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
+from nanochat_unsloth.train.optim import OPTIMIZER_CHOICES
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
-# The model shape is never overridable: the weights would not load.
+# The model shape is never overridable: the weights would not load. A checkpoint without a field (written
+# before the field existed) counts as having the field's default.
 RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
 RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
+    "fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
 
 
@@ -29,11 +37,25 @@ class TrainConfig:
     # ---- model ------------------------------------------------------------------------------
     depth: int = field(default=20, metadata={"help": "transformer depth; n_embd = 64*depth, heads = ceil(n_embd/128)"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
-    kernels: str = field(default="auto", metadata={"help": "auto|torch|unsloth: the model's kernel backend"})
+    kernels: str = field(default="auto", metadata={"help": "auto|torch|fused: the model's kernel set; fused = our chunked "
+                                                          "lm_head loss + per-block compile (CUDA); auto = fused on "
+                                                          "CUDA, torch elsewhere; unsloth = fused (its former name)"})
     memory: str = field(default="fast", metadata={"help": "fast|lean|selective: lean checkpoints every block (less memory, "
                                                           "~25% slower); selective recomputes only the MLP"})
     lean_blocks: int = field(default=-1, metadata={"help": "with --memory lean|selective: only the first N blocks (-1 = all)"})
+    lean_checkpoint: str = field(default="auto", metadata={"help": "auto|offload|torch: how --memory lean checkpoints a "
+                                                                    "block; offload = Unsloth's offloaded checkpointing "
+                                                                    "(CUDA + unsloth_zoo), auto = offload where it runs"})
     fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval stay bf16)"})
+    fp8_scaling: str = field(default="auto", metadata={"help": "auto|delayed|dynamic: FP8 scales of activations and "
+                                                                "gradients from the previous micro-step's amax (delayed) "
+                                                                "or their own (dynamic); auto = delayed from 16384 rows "
+                                                                "(device_batch_size x max_seq_len) up"})
+    loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
+                                                                              "their gradient per loss chunk"})
+    compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
+                                                            "block, or nothing (CUDA only); auto = model for torch "
+                                                            "kernels, blocks for fused or lean"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
@@ -72,8 +94,8 @@ class TrainConfig:
     stop_after: int = field(default=-1, metadata={"help": "save and exit after this step, as an interruption would"})
     profile_step: int = field(default=-1, metadata={"help": "time this step's phases on every rank and trace it with "
                                                              "torch.profiler, into <run>/profile/ (-1 = off)"})
-    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim settings (not the "
-                                                          "model shape), or start over on a tag with checkpoints "
+    force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim/numerics settings "
+                                                          "(not the model shape), or start over on a tag with checkpoints "
                                                           "(the old run is moved to previous_N/, not deleted)"})
 
     @property
@@ -89,11 +111,24 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value) or not ok(value):
                 raise UserError(f"--{name} {value}: must be {rule}")
-        if self.cpu_bf16 not in CPU_BF16_CHOICES:
-            raise UserError(f"--cpu_bf16 {self.cpu_bf16!r} is not one of: {', '.join(CPU_BF16_CHOICES)}")
+        self.kernels = KERNEL_ALIASES.get(self.kernels, self.kernels)  # --kernels unsloth is fused's former name
+        for name, choices in _CHOICES:
+            if getattr(self, name) not in choices:
+                raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
+        if self.compile == "model" and self.kernels == "fused":
+            raise UserError("--compile model does not go with --kernels fused (its loss is compiled on its own); "
+                            "use --compile auto or blocks")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
+
+
+# (field, allowed values): every string field with a fixed set of values
+_CHOICES = (
+    ("kernels", KERNEL_CHOICES), ("memory", MEMORY_CHOICES), ("lean_checkpoint", LEAN_CHOICES),
+    ("fp8_scaling", SCALING_CHOICES), ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
+    ("cpu_bf16", CPU_BF16_CHOICES),
+)
 
 
 def _off_or(test):
@@ -106,6 +141,7 @@ _BOUNDS = (
     ("depth", lambda v: v >= 1, "at least 1"),
     ("max_seq_len", lambda v: v >= 1, "at least 1"),
     ("lean_blocks", _off_or(lambda v: v >= 0), "-1 (all blocks) or 0 or more"),
+    ("loss_chunk_mb", lambda v: v > 0, "positive"),
     ("num_iterations", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
     ("target_flops", _off_or(lambda v: v > 0), "-1 (off) or positive"),
     ("target_param_data_ratio", _off_or(lambda v: v > 0), "-1 (off) or positive"),
@@ -140,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        # argparse %-formats help strings: a literal % must be doubled
+        help_text = (f.metadata.get("help", "") + f" (default: {f.default!r})").replace("%", "%%")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=help_text)
         else:

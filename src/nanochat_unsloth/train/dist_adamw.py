@@ -51,7 +51,8 @@ _SLICED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _rank_and_world_size() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -88,7 +89,7 @@ class ShardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         if world_size == 1:
             return super().step(closure)
         loss = None
@@ -141,7 +142,7 @@ class ShardedAdamW(torch.optim.AdamW):
     # ---- checkpoints: the full state on every rank, this rank's rows after loading -----------------
 
     def state_dict(self) -> dict:
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         packed = super().state_dict()
         if world_size == 1:
             return packed
@@ -167,7 +168,7 @@ class ShardedAdamW(torch.optim.AdamW):
         return out[:p.shape[0]].to("cpu", copy=True)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         if world_size == 1 or len(saved_ids) != len(params):  # (torch raises on the mismatch)

@@ -18,20 +18,22 @@ import torch
 
 from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir,
                                      is_disk_failure)
-from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
+from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
+from nanochat_unsloth.model import fp8
+from nanochat_unsloth.model.build import ModelOptions, build_model
+from nanochat_unsloth.model.gpt import PROMISED_FLOPS_H100, GPTConfig
+from nanochat_unsloth.model.memory import out_of_memory_advice
+from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import bf16_gemm, fp8, optim
+from nanochat_unsloth.train import bf16_gemm, optim
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
-from nanochat_unsloth.train.evaluate import evaluate_bpb, sample_completions
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
-from nanochat_unsloth.train.memory import compile_for_training, compile_mode, out_of_memory_advice
-from nanochat_unsloth.train.model import GPT
 from nanochat_unsloth.train.phase_timer import profiled_step
+from nanochat_unsloth.train.setup import prepare_for_training
 from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
 
-PROMISED_FLOPS_H100 = 989e12  # bf16 dense, the basis of nanochat's MFU figure
 EMA_BETA = 0.9
 
 
@@ -54,12 +56,6 @@ class StopRequest:
         print(f"\n[signal {signum}] finishing this step, saving a checkpoint, then exiting", flush=True)
 
 
-def resolve_kernels(name: str, device_type: str) -> str:
-    if name == "auto":
-        return "unsloth" if device_type == "cuda" else "torch"
-    return name
-
-
 def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
     """The model shape must match; batch and optimizer settings too, unless --force. Another number of
     processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
@@ -68,9 +64,14 @@ def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
     if model_diff:
         desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
         raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
-    guarded = [f for f in RESUME_GUARDED_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+    if not saved:
+        return
+    # a field the checkpoint lacks (it predates the field) was the field's default then
+    defaults = TrainConfig().to_dict()
+    was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
+    guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
     if guarded and not cfg.force:
-        desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in guarded)
+        desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
 
 
@@ -182,15 +183,11 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
-    manifest.check_tokenizer(tokenizer_dir / "tokenizer.pkl")
-    encoding = load_tokenizer(tokenizer_dir)
     vocab_size = manifest.tokenizer.vocab_size
-    if encoding.n_vocab != vocab_size:
-        raise UserError(f"{tokenizer_dir}: tokenizer has {encoding.n_vocab} tokens but the shards say {vocab_size}")
+    encoding, _ = load_checked_tokenizer(
+        tokenizer_dir, f"the shards in {shards_dir}", manifest.tokenizer.sha256, vocab_size,
+        fix="re-run prep with it, or point --base-dir at the matching tokenizer")
     token_bytes = load_token_bytes(tokenizer_dir, device)
-    if cfg.optimizer not in optim.OPTIMIZER_CHOICES:
-        raise UserError(f"--optimizer {cfg.optimizer!r} is not an optimizer; "
-                        f"choose one of: {', '.join(optim.OPTIMIZER_CHOICES)}")
 
     # ---- data: before the model, so shards too short for --max_seq_len or a val split too small for
     # one evaluation are refused in seconds; each shard's sha256 and token ids are checked here once ----
@@ -210,14 +207,12 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     train_loader.allow_new_layout = cfg.force
 
     # ---- model -----------------------------------------------------------------------------------
-    model_config = optim.depth_to_model_config(cfg.depth, cfg.max_seq_len, vocab_size)
-    kernels = resolve_kernels(cfg.kernels, device_type)
-    try:  # flag values the model itself checks: --memory, --lean_blocks, NANOCHAT_FP8_SCALING, ...
-        model = GPT.build(model_config, device, cfg.seed, kernels=kernels, memory=cfg.memory, fp8=cfg.fp8,
-                          lean_blocks=cfg.lean_blocks, fp8_rows=cfg.device_batch_size * cfg.max_seq_len)
+    model_config = GPTConfig.from_depth(cfg.depth, cfg.max_seq_len, vocab_size)
+    options = ModelOptions.from_config(cfg)
+    try:  # flag values the model itself checks against its shape: --lean_blocks
+        model = build_model(model_config, options, device, cfg.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    kernels = model.ops.name  # "torch" when the unsloth set fell back
     if model.ops.fp8 and (cfg.device_batch_size * cfg.max_seq_len) % fp8.ROW_MULTIPLE:
         raise UserError(f"--fp8 needs --device_batch_size x --max_seq_len to be a multiple of {fp8.ROW_MULTIPLE} "
                         f"(FP8 GEMM shapes), not {cfg.device_batch_size} x {cfg.max_seq_len}; change one of them")
@@ -240,24 +235,20 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} procs x {grad_accum} accum "
            f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
 
-    # ---- optimizers ------------------------------------------------------------------------------
-    optimizers = optim.build_optimizers_for(
-        cfg.optimizer, model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-    )
-
-    # ---- accelerate ------------------------------------------------------------------------------
-    model, *optimizers = accelerator.prepare(model, *optimizers)
+    # ---- optimizers, accelerate, compile ----------------------------------------------------------
+    try:
+        prepared = prepare_for_training(
+            accelerator, raw_model, options, cfg.optimizer, embedding_lr=cfg.embedding_lr,
+            unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+            warmup_ratio=cfg.warmup_ratio,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model, optimizers = prepared.model, prepared.optimizers
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     # FSDP2: checkpoints are saved and loaded whole by us, not by Accelerate (train/fsdp.py says why)
     sharded_run = ckpt.ShardedRun(raw_model, optimizers, train_loader) if sharded_weights else None
     accelerator.register_for_checkpointing(train_loader)
-    if on_cuda:  # whole model (nanochat's) for --kernels torch, block by block for unsloth / lean
-        try:  # NANOCHAT_COMPILE / NANOCHAT_INDUCTOR values are checked here
-            model = compile_for_training(model, raw_model, compile_mode(kernels, cfg.memory),
-                                         data_parallel=world_size > 1 and not sharded_weights)
-        except ValueError as e:
-            raise UserError(str(e)) from None
 
     # ---- resume ----------------------------------------------------------------------------------
     metrics_path = run_dir / "metrics.jsonl"
@@ -360,7 +351,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                 last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             raw_model.eval()
             with accelerator.autocast():
-                for text in sample_completions(raw_model, encoding, manifest.tokenizer.bos_id):
+                for text in greedy_completions(raw_model, encoding):
                     print0(f"  sample: {text!r}")
             raw_model.train()
 

@@ -1,6 +1,5 @@
 """All the step math of base training, as nanochat b399e43's `base_train.py` / `gpt.py` / `muon.py` do it.
 
-- the model size from --depth
 - Muon for every matrix inside the blocks (sharded across ranks under DDP), AdamW for wte and lm_head
 - or `--optimizer adamw8bit`: bitsandbytes AdamW8bit for everything, on a cosine schedule
 - the LR multiplier (warmup / constant / warmdown) and Muon's momentum ramp, computed from the step
@@ -20,30 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import UserError, notice_once
 from nanochat_unsloth.train import bf16_gemm
 from nanochat_unsloth.train.bf16_gemm import NATIVE, Bf16Math
-from nanochat_unsloth.train.dist_adamw import ShardedAdamW
+from nanochat_unsloth.train.dist_adamw import ShardedAdamW, rank_and_world_size
 from nanochat_unsloth.train.fsdp import apply_full_update, full_tensor, is_dtensor
-from nanochat_unsloth.train.kernels import notice_once
-from nanochat_unsloth.train.model import GPT, GPTConfig
+from nanochat_unsloth.model.gpt import GPT
 
 OPTIMIZER_CHOICES = ("muon", "adamw8bit")
-
-# -----------------------------------------------------------------------------
-# Model size
-
-
-def depth_to_model_config(depth: int, max_seq_len: int, vocab_size: int) -> GPTConfig:
-    """nanochat's depth -> shape rule: width 64 per layer, heads of (at most) 128 dims, no GQA."""
-    n_embd = 64 * depth
-    n_head = max(1, math.ceil(n_embd / 128))
-    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-
-
-depth_to_config = depth_to_model_config  # the name docs/ARCHITECTURE.md first used
-
 
 # -----------------------------------------------------------------------------
 # Muon
@@ -129,7 +112,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         gathers = []
         for group in self.param_groups:
             params: list[Tensor] = group["params"]
@@ -201,12 +184,6 @@ class Muon(torch.optim.Optimizer):
         return state["momentum_buffer"]
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # -----------------------------------------------------------------------------
 # The two optimizers
 
@@ -230,7 +207,7 @@ def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: f
     if fused is None:
         fused = all(p.is_cuda for p in embedding_params + lm_head_params)
     # world size > 1: each rank keeps 1/W of the Adam moments (ZeRO-1, see dist_adamw.py); the same math
-    adamw_cls = ShardedAdamW if _rank_and_world_size()[1] > 1 else torch.optim.AdamW
+    adamw_cls = ShardedAdamW if rank_and_world_size()[1] > 1 else torch.optim.AdamW
     adamw = adamw_cls(
         [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
          dict(params=embedding_params, lr=embedding_lr * lr_scale)],
@@ -297,7 +274,7 @@ def build_optimizers_for(name: str, model: GPT, *, embedding_lr: float = 0.2, un
                                 matrix_lr=matrix_lr, weight_decay=weight_decay)
     if name == "adamw8bit":
         return build_adamw8bit_optimizers(model, warmup_ratio=warmup_ratio if warmup_ratio > 0 else 0.02)
-    raise UserError(f"--optimizer {name!r} is not an optimizer; choose one of: {', '.join(OPTIMIZER_CHOICES)}")
+    raise ValueError(f"optimizer {name!r}: TrainConfig.validate admits only {', '.join(OPTIMIZER_CHOICES)}")
 
 
 # -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class PhaseTimer:
         if self.enabled:
             self._sync()
             self._last = time.perf_counter()
+            _profiler_marker("phase_start")
 
     def mark(self, phase: str) -> None:
         """The work since the previous mark belongs to `phase`."""
@@ -40,10 +41,18 @@ class PhaseTimer:
         now = time.perf_counter()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
         self._last = now
+        _profiler_marker(f"phase_end:{phase}")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _profiler_marker(name: str) -> None:
+    # an empty range in a running torch.profiler's trace, so the kernels between two marks can be told to
+    # a phase (benchmarks/train_throughput.py --profile does); nothing when no profiler runs
+    with torch.profiler.record_function(name):
+        pass
 
 
 DISABLED = PhaseTimer(torch.device("cpu"), enabled=False)

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nanochat_unsloth.train import fp8, optim
+from nanochat_unsloth.model import fp8
+from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.phase_timer import DISABLED, PhaseTimer
 
 
@@ -69,5 +70,5 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
         opt.step()
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
     model.zero_grad(set_to_none=True)
-    fp8.start_delayed_scaling(raw_model, x.numel())  # --fp8: once every layer has an amax history
+    fp8.start_delayed_scaling(raw_model)  # --fp8: once every layer has an amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)

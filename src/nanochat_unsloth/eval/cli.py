@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, sha256_file
+from nanochat_unsloth.common import UserError
 
 DEFAULT_SPLIT_TOKENS = 20 * 524288  # base_loss's split_tokens
-SAMPLE_TOKENS = 16
-TERMINAL_TOKENS = ("<|bos|>", "<|assistant_end|>")  # nanochat's Engine.generate_batch stops at these
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,35 +37,15 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(loaded, device: torch.device, kernels: str = "torch"):
     """Our GPT with the checkpoint's weights, in the dtypes nanochat's build_model would give it."""
-    from nanochat_unsloth.train.model import GPT, GPTConfig
+    from nanochat_unsloth.model.build import ModelOptions, build_model as build
+    from nanochat_unsloth.model.gpt import GPTConfig
 
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**loaded.model_config), kernels=kernels)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary tables, and on CUDA the bf16 wte nanochat's trainer leaves
+    # init_weights computes the rotary tables, and on CUDA the bf16 wte nanochat's trainer leaves
+    model = build(GPTConfig(**loaded.model_config), ModelOptions(kernels=kernels), device)
     # copy (not assign) into the model's own dtypes: bf16 -> fp32 on CPU, as build_model does
     model.load_state_dict(loaded.state_dict, strict=True)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def greedy_samples(model, encoding, prompts, max_tokens: int = SAMPLE_TOKENS,
-                   autocast=contextlib.nullcontext) -> list[str]:
-    """base_loss's samples: <|bos|> + prompt, greedy, stop at a terminal token, decoded with the <|bos|>."""
-    bos = encoding.encode_single_token("<|bos|>")
-    terminal = {encoding.encode_single_token(t) for t in TERMINAL_TOKENS if t in encoding.special_tokens_set}
-    out = []
-    for prompt in prompts:
-        tokens = [bos] + encoding.encode_ordinary(prompt)
-        generated = []
-        with autocast():
-            for token in model.generate(tokens, max_tokens=max_tokens, temperature=0.0):
-                if token in terminal:
-                    break
-                generated.append(token)
-        out.append(encoding.decode(tokens + generated))
-    return out
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLIT_TOKENS,
@@ -76,21 +54,15 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
                         kernels: str = "torch", log=print) -> dict:
     """Train/val bits per byte and the seven greedy samples of a checkpoint (ours or nanochat's)."""
     from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
-    from nanochat_unsloth.prep.tokenizer import load_token_bytes, load_tokenizer
+    from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
     from nanochat_unsloth.shards.loader import TokenShardLoader
-    from nanochat_unsloth.train.evaluate import SAMPLE_PROMPTS, evaluate_bpb
+    from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb, greedy_completions
 
     loaded = load_any_checkpoint(checkpoint, step)
     base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir
     tok_dir = base / "tokenizer"
-    encoding = load_tokenizer(tok_dir)
-    tokenizer_sha = sha256_file(tok_dir / "tokenizer.pkl")
-    if loaded.tokenizer_sha256 is not None and loaded.tokenizer_sha256 != tokenizer_sha:
-        raise UserError(f"{tok_dir / 'tokenizer.pkl'}: sha256 {tokenizer_sha[:12]} is not the tokenizer "
-                        f"{loaded.path} was trained with ({loaded.tokenizer_sha256[:12]}); pass the right --base-dir")
-    if encoding.n_vocab != loaded.model_config["vocab_size"]:
-        raise UserError(f"{tok_dir / 'tokenizer.pkl'}: {encoding.n_vocab} tokens, but {loaded.path}'s model has "
-                        f"vocab_size {loaded.model_config['vocab_size']}; pass the --base-dir it was trained in")
+    encoding, tokenizer_sha = load_checked_tokenizer(tok_dir, str(loaded.path), loaded.tokenizer_sha256,
+                                                     loaded.model_config["vocab_size"])
 
     B = device_batch_size or loaded.device_batch_size
     T = loaded.model_config["sequence_len"]  # as base_loss: the model's context, whatever it was trained with
@@ -125,7 +97,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
         result[f"{split}_bpb"] = bpb
         result["steps"][split] = n
 
-    samples = greedy_samples(model, encoding, SAMPLE_PROMPTS, autocast=autocast)
+    samples = greedy_completions(model, encoding, SAMPLE_PROMPTS, style="base_loss", autocast=autocast)
     for sample in samples:
         log(sample)
     result["samples"] = samples
@@ -146,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-dir", help="base dir with tokenizer/ and shards/ (default: the checkpoint's base dir)")
     p.add_argument("--shards", help="token shard dir (default <base>/shards)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
-    p.add_argument("--kernels", default="torch", choices=("torch", "unsloth"), help="model kernels (default torch)")
+    p.add_argument("--kernels", default="torch", choices=("torch", "fused", "unsloth"),
+                   help="model kernels (default torch; unsloth = fused, its former name)")
     return p
 
 
@@ -159,6 +132,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nanochat_unsloth.cli import run_main
+    from nanochat_unsloth.common import run_main
 
     sys.exit(run_main(main, None))

@@ -7,9 +7,10 @@
 - logits softcapped at 15 * tanh(x / 15); the loss in fp32
 
 A state_dict of this model loads into nanochat's GPT with strict=True and vice versa. The norm,
-rotary, attention, loss and block-GEMM ops come from `kernels.py` (the `ops` attribute), so faster kernels plug in
-without touching this file; how each block runs (plain, or checkpointed in `--memory lean`) comes from
-`memory.py`, and `--memory selective` makes the MLP recompute itself in backward.
+rotary, attention, loss and block-GEMM ops come from a kernel set (`ops.py`, the `ops` attribute), so faster
+kernels plug in without touching this file; how each block runs (plain, or checkpointed in `--memory lean`)
+comes from `memory.py`, and `--memory selective` makes the MLP recompute itself in backward. `build.py`
+assembles a training model (kernels, memory mode, FP8) in one place.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanochat_unsloth.train import fp8 as fp8_ops
-from nanochat_unsloth.train.kernels import Kernels, get_kernels, softcapped_logits
-from nanochat_unsloth.train.memory import block_memory_modes, checkpoint_recomputed, run_block
+from nanochat_unsloth.model import fp8
+from nanochat_unsloth.model.ops import TORCH_KERNELS, Kernels, softcapped_logits
+from nanochat_unsloth.model.memory import block_memory_modes, checkpoint_recomputed, run_block
 
 SOFTCAP = 15.0
 ROTARY_BASE = 10000
 ROTARY_OVERCOMPUTE = 10  # rotary tables cover 10x sequence_len, as nanochat's do
+PROMISED_FLOPS_H100 = 989e12  # bf16 dense: the basis of nanochat's MFU figure (with `GPT.estimate_flops`)
 
 
 @dataclass
@@ -44,6 +46,14 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth: int, max_seq_len: int, vocab_size: int) -> "GPTConfig":
+        """nanochat's depth -> shape rule: width 64 per layer, heads of (at most) 128 dims, no GQA."""
+        n_embd = 64 * depth
+        n_head = max(1, math.ceil(n_embd / 128))
+        return cls(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
+                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: int = ROTARY_BASE,
@@ -126,16 +136,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels: str = "torch", memory: str = "fast", fp8: bool = False,
-                 lean_blocks: int = -1, fp8_rows: int | None = None):
+    def __init__(self, config: GPTConfig, ops: Kernels = TORCH_KERNELS, memory: str = "fast",
+                 lean_blocks: int = -1, lean_checkpoint: str = "auto"):
         super().__init__()
         self.config = config
-        self.ops = get_kernels(kernels, fp8=fp8)
+        self.ops = ops
         # "lean" / "selective": the first `lean_blocks` blocks (all by default) are checkpointed while
         # training / recompute their MLP in backward
         self.block_memory = block_memory_modes(memory, lean_blocks, config.n_layer)
         self.memory = memory
-        self.compiled_blocks: list | None = None  # compiled twins of the blocks, see memory.compile_for_training
+        self.lean_checkpoint = lean_checkpoint  # how lean blocks are checkpointed (memory.lean_checkpoint_impl)
+        self.compiled_blocks: list | None = None  # compiled twins of the blocks, see compile.compile_for_training
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
@@ -143,39 +154,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         for block, mode in zip(self.transformer.h, self.block_memory):
             block.mlp.recompute = mode == "selective"
-        scaling = fp8_ops.scaling_mode() if self.ops.fp8 else "dynamic"
-        if scaling == "auto" and fp8_rows is not None and fp8_rows < fp8_ops.DELAYED_SCALING_MIN_ROWS:
-            # the micro-batch (fp8_rows = B*T) is known to be too small for delayed scaling: no state at
-            # all, rather than a first step that records amaxes and a recompilation once it is dropped
-            scaling = "dynamic"
-        if scaling != "dynamic":
-            # FP8 scales from the previous micro-step's amax (fp8.py). Not where the forward is re-run in
-            # backward (checkpointed blocks, the MLP of selective ones): the re-run would quantise with a
-            # newer scale than the one it replays.
-            min_rows = fp8_ops.DELAYED_SCALING_MIN_ROWS if scaling == "auto" else 0
-            for block, mode in zip(self.transformer.h, self.block_memory):
-                if mode != "lean":
-                    fp8_ops.attach_delayed_scaling(block if mode == "fast" else block.attn, min_rows)
-                    fp8_ops.share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
         # Placeholder tables so that construction works under torch.device("meta"); init_weights()
         # computes the real ones. Non-persistent: derived data, not in the state_dict (as in nanochat).
         self.rotary_seq_len = ROTARY_OVERCOMPUTE * config.sequence_len
         cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim, device=self.get_device())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-
-    @classmethod
-    def build(cls, config: GPTConfig, device, seed: int, kernels: str = "torch", memory: str = "fast",
-              fp8: bool = False, lean_blocks: int = -1, fp8_rows: int | None = None) -> "GPT":
-        """nanochat's construction: shapes on the meta device (no memory, no init cost), then storage on
-        `device`, then init_weights under `seed`: the same weights on every rank and every world size.
-        `fp8_rows`, the rows (B*T) of a training micro-batch when known, lets --fp8 pick its scaling now."""
-        with torch.device("meta"):
-            model = cls(config, kernels=kernels, memory=memory, fp8=fp8, lean_blocks=lean_blocks, fp8_rows=fp8_rows)
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
-        return model
 
     # -- initialisation ------------------------------------------------------------
 
@@ -193,7 +177,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        for scaling in fp8_ops.delayed_scalings(self):
+        for scaling in fp8.delayed_scalings(self):  # --fp8: the histories start over with the weights
             scaling.reset()
         self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=self.get_device())
         if self.get_device().type == "cuda":
@@ -240,7 +224,8 @@ class GPT(nn.Module):
         x = self.ops.rms_norm(self.transformer.wte(idx))
         twins = self.compiled_blocks
         for i, block in enumerate(self.transformer.h):
-            x = run_block(self.block_memory[i], block, x, cos, sin, None if twins is None else twins[i])
+            x = run_block(self.block_memory[i], block, x, cos, sin, None if twins is None else twins[i],
+                          self.lean_checkpoint)
         x = self.ops.rms_norm(x)
 
         if targets is None:

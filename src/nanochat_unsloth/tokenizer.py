@@ -15,7 +15,7 @@ from typing import Iterable
 
 import tiktoken
 
-from nanochat_unsloth.common import UserError, atomic_write_bytes
+from nanochat_unsloth.common import UserError, atomic_write_bytes, sha256_file
 
 TOKENIZER_PKL = "tokenizer.pkl"
 TOKEN_BYTES_PT = "token_bytes.pt"
@@ -131,6 +131,21 @@ def load_tokenizer(tokenizer_dir: str | Path) -> tiktoken.Encoding:
     if not isinstance(enc, tiktoken.Encoding):
         raise UserError(f"{pkl_path}: holds a {type(enc).__name__}, not a tiktoken.Encoding; re-run `nanochat-unsloth tokenizer`")
     return enc
+
+
+def load_checked_tokenizer(tokenizer_dir: str | Path, owner: str, sha256: str | None = None,
+                           vocab_size: int | None = None, fix: str = "pass the --base-dir it was made with"
+                           ) -> tuple[tiktoken.Encoding, str]:
+    """The tokenizer of `tokenizer_dir` and its sha256, refused with one line naming tokenizer.pkl when it is
+    not the one `owner` (shards, a checkpoint) was made with: another sha256 (when recorded) or vocab size."""
+    pkl_path = Path(tokenizer_dir) / TOKENIZER_PKL
+    enc = load_tokenizer(tokenizer_dir)
+    actual = sha256_file(pkl_path)
+    if sha256 is not None and actual != sha256:
+        raise UserError(f"{pkl_path}: sha256 {actual[:12]} is not the tokenizer of {owner} ({sha256[:12]}); {fix}")
+    if vocab_size is not None and enc.n_vocab != vocab_size:
+        raise UserError(f"{pkl_path}: {enc.n_vocab} tokens, but the vocab_size of {owner} is {vocab_size}; {fix}")
+    return enc, actual
 
 
 def load_token_bytes(tokenizer_dir: str | Path, device="cpu"):

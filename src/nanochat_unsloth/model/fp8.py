@@ -11,33 +11,38 @@ GEMM: about twice the bf16 rate on an H100) and writes its result in bf16 / fp32
 weights use e4m3 (3 mantissa bits), gradients e5m2 (more range, 2 mantissa bits), the usual split.
 Scaling is "tensorwise": one fp32 scale per tensor per call, chosen so that the tensor's largest
 magnitude lands on the format's largest value. Weights always use their own amax ("dynamic"). For
-activations and gradients of large micro-batches the model attaches a `DelayedScaling` state: the
-scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
-for a reduction over the tensor (see the section below; NANOCHAT_FP8_SCALING=auto|delayed|dynamic).
+activations and gradients of large micro-batches `convert_to_fp8` attaches a `DelayedScaling` state:
+the scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
+for a reduction over the tensor (see the section below; `--fp8_scaling auto|delayed|dynamic`).
+
+One converter, `convert_to_fp8(model, scaling, rows)`, is the only way in: a model goes in, the FP8 model
+comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
+running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
+`F.linear`, so val bpb and samples are nanochat's math.
 
 What stays exact: the parameters, their gradients' accumulation and the optimizer are unchanged (the
 master weights stay fp32, `dW` comes back in fp32); lm_head, the softcap and the loss stay bf16/fp32;
-evaluation and sampling (no autograd) take the plain bf16 `F.linear`, so val bpb is measured with
-nanochat's math. What changes: every block GEMM sees operands rounded to 8 bits, so each step is a
+evaluation and sampling take the plain bf16 `F.linear`. What changes: every block GEMM sees operands rounded to 8 bits, so each step is a
 slightly noisier version of the bf16 step. docs/PERF.md has the speed and the loss curves.
 
 Memory: the forward saves the e4m3 copies of x and W for the backward instead of the bf16 x, so the
 saved matmul inputs take half the bytes.
 
-Needs compute capability >= 8.9 (Ada, Hopper or newer) under CUDA; `kernels.get_kernels` falls back
-to bf16 with a one-line notice elsewhere. The math itself also runs on the CPU (slowly: the tests use
+Needs compute capability >= 8.9 (Ada, Hopper or newer) under CUDA; `convert_to_fp8` keeps bf16 with a
+one-line notice elsewhere. The math itself also runs on the CPU (slowly: the tests use
 it there at toy sizes).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanochat_unsloth.train.kernels import compute_dtype
+from nanochat_unsloth.common import notice_once
+from nanochat_unsloth.model.ops import compute_dtype
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients
@@ -91,16 +96,8 @@ def _column_major(t: Tensor) -> Tensor:
     return t.t().contiguous().t()
 
 
-# NANOCHAT_FP8_FAST_ACCUM=all: the backward GEMMs accumulate in the tensor cores' reduced precision too
-# (default `forward`: only the forward does). Measured 1% faster at d20 B=32, but dW sums over all B*T
-# rows of a micro-batch (65,536 at B=32) and no loss curve at that length has been run: an experiment,
-# not the default (docs/PERF.md). Read once, at import.
-BACKWARD_FAST_ACCUM = os.environ.get("NANOCHAT_FP8_FAST_ACCUM", "forward") == "all"
-
-
 def _scaled_mm(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: torch.dtype,
                fast_accum: bool) -> Tensor:
-    fast_accum = fast_accum or BACKWARD_FAST_ACCUM
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
@@ -116,18 +113,16 @@ def _scaled_mm(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: to
 # a value above the predicted range saturates at the format's max instead of overflowing).
 
 SCALING_CHOICES = ("auto", "delayed", "dynamic")
-# Below this many rows (B*T) per micro-batch delayed scaling measured slower on the H100 (d20 at B=4:
-# 115k vs 127k tok/s; d44 at B=2 likewise), above it faster (B=8: 158k vs 156k; B=32: 176k vs 172k):
-# the pass it saves shrinks with the rows, while its per-layer bookkeeping does not. docs/PERF.md.
+# `auto` uses delayed scaling from this many rows (B*T) per micro-batch up: below it the pass it saves is
+# smaller than its per-layer bookkeeping (docs/PERF.md has the crossover).
 DELAYED_SCALING_MIN_ROWS = 16384
 
 
-def scaling_mode() -> str:
-    """NANOCHAT_FP8_SCALING: auto (default; delayed from DELAYED_SCALING_MIN_ROWS rows up), delayed
-    (always), dynamic (never: every tensor from its own amax)."""
-    mode = os.environ.get("NANOCHAT_FP8_SCALING", "auto")
+def check_scaling_mode(mode: str) -> str:
+    """`--fp8_scaling`: auto (delayed from DELAYED_SCALING_MIN_ROWS rows up), delayed (always), dynamic
+    (never: every tensor from its own amax)."""
     if mode not in SCALING_CHOICES:
-        raise ValueError(f"NANOCHAT_FP8_SCALING={mode!r}: choose one of {', '.join(SCALING_CHOICES)}")
+        raise ValueError(f"--fp8_scaling {mode!r}: choose one of {', '.join(SCALING_CHOICES)}")
     return mode
 
 
@@ -142,15 +137,11 @@ class DelayedScaling(nn.Module):
     dynamically (and records amaxes). At initialisation lm_head is zero, so every block gradient of
     step 0 is exactly zero and a zero history would be meaningless; `start_delayed_scaling` switches
     the layers on once every recorded amax is positive. The switch is a Python attribute, so
-    torch.compile compiles the block once per mode (twice in a run). Micro-batches of fewer than
-    `min_rows` rows stay dynamic (a static shape check), and `start_delayed_scaling` then removes the
-    state after the first step. (The training loop and the benchmark tell `GPT.build` the rows up front,
-    so under `auto` such a model gets no state in the first place.)
+    torch.compile compiles the block once per mode (twice in a run).
     """
 
-    def __init__(self, min_rows: int = DELAYED_SCALING_MIN_ROWS):
+    def __init__(self):
         super().__init__()
-        self.min_rows = min_rows  # smaller micro-batches scale dynamically; their first step drops the state
         self.register_buffer("x_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
@@ -171,11 +162,11 @@ class DelayedScaling(nn.Module):
         self.active = False
 
 
-def attach_delayed_scaling(blocks: nn.Module, min_rows: int = DELAYED_SCALING_MIN_ROWS) -> None:
+def attach_delayed_scaling(blocks: nn.Module) -> None:
     """Give every Linear inside `blocks` a DelayedScaling, as `layer.fp8_scaling` (its `fp8_linear` uses it)."""
     for module in list(blocks.modules()):
         if isinstance(module, nn.Linear) and not hasattr(module, "fp8_scaling"):
-            module.fp8_scaling = DelayedScaling(min_rows)
+            module.fp8_scaling = DelayedScaling().to(module.weight.device)
 
 
 def share_input_history(*layers: nn.Linear) -> None:
@@ -183,8 +174,8 @@ def share_input_history(*layers: nn.Linear) -> None:
 
     Their histories would hold the same amax anyway (same tensor), but as three buffers they make three
     casts of the tensor that torch.compile cannot tell apart: the compiled block then computed three e4m3
-    copies of the normed x and kept two of them for backward (+3.2 GiB at d20 B=32), where dynamic
-    scaling's three identical casts were one. With one history the casts are one expression, computed and
+    copies of the normed x and kept two of them for backward, where dynamic scaling's three identical
+    casts were one (docs/PERF.md has the memory it cost). With one history the casts are one expression, computed and
     kept once. Pass the layers in the order the forward calls them: the first owns the history, the last
     records the new amax, so every cast of the micro-step reads the previous micro-step's value.
     """
@@ -198,21 +189,14 @@ def delayed_scalings(model: nn.Module) -> list[DelayedScaling]:
     return [m for m in model.modules() if isinstance(m, DelayedScaling)]
 
 
-def start_delayed_scaling(model: nn.Module, rows: int) -> bool:
+def start_delayed_scaling(model: nn.Module) -> bool:
     """Switch every layer to delayed scaling once all of them have a positive amax history.
 
-    Called after each optimizer step with the micro-batch's rows (B*T). Returns True when delayed
-    scaling is (now) on. Costs one host sync per call until the switch, none after it. Micro-batches
-    smaller than the layers' `min_rows` never use the history: the state is removed instead, so that
-    they stop recording (a few small kernels per layer that measurably cost at small batch sizes).
+    Called after each optimizer step. Returns True when delayed scaling is (now) on. Costs one host sync
+    per call until the switch, none after it.
     """
     scalings = delayed_scalings(model)
     if not scalings:
-        return False
-    if rows < min(s.min_rows for s in scalings):
-        for module in list(model.modules()):
-            if isinstance(getattr(module, "fp8_scaling", None), DelayedScaling):
-                del module.fp8_scaling
         return False
     if all(s.active for s in scalings):
         return True
@@ -310,7 +294,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
-    delayed = scaling is not None and scaling.active and x2d.size(0) >= scaling.min_rows
+    delayed = scaling is not None and scaling.active
     if delayed:
         x_scale_amax = scaling.input_scaling.x_amax * MARGIN
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
@@ -326,3 +310,40 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, and its delayed scaling if it has one."""
     return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
+
+
+# -----------------------------------------------------------------------------
+# The converter
+
+
+def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = None) -> nn.Module:
+    """`--fp8`: the model with every block Linear's three GEMMs in FP8, or unchanged (and a notice) where
+    FP8 cannot run fast.
+
+    `rows` (B*T of a training micro-batch) lets `auto` choose: delayed scaling from
+    DELAYED_SCALING_MIN_ROWS rows up, dynamic below or when unknown. The state goes only where a block's
+    forward is not re-run in backward (not in checkpointed blocks, nor the MLP of selective ones): the
+    re-run would quantise with a newer scale than the one it replays. Call it after `init_weights`.
+    """
+    check_scaling_mode(scaling)
+    ok, why = fp8_supported(model.get_device())
+    if not ok:
+        notice_once(f"--fp8: {why}; training in bf16")
+        return model
+    set_linear(model, fp8_linear)
+    if scaling == "auto":
+        scaling = "delayed" if rows is not None and rows >= DELAYED_SCALING_MIN_ROWS else "dynamic"
+    if scaling == "delayed":
+        for block, mode in zip(model.transformer.h, model.block_memory):
+            if mode != "lean":
+                attach_delayed_scaling(block if mode == "fast" else block.attn)
+                share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
+    return model
+
+
+def set_linear(model: nn.Module, linear) -> None:
+    """Give the model and every module that shares its kernel set the set with `linear` replaced."""
+    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear is fp8_linear)
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops

@@ -1,12 +1,17 @@
-"""Evaluation with nanochat's semantics: bits per byte over val windows, and greedy samples."""
+"""Evaluation with nanochat's semantics: bits per byte over batches, and greedy samples of its prompts."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 
+from nanochat_unsloth.tokenizer import bos_id
+
+SAMPLE_TOKENS = 16
+TERMINAL_TOKENS = ("<|bos|>", "<|assistant_end|>")  # nanochat's Engine.generate_batch stops at these
 # nanochat's base_train prompts, sampled greedily for 16 tokens.
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -47,12 +52,28 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
 
 
 @torch.no_grad()
-def sample_completions(model, encoding, bos_id: int, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
-    """Greedy completions of nanochat's prompts (prompt text included, BOS not)."""
+def greedy_completions(model, encoding, prompts=SAMPLE_PROMPTS, max_tokens: int = SAMPLE_TOKENS,
+                       style: str = "base_train", autocast=contextlib.nullcontext) -> list[str]:
+    """Greedy completions of `prompts` after <|bos|>, nanochat's two ways:
+
+    "base_train" (the training loop's samples): `max_tokens` tokens, decoded with the prompt text and
+    without the <|bos|>; "base_loss" (`nanochat-unsloth eval`, as scripts/base_loss.py): stop early at
+    <|bos|> / <|assistant_end|>, decoded with the <|bos|>.
+    """
+    if style not in ("base_train", "base_loss"):
+        raise ValueError(f"style {style!r}: base_train or base_loss")
+    bos = bos_id(encoding)
+    stop = set()
+    if style == "base_loss":
+        stop = {encoding.encode_single_token(t) for t in TERMINAL_TOKENS if t in encoding.special_tokens_set}
     out = []
     for prompt in prompts:
-        tokens = [bos_id] + encoding.encode_ordinary(prompt)
-        generated = list(model.generate(tokens, max_tokens=max_tokens, temperature=0.0))
-        out.append(encoding.decode(tokens[1:] + generated))
+        tokens = [bos] + encoding.encode_ordinary(prompt)
+        generated = []
+        with autocast():
+            for token in model.generate(tokens, max_tokens=max_tokens, temperature=0.0):
+                if token in stop:
+                    break
+                generated.append(token)
+        out.append(encoding.decode((tokens if style == "base_loss" else tokens[1:]) + generated))
     return out
-

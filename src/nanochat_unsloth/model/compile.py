@@ -1,0 +1,54 @@
+"""How the model is compiled for training (`--compile auto|model|blocks|none`).
+
+"model" compiles the whole model once (nanochat's torch.compile); "blocks" compiles each Block separately
+(regional compilation: the blocks share one compiled graph, so compiling costs one block's time) and
+leaves the embedding, the final norm and the loss outside. `auto`: the torch kernels in fast or
+selective mode use "model" (their loss, logits and all, must be inside the graph to stay fast and
+small); the fused kernels and lean mode use "blocks" (the fused loss is its own compiled region, and
+Unsloth's offloaded checkpoint cannot be traced). "none" runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPILE_CHOICES = ("auto", "model", "blocks", "none")
+
+
+def compile_mode(kernels: str, memory: str, choice: str = "auto") -> str:
+    """How to compile a model built with these (resolved) kernels and memory mode (`--compile`)."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
+    if choice == "model" and kernels == "fused":
+        # the fused loss is a compiler-disabled region, so the whole-model graph ends before it anyway:
+        # no gain over blocks for a much longer compile (docs/PERF.md)
+        raise ValueError("--compile model does not go with --kernels fused; use --compile auto or blocks")
+    if choice != "auto":
+        return choice
+    return "blocks" if (kernels == "fused" or memory == "lean") else "model"
+
+
+def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False) -> nn.Module:
+    """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
+
+    `data_parallel` (DDP): Dynamo's DDP optimizer would split every compiled graph at DDP's bucket
+    boundaries, so that all-reduces start mid-graph; the pieces lose fusions and each keeps its own saved
+    activations (docs/MULTI_GPU.md has the measurements). Unsplit, a compiled region's gradients are ready
+    when its backward ends: compiled blocks still overlap their all-reduce with the next block's backward,
+    and the whole-model graph reduces right after its backward.
+
+    `model` may be a DDP wrapper of `raw_model`. For "blocks", each block gets a compiled twin in
+    `raw_model.compiled_blocks`, a plain list outside the module tree (parameter names and the
+    state_dict stay nanochat's) that `GPT.forward` hands to `run_block`; the twins share one compiled
+    graph (same code, parameters as graph inputs), so compiling costs one block.
+    """
+    if mode not in COMPILE_CHOICES[1:]:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES[1:])}")
+    if data_parallel:
+        torch._dynamo.config.optimize_ddp = False
+    if mode == "model":
+        return torch.compile(model, dynamic=False)
+    if mode == "blocks":
+        raw_model.compiled_blocks = [torch.compile(block, dynamic=False) for block in raw_model.transformer.h]
+    return model

@@ -1,0 +1,40 @@
+"""A built model made ready to train: its optimizers, Accelerate's wrapping, compilation.
+
+Shared by the training loop and benchmarks/train_throughput.py (both build the model with
+`model.build.build_model` first), so the benchmark times the model the loop trains, not a copy of its set-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from nanochat_unsloth.model.build import ModelOptions
+from nanochat_unsloth.model.compile import compile_for_training, compile_mode
+from nanochat_unsloth.model.gpt import GPT
+from nanochat_unsloth.train import optim
+
+
+@dataclass
+class TrainingModel:
+    model: nn.Module  # what the step calls: Accelerate's wrapper (DDP / FSDP), compiled whole or not
+    raw_model: GPT  # uncompiled, unwrapped: sampling, FP8 state and checkpoint naming use it
+    optimizers: list
+    compile: str  # the compile mode used: model | blocks | none
+
+
+def prepare_for_training(accelerator, raw_model: GPT, options: ModelOptions, optimizer: str = "muon",
+                         **optimizer_kwargs) -> TrainingModel:
+    """`--optimizer`'s optimizers for the model `build_model` built (on the accelerator's device),
+    `accelerator.prepare`, then compile (CUDA only) as `options.compile` says. ValueError names a bad flag."""
+    optimizers = optim.build_optimizers_for(optimizer, raw_model, **optimizer_kwargs)
+    model, *optimizers = accelerator.prepare(raw_model, *optimizers)
+    mode = "none"
+    if accelerator.device.type == "cuda":  # whole model (nanochat's) for torch kernels, block by block for fused / lean
+        from accelerate import DistributedType
+
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        mode = compile_mode(raw_model.ops.name, options.memory, options.compile)
+        model = compile_for_training(model, raw_model, mode, data_parallel=accelerator.num_processes > 1 and not sharded)
+    return TrainingModel(model, raw_model, optimizers, mode)
