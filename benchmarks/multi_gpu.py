@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".pyi"}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-VARIANT_FLAGS = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "unsloth": ["--kernels", "unsloth"]}
+VARIANT_FLAGS = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"]}
 
 
 # -----------------------------------------------------------------------------
