@@ -126,3 +126,34 @@ def test_vs_nanochat_cpu_smoke(tmp_path):
     (row,) = data["frontier"]
     assert row["nanochat"] == "nanochat B=2" and row["ours"] == "torch B=2" and row["ratio"] > 0
     assert "| 80 GiB | nanochat B=2 |" in proc.stdout
+
+
+def test_quality_runs_cpu_smoke(tmp_path):
+    """benchmarks/quality_runs.py: every (variant, seed) run trains the whole schedule on never-repeated tokens
+    and is summarised; the same command again skips finished runs; too few train tokens is refused."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--base-dir", str(base), "--depth", "2",
+           "--tokens", "1280", "--device-batch-size", "2", "--total-batch", "128", "--variants", "torch,fp8",
+           "--seeds", "1,2", "--eval-every", "5", "--eval-tokens", "512", "--save-every", "5",
+           "--extra", "--max_seq_len 32", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert sorted(summary["runs"]) == ["fp8_s1", "fp8_s2", "torch_s1", "torch_s2"]
+    for r in summary["runs"].values():
+        assert r["steps"] == 10 and r["final_step"] == 10 and [s for s, _ in r["val_bpb"]] == [0, 5, 10]
+    torch_v, fp8_v = summary["variants"]["torch"], summary["variants"]["fp8"]
+    assert torch_v["spread"] == max(torch_v["finals"]) - min(torch_v["finals"])
+    assert "delta_vs_exact" in fp8_v and len(fp8_v["train_s_to_exact_final"]) == 2
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0 and "4 already finished" in again.stdout, again.stdout[-2000:]
+    assert json.loads(out.read_text())["runs"] == summary["runs"]
+
+    refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert refused.returncode == 2 and "never repeated" in refused.stderr, refused.stderr[-1000:]

@@ -1,0 +1,212 @@
+"""Equal quality on data the model cannot memorise: the exact path against --fp8, several seeds, one GPU each.
+
+    python benchmarks/quality_runs.py --base-dir /tmp/q --make-data --depth 12 --tokens 150000000 \\
+        --variants torch,fp8 --seeds 42,43 --out quality.json
+
+Every (variant, seed) is one run of the real loop (`python -m nanochat_unsloth.train`), on a GPU of its own
+when there are enough (they run at the same time; more runs than GPUs queue). Each run trains --tokens
+tokens (a whole schedule, warm-down included: `--num_iterations` = tokens / total batch), evaluates val bpb
+every --eval-every steps, checkpoints every --save-every steps and starts with `--resume auto`: when a device
+call's time runs out, the same command continues every run where its last checkpoint left it.
+
+The corpus is never repeated: the script refuses to start when the train split holds fewer than --tokens
+tokens. --make-data writes one from this Python installation's own text (benchmarks/multi_gpu.py).
+
+Reported, per run: the final val bpb and the training seconds (sum of step times). Per variant: the mean
+final val bpb and its seed-to-seed spread (max - min). Then whether --fp8's mean lies within the spread of
+the exact path, and the training seconds each --fp8 run took to first reach the exact path's mean final val
+bpb (the time-to-equal-bpb ratio, the fair speed-up when FP8 costs quality). --plot draws the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"]}
+EXACT = "torch"  # nanochat's step math; --fp8 is measured against it
+
+
+def train_tokens(base_dir: Path) -> int:
+    manifest = json.loads((base_dir / "shards" / "manifest.json").read_text())
+    return sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -> subprocess.Popen:
+    tag = f"q_{variant}_s{seed}"
+    cmd = [sys.executable, "-m", "nanochat_unsloth.train", "--base_dir", str(args.base_dir), "--depth", str(args.depth),
+           "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
+           "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
+           str(args.eval_tokens), "--sample_every", "-1", "--save_every", str(args.save_every), "--seed", str(seed),
+           "--model_tag", tag, "--resume", "auto", *VARIANTS[variant], *args.extra.split()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    log = open(args.base_dir / f"{tag}.log", "a")
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
+    evals = read_jsonl(args.base_dir / "runs" / f"q_{variant}_s{seed}" / "eval.jsonl")
+    return bool(evals) and evals[-1]["step"] == num_iterations
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def summarize(args, runs: list[tuple[str, int]]) -> dict:
+    out = {"runs": {}, "variants": {}}
+    for variant, seed in runs:
+        run_dir = args.base_dir / "runs" / f"q_{variant}_s{seed}"
+        metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
+        # training seconds up to the end of each step (compilation included: it is part of the wall-clock)
+        elapsed, seconds = {}, 0.0
+        for m in metrics:
+            seconds += m["dt"]
+            elapsed[m["step"] + 1] = seconds
+        out["runs"][f"{variant}_s{seed}"] = {
+            "variant": variant, "seed": seed, "steps": len(metrics), "train_s": seconds,
+            "final_val_bpb": evals[-1]["val_bpb"] if evals else None, "final_step": evals[-1]["step"] if evals else None,
+            "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
+            "smooth_loss": [m["smooth_loss"] for m in metrics],
+        }
+    for variant in args.variants.split(","):
+        finals = [r["final_val_bpb"] for r in out["runs"].values() if r["variant"] == variant and r["final_val_bpb"]]
+        if finals:
+            out["variants"][variant] = {"mean": statistics.fmean(finals), "spread": max(finals) - min(finals),
+                                        "finals": finals}
+    exact = out["variants"].get(EXACT)
+    for variant, v in out["variants"].items():
+        if variant == EXACT or exact is None:
+            continue
+        v["delta_vs_exact"] = v["mean"] - exact["mean"]
+        v["within_exact_spread"] = abs(v["delta_vs_exact"]) <= max(exact["spread"], v["spread"])
+        reach = []
+        for r in out["runs"].values():
+            if r["variant"] != variant:
+                continue
+            step = next((s for s, b in r["val_bpb"] if b <= exact["mean"] and s > 0), None)
+            reach.append(r["elapsed_at_step"].get(step) if step else None)
+        v["train_s_to_exact_final"] = reach
+        exact_s = statistics.fmean(r["train_s"] for r in out["runs"].values() if r["variant"] == EXACT)
+        v["time_to_equal_bpb_speedup"] = [exact_s / s if s else None for s in reach]
+    for r in out["runs"].values():
+        r["elapsed_at_step"] = {str(k): v for k, v in r["elapsed_at_step"].items()}
+    return out
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {}
+    for name, r in summary["runs"].items():
+        color = colors.setdefault(r["variant"], f"C{len(colors)}")
+        style = "-" if r["seed"] == min(x["seed"] for x in summary["runs"].values()) else "--"
+        steps, bpb = zip(*r["val_bpb"]) if r["val_bpb"] else ((), ())
+        ax_val.plot(steps, bpb, style, color=color, label=name)
+        ax_train.plot(range(len(r["smooth_loss"])), r["smooth_loss"], style, color=color, label=name)
+    ax_val.set(xlabel="step", ylabel="val bpb", title="val bits per byte")
+    ax_train.set(xlabel="step", ylabel="loss (EMA)", title="train loss", yscale="log")
+    for ax in (ax_val, ax_train):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-dir", type=Path, required=True)
+    p.add_argument("--make-data", action="store_true", help="write the corpus, tokenizer and shards first")
+    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="with --make-data: at most this much text")
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--tokens", type=int, default=150_000_000, help="training tokens per run (never repeated)")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--total-batch", type=int, default=524288)
+    p.add_argument("--variants", default="torch,fp8", help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="42,43")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-tokens", type=int, default=2 * 524288)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--extra", default="", help="more training flags for every run")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--plot", default="", help="PNG of the curves")
+    args = p.parse_args()
+    args.base_dir = args.base_dir.resolve()
+    if args.make_data:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import multi_gpu
+
+        multi_gpu.make_data(args.base_dir, args.max_chars, 65536)
+    available = train_tokens(args.base_dir)
+    num_iterations = math.ceil(args.tokens / args.total_batch)
+    needed = num_iterations * args.total_batch
+    if available < needed:
+        p.error(f"{args.base_dir / 'shards'}: {available:,} train tokens, but {num_iterations} steps of "
+                f"{args.total_batch:,} need {needed:,} never repeated; lower --tokens or add text")
+    runs = [(v, int(s)) for v in args.variants.split(",") for s in args.seeds.split(",")]
+    done = [r for r in runs if finished(args, *r, num_iterations)]  # a repeated command skips finished runs
+    gpus = gpu_count()
+    slots = list(range(gpus)) if gpus else [None]  # no GPU: one run at a time (a CPU smoke test)
+    print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
+          f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
+    queue, running, failed = [r for r in runs if r not in done], {}, []
+    t0 = time.time()
+    while queue or running:
+        for slot in [s for s in slots if s not in running]:
+            if queue:
+                variant, seed = queue.pop(0)
+                running[slot] = ((variant, seed), start(args, variant, seed, slot, num_iterations))
+        time.sleep(1)
+        for slot, (run, proc) in list(running.items()):
+            if proc.poll() is not None:
+                del running[slot]
+                print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f}s", flush=True)
+                if proc.returncode != 0:
+                    failed.append(run)
+
+    summary = summarize(args, runs)
+    summary["args"] = {k: str(v) for k, v in vars(args).items()}
+    summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
+    for name, r in summary["runs"].items():
+        print(f"{name:12} final val bpb {r['final_val_bpb']} at step {r['final_step']}, {r['train_s']:.0f} s of steps")
+    for variant, v in summary["variants"].items():
+        extra = ""
+        if "delta_vs_exact" in v:
+            extra = (f" | vs {EXACT}: {v['delta_vs_exact']:+.4f}, within the spread: {v['within_exact_spread']} | "
+                     f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']}")
+        print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+    if args.plot:
+        try:
+            plot(summary, args.plot)
+        except ImportError as e:
+            print(f"no plot: {e}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
