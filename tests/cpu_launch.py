@@ -1,11 +1,14 @@
-"""Launch a script or module as N CPU processes that Accelerate sees as one MULTI_CPU job (tests only)."""
+"""Launch a script or module as N CPU processes that Accelerate sees as one MULTI_CPU job, and find and signal
+a launcher's workers (tests only)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +64,71 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (Linux /proc); torchrun starts each worker in a session of its own, so
+    the parent chain, not the session, finds them."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The worker process with RANK=rank below the launcher."""
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int, rank: int | None = None,
+                      ranks: int = 2, timeout: float = 120) -> tuple[str, str, float, list[int]]:
+    """Read the launcher's stdout up to a line starting with `prefix` (every rank is past start-up), send `sig`
+    to rank `rank`'s worker (or to the launcher itself when None) and wait for the launcher to exit.
+    -> (the rest of stdout, stderr, seconds from the signal to the exit, the workers' pids). The launcher
+    and its workers are killed if anything fails."""
+    try:
+        deadline = time.time() + 240
+        for line in launcher.stdout:
+            if line.startswith(prefix):
+                break
+            assert time.time() < deadline, f"no {prefix!r} line in 240 s"
+        else:
+            raise AssertionError(f"the run ended before {prefix!r}: {launcher.stderr.read()[-3000:]}")
+        workers = [rank_pid(launcher.pid, r) for r in range(ranks)]
+        assert all(workers), f"workers not found: {workers}"
+        os.kill(launcher.pid if rank is None else workers[rank], sig)
+        sent = time.time()
+        out, err = launcher.communicate(timeout=timeout)
+        return out, err, time.time() - sent, workers
+    finally:
+        if launcher.poll() is None:
+            for pid in [launcher.pid, *descendants(launcher.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -24,7 +24,7 @@ import torch
 
 from nanochat_unsloth.train import checkpoint as ckpt
 
-from cpu_launch import REPO
+from cpu_launch import REPO, is_alive, signal_after_line
 from train_fixtures import make_train_base_dir
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -81,50 +81,7 @@ def _max_rel(a: dict[int, float], b: dict[int, float], steps) -> float:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    # a new session: the test can signal the launcher alone, as a cloud provider does, or the whole group
-    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 240) -> list[str]:
-    seen, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-        assert time.time() < deadline, f"no {prefix!r} line in {timeout}s:\n{''.join(seen[-40:])}"
-    raise AssertionError(f"the run ended before {prefix!r}:\n{''.join(seen[-40:])}\n{proc.stderr.read()[-3000:]}")
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live process below `root` (Linux /proc): torchrun starts each worker in a session of its own."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(proc.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The worker process with RANK=rank below the launcher."""
-    for pid in _descendants(launcher_pid):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
+    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_fsdp2_save_kill_resume_equals_a_straight_run_and_converts(base, tmp_path):
@@ -137,17 +94,8 @@ def test_fsdp2_save_kill_resume_equals_a_straight_run_and_converts(base, tmp_pat
         assert "x 2 procs x 2 accum" in out.stdout, out.stdout[-2000:]
 
     launcher = _start(_cmd(FSDP2, 2, base, "fsdp_cut", "--force", "--save_every", "10", "--keep_last", "0"))
-    try:
-        _wait_for_line(launcher, "step 00012/")  # the step-10 checkpoint was saved before step 10 ran
-        victim = _rank_pid(launcher.pid, 1)
-        assert victim is not None, "rank 1's process not found"
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.time()
-        _, err = launcher.communicate(timeout=120)
-        detected_s = time.time() - killed_at
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+    # at "step 00012" the step-10 checkpoint was saved before step 10 ran
+    _, err, detected_s, _ = signal_after_line(launcher, "step 00012/", signal.SIGKILL, rank=1)
     assert launcher.returncode != 0
     assert detected_s < 60, detected_s
     assert "rank      : 1 (local_rank: 1)" in err and "exitcode  : -9" in err, err[-3000:]
@@ -192,17 +140,8 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     assert straight.returncode == 0, straight.stderr[-4000:]
 
     launcher = _start(_cmd(DDP, 2, base, "ddp_term", "--force"))
-    try:
-        _wait_for_line(launcher, "step 00005/")
-        workers = [p for p in (_rank_pid(launcher.pid, r) for r in (0, 1)) if p]
-        assert len(workers) == 2, workers
-        os.kill(launcher.pid, signal.SIGTERM)  # the launcher only; it forwards SIGTERM to its workers
-        signalled_at = time.time()
-        out, err = launcher.communicate(timeout=120)
-        exit_s = time.time() - signalled_at
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+    # the launcher only (what a spot instance's shutdown sends first); it forwards SIGTERM to its workers
+    out, err, exit_s, workers = signal_after_line(launcher, "step 00005/", signal.SIGTERM)
     saved = ckpt.list_checkpoints(base / "runs" / "ddp_term")
     assert len(saved) == 1, (saved, out[-2000:], err[-3000:])
     stopped_at = saved[0][0]
@@ -210,9 +149,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     assert f"stopped after step {stopped_at} of {STEPS}" in out, out[-2000:]
     ckpt.load_meta(saved[0][1])  # every file's sha256 verifies
     time.sleep(5)
-    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-    assert not left, f"workers still running after the launcher exited: {left}"
+    assert not [pid for pid in workers if is_alive(pid)], "workers still running after the launcher exited"
 
     out = _run(_cmd(DDP, 1, base, "ddp_term", "--resume", "auto"))
     assert out.returncode == 0, out.stderr[-4000:]

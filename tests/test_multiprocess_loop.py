@@ -18,7 +18,7 @@ import torch
 from nanochat_unsloth.common import EXIT_STOPPED
 from nanochat_unsloth.train import checkpoint as ckpt
 
-from cpu_launch import launch_cpu_processes
+from cpu_launch import launch_cpu_processes, signal_after_line
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 
@@ -77,28 +77,12 @@ def test_two_processes_equal_one_process_and_resume_exactly(base):
             assert torch.equal(got[name], want[name]), (tag, name)
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The pid of the worker with RANK=rank among the launcher's children (Linux /proc)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    return None
-
-
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_run_within_60s_and_is_named(base):
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     from cpu_launch import REPO
 
@@ -109,23 +93,38 @@ def test_a_killed_rank_stops_the_run_within_60s_and_is_named(base):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "nanochat_unsloth.train", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        for line in launcher.stdout:  # rank 0 logs every step: both ranks are past start-up
-            if line.startswith("step 00001/"):
-                break
-            assert time.time() < deadline, "training never logged step 1"
-        victim = _rank_pid(launcher.pid, 1)
-        assert victim is not None, "rank 1's process not found"
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.time()
-        _, err = launcher.communicate(timeout=90)
-        elapsed = time.time() - killed_at
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    _, err, elapsed, _ = signal_after_line(launcher, "step 00001/", signal.SIGKILL, rank=1, timeout=90)
     # the launcher sees the dead worker, stops the survivor (blocked in a collective with it) and names
     # the failed rank; the survivor never trains on alone
     assert launcher.returncode != 0
     assert elapsed < 60, elapsed
     assert "rank      : 1 (local_rank: 1)" in err and "exitcode  : -9" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_once_and_stops_every_rank(base):
+    """SIGTERM to torchrun alone (a spot instance going away): it forwards the signal, every rank finishes its
+    step, the checkpoint is written once and verifies, and no worker outlives the launcher."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cpu_launch import REPO, is_alive
+
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "100000", "--model-tag", "term",
+                              "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "nanochat_unsloth.train", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    out, err, elapsed, workers = signal_after_line(launcher, "step 00002/", signal.SIGTERM, timeout=90)
+    assert elapsed < 60, elapsed
+    saved = ckpt.list_checkpoints(base / "runs" / "term")
+    assert len(saved) == 1, (saved, out[-2000:], err[-3000:])
+    assert f"stopped after step {saved[0][0]} of 100000" in out, out[-2000:]
+    ckpt.load_meta(saved[0][1])  # every file's sha256 verifies
+    time.sleep(2)
+    assert not [pid for pid in workers if is_alive(pid)], "a worker outlived the launcher"

@@ -4,11 +4,10 @@ Same seed -> the same initial weights; our state_dict loads into nanochat's GPT 
 same logits and loss; one Muon + AdamW step lands on the same weights.
 """
 
-import importlib
 import os
 import sys
-import types
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,19 +31,13 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def nanochat_gpt():
-    """Import nanochat.gpt from NANOCHAT_SRC; a third-party module we lack is stubbed, never nanochat's own."""
-    sys.path.insert(0, NANOCHAT_SRC)
+    """nanochat.gpt from NANOCHAT_SRC (benchmarks/vs_nanochat.py imports it the same way)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        for _ in range(10):
-            try:
-                return importlib.import_module("nanochat.gpt")
-            except ModuleNotFoundError as e:
-                if e.name is None or e.name.split(".")[0] == "nanochat":
-                    raise
-                sys.modules[e.name] = types.ModuleType(e.name)
-        raise RuntimeError("too many missing modules while importing nanochat.gpt")
+        from vs_nanochat import import_nanochat
     finally:
-        sys.path.remove(NANOCHAT_SRC)
+        sys.path.pop(0)
+    return import_nanochat(NANOCHAT_SRC)
 
 
 @contextmanager
