@@ -157,3 +157,31 @@ def test_quality_runs_cpu_smoke(tmp_path):
     refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
     assert refused.returncode == 2 and "never repeated" in refused.stderr, refused.stderr[-1000:]
+
+
+def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tmp_path):
+    """benchmarks/project_run.py on a real (tiny) run: every gap between two step records is attributed to the
+    evaluation, checkpoint or samples the loop ran there, counted exactly; the projection's arithmetic too."""
+    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+    import project_run
+
+    base = make_train_base_dir(tmp_path / "base")
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "30", "--model-tag", "p"]
+    for flag, value in (("--eval-every", "5"), ("--sample-every", "11")):
+        args[args.index(flag) + 1] = value
+    proc = subprocess.run([sys.executable, "-m", "nanochat_unsloth.train", *args, "--save-every", "7"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = project_run.measure(base / "runs" / "p", warmup=2)
+    # 29 gaps (records 0..29): an evaluation before steps 5, 10, 15, 20, 25 (step 0's has no record before
+    # it), a checkpoint before 7, 14, 21, 28, samples before 11 and 22; no two coincide
+    assert m["samples_of_each"] == {"plain": 29 - 11, "eval": 5, "save": 4, "sample": 2}, m["samples_of_each"]
+    assert m["step_s"] > 0 and m["world_size"] == 1 and m["depth"] == 2
+
+    fake = {"first_step_s": 60.0, "step_s": 0.5, "plain_gap_s": 0.01, "eval_s": 10.0, "save_s": 4.0, "sample_s": 2.0}
+    proj = project_run.project(fake, steps=1000, eval_every=250, save_every=300, sample_every=400)
+    assert (proj["evaluations"], proj["checkpoints"], proj["samples"]) == (5, 4, 3)  # 0,250,...,1000; 300,600,900+end; 400,800+end
+    assert proj["total_s"] == 60.0 + 999 * 0.5 + 999 * 0.01 + 5 * 10.0 + 4 * 4.0 + 3 * 2.0
