@@ -24,7 +24,7 @@ def test_train_throughput_cpu_smoke(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
            "--seq", "32", "--vocab", "256", "--total-batch", "128", "--batch-sizes", "2",
            "--kernels", "torch,fused-fp8", "--memory", "fast,lean", "--warmup", "1", "--steps", "1",
-           "--out", str(out)]
+           "--inductor", "max_autotune=False", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -34,6 +34,7 @@ def test_train_throughput_cpu_smoke(tmp_path):
         assert "error" not in r, r
         assert r["grad_accum"] == 2 and r["tok_per_s"] > 0 and len(r["step_times_s"]) == 1
         assert r["kernels_used"] == "torch"  # on the CPU the fused set and --fp8 fall back to bf16 torch
+        assert r["inductor"] == "max_autotune=False"
     fp8_notices = [n for r in results[2:] for n in r["notices"]]
     assert any(n.startswith("notice: --fp8") for n in fp8_notices), fp8_notices
     # the same initial weights and batches: every configuration starts from the same loss
