@@ -27,7 +27,8 @@ Configuration names (comma lists, crossed with --batch-sizes):
 loop's `--profile_step` phase marks): GPU time per category (matmul / attention / elementwise /
 loss / optimizer / data / memory / other), GPU idle time (launch gaps and host syncs), top kernels.
 `--micro` times only the lm_head + softcap + cross-entropy (forward + backward) of each loss
-implementation at one batch size, with its peak memory and its agreement with the torch loss.
+implementation at one batch size (torch compiled, our chunked loss, and cut-cross-entropy where it imports),
+with its peak memory and its agreement with the torch loss.
 `--device cpu` runs a tiny smoke test of every code path (no GPU figures).
 """
 
@@ -289,6 +290,22 @@ def categorize(name: str) -> str:
 # Micro benchmark: the loss alone
 
 
+def cut_cross_entropy_loss():
+    """Apple's cut-cross-entropy (an Unsloth dependency, in the GPU site packages) as a loss of our signature,
+    or None where it does not import: lm_head GEMM, softcap and cross-entropy in Triton kernels that never
+    write the logits. Gradient filtering off (`filter_eps=None`): the exact gradient, for a fair comparison."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+
+    def loss(x, w, targets, softcap, reduction):
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), w.to(x.dtype), targets.reshape(-1),
+                                    ignore_index=-1, softcap=softcap, reduction=reduction, filter_eps=None)
+
+    return loss
+
+
 def run_micro(args) -> list[dict]:
     import torch
 
@@ -307,6 +324,9 @@ def run_micro(args) -> list[dict]:
 
     variants = [("torch-compiled", torch.compile(K.torch_lm_head_loss, dynamic=False)),
                 ("chunked", chunked_lm_head_loss)]
+    cce = cut_cross_entropy_loss()
+    if cce is not None:
+        variants.append(("cut-cross-entropy", cce))
     results, ref = [], None
     for name, fn in variants:
         x = x0.clone().requires_grad_(True)
