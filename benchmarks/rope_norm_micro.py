@@ -9,7 +9,8 @@ the forward and one for the backward. The alternative the issue names is Unsloth
 `Fast_RMS_Layernorm` (a ones weight and eps = float32 eps reproduce `F.rms_norm`). They are separate
 kernels, so the rotated q and k make one more round trip through memory. This script times both on the
 same tensors (median of --iters CUDA-event timings after warm-up) and checks that they agree.
-`--device cpu` runs only the torch side at toy sizes (a smoke test of the script).
+`--device cpu` runs only the torch side at toy sizes (a smoke test of the script). The Unsloth side needs the
+`unsloth` package, which the `gpu` extra does not install (the product uses none of it): `pip install unsloth`.
 """
 
 from __future__ import annotations
