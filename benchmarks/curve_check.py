@@ -44,8 +44,9 @@ def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
 
 
 def read(args, tag: str, name: str) -> list[dict]:
-    path = args.base_dir / "runs" / tag / name
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from nanochat_unsloth.train.loop import read_jsonl_records
+
+    return read_jsonl_records(args.base_dir / "runs" / tag / name)
 
 
 def main() -> int:

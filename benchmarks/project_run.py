@@ -26,10 +26,6 @@ import sys
 from pathlib import Path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def newest_meta(run_dir: Path) -> dict:
     steps = sorted(run_dir.glob("step_*"), key=lambda p: p.name)
     if not steps:
@@ -50,7 +46,9 @@ def events_before(step: int, cfg: dict, num_iterations: int) -> set[str]:
 
 
 def measure(run_dir: Path, warmup: int) -> dict:
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    from nanochat_unsloth.train.loop import read_jsonl_records
+
+    metrics = read_jsonl_records(run_dir / "metrics.jsonl")
     if len(metrics) < 3 or "time" not in metrics[-1]:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'}: needs a few steps recorded with their `time` (runs since "
                          "2026-11-28)")

@@ -69,7 +69,10 @@ def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """A run's metrics or eval log as the loop reads it (a torn last line dropped); none yet: empty."""
+    from nanochat_unsloth.train.loop import read_jsonl_records
+
+    return read_jsonl_records(path) if path.exists() else []
 
 
 def summarize(args, runs: list[tuple[str, int]]) -> dict:

@@ -45,8 +45,9 @@ def wait(proc: subprocess.Popen, name: str, ok=(0,)) -> None:
 
 
 def metrics(args, tag: str) -> list[dict]:
-    path = args.base_dir / "runs" / tag / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from nanochat_unsloth.train.loop import read_jsonl_records
+
+    return read_jsonl_records(args.base_dir / "runs" / tag / "metrics.jsonl")
 
 
 def max_rel(a: list[dict], b: list[dict], key: str, first: int = 0) -> float:

@@ -21,11 +21,7 @@ def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150) -> subproce
     process for that (its simple_launcher), so a "2-process" test silently runs on one. torchrun plus
     ACCELERATE_USE_CPU=true gives N ranks and Accelerate's MULTI_CPU (DDP over gloo).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, *argv]
-    if nproc > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
+    cmd, env = _cpu_command(nproc, argv)
     try:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired as e:
@@ -39,6 +35,20 @@ def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150) -> subproce
         print(f"warning: {nproc}-rank launch timed out after {timeout}s (output in {log}); retrying once",
               file=sys.stderr)
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def start_cpu_processes(nproc: int, *argv: str) -> subprocess.Popen:
+    """`launch_cpu_processes` without waiting: the launcher, its stdout and stderr as pipes (text)."""
+    cmd, env = _cpu_command(nproc, argv)
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _cpu_command(nproc: int, argv) -> tuple[list[str], dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        return [sys.executable, *argv], env
+    env["ACCELERATE_USE_CPU"] = "true"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv], env
 
 
 def exit_without_finalization() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 from nanochat_unsloth.common import EXIT_STOPPED
 from nanochat_unsloth.train import checkpoint as ckpt
 
-from cpu_launch import launch_cpu_processes, signal_after_line
+from cpu_launch import is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 
@@ -77,22 +79,15 @@ def test_two_processes_equal_one_process_and_resume_exactly(base):
             assert torch.equal(got[name], want[name]), (tag, name)
 
 
+def _start_endless_run(base: Path, tag: str):
+    """2 gloo ranks under torchrun, training until stopped."""
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "100000", "--model-tag", tag, "--force"]
+    return start_cpu_processes(2, "-m", "nanochat_unsloth.train", *args)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_run_within_60s_and_is_named(base):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from cpu_launch import REPO
-
-    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "100000", "--model-tag", "killed",
-                              "--force"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "nanochat_unsloth.train", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    launcher = _start_endless_run(base, "killed")
     _, err, elapsed, _ = signal_after_line(launcher, "step 00001/", signal.SIGKILL, rank=1, timeout=90)
     # the launcher sees the dead worker, stops the survivor (blocked in a collective with it) and names
     # the failed rank; the survivor never trains on alone
@@ -105,21 +100,7 @@ def test_a_killed_rank_stops_the_run_within_60s_and_is_named(base):
 def test_sigterm_to_the_launcher_saves_once_and_stops_every_rank(base):
     """SIGTERM to torchrun alone (a spot instance going away): it forwards the signal, every rank finishes its
     step, the checkpoint is written once and verifies, and no worker outlives the launcher."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from cpu_launch import REPO, is_alive
-
-    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "100000", "--model-tag", "term",
-                              "--force"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "nanochat_unsloth.train", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    launcher = _start_endless_run(base, "term")
     out, err, elapsed, workers = signal_after_line(launcher, "step 00002/", signal.SIGTERM, timeout=90)
     assert elapsed < 60, elapsed
     saved = ckpt.list_checkpoints(base / "runs" / "term")
