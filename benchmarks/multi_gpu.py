@@ -25,6 +25,7 @@ workplace's machines (docs/MULTI_GPU.md); this script refuses to launch several 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -45,38 +46,61 @@ VARIANT_FLAGS = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["-
 # Data: this installation's own text files
 
 
-def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12) -> int:
-    """Text files under the stdlib and site-packages as about `shards` parquet files (the last one is the
-    val split); returns the characters written."""
+def corpus_roots(spec: str) -> list[Path]:
+    """Comma list of directories; `python` stands for this installation's stdlib and site-packages."""
+    roots = []
+    for item in filter(None, spec.split(",")):
+        if item == "python":
+            paths = sysconfig.get_paths()
+            roots += [paths["stdlib"], paths["purelib"], paths["platlib"]]
+        else:
+            roots.append(item)
+    return sorted({Path(r) for r in roots if Path(r).is_dir()})
+
+
+def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: str = "python",
+                        suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> int:
+    """Text files under `roots` with one of `suffixes`, each distinct text once, as about `shards` parquet
+    files in nanochat's layout: one document in `shards` (by its hash, so every directory is represented)
+    goes to the last file, the val split. Returns the characters written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    roots = sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]})
-    paths = sorted(p for root in roots for p in Path(root).rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    paths = sorted(p for root in corpus_roots(roots) for p in root.rglob("*") if p.suffix in suffixes and p.is_file())
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs, total, shard, in_shard = [], 0, 0, 0
+    seen: set[bytes] = set()
+    train, val, total, shard, in_shard = [], [], 0, 0, 0
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if len(text) < 200:
+        digest = hashlib.sha1(text.encode()).digest()
+        if len(text) < 200 or digest in seen:  # tiny files and copies (the same package in two places)
             continue
-        docs.append(text)
-        total, in_shard = total + len(text), in_shard + len(text)
-        if in_shard >= max_chars // shards or total >= max_chars:
-            pq.write_table(pa.table({"text": docs}), out_dir / f"shard_{shard:05d}.parquet", row_group_size=256)
-            docs, shard, in_shard = [], shard + 1, 0
+        seen.add(digest)
+        total += len(text)
+        if digest[0] % shards == 0:
+            val.append(text)
+        else:
+            train.append(text)
+            in_shard += len(text)
+            if in_shard >= max_chars // shards:
+                pq.write_table(pa.table({"text": train}), out_dir / f"shard_{shard:05d}.parquet", row_group_size=256)
+                train, shard, in_shard = [], shard + 1, 0
         if total >= max_chars:
             break
-    if docs:
-        pq.write_table(pa.table({"text": docs}), out_dir / f"shard_{shard:05d}.parquet", row_group_size=256)
+    for docs in (train, val):  # the val split last, as nanochat's layout has it
+        if docs:
+            pq.write_table(pa.table({"text": docs}), out_dir / f"shard_{shard:05d}.parquet", row_group_size=256)
+            shard += 1
     return total
 
 
-def make_data(base: Path, max_chars: int, vocab_size: int) -> None:
+def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python",
+              suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> None:
     t0 = time.time()
-    chars = write_source_corpus(base / "base_data", max_chars)
+    chars = write_source_corpus(base / "base_data", max_chars, roots=roots, suffixes=suffixes)
     cli = [sys.executable, "-m", "nanochat_unsloth.cli"]
     subprocess.run(cli + ["tokenizer", "--base-dir", str(base), "--vocab-size", str(vocab_size), "--force"], check=True)
     subprocess.run(cli + ["prep", "--base-dir", str(base), "--quiet", "--force"], check=True)

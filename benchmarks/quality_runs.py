@@ -33,6 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"]}
 EXACT = "torch"  # nanochat's step math; --fp8 is measured against it
+# 150M never-repeated tokens need several hundred MB of text: the Python installation's sources and docs alone
+# gave 120M characters (27M tokens) on the GPU image, so headers and sources of C/C++/CUDA and system docs too
+TEXT_ROOTS = "python,/usr/include,/usr/local/include,/usr/local/cuda/include,/usr/share/doc"
+TEXT_SUFFIXES = (".py", ".pyi", ".md", ".rst", ".txt", ".h", ".hpp", ".hxx", ".c", ".cc", ".cpp", ".cu", ".cuh")
 
 
 def train_tokens(base_dir: Path) -> int:
@@ -144,6 +148,10 @@ def main() -> int:
     p.add_argument("--base-dir", type=Path, required=True)
     p.add_argument("--make-data", action="store_true", help="write the corpus, tokenizer and shards first")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="with --make-data: at most this much text")
+    p.add_argument("--text-roots", default=TEXT_ROOTS, help="with --make-data: directories to read "
+                   "(`python` = this installation's stdlib and site-packages)")
+    p.add_argument("--text-suffixes", default=",".join(TEXT_SUFFIXES), help="with --make-data: file kinds to read")
+    p.add_argument("--data-only", action="store_true", help="stop after reporting the corpus's train tokens")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--tokens", type=int, default=150_000_000, help="training tokens per run (never repeated)")
     p.add_argument("--device-batch-size", type=int, default=32)
@@ -162,9 +170,14 @@ def main() -> int:
         sys.path.insert(0, str(REPO / "benchmarks"))
         import multi_gpu
 
-        multi_gpu.make_data(args.base_dir, args.max_chars, 65536)
+        multi_gpu.make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
+                            suffixes=tuple(args.text_suffixes.split(",")))
     available = train_tokens(args.base_dir)
     num_iterations = math.ceil(args.tokens / args.total_batch)
+    if args.data_only:
+        print(f"{available:,} train tokens in {args.base_dir / 'shards'}: {available // args.total_batch} steps of "
+              f"{args.total_batch:,} without repeating a token")
+        return 0
     needed = num_iterations * args.total_batch
     if available < needed:
         p.error(f"{args.base_dir / 'shards'}: {available:,} train tokens, but {num_iterations} steps of "

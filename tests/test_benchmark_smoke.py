@@ -158,6 +158,8 @@ def test_quality_runs_cpu_smoke(tmp_path):
     refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
     assert refused.returncode == 2 and "never repeated" in refused.stderr, refused.stderr[-1000:]
+    counted = subprocess.run(cmd + ["--data-only"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert counted.returncode == 0 and "60,000 train tokens" in counted.stdout, counted.stdout[-1000:]
 
 
 def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tmp_path):
@@ -186,3 +188,30 @@ def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tm
     proj = project_run.project(fake, steps=1000, eval_every=250, save_every=300, sample_every=400)
     assert (proj["evaluations"], proj["checkpoints"], proj["samples"]) == (5, 4, 3)  # 0,250,...,1000; 300,600,900+end; 400,800+end
     assert proj["total_s"] == 60.0 + 999 * 0.5 + 999 * 0.01 + 5 * 10.0 + 4 * 4.0 + 3 * 2.0
+
+
+def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(tmp_path):
+    """benchmarks/multi_gpu.py's corpus (also quality_runs'): each distinct text once, the val split a
+    hash-chosen one in `shards` of the documents (so every directory is in it) written as the last parquet."""
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import multi_gpu
+
+    src = tmp_path / "src"
+    for i in range(240):
+        d = src / f"pkg{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"m{i}.py").write_text(f"# module {i}\n" + "x = 1\n" * 60)
+    (src / "copy.py").write_text((src / "pkg0" / "m0.py").read_text())  # a copy: read once
+    (src / "tiny.py").write_text("x = 1\n")  # under 200 characters: skipped
+    (src / "notes.bin").write_text("y" * 500)  # not a text suffix
+    out = tmp_path / "parquet"
+    chars = multi_gpu.write_source_corpus(out, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
+    files = sorted(out.glob("*.parquet"))
+    texts = [pq.read_table(f).column("text").to_pylist() for f in files]
+    assert sum(len(t) for t in texts) == 240 and chars == sum(len(x) for t in texts for x in t)
+    val = texts[-1]
+    assert 0 < len(val) < 240 // 4  # about 1 in 12 (20 expected)
+    assert all(multi_gpu.hashlib.sha1(x.encode()).digest()[0] % 12 == 0 for x in val)
+    assert not any(multi_gpu.hashlib.sha1(x.encode()).digest()[0] % 12 == 0 for t in texts[:-1] for x in t)
