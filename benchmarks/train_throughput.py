@@ -206,7 +206,6 @@ def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_acc
     Kernels that start inside the clip / optimizer phases (the timer syncs the device at every mark, so no
     earlier kernel spills in) count as optimizer; the others by kernel name.
     """
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
