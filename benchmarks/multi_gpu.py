@@ -176,12 +176,13 @@ class GpuSampler:
         and max, the hottest temperature, and how often each clock-event reason bitmask was active."""
         out = {}
         for i, v in sorted(self.samples.items()):
+            was_busy = any(s["util"] >= 50 for s in v)
             busy = [s for s in v if s["util"] >= 50] or v
             reasons: dict[str, int] = {}
             for s in busy:
                 if "reasons" in s:
                     reasons[s["reasons"]] = reasons.get(s["reasons"], 0) + 1
-            out[i] = {"busy_samples": len(busy), "sm_mhz_mean": round(statistics.fmean(s["sm_mhz"] for s in busy)),
+            out[i] = {"busy": was_busy, "busy_samples": len(busy), "sm_mhz_mean": round(statistics.fmean(s["sm_mhz"] for s in busy)),
                       "sm_mhz_min": min(s["sm_mhz"] for s in busy),
                       "power_w_mean": round(statistics.fmean(s["power_w"] for s in busy)),
                       "power_w_max": max(s["power_w"] for s in busy), "temp_c_max": max(s["temp_c"] for s in busy),

@@ -445,10 +445,18 @@ def main() -> int:
 
 def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> dict:
     """Run one configuration's subprocess (`cmd` prints `RESULT <json>`); its result, or `head` with an error
-    (OOM, timeout, the last stderr line). Also used by activation_memory.py."""
+    (OOM, timeout, the last stderr line). Also used by activation_memory.py and vs_nanochat.py.
+
+    Each GPU's SM clock and power are sampled meanwhile (`gpu_health`): an H100 under a bf16 step sits at its
+    power cap with its clock 5-25% under the maximum (docs/PERF.md), and how far depends on its temperature,
+    so configurations compared in one invocation should show similar clocks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from multi_gpu import GpuSampler
+
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        with GpuSampler() as gpus:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         err = proc.stderr.strip().splitlines()
         if lines:
@@ -462,6 +470,7 @@ def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> di
         err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()
         result = dict(head, error=f"timeout {timeout}s", stderr_tail="\n".join(err[-25:]))
     result["wall_s"] = time.time() - t0
+    result["gpu_health"] = {str(i): h for i, h in gpus.summary().items() if h["busy"]}
     return result
 
 
@@ -480,9 +489,10 @@ def format_row(r: dict) -> str:
     head = f"d{r['depth']} kernels={r['kernels']:<12} B={r['batch_size']:<3} memory={r['memory']:<12}"
     if "error" in r:
         return f"{head} | {r['error']} ({r.get('wall_s', 0):.0f}s)"
+    clocks = " ".join(f"GPU{i} {h['sm_mhz_mean']} MHz {h['power_w_mean']} W" for i, h in r.get("gpu_health", {}).items())
     return (f"{head} | {r['tok_per_s']:>9,.0f} tok/s | MFU {r['mfu']:5.1f}% | peak {r['peak_alloc_gib']:5.1f} GiB "
             f"| step {r['median_step_s'] * 1000:6.0f} ms | loss {r['losses'][-1]:.4f} | compile={r['compile']} | "
-            f"{r.get('wall_s', 0):.0f}s")
+            f"{r.get('wall_s', 0):.0f}s" + (f" | {clocks}" if clocks else ""))
 
 
 def format_profile(prof: dict) -> str:

@@ -215,3 +215,26 @@ def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(
     assert 0 < len(val) < 240 // 4  # about 1 in 12 (20 expected)
     assert all(multi_gpu.hashlib.sha1(x.encode()).digest()[0] % 12 == 0 for x in val)
     assert not any(multi_gpu.hashlib.sha1(x.encode()).digest()[0] % 12 == 0 for t in texts[:-1] for x in t)
+
+
+def test_gpu_sampler_parses_nvidia_smi_lines_and_summarises_busy_gpus():
+    """multi_gpu.GpuSampler (used by multi_gpu.py and every train_throughput configuration): nvidia-smi's CSV
+    lines become per-GPU samples; the summary covers the samples where a GPU was busy (utilisation >= 50%)."""
+    import io
+    import types
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import multi_gpu
+
+    lines = ["0, 97, 1755, 690.5, 61, 0x0000000000000004", "0, 99, 1605, 699.0, 63, 0x0000000000000004",
+             "0, 10, 1980, 120.0, 40, 0x0000000000000000", "1, 0, 345, 70.0, 31, 0x0000000000000001",
+             "1, 0, 345, 71.0, 31, 0x0000000000000001", "garbage line", "0, [N/A], 1980, 100, 40, 0x0"]
+    sampler = multi_gpu.GpuSampler()
+    sampler._proc = types.SimpleNamespace(stdout=io.StringIO("\n".join(lines) + "\n"))
+    sampler._read(6)
+    assert [len(sampler.samples[i]) for i in (0, 1)] == [3, 2]  # the unparsable lines are skipped
+    summary = sampler.summary()
+    assert summary[0]["busy"] and not summary[1]["busy"]
+    assert summary[0]["busy_samples"] == 2 and summary[0]["sm_mhz_mean"] == 1680 and summary[0]["sm_mhz_min"] == 1605
+    assert summary[0]["power_w_max"] == 699.0 and summary[0]["reasons"] == {"0x0000000000000004": 2}
+    assert sampler.mean() == {0: round((97 + 99 + 10) / 3, 1), 1: 0.0}
