@@ -17,30 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
+from multi_gpu import start_training  # a sibling script
 
 def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
              str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
              "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
-    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
-    if n == 1:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        cmd = [sys.executable, "-m", "nanochat_unsloth.train", *train]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes", str(n),
-               "-m", "nanochat_unsloth.train", *train]
-    log = open(args.base_dir / f"{tag}.log", "w")
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return start_training(args.base_dir, tag, train, gpu=gpu if n == 1 else None, processes=n)
 
 
 def read(args, tag: str, name: str) -> list[dict]:

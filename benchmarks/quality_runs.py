@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import multi_gpu  # a sibling script: the corpus builder and the launcher
+from multi_gpu import start_training
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"]}
@@ -55,16 +57,12 @@ def gpu_count() -> int:
 
 def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -> subprocess.Popen:
     tag = f"q_{variant}_s{seed}"
-    cmd = [sys.executable, "-m", "nanochat_unsloth.train", "--base_dir", str(args.base_dir), "--depth", str(args.depth),
-           "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
-           "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
-           str(args.eval_tokens), "--sample_every", "-1", "--save_every", str(args.save_every), "--seed", str(seed),
-           "--model_tag", tag, "--resume", "auto", *VARIANTS[variant], *args.extra.split()]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    log = open(args.base_dir / f"{tag}.log", "a")
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth),
+             "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
+             "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
+             str(args.eval_tokens), "--sample_every", "-1", "--save_every", str(args.save_every), "--seed", str(seed),
+             "--model_tag", tag, "--resume", "auto", *VARIANTS[variant], *args.extra.split()]
+    return start_training(args.base_dir, tag, train, gpu=gpu)
 
 
 def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
@@ -167,9 +165,6 @@ def main() -> int:
     args = p.parse_args()
     args.base_dir = args.base_dir.resolve()
     if args.make_data:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        import multi_gpu
-
         multi_gpu.make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
                             suffixes=tuple(args.text_suffixes.split(",")))
     available = train_tokens(args.base_dir)

@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from multi_gpu import start_training  # a sibling script
 
 
 def train(args, tag: str, gpu: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nanochat_unsloth.train", "--base_dir", str(args.base_dir), "--depth", str(args.depth),
-           "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
-           "--num_iterations", str(args.steps), "--eval_every", "-1", "--eval_tokens", "0", "--sample_every", "-1",
-           "--model_tag", tag, *args.extra.split(), *extra]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
-    log = open(args.base_dir / f"{tag}.log", "a")
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return start_training(args.base_dir, tag, [
+        "--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
+        str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations", str(args.steps),
+        "--eval_every", "-1", "--eval_tokens", "0", "--sample_every", "-1", "--model_tag", tag,
+        *args.extra.split(), *extra], gpu=gpu)
 
 
 def wait(proc: subprocess.Popen, name: str, ok=(0,)) -> None:

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from multi_gpu import GpuSampler  # a sibling script (its directory is on sys.path for every importer here)
+
 KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "torch": {"kernels": "torch"},
     "torch-blocks": {"kernels": "torch", "compile": "blocks"},
@@ -450,9 +452,6 @@ def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> di
     Each GPU's SM clock and power are sampled meanwhile (`gpu_health`): an H100 under a bf16 step sits at its
     power cap with its clock 5-25% under the maximum (docs/PERF.md), and how far depends on its temperature,
     so configurations compared in one invocation should show similar clocks."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from multi_gpu import GpuSampler
-
     t0 = time.time()
     try:
         with GpuSampler() as gpus:
