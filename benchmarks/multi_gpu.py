@@ -60,27 +60,30 @@ def corpus_roots(spec: str) -> list[Path]:
 
 def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: str = "python",
                         suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> int:
-    """Text files under `roots` with one of `suffixes`, each distinct text once, as about `shards` parquet
-    files in nanochat's layout: one document in `shards` (by its hash, so every directory is represented)
-    goes to the last file, the val split. Returns the characters written."""
+    """Text files under `roots` with one of `suffixes`, each distinct text once, shuffled (in the order of their
+    hashes), as about `shards` parquet files in nanochat's layout: one document in `shards` (by its hash, so
+    every directory is represented) goes to the last file, the val split. Returns the characters written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     paths = sorted(p for root in corpus_roots(roots) for p in root.rglob("*") if p.suffix in suffixes and p.is_file())
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen: set[bytes] = set()
-    train, val, total, shard, in_shard = [], [], 0, 0, 0
+    docs: dict[bytes, str] = {}
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        digest = hashlib.sha1(text.encode()).digest()
-        if len(text) < 200 or digest in seen:  # tiny files and copies (the same package in two places)
-            continue
-        seen.add(digest)
+        if len(text) >= 200:  # tiny files carry no text worth training on
+            docs.setdefault(hashlib.sha1(text.encode()).digest(), text)  # copies (one package in two places) once
+    # Documents in the order of their hashes: a fixed shuffle. In path order the stream would move from one
+    # kind of text to another (boost headers, then CUDA's, then Python...), and the final val bpb would
+    # depend on which kind the warm-down happened to see.
+    train, val, total, shard, in_shard = [], [], 0, 0, 0
+    for digest in sorted(docs):
+        text = docs[digest]
         total += len(text)
-        if digest[0] % shards == 0:
+        if digest[-1] % shards == 0:
             val.append(text)
         else:
             train.append(text)
@@ -98,11 +101,12 @@ def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: 
 
 
 def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python",
-              suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> None:
+              suffixes: tuple[str, ...] = TEXT_SUFFIXES, tokenizer_chars: int = 2_000_000_000) -> None:
     t0 = time.time()
     chars = write_source_corpus(base / "base_data", max_chars, roots=roots, suffixes=suffixes)
     cli = [sys.executable, "-m", "nanochat_unsloth.cli"]
-    subprocess.run(cli + ["tokenizer", "--base-dir", str(base), "--vocab-size", str(vocab_size), "--force"], check=True)
+    subprocess.run(cli + ["tokenizer", "--base-dir", str(base), "--vocab-size", str(vocab_size),
+                    "--max-chars", str(tokenizer_chars), "--force"], check=True)
     subprocess.run(cli + ["prep", "--base-dir", str(base), "--quiet", "--force"], check=True)
     print(f"data: {chars:,} characters -> tokenizer + shards in {time.time() - t0:.0f}s", flush=True)
 

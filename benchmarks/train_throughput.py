@@ -27,7 +27,7 @@ Configuration names (comma lists, crossed with --batch-sizes):
 loop's `--profile_step` phase marks): GPU time per category (matmul / attention / elementwise /
 loss / optimizer / data / memory / other), GPU idle time (launch gaps and host syncs), top kernels.
 `--micro` times only the lm_head + softcap + cross-entropy (forward + backward) of each loss
-implementation at one batch size (torch compiled, our chunked loss, and cut-cross-entropy where it imports),
+implementation at one batch size (torch compiled and our chunked loss),
 with its peak memory and its agreement with the torch loss.
 `--device cpu` runs a tiny smoke test of every code path (no GPU figures).
 """
@@ -87,30 +87,6 @@ def model_options(kernels: str, memory: str, batch_size: int, seq: int):
 # One configuration (in its own process)
 
 
-def apply_inductor_options(spec: str) -> dict:
-    """`--inductor KEY=VALUE,...`: set torch._inductor.config entries before anything compiles, for an
-    experiment in this benchmark only (e.g. `max_autotune=True,epilogue_fusion=True`, which lets Inductor
-    choose Triton GEMM templates with the pointwise work fused into their epilogues). A setting that pays
-    becomes a TrainConfig field; the training loop never reads this."""
-    import ast
-
-    import torch._inductor.config as inductor_config
-
-    applied = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if not hasattr(inductor_config, key.split(".")[0]):
-            raise SystemExit(f"--inductor {item!r}: torch._inductor.config has no {key!r}")
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        target, _, attr = key.rpartition(".")
-        setattr(getattr(inductor_config, target) if target else inductor_config, attr, parsed)
-        applied[key] = parsed
-    return applied
-
-
 def setup(args):
     import torch
     from accelerate import Accelerator
@@ -122,7 +98,6 @@ def setup(args):
     from nanochat_unsloth.train.setup import prepare_for_training
 
     on_cuda = args.device == "cuda"
-    apply_inductor_options(args.inductor)
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
         fp8_ops.fp8_supported = lambda device: (True, "")
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -187,7 +162,6 @@ def run_one(args) -> dict:
     dt = statistics.median(times)
     return {
         "depth": args.depth, "kernels": args.kernels, "batch_size": args.batch_size, "memory": args.memory,
-        "inductor": args.inductor,
         "optimizer": args.optimizer, "seq": args.seq, "total_batch": args.total_batch, "grad_accum": grad_accum,
         **info, "setup_s": setup_s,
         "median_step_s": dt, "tok_per_s": args.total_batch / dt,
@@ -291,22 +265,6 @@ def categorize(name: str) -> str:
 # Micro benchmark: the loss alone
 
 
-def cut_cross_entropy_loss():
-    """Apple's cut-cross-entropy (an Unsloth dependency, in the GPU site packages) as a loss of our signature,
-    or None where it does not import: lm_head GEMM, softcap and cross-entropy in Triton kernels that never
-    write the logits. Gradient filtering off (`filter_eps=None`): the exact gradient, for a fair comparison."""
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError:
-        return None
-
-    def loss(x, w, targets, softcap, reduction):
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), w.to(x.dtype), targets.reshape(-1),
-                                    ignore_index=-1, softcap=softcap, reduction=reduction, filter_eps=None)
-
-    return loss
-
-
 def run_micro(args) -> list[dict]:
     import torch
 
@@ -325,9 +283,6 @@ def run_micro(args) -> list[dict]:
 
     variants = [("torch-compiled", torch.compile(K.torch_lm_head_loss, dynamic=False)),
                 ("chunked", chunked_lm_head_loss)]
-    cce = cut_cross_entropy_loss()
-    if cce is not None:
-        variants.append(("cut-cross-entropy", cce))
     results, ref = [], None
     for name, fn in variants:
         x = x0.clone().requires_grad_(True)
@@ -394,8 +349,6 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="also profile one step per configuration")
     p.add_argument("--micro", action="store_true", help="time the loss implementations alone (first batch size)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--inductor", default="", help="KEY=VALUE,... torch._inductor.config settings for every "
-                   "configuration (an experiment; e.g. max_autotune=True)")
     p.add_argument("--fp8-anywhere", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -432,7 +385,6 @@ def main() -> int:
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
         cmd += ["--profile"] if args.profile else []
         cmd += ["--fp8-anywhere"] if args.fp8_anywhere else []
-        cmd += ["--inductor", args.inductor] if args.inductor else []
         head = {"depth": args.depth, "kernels": kernels, "batch_size": batch_size, "memory": memory}
         result = run_configuration(cmd, env, args.timeout, head)
         results.append(result)
