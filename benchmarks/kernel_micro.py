@@ -10,7 +10,9 @@ as training runs it), compiled as training compiles a block, then timed (CUDA ev
   could reach); each in every --modes: `default` (training's torch.compile), `max-autotune` (Inductor may
   pick Triton GEMM templates, which fuse ReLU^2 into their epilogue, where they beat cuBLAS),
   `max-autotune-tma` (the same with Inductor's persistent TMA GEMM templates), `eager` (no compile).
-- `attention-op`: the attention kernel alone (SDPA causal) per backend: default, cuDNN, flash; with TFLOP/s.
+- `attention-op`: the attention kernel alone, causal, per backend: SDPA's default, cuDNN and flash, and
+  FlashAttention-4 where `flash-attn-4` imports; TFLOP/s, and each one's largest difference from the first
+  (output and q/k/v gradients, relative to the largest magnitude).
 - `block`: one whole block, default and max-autotune.
 
 Results print as a table and go to --out (JSON). Each variant's gap to its floor is the time a fused kernel
@@ -63,6 +65,31 @@ def time_fwd_bwd(fn, inputs, iters: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
     return {"ms": statistics.median(times), "min_ms": min(times)}
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def attn(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn
+
+
+def flash_attention_4():
+    """FlashAttention-4's causal attention on (B, T, H, D) tensors, or None where `flash-attn-4` does not
+    import (its CuTe DSL kernels have SM90 forward and backward)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+
+    def attn(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return attn
 
 
 def compiled(module_fn, mode: str):
@@ -127,21 +154,35 @@ def main() -> int:
     if "attention-op" in pieces:
         q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         attn_flops = 4 * B * H * T * T * D / 2 * 3.5  # causal: fwd 2 GEMMs, bwd 5 (2.5x fwd)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend
 
         backends = {"default": None}
         if dev == "cuda":
             backends.update(cudnn=SDPBackend.CUDNN_ATTENTION, flash=SDPBackend.FLASH_ATTENTION)
-        for name, backend in backends.items():
-            def attn(q, k, v, backend=backend):
-                if backend is None:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        variants = {name: sdpa(backend) for name, backend in backends.items()}
+        fa4 = flash_attention_4() if dev == "cuda" else None
+        if fa4 is not None:  # FlashAttention-4 (PyPI flash-attn-4) takes (B, T, H, D): the model's own layout
+            variants["flash-attn-4"] = lambda q, k, v: fa4(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2)).transpose(1, 2)
+        reference = None
+        for name, attn in variants.items():
             try:
-                record(f"attention-op [{name}]", time_fwd_bwd(attn, [q, k, v], args.iters, args.warmup), attn_flops)
+                r = time_fwd_bwd(attn, [q, k, v], args.iters, args.warmup)
             except RuntimeError as e:
                 print(f"attention-op [{name}]: {str(e).splitlines()[0]}")
+                continue
+            # agreement with the first backend: the output and the gradients of one fixed cotangent
+            for t in (q, k, v):
+                t.grad = None
+            out = attn(q, k, v)
+            out.backward(torch.ones_like(out))
+            got = [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+            if reference is None:
+                reference = got
+            else:
+                r["max_rel_diff_vs_default"] = max(
+                    ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference))
+            record(f"attention-op [{name}]", r, attn_flops)
     if "block" in pieces:
         block = Block(config, TORCH_KERNELS).to(dev)
         cos, sin = rotary_tables(T, D, device=dev)
