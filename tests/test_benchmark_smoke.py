@@ -201,6 +201,8 @@ def test_quality_runs_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     assert math.isclose(fp8["delta_vs_exact"], 0.0125)  # inside fp8's own spread, outside the exact path's
     assert fp8["within_exact_spread"] is False
     assert fp8["train_s_to_exact_final"] == [None, 4.0]  # seed 2: its step-2 evaluation, after 2 steps of 2 s
+    # the exact runs reach fp8's mean (1.760) at their step-4 evaluation (8 s) against fp8's 8 s of steps
+    assert fp8["exact_s_to_this_final"] == [8.0, 8.0] and fp8["equal_bpb_speedup_at_most"] == 1.0
 
 
 def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tmp_path):

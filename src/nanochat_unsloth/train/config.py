@@ -46,7 +46,9 @@ class TrainConfig:
     lean_checkpoint: str = field(default="auto", metadata={"help": "auto|offload|torch: how --memory lean checkpoints a "
                                                                     "block; offload = Unsloth's offloaded checkpointing "
                                                                     "(CUDA + unsloth_zoo), auto = offload where it runs"})
-    fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval stay bf16)"})
+    fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval "
+                                                      "stay bf16): a faster, lower-precision step that costs val bpb "
+                                                      "(docs/PERF.md)"})
     fp8_scaling: str = field(default="auto", metadata={"help": "auto|delayed|dynamic: FP8 scales of activations and "
                                                                 "gradients from the previous micro-step's amax (delayed) "
                                                                 "or their own (dynamic); auto = delayed from 16384 rows "
