@@ -14,7 +14,7 @@ as training runs it), compiled as training compiles a block, then timed (CUDA ev
   FlashAttention-4 where `flash-attn-4` imports (called directly, and through torch's
   `activate_flash_attention_impl("FA4")` as SDPA's flash backend); TFLOP/s, and each one's largest difference
   from the first (output and q/k/v gradients, relative to the largest magnitude).
-- `block`: one whole block, default and max-autotune.
+- `block`: one whole block, in every --modes.
 
 Results print as a table and go to --out (JSON). Each variant's gap to its floor is the time a fused kernel
 could remove from every block of every micro-step (x n_layer x grad_accum per optimizer step).
