@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from multi_gpu import start_training  # a sibling script
+from multi_gpu import run_log, start_training  # a sibling script
 
 def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
@@ -29,12 +29,6 @@ def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
              "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
     return start_training(args.base_dir, tag, train, gpu=gpu if n == 1 else None, processes=n)
-
-
-def read(args, tag: str, name: str) -> list[dict]:
-    from nanochat_unsloth.train.loop import read_jsonl_records
-
-    return read_jsonl_records(args.base_dir / "runs" / tag / name)
 
 
 def main() -> int:
@@ -58,8 +52,9 @@ def main() -> int:
         raise SystemExit(f"exit codes {rcs}; see the logs in {args.base_dir}")
 
     tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b", "n": f"curve_{args.gpus}gpu"}
-    loss = {k: [m["loss"] for m in read(args, t, "metrics.jsonl")] for k, t in tags.items()}
-    val = {k: [(e["step"], e["val_bpb"]) for e in read(args, t, "eval.jsonl")] for k, t in tags.items()}
+    metrics = {k: run_log(args.base_dir, t, "metrics.jsonl") for k, t in tags.items()}
+    loss = {k: [m["loss"] for m in records] for k, records in metrics.items()}
+    val = {k: [(e["step"], e["val_bpb"]) for e in run_log(args.base_dir, t, "eval.jsonl")] for k, t in tags.items()}
     windows = [(lo, min(hi, args.steps)) for lo, hi in ((0, 10), (10, 50), (50, 100), (100, args.steps))
                if lo < args.steps]
 
@@ -72,8 +67,8 @@ def main() -> int:
         "a_vs_b_max_rel": [rel("a", "b", lo, hi) for lo, hi in windows],
         "a_vs_n_max_rel": [rel("a", "n", lo, hi) for lo, hi in windows],
         "val_bpb": val, "loss": loss,
-        "tok_per_sec_median": {k: sorted(m["tok_per_sec"] for m in read(args, t, "metrics.jsonl"))[args.steps // 2]
-                               for k, t in tags.items()},
+        "tok_per_sec_median": {k: sorted(m["tok_per_sec"] for m in records)[args.steps // 2]
+                               for k, records in metrics.items()},
     }
     print(f"steps            {'  '.join(f'{w:>10}' for w in result['windows'])}")
     for key, label in (("a_vs_b_max_rel", "1 GPU vs 1 GPU"), ("a_vs_n_max_rel", f"1 GPU vs {args.gpus} GPUs")):

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import multi_gpu  # a sibling script: the corpus builder and the launcher
-from multi_gpu import start_training
+from multi_gpu import run_log, start_training
 
 from nanochat_unsloth.common import EXIT_STOPPED
 
@@ -90,22 +90,16 @@ def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -
 
 
 def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
-    evals = read_jsonl(args.base_dir / "runs" / f"q_{variant}_s{seed}" / "eval.jsonl")
+    evals = run_log(args.base_dir, f"q_{variant}_s{seed}", "eval.jsonl", missing_ok=True)
     return bool(evals) and evals[-1]["step"] == num_iterations
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """A run's metrics or eval log as the loop reads it (a torn last line dropped); none yet: empty."""
-    from nanochat_unsloth.train.loop import read_jsonl_records
-
-    return read_jsonl_records(path) if path.exists() else []
 
 
 def summarize(args, runs: list[tuple[str, int]]) -> dict:
     out = {"runs": {}, "variants": {}}
     for variant, seed in runs:
-        run_dir = args.base_dir / "runs" / f"q_{variant}_s{seed}"
-        metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
+        tag = f"q_{variant}_s{seed}"
+        metrics = run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)
+        evals = run_log(args.base_dir, tag, "eval.jsonl", missing_ok=True)
         # training seconds up to the end of each step (compilation included: it is part of the wall-clock)
         elapsed, seconds = {}, 0.0
         for m in metrics:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from multi_gpu import start_training  # a sibling script
+from multi_gpu import run_log, start_training  # a sibling script
 
 
 def train(args, tag: str, gpu: int, *extra: str) -> subprocess.Popen:
@@ -39,12 +39,6 @@ def wait(proc: subprocess.Popen, name: str, ok=(0,)) -> None:
     rc = proc.wait()
     if rc not in ok:
         raise SystemExit(f"{name} exited {rc}; see its log in --base-dir")
-
-
-def metrics(args, tag: str) -> list[dict]:
-    from nanochat_unsloth.train.loop import read_jsonl_records
-
-    return read_jsonl_records(args.base_dir / "runs" / tag / "metrics.jsonl")
 
 
 def max_rel(a: list[dict], b: list[dict], key: str, first: int = 0) -> float:
@@ -73,7 +67,7 @@ def main() -> int:
     wait(train(args, f"{args.tag}_c", 0, "--force", "--stop_after", str(args.cut)), "C (cut)", ok=(3,))
     wait(train(args, f"{args.tag}_c", 0, "--resume", "auto"), "C (resumed)")
 
-    ma, mb, mc = (metrics(args, f"{args.tag}_{x}") for x in "abc")
+    ma, mb, mc = (run_log(args.base_dir, f"{args.tag}_{x}", "metrics.jsonl") for x in "abc")
     result = {
         "args": {k: str(v) for k, v in vars(args).items()}, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "loss": {x: [m["loss"] for m in ms] for x, ms in zip("abc", (ma, mb, mc))},
