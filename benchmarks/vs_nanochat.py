@@ -160,7 +160,18 @@ def _label(r: dict) -> str:
 
 
 def report(results: list[dict], budgets: list[float]) -> list[dict]:
+    """The table and, for each depth, the memory frontier; returns the frontier rows (with their depth)."""
+    depths = sorted({r.get("depth", 20) for r in results})
+    rows = []
+    for depth in depths:
+        rows += [{"depth": depth, **row} for row in
+                 _report_depth([r for r in results if r.get("depth", 20) == depth], budgets, depth)]
+    return rows
+
+
+def _report_depth(results: list[dict], budgets: list[float], depth: int) -> list[dict]:
     ref = {r["batch_size"]: r["tok_per_s"] for r in results if r.get("side") == "nanochat" and "tok_per_s" in r}
+    print(f"\nd{depth}")
     print("\n| configuration | B | memory | tok/s | vs nanochat, same B | MFU | peak GiB |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for r in results:
@@ -199,10 +210,26 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--timeout", type=int, default=400, help="seconds per configuration")
     p.add_argument("--out", default="")
+    p.add_argument("--from", dest="from_", default="", help="comma list of --out files: report them together "
+                   "(several invocations, e.g. one per GPU of a node) instead of running anything")
+    p.add_argument("--skip-nanochat", action="store_true", help="time only ours (nanochat's figures at these "
+                   "sizes come from another invocation, merged with --from): for a batch size nanochat cannot fit")
     p.add_argument("--one-nanochat", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not args.nanochat_src or not (Path(args.nanochat_src) / "nanochat" / "gpt.py").exists():
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if args.from_:
+        results = []
+        for path in args.from_.split(","):
+            if not Path(path).is_file():
+                p.error(f"--from {path}: no such file; pass the --out files of earlier invocations")
+            results += json.loads(Path(path).read_text())["results"]
+        rows = report(results, budgets)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"results": results, "frontier": rows, "from": args.from_}, indent=1))
+        return 0
+    checkout_ok = bool(args.nanochat_src) and (Path(args.nanochat_src) / "nanochat" / "gpt.py").exists()
+    if not checkout_ok and not (args.skip_nanochat and not args.nanochat_src):
         p.error(f"--nanochat-src {args.nanochat_src!r}: not a nanochat checkout (no nanochat/gpt.py); fetch "
                 "karpathy/nanochat at b399e43 outside this repository and point --nanochat-src or NANOCHAT_SRC at it")
     if args.one_nanochat:
@@ -214,8 +241,8 @@ def main() -> int:
               "--device", args.device]
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        configs = [("nanochat", "nanochat", "fast")] + [("ours", k, m) for k in args.kernels.split(",")
-                                                         for m in args.memory.split(",")]
+        configs = [] if args.skip_nanochat else [("nanochat", "nanochat", "fast")]
+        configs += [("ours", k, m) for k in args.kernels.split(",") for m in args.memory.split(",")]
         for side, kernels, memory in configs:
             head = {"side": side, "depth": args.depth, "kernels": kernels, "batch_size": batch_size, "memory": memory}
             if side == "nanochat":
@@ -229,7 +256,7 @@ def main() -> int:
             print(tt.format_row(result), flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps({"results": results}, indent=1))
-    rows = report(results, [float(b) for b in args.budgets.split(",")])
+    rows = report(results, budgets)
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "frontier": rows}, indent=1))
     return 0

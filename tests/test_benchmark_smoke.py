@@ -144,6 +144,42 @@ def test_vs_nanochat_cpu_smoke(tmp_path):
     assert "| 80 GiB | nanochat B=2 |" in proc.stdout
 
 
+def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
+    """--from merges the --out files of several invocations (one per GPU of a node) and keeps depths apart:
+    a d44 row is never compared with a d20 nanochat row of the same batch size. --skip-nanochat times ours
+    alone (for a batch size nanochat cannot fit), without a nanochat checkout."""
+    def row(side, kernels, depth, b, tok, gib, memory="fast"):
+        return {"side": side, "kernels": kernels, "depth": depth, "batch_size": b, "memory": memory,
+                "tok_per_s": tok, "mfu": 50.0, "peak_alloc_gib": gib}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"results": [row("nanochat", "nanochat", 20, 2, 100.0, 10.0),
+                                         row("ours", "fused-fp8", 20, 2, 120.0, 8.0)]}))
+    b.write_text(json.dumps({"results": [row("nanochat", "nanochat", 44, 2, 10.0, 70.0),
+                                         row("ours", "fused-fp8", 44, 2, 13.0, 60.0)]}))
+    out = tmp_path / "merged.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "vs_nanochat.py"), "--from", f"{a},{b}", "--budgets", "80,16",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["depth"], r["budget_gib"]): r for r in json.loads(out.read_text())["frontier"]}
+    assert rows[20, 80.0]["ratio"] == 1.2 and rows[44, 80.0]["ratio"] == 1.3
+    assert rows[20, 16.0]["ratio"] == 1.2 and rows[44, 16.0]["ratio"] is None  # d44 fits no 16 GiB budget
+    assert "| fused-fp8 | 2 | fast | 13 | 1.300 |" in proc.stdout
+    ours = tmp_path / "ours.json"
+    alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_nanochat.py"), "--skip-nanochat",
+                            "--nanochat-src", "", "--device", "cpu", "--depth", "2", "--seq", "32", "--vocab", "256",
+                            "--total-batch", "128", "--batch-sizes", "2", "--kernels", "torch", "--warmup", "1",
+                            "--steps", "1", "--budgets", "80", "--out", str(ours)],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    (timed,) = json.loads(ours.read_text())["results"]  # --skip-nanochat: ours only, no checkout needed
+    assert timed["side"] == "ours" and timed["tok_per_s"] > 0
+    missing = subprocess.run(cmd[:3] + [str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120,
+                             cwd=REPO)
+    assert missing.returncode == 2 and "none.json: no such file" in missing.stderr
+
+
 def test_quality_runs_cpu_smoke(tmp_path):
     """benchmarks/quality_runs.py: every (variant, seed) run trains the whole schedule on never-repeated tokens
     and is summarised; the same command again skips finished runs; too few train tokens is refused."""
