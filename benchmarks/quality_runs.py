@@ -111,7 +111,16 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
             "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
             "smooth_loss": [m["smooth_loss"] for m in metrics],
         }
-    for variant in args.variants.split(","):
+    variant_stats(out, args.variants.split(","))
+    for r in out["runs"].values():
+        r["elapsed_at_step"] = {str(k): v for k, v in r["elapsed_at_step"].items()}
+    return out
+
+
+def variant_stats(out: dict, variants: list[str]) -> None:
+    """Each variant's mean final bpb and spread from `out["runs"]`, and for every variant but the exact path
+    its distance from the exact path (the issue's criterion) and its time-to-equal-bpb figures."""
+    for variant in variants:
         finals = [r["final_val_bpb"] for r in out["runs"].values() if r["variant"] == variant and r["final_val_bpb"]]
         if finals:
             out["variants"][variant] = {"mean": statistics.fmean(finals), "spread": max(finals) - min(finals),
@@ -135,15 +144,15 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
         v["exact_s_to_this_final"] = exact_reach
         v["equal_bpb_speedup_at_most"] = (statistics.fmean(exact_reach) / mean_s
                                           if exact_reach and None not in exact_reach else None)
-    for r in out["runs"].values():
-        r["elapsed_at_step"] = {str(k): v for k, v in r["elapsed_at_step"].items()}
-    return out
 
 
 def seconds_to_reach(run: dict, bpb: float) -> float | None:
     """Seconds of steps up to the first evaluation (after step 0) at or below `bpb`; None if none was."""
     step = next((s for s, b in run["val_bpb"] if b <= bpb and s > 0), None)
-    return run["elapsed_at_step"].get(step) if step else None
+    if not step:
+        return None
+    elapsed = run["elapsed_at_step"]
+    return elapsed.get(step, elapsed.get(str(step)))  # int keys while running, str keys read back from JSON
 
 
 def plot(summary: dict, path: str) -> None:
@@ -169,9 +178,45 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def report_from(p: argparse.ArgumentParser, args) -> int:
+    """--from: the runs of several summaries as one (a run name seen twice is an error: which one is meant?)."""
+    runs = {}
+    for path in args.from_.split(","):
+        if not Path(path).is_file():
+            p.error(f"--from {path}: no such file; pass the --out files of earlier quality_runs invocations")
+        for name, run in json.loads(Path(path).read_text())["runs"].items():
+            if name in runs:
+                p.error(f"--from {path}: run {name} is in two files; pass each run once")
+            runs[name] = run
+    summary = {"runs": runs, "variants": {}, "from": args.from_}
+    variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())))
+    print_summary(summary)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
+    if args.plot:
+        try:
+            plot(summary, args.plot)
+        except ImportError as e:
+            print(f"no plot: {e}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    for name, r in summary["runs"].items():
+        print(f"{name:12} final val bpb {r['final_val_bpb']} at step {r['final_step']}, {r['train_s']:.0f} s of steps")
+    for variant, v in summary["variants"].items():
+        extra = ""
+        if "delta_vs_exact" in v:
+            extra = (f" | vs {EXACT}: {v['delta_vs_exact']:+.4f}, within the spread: {v['within_exact_spread']} | "
+                     f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']} | {EXACT}'s seconds to "
+                     f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
+                     f"{v['equal_bpb_speedup_at_most']}")
+        print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-dir", type=Path, required=True)
+    p.add_argument("--base-dir", type=Path)
     p.add_argument("--make-data", action="store_true", help="write the corpus, tokenizer and shards first")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="with --make-data: at most this much text")
     p.add_argument("--text-roots", default=TEXT_ROOTS, help="with --make-data: directories to read "
@@ -192,7 +237,13 @@ def main() -> int:
     p.add_argument("--extra", default="", help="more training flags for every run")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", default="", help="PNG of the curves")
+    p.add_argument("--from", dest="from_", default="", help="comma list of --out files of earlier invocations (e.g. "
+                   "the exact path's seeds from one call, a variant's from another): summarise and plot them together")
     args = p.parse_args()
+    if args.from_:
+        return report_from(p, args)
+    if args.base_dir is None:
+        p.error("--base-dir is required (unless --from)")
     args.base_dir = args.base_dir.resolve()
     if unknown := [v for v in args.variants.split(",") if v not in VARIANTS and v not in PHASED]:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join([*VARIANTS, *PHASED])}")
@@ -236,16 +287,7 @@ def main() -> int:
     summary = summarize(args, runs)
     summary["args"] = {k: str(v) for k, v in vars(args).items()}
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
-    for name, r in summary["runs"].items():
-        print(f"{name:12} final val bpb {r['final_val_bpb']} at step {r['final_step']}, {r['train_s']:.0f} s of steps")
-    for variant, v in summary["variants"].items():
-        extra = ""
-        if "delta_vs_exact" in v:
-            extra = (f" | vs {EXACT}: {v['delta_vs_exact']:+.4f}, within the spread: {v['within_exact_spread']} | "
-                     f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']} | {EXACT}'s seconds to "
-                     f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
-                     f"{v['equal_bpb_speedup_at_most']}")
-        print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
+    print_summary(summary)
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
     if args.plot:

@@ -206,6 +206,21 @@ def test_quality_runs_cpu_smoke(tmp_path):
     assert again.returncode == 0 and "4 already finished" in again.stdout, again.stdout[-2000:]
     assert json.loads(out.read_text())["runs"] == summary["runs"]
 
+    # --from: the same runs from two summaries (as two calls would leave them) give the same statistics
+    parts = []
+    for variant in ("torch", "fp8"):
+        part = tmp_path / f"{variant}.json"
+        part.write_text(json.dumps({"runs": {k: r for k, r in summary["runs"].items() if r["variant"] == variant}}))
+        parts.append(str(part))
+    merged_out = tmp_path / "merged.json"
+    merged = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--from", ",".join(parts),
+                             "--out", str(merged_out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert json.loads(merged_out.read_text())["variants"] == summary["variants"]
+    twice = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--from",
+                            f"{parts[0]},{parts[0]}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert twice.returncode == 2 and "is in two files" in twice.stderr
+
     refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
     assert refused.returncode == 2 and "never repeated" in refused.stderr, refused.stderr[-1000:]
