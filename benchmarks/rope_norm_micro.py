@@ -28,10 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from nanochat_unsloth.model.memory import import_unsloth_module  # noqa: E402
 from nanochat_unsloth.model.ops import torch_apply_rotary, torch_rms_norm  # noqa: E402
 from nanochat_unsloth.model.gpt import rotary_tables  # noqa: E402
+from nanochat_unsloth.model.rotary_norm import rotary_norm  # noqa: E402
 
 
 def torch_qk(q, k, cos, sin):
     return torch_rms_norm(torch_apply_rotary(q, cos, sin)), torch_rms_norm(torch_apply_rotary(k, cos, sin))
+
+
+def fused_qk(q, k, cos, sin):
+    return rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)
 
 
 def unsloth_qk_fn(head_dim: int, device):
@@ -86,6 +91,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", default="", help="JSON file of the results")
+    p.add_argument("--unsloth", action="store_true", help="also Unsloth's kernels (needs `pip install unsloth`)")
     args = p.parse_args()
     on_cuda = args.device == "cuda"
     if on_cuda and not torch.cuda.is_available():
@@ -102,8 +108,10 @@ def main() -> int:
 
     variants = {"torch (eager)": torch_qk}
     if on_cuda:
-        variants["torch.compile (what training runs)"] = torch.compile(torch_qk, dynamic=False)
-        variants["unsloth RoPE + RMSNorm"] = unsloth_qk_fn(args.head_dim, device)
+        variants["torch.compile (the torch set)"] = torch.compile(torch_qk, dynamic=False)
+        variants["our kernels (the fused set)"] = fused_qk
+        if args.unsloth:
+            variants["unsloth RoPE + RMSNorm"] = unsloth_qk_fn(args.head_dim, device)
     results, reference = [], None
     for name, fn in variants.items():
         ms, outs = time_fwd_bwd(fn, q0, k0, cos, sin, grads, args.warmup, args.iters, on_cuda)

@@ -23,6 +23,7 @@ from nanochat_unsloth.model import memory as M
 from nanochat_unsloth.model import ops as K
 from nanochat_unsloth.model.build import ModelOptions, build_model, get_kernels
 from nanochat_unsloth.model.gpt import GPT, GPTConfig
+from nanochat_unsloth.model.rotary_norm import rotary_norm
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import parse_train_args
 
@@ -53,8 +54,11 @@ def test_fused_set_dispatch_when_available(monkeypatch):
     pretend_cuda(monkeypatch)
     ops = get_kernels("fused")
     assert ops.name == "fused" and ops.lm_head_loss == L.ChunkedLMHeadLoss(L.DEFAULT_CHUNK_MB)
-    # norms, rotary and attention stay the torch ops (Inductor fuses them inside compiled blocks)
-    assert ops.rms_norm is K.torch_rms_norm and ops.apply_rotary is K.torch_apply_rotary
+    # q's and k's prologue is our kernel (on CUDA tensors); the input norms and attention stay the torch
+    # ops (Inductor fuses them inside compiled blocks)
+    assert ops.rotary_norm is rotary_norm and ops.rms_norm is K.torch_rms_norm
+    x, cos, sin = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8)
+    torch.testing.assert_close(ops.rotary_norm(x, cos, sin), K.torch_rotary_norm(x, cos, sin), rtol=0, atol=0)
 
 
 def test_import_unsloth_module_restores_compile_settings(monkeypatch, tmp_path):

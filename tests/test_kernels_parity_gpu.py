@@ -92,6 +92,40 @@ def test_fused_path_matches_torch_path(state, torch_path):
     compare("fused vs torch", torch_path, loss_and_grads(model, call))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_norm_kernels_match_fp64(dtype):
+    """The fused set's prologue kernels (rotary_norm.py) against the math in float64, on a strided q (a slice
+    of a wider tensor) and a gradient in SDPA's (B, H, T, D) layout. Bounds: fp32 within 1e-5 of the largest
+    magnitude (measured 1.5e-7 under Triton's CPU interpreter); bf16 within 2^-7 of it, one bf16 rounding of
+    each output at most (measured 4.3e-3 there; 2^-8 is bf16's relative step)."""
+    from nanochat_unsloth.model.rotary_norm import _supported, rotary_norm
+
+    B, T, H, D = 2, 256, 3, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x64 = torch.randn(B, T, 3 * H, D, device="cuda", dtype=torch.float64, generator=g)[:, :, H:2 * H]
+    x64[:, :, 0] *= 0.03  # rows whose mean square (~1e-3) shows a wrong eps (bf16's 2^-7 would halve them)
+    angle = torch.randn(1, T, 1, D // 2, device="cuda", dtype=torch.float64, generator=g)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    x = x64.to(dtype).requires_grad_(True)
+    assert _supported(x, cos, sin)
+    grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    out = rotary_norm(x, cos, sin)
+    out.backward(grad)
+
+    xr = x.detach().double().requires_grad_(True)
+    c, s = cos.double(), sin.double()
+    x1, x2 = xr[..., :D // 2], xr[..., D // 2:]
+    # F.rms_norm's own eps for this dtype (it computes bf16 in float32): what the torch path uses
+    ref = torch.nn.functional.rms_norm(torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], -1), (D,),
+                                       eps=torch.finfo(torch.float32).eps)
+    ref.backward(grad.double())
+    bound = 1e-5 if dtype == torch.float32 else 2**-7
+    out_err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    grad_err = ((x.grad.double() - xr.grad).abs().max() / xr.grad.abs().max()).item()
+    print(f"\n[rotary_norm {dtype}] output {out_err:.2e}, input gradient {grad_err:.2e} of the largest magnitude")
+    assert out_err < bound and grad_err < bound
+
+
 needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                reason="needs an FP8 GPU (compute capability 8.9+)")
 

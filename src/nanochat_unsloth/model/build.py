@@ -8,7 +8,8 @@ weights on every rank and world size), then applies `--fp8` with the one convert
 Kernel sets (`--kernels`):
     torch   nanochat's math op for op, on CPU and GPU (the reference; compiled whole).
     fused   the GPU set: our chunked lm_head + softcap + cross-entropy (`lm_head_loss.py`), so the
-            `[tokens, vocab]` logits never exist; norms, rotary and attention stay torch ops, which
+            `[tokens, vocab]` logits never exist, and q's and k's rotary + QK norm as one Triton kernel
+            each way (`rotary_norm.py`); the blocks' input norms and attention stay torch ops, which
             Inductor fuses inside each compiled block. Needs CUDA; elsewhere it falls back to torch with
             a one-line notice. `unsloth` is its former name, still accepted (it never used Unsloth).
     auto    fused on CUDA, torch elsewhere.
@@ -29,6 +30,7 @@ from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB, ChunkedLMHeadLoss
 from nanochat_unsloth.model.memory import check_lean_checkpoint
 from nanochat_unsloth.model.ops import TORCH_KERNELS, Kernels
+from nanochat_unsloth.model.rotary_norm import rotary_norm
 
 KERNEL_CHOICES = ("auto", "torch", "fused")
 KERNEL_ALIASES = {"unsloth": "fused"}  # older name of the fused set (CLI and checkpoints' meta)
@@ -60,7 +62,8 @@ def get_kernels(name: str = "torch", loss_chunk_mb: float = DEFAULT_CHUNK_MB) ->
             notice_once("--kernels fused: the fused kernels need a CUDA GPU and none is available; "
                         "falling back to --kernels torch")
             return TORCH_KERNELS
-        return dataclasses.replace(TORCH_KERNELS, name="fused", lm_head_loss=ChunkedLMHeadLoss(loss_chunk_mb))
+        return dataclasses.replace(TORCH_KERNELS, name="fused", lm_head_loss=ChunkedLMHeadLoss(loss_chunk_mb),
+                                   rotary_norm=rotary_norm)
     raise ValueError(f"--kernels {name!r}: resolve `auto` with resolve_kernels first")
 
 

@@ -89,8 +89,8 @@ class CausalSelfAttention(nn.Module):
         k = self.ops.linear(x, self.c_k).view(B, T, self.n_kv_head, self.head_dim)
         v = self.ops.linear(x, self.c_v).view(B, T, self.n_kv_head, self.head_dim)
         # rotary first, then QK norm (nanochat's order)
-        q = self.ops.rms_norm(self.ops.apply_rotary(q, cos, sin))
-        k = self.ops.rms_norm(self.ops.apply_rotary(k, cos, sin))
+        q = self.ops.rotary_norm(q, cos, sin)
+        k = self.ops.rotary_norm(k, cos, sin)
         # heads become a batch dim: (B, T, H, D) -> (B, H, T, D)
         y = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                self.n_head != self.n_kv_head)

@@ -6,13 +6,15 @@ model file stays untouched:
 
     linear(x, layer)                                   x @ layer.weight.T (no bias): every block GEMM
     rms_norm(x)                                        weightless RMSNorm over the last dim
-    apply_rotary(x, cos, sin)                          x: (B, T, H, D); cos/sin: (1, T, 1, D/2) bf16
+    rotary_norm(x, cos, sin)                           rms_norm(rotary(x)): q's and k's prologue;
+                                                       x: (B, T, H, D); cos/sin: (1, T, 1, D/2) bf16
     attention(q, k, v, enable_gqa)                     q: (B, H, T, D), k/v: (B, Hkv, T, D); causal
     lm_head_loss(x, weight, targets, softcap, reduction)
                                                        fp32 cross-entropy of softcapped logits,
                                                        ignore_index=-1; reduction mean|sum|none (flat)
 
-The sets themselves (`torch`, `fused`) are named and chosen in `build.py`; `fp8.py` swaps `linear`.
+The sets themselves (`torch`, `fused`) are named and chosen in `build.py`; `fp8.py` swaps `linear`;
+`rotary_norm.py` holds the fused set's prologue kernels.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Kernels:
     name: str
     linear: Callable[[Tensor, nn.Linear], Tensor]
     rms_norm: Callable[[Tensor], Tensor]
-    apply_rotary: Callable[[Tensor, Tensor, Tensor], Tensor]
+    rotary_norm: Callable[[Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
     lm_head_loss: Callable[[Tensor, Tensor, Tensor, float, str], Tensor]
     fp8: bool = False  # block GEMMs in FP8 (`linear` is fp8.fp8_linear)
@@ -71,6 +73,11 @@ def torch_apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([y1, y2], dim=-1).to(x.dtype)
 
 
+def torch_rotary_norm(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # rotary first, then QK norm (nanochat's order)
+    return torch_rms_norm(torch_apply_rotary(x, cos, sin))
+
+
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
 
@@ -92,7 +99,7 @@ TORCH_KERNELS = Kernels(
     name="torch",
     linear=torch_linear,
     rms_norm=torch_rms_norm,
-    apply_rotary=torch_apply_rotary,
+    rotary_norm=torch_rotary_norm,
     attention=torch_attention,
     lm_head_loss=torch_lm_head_loss,
 )
