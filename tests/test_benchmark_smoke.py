@@ -7,6 +7,7 @@ The GPU figures themselves come from the device (docs/PERF.md); this only keeps 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -178,6 +179,22 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     missing = subprocess.run(cmd[:3] + [str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120,
                              cwd=REPO)
     assert missing.returncode == 2 and "none.json: no such file" in missing.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU installs have it)")
+def test_mlp_epilogue_micro_kernels_agree_under_the_interpreter(tmp_path):
+    """benchmarks/mlp_epilogue_micro.py's Triton GEMM, plain and with the ReLU^2 epilogues, against torch under
+    Triton's CPU interpreter (fp32, shapes that leave partial tiles). Bound 1e-5 of the largest magnitude:
+    measured <= 3.0e-7 (fp32 summation order only)."""
+    out = tmp_path / "mlp.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mlp_epilogue_micro.py"), "--device", "cpu",
+                           "--rows", "192", "--n-embd", "40", "--iters", "1", "--warmup", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = json.loads(out.read_text())["max_rel_err_vs_torch"]
+    assert set(errors) == {"c_fc forward h", "c_fc forward r", "c_proj dgrad da", "plain c_fc"}
+    assert all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_quality_runs_cpu_smoke(tmp_path):
