@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PARITY = "torch:fast,torch:lean,torch:selective,unsloth:fast,unsloth:lean,unsloth:selective," \
          "unsloth+fp8:fast,unsloth+fp8:lean,unsloth+fp8:selective"
-SPEED = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"]}
+SPEED = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"]}
 
 
 def run(args, src: Path, gpu: int, tag: str, flags: list[str]) -> list[dict]:
