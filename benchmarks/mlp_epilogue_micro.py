@@ -183,8 +183,8 @@ def main() -> int:
         for variant, fn in variants.items():
             ms = timed(fn, args.iters, args.warmup, cuda)
             results["ms"][f"{gemm_name} | {variant}"] = ms
-            print(f"{gemm_name:14s} {variant:32s} {ms:8.3f} ms  {flops / (ms * 1e-3) / 1e12 if cuda else 0:6.0f} TFLOP/s",
-                  flush=True)
+            tflops = flops / (ms * 1e-3) / 1e12 if cuda else 0.0
+            print(f"{gemm_name:14s} {variant:32s} {ms:8.3f} ms  {tflops:6.0f} TFLOP/s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

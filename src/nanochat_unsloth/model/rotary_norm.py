@@ -11,8 +11,9 @@ q and k (docs/PERF.md, "the attention prologue"). Here each direction is one pas
 
 The forward saves only x (as the torch path saves it) and the backward recomputes y and r in registers.
 Intermediates are fp32 and each output is rounded once, as Inductor's fused kernels round; eps is
-F.rms_norm's default (float32's for bf16 input: it computes in float32). The kernels are Triton (the GPU image's 3.6), registered as a
-torch custom op with its autograd, so torch.compile keeps them as one node inside a compiled block.
+F.rms_norm's default (float32's for bf16 input: it computes in float32). The kernels are Triton (the GPU
+image's 3.6), registered as a torch custom op with its autograd, so torch.compile keeps them as one node
+inside a compiled block.
 `rotary_norm(x, cos, sin)` takes them on CUDA for shapes they handle and falls back to the torch
 reference anywhere else. tests/test_kernels_parity_gpu.py checks them against the reference.
 """
@@ -24,13 +25,21 @@ from torch import Tensor
 
 from nanochat_unsloth.model.ops import torch_rotary_norm
 
+try:  # CPU installs have no Triton: there only the torch reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - GPU images have it
+    triton = None
+
 ROWS_PER_PROGRAM = 16  # rows of head_dim values per Triton program
 
 
 def _supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """Shapes and layouts the kernels handle: a CUDA (B, T, H, D) tensor with D a power of two >= 16, the
     last dim contiguous, and (1, T, 1, D/2) tables."""
-    if not (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+    if triton is None or not x.is_cuda or x.dim() != 4:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     d = x.size(-1)
     return (d >= 16 and d & (d - 1) == 0 and x.stride(-1) == 1 and cos.shape == sin.shape
@@ -51,13 +60,7 @@ def rotary_norm(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The kernels (CPU installs have no Triton: then only the torch reference runs)
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - GPU images have it
-    triton = None
+# The kernels
 
 if triton is not None:
     @triton.jit
@@ -122,8 +125,8 @@ def _rotary_norm_op(x: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
     out = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     n_rows = B * T * H
     if n_rows:
-        _fwd_kernel[_grid(n_rows)](x, cos, sin, out, n_rows, T, H, x.stride(0), x.stride(1), x.stride(2), cos.stride(1),
-                           eps, HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
+        _fwd_kernel[_grid(n_rows)](x, cos, sin, out, n_rows, T, H, x.stride(0), x.stride(1), x.stride(2),
+                                   cos.stride(1), eps, HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
     return out
 
 
@@ -140,9 +143,9 @@ def _rotary_norm_backward_op(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, 
     dx = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     n_rows = B * T * H
     if n_rows:
-        _bwd_kernel[_grid(n_rows)](grad, x, cos, sin, dx, n_rows, T, H, grad.stride(0), grad.stride(1), grad.stride(2),
-                           x.stride(0), x.stride(1), x.stride(2), cos.stride(1), eps,
-                           HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
+        _bwd_kernel[_grid(n_rows)](grad, x, cos, sin, dx, n_rows, T, H, grad.stride(0), grad.stride(1),
+                                   grad.stride(2), x.stride(0), x.stride(1), x.stride(2), cos.stride(1), eps,
+                                   HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
     return dx
 
 
