@@ -12,8 +12,9 @@ the epilogue (CUDA events, median of --iters after --warmup):
 - c_proj dgrad    da = (dy @ W_proj) * 2r   (ReLU^2's derivative applied to the incoming gradient)
 
 each as cuBLAS alone (`torch.mm`, the floor without the elementwise work), cuBLAS + the elementwise pass
-compiled (what training runs), our Triton GEMM alone, and our GEMM with the epilogue; and checks ours
-against cuBLAS. The fusion pays where "ours + epilogue" beats "cuBLAS + elementwise".
+compiled (what training runs), our Triton GEMM alone and with the epilogue, in two forms (tiles loaded
+through pointers, and a persistent kernel reading through TMA descriptors, one program per SM); and checks
+ours against cuBLAS. The fusion pays where "ours + epilogue" beats "cuBLAS + elementwise".
 
 Needs Triton (the GPU image has it). `--device cpu` runs the kernels under Triton's interpreter at toy sizes
 (a correctness smoke test; set TRITON_INTERPRET=1 before Python starts, as the script's test does).
@@ -81,6 +82,47 @@ if triton is not None:
     # the GPU picks its tile shape by timing each config; the CPU interpreter cannot time, so it takes one
     _gemm_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "EPILOGUE"])(_gemm_kernel)
 
+    @triton.jit
+    def _gemm_tma_kernel(A, B, C, R, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, NUM_SMS: tl.constexpr,
+                         B_NK: tl.constexpr,
+                         EPILOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+        # Persistent: one program per SM walks the output tiles; the operands come in through TMA descriptors
+        # (A (M, K) row-major; B either the weight as stored, (N, K) row-major, or (K, N) row-major).
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        if B_NK:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        else:
+            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+        c_desc = tl.make_tensor_descriptor(C, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+        r_desc = tl.make_tensor_descriptor(R, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+        n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+            group = tile // (GROUP_M * n_n)
+            first_m = group * GROUP_M
+            size_m = min(n_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % (GROUP_M * n_n)) % size_m
+            pid_n = (tile % (GROUP_M * n_n)) // size_m
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                a = a_desc.load([pid_m * BM, k])
+                if B_NK:
+                    acc = tl.dot(a, b_desc.load([pid_n * BN, k]).T, acc)
+                else:
+                    acc = tl.dot(a, b_desc.load([k, pid_n * BN]), acc)
+            if EPILOGUE == 1:  # RELU2_FWD
+                r = tl.maximum(acc, 0.0)
+                r_desc.store([pid_m * BM, pid_n * BN], r.to(R.dtype.element_ty))
+                acc = r * r
+            elif EPILOGUE == 2:  # RELU2_BWD
+                acc = acc * 2.0 * r_desc.load([pid_m * BM, pid_n * BN]).to(tl.float32)
+            c_desc.store([pid_m * BM, pid_n * BN], acc.to(C.dtype.element_ty))
+
+    _TMA_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                    for bm, bn, bk, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
+                                             (128, 128, 64, 3, 4), (128, 256, 32, 4, 8)]]
+    _gemm_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "B_NK", "EPILOGUE"])(_gemm_tma_kernel)
+
 
 def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int = PLAIN, r: torch.Tensor | None = None):
     """a (M, K) @ b (K, N) in our kernel, any strides; RELU2_FWD returns (relu(ab)^2, relu(ab)), RELU2_BWD
@@ -101,6 +143,33 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int = PLAIN, r: torch.Tenso
     else:
         _gemm_kernel[grid](*args, EPILOGUE=epilogue, BM=32, BN=64, BK=16, GROUP_M=4)
     return (c, r) if epilogue == RELU2_FWD else c
+
+
+def gemm_tma(a: torch.Tensor, w: torch.Tensor, b_nk: bool, epilogue: int = PLAIN, r: torch.Tensor | None = None):
+    """The persistent TMA kernel: a (M, K) @ w.T when `b_nk` (w as a Linear stores it, (N, K)), else a @ w
+    (w (K, N)); both contiguous. Returns as `gemm` does."""
+    M, K = a.shape
+    N = w.size(0) if b_nk else w.size(1)
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if epilogue == RELU2_FWD:
+        r = torch.empty_like(c)
+    r_arg = r if r is not None else c
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+
+    def grid(meta):
+        return (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)
+
+    args = (a, w, c, r_arg, M, N, K, sms, b_nk)
+    if a.is_cuda:
+        _gemm_tma_tuned[grid](*args, EPILOGUE=epilogue)
+    else:
+        _gemm_tma_kernel[grid](*args, EPILOGUE=epilogue, BM=32, BN=64, BK=16, GROUP_M=4)
+    return (c, r) if epilogue == RELU2_FWD else c
+
+
+def _allocate_descriptors(size: int, alignment: int, stream):
+    # device-side TMA descriptors live in a scratch buffer Triton asks the caller for
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def timed(fn, iters: int, warmup: int, cuda: bool) -> float:
@@ -156,10 +225,16 @@ def main() -> int:
         relu2, relu2_grad = torch.compile(relu2, dynamic=False), torch.compile(relu2_grad, dynamic=False)
     h_ref, r_ref = relu2(x @ w_fc.t())
     da_ref = relu2_grad(dy @ w_proj, r_ref)
+    if cuda:
+        triton.set_allocator(_allocate_descriptors)
     h, r = gemm(x, w_fc.t(), RELU2_FWD)
     da = gemm(dy, w_proj, RELU2_BWD, r_ref)
+    h_tma, r_tma = gemm_tma(x, w_fc, True, RELU2_FWD)
+    da_tma = gemm_tma(dy, w_proj, False, RELU2_BWD, r_ref)
     errors = {"c_fc forward h": rel_err(h, h_ref), "c_fc forward r": rel_err(r, r_ref),
-              "c_proj dgrad da": rel_err(da, da_ref), "plain c_fc": rel_err(gemm(x, w_fc.t()), x @ w_fc.t())}
+              "c_proj dgrad da": rel_err(da, da_ref), "plain c_fc": rel_err(gemm(x, w_fc.t()), x @ w_fc.t()),
+              "tma c_fc forward h": rel_err(h_tma, h_ref), "tma c_fc forward r": rel_err(r_tma, r_ref),
+              "tma c_proj dgrad da": rel_err(da_tma, da_ref)}
     flops = 2 * M * C * 4 * C
     rows = {
         "c_fc forward": {
@@ -167,12 +242,16 @@ def main() -> int:
             "cublas + relu2 (compiled)": lambda: relu2(x @ w_fc.t()),
             "ours": lambda: gemm(x, w_fc.t()),
             "ours + relu2 epilogue": lambda: gemm(x, w_fc.t(), RELU2_FWD),
+            "ours TMA persistent": lambda: gemm_tma(x, w_fc, True),
+            "ours TMA persistent + relu2 epilogue": lambda: gemm_tma(x, w_fc, True, RELU2_FWD),
         },
         "c_proj dgrad": {
             "cublas": lambda: dy @ w_proj,
             "cublas + relu2 grad (compiled)": lambda: relu2_grad(dy @ w_proj, r_ref),
             "ours": lambda: gemm(dy, w_proj),
             "ours + relu2 grad epilogue": lambda: gemm(dy, w_proj, RELU2_BWD, r_ref),
+            "ours TMA persistent": lambda: gemm_tma(dy, w_proj, False),
+            "ours TMA persistent + relu2 grad epilogue": lambda: gemm_tma(dy, w_proj, False, RELU2_BWD, r_ref),
         },
     }
     results = {"rows": M, "n_embd": C, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
