@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from nanochat_unsloth.model.memory import import_unsloth_module  # noqa: E402
 from nanochat_unsloth.model.ops import torch_apply_rotary, torch_rms_norm  # noqa: E402
 from nanochat_unsloth.model.gpt import rotary_tables  # noqa: E402
+from nanochat_unsloth.model import rotary_norm as R  # noqa: E402
 from nanochat_unsloth.model.rotary_norm import rotary_norm  # noqa: E402
 
 
@@ -92,6 +93,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", default="", help="JSON file of the results")
     p.add_argument("--unsloth", action="store_true", help="also Unsloth's kernels (needs `pip install unsloth`)")
+    p.add_argument("--sweep", action="store_true", help="also our kernels at every launch shape (rows per "
+                   "program x warps), to choose rotary_norm.ROWS_PER_PROGRAM / NUM_WARPS")
     args = p.parse_args()
     on_cuda = args.device == "cuda"
     if on_cuda and not torch.cuda.is_available():
@@ -124,6 +127,18 @@ def main() -> int:
                         "min_gb_moved": min_gb})
         print(f"{name:38s} {ms:8.3f} ms fwd+bwd ({min_gb / ms:6.2f} TB/s of the minimum traffic)   "
               f"max rel diff vs eager {max(diffs):.2e}", flush=True)
+    if args.sweep and on_cuda:
+        default = (R.ROWS_PER_PROGRAM, R.NUM_WARPS)
+        for rows in (8, 16, 32, 64):
+            for warps in (2, 4, 8):
+                R.ROWS_PER_PROGRAM, R.NUM_WARPS = rows, warps
+                ms, outs = time_fwd_bwd(fused_qk, q0, k0, cos, sin, grads, args.warmup, args.iters, on_cuda)
+                diff = max(rel_diff(a, b) for a, b in zip(outs, reference))
+                results.append({"variant": f"our kernels, {rows} rows x {warps} warps", "ms": ms,
+                                "max_rel_diff_vs_eager": diff, "rows_per_program": rows, "num_warps": warps})
+                print(f"our kernels, {rows:2d} rows per program x {warps} warps   {ms:8.3f} ms fwd+bwd   "
+                      f"max rel diff vs eager {diff:.2e}", flush=True)
+        R.ROWS_PER_PROGRAM, R.NUM_WARPS = default
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

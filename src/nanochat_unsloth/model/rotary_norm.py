@@ -31,7 +31,11 @@ try:  # CPU installs have no Triton: there only the torch reference runs
 except ImportError:  # pragma: no cover - GPU images have it
     triton = None
 
-ROWS_PER_PROGRAM = 16  # rows of head_dim values per Triton program
+# The launch shape: rows of head_dim values per Triton program, and warps per program. Fixed rather than
+# autotuned, so that every process of a run reduces each row in the same order (benchmarks/rope_norm_micro.py
+# --sweep times the alternatives).
+ROWS_PER_PROGRAM = 16
+NUM_WARPS = 4
 
 
 def _supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
@@ -126,7 +130,7 @@ def _rotary_norm_op(x: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
     n_rows = B * T * H
     if n_rows:
         _fwd_kernel[_grid(n_rows)](x, cos, sin, out, n_rows, T, H, x.stride(0), x.stride(1), x.stride(2),
-                                   cos.stride(1), eps, HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
+                                   cos.stride(1), eps, HALF=D // 2, ROWS=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
     return out
 
 
@@ -145,7 +149,7 @@ def _rotary_norm_backward_op(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, 
     if n_rows:
         _bwd_kernel[_grid(n_rows)](grad, x, cos, sin, dx, n_rows, T, H, grad.stride(0), grad.stride(1),
                                    grad.stride(2), x.stride(0), x.stride(1), x.stride(2), cos.stride(1), eps,
-                                   HALF=D // 2, ROWS=ROWS_PER_PROGRAM)
+                                   HALF=D // 2, ROWS=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
     return dx
 
 
