@@ -14,7 +14,7 @@ from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.fsdp import apply_full_update, full_grad, full_tensor, is_dtensor
 
-from cpu_launch import free_port
+from cpu_launch import exit_without_finalization, free_port
 
 WORLD_SIZE = 2
 # (out, in) of a chain 7 -> 7 -> 7 -> 7 -> 5: 7 rows split 4 + 3 (uneven), 5 rows 3 + 2; three (7, 7)
@@ -112,6 +112,7 @@ def _worker(rank, port, out_dir):
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_without_finalization()  # results are on disk; see cpu_launch (a Gloo rank can abort at exit)
 
 
 def _muon_worker(rank, port, out_dir):
@@ -122,6 +123,7 @@ def _muon_worker(rank, port, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_finalization()  # results are on disk; see cpu_launch (a Gloo rank can abort at exit)
 
 
 def spawn(fn, out_dir, timeout=120):
@@ -261,6 +263,7 @@ def _checkpoint_worker(rank, port, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_finalization()  # results are on disk; see cpu_launch (a Gloo rank can abort at exit)
 
 
 @pytest.mark.slow
