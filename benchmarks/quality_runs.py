@@ -190,6 +190,12 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
             runs[name] = run
     summary = {"runs": runs, "variants": {}, "from": args.from_}
     variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())))
+    report(summary, args)
+    return 0
+
+
+def report(summary: dict, args) -> None:
+    """Print the summary, and write it to --out and its curves to --plot when given."""
     print_summary(summary)
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
@@ -198,7 +204,6 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
             plot(summary, args.plot)
         except ImportError as e:
             print(f"no plot: {e}")
-    return 0
 
 
 def print_summary(summary: dict) -> None:
@@ -287,14 +292,7 @@ def main() -> int:
     summary = summarize(args, runs)
     summary["args"] = {k: str(v) for k, v in vars(args).items()}
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
-    print_summary(summary)
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
-    if args.plot:
-        try:
-            plot(summary, args.plot)
-        except ImportError as e:
-            print(f"no plot: {e}")
+    report(summary, args)
     return 1 if failed else 0
 
 
