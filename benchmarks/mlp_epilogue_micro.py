@@ -44,17 +44,18 @@ if triton is not None:
                                          (128, 128, 64, 4, 8), (64, 256, 64, 4, 4), (128, 256, 32, 4, 8)]]
 
     @triton.jit
+    def _grouped_tile(tile, n_m, n_n, GROUP_M: tl.constexpr):
+        # the (row, column) tile of output tile number `tile` in grouped order: GROUP_M consecutive tiles share
+        # their columns' B block and walk down A's rows (L2 reuse)
+        first_m = tile // (GROUP_M * n_n) * GROUP_M
+        size_m = min(n_m - first_m, GROUP_M)
+        return first_m + (tile % (GROUP_M * n_n)) % size_m, (tile % (GROUP_M * n_n)) // size_m
+
+    @triton.jit
     def _gemm_kernel(A, B, C, R, M, N, K: tl.constexpr, sam, sak, sbk, sbn, scm, scn,
                      EPILOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr):
-        # grouped tile order: consecutive programs share A's rows (L2 reuse)
-        pid = tl.program_id(0)
-        n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        group = pid // (GROUP_M * n_n)
-        first_m = group * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-        pid_n = (pid % (GROUP_M * n_n)) // size_m
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
         rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
         rk = tl.arange(0, BK)
@@ -98,11 +99,7 @@ if triton is not None:
         r_desc = tl.make_tensor_descriptor(R, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
         n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
-            group = tile // (GROUP_M * n_n)
-            first_m = group * GROUP_M
-            size_m = min(n_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % (GROUP_M * n_n)) % size_m
-            pid_n = (tile % (GROUP_M * n_n)) // size_m
+            pid_m, pid_n = _grouped_tile(tile, n_m, n_n, GROUP_M)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 a = a_desc.load([pid_m * BM, k])

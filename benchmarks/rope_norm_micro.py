@@ -26,14 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nanochat_unsloth.model.memory import import_unsloth_module  # noqa: E402
-from nanochat_unsloth.model.ops import torch_apply_rotary, torch_rms_norm  # noqa: E402
+from nanochat_unsloth.model.ops import torch_rotary_norm  # noqa: E402
 from nanochat_unsloth.model.gpt import rotary_tables  # noqa: E402
 from nanochat_unsloth.model import rotary_norm as R  # noqa: E402
 from nanochat_unsloth.model.rotary_norm import rotary_norm  # noqa: E402
 
 
 def torch_qk(q, k, cos, sin):
-    return torch_rms_norm(torch_apply_rotary(q, cos, sin)), torch_rms_norm(torch_apply_rotary(k, cos, sin))
+    return torch_rotary_norm(q, cos, sin), torch_rotary_norm(k, cos, sin)
 
 
 def fused_qk(q, k, cos, sin):
@@ -44,7 +44,7 @@ def unsloth_qk_fn(head_dim: int, device):
     rope = import_unsloth_module("unsloth.kernels.rope_embedding")
     norm = import_unsloth_module("unsloth.kernels.rms_layernorm")
     ones = torch.ones(head_dim, device=device, dtype=torch.bfloat16)
-    eps = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 input computed in fp32
+    eps = R.rms_norm_eps(torch.bfloat16)  # F.rms_norm's default for bf16 input (float32's: it computes in fp32)
 
     def unsloth_qk(q, k, cos, sin):
         # (B, T, H, D) storage seen as (B, H, T, D): the layout Unsloth's RoPE rotates in place
