@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - GPU images have it
 # autotuned, so that every process of a run reduces each row in the same order (benchmarks/rope_norm_micro.py
 # --sweep times the alternatives).
 ROWS_PER_PROGRAM = 16
-NUM_WARPS = 4
+NUM_WARPS = 2
 
 
 def _supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
