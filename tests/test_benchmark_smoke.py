@@ -7,7 +7,6 @@ The GPU figures themselves come from the device (docs/PERF.md); this only keeps 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from interpreter import interpreter_runs_loops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,16 +181,7 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     assert missing.returncode == 2 and "none.json: no such file" in missing.stderr
 
 
-def _triton_interpreter_runs_loops() -> bool:
-    # Triton 3.6's CPU interpreter turns a runtime loop bound into a Python int in a way numpy 2 refuses
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import numpy
-
-    return int(numpy.__version__.split(".")[0]) < 2
-
-
-@pytest.mark.skipif(not _triton_interpreter_runs_loops(), reason="needs Triton, and numpy < 2 for its interpreter")
+@pytest.mark.skipif(not interpreter_runs_loops(), reason="needs Triton, and numpy < 2 for its interpreter")
 def test_mlp_epilogue_micro_kernels_agree_under_the_interpreter(tmp_path):
     """benchmarks/mlp_epilogue_micro.py's Triton GEMMs (pointer tiles, and persistent over TMA descriptors),
     plain and with the ReLU^2 epilogues, against torch under Triton's CPU interpreter (fp32, shapes that leave

@@ -1,11 +1,12 @@
 """The fused, chunked lm_head + softcap + cross-entropy of the `fused` kernel set.
 
-Per chunk of R rows: z = h @ W.T (bf16 GEMM, as nanochat's lm_head), then one compiled elementwise/
-reduction pass computes the fp32 softcap, the log-sum-exp, the per-row loss and dz = dL/dz in bf16;
-two more GEMMs turn dz into dL/dh (rows of a preallocated buffer) and dL/dW (accumulated in place).
-The same three GEMMs as the unfused loss, but the logits are read ~3 times and written once per
-chunk instead of materialised in bf16 and fp32 with a saved log-softmax: less memory traffic and
-only one chunk of logits alive. Backward only scales the saved gradients by the incoming grad.
+Per chunk of R rows: z = h @ W.T (bf16 GEMM, as nanochat's lm_head), then one pass computes the fp32
+softcap, the log-sum-exp, the per-row loss and dz = dL/dz in bf16 (on CUDA the Triton kernel of
+`softcap_ce.py`, which writes dz over z; elsewhere `_ce_chunk_grad`, its torch reference); two more GEMMs
+turn dz into dL/dh (rows of a preallocated buffer) and dL/dW (accumulated in place). The same three GEMMs
+as the unfused loss, but the logits are read twice and written once per chunk instead of materialised in
+bf16 and fp32 with a saved log-softmax: less memory traffic and only one chunk of logits alive. Backward
+only scales the saved gradients by the incoming grad.
 
 `--loss_chunk_mb` sets the chunk size; the result does not depend on it beyond fp32 summation order.
 """
@@ -13,14 +14,16 @@ only one chunk of logits alive. Backward only scales the saved gradients by the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from nanochat_unsloth.model import softcap_ce
 from nanochat_unsloth.model.ops import IGNORE_INDEX, compute_dtype
 
-DEFAULT_CHUNK_MB = 2048.0  # bf16 logits + their gradient per chunk: 8 chunks of 8192 rows at d20 B=32
+# bf16 logits + their gradient per chunk: 8 chunks of 8192 rows at d20 B=32 (the Triton kernel writes the
+# gradient over the logits, so on CUDA a chunk takes half of it)
+DEFAULT_CHUNK_MB = 2048.0
 
 
 def _upcast(z: Tensor) -> Tensor:
@@ -53,16 +56,16 @@ def _ce_chunk_losses(z: Tensor, targets: Tensor, softcap: float) -> Tensor:
     return torch.where(valid, lse - s_target, torch.zeros_like(lse))
 
 
-_COMPILED: dict[str, Callable] = {}
+def _chunk_grad(z: Tensor, targets: Tensor, softcap: float, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
+    if softcap_ce.supported(z, targets, softcap):
+        return softcap_ce.ce_chunk_grad(z, targets, softcap, grad_scale)
+    return _ce_chunk_grad(z, targets, softcap, grad_scale)
 
 
-def _chunk_fn(name: str, fn: Callable, device: torch.device) -> Callable:
-    # Compiled on CUDA only (CPU runs need no compiler toolchain); one graph per chunk shape.
-    if device.type != "cuda":
-        return fn
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
-    return _COMPILED[name]
+def _chunk_losses(z: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    if softcap_ce.supported(z, targets, softcap):
+        return softcap_ce.ce_chunk_losses(z, targets, softcap)
+    return _ce_chunk_losses(z, targets, softcap)
 
 
 def loss_chunk_rows(n_rows: int, vocab_size: int, chunk_mb: float = DEFAULT_CHUNK_MB) -> int:
@@ -95,13 +98,12 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             dx = torch.empty_like(h) if need_dx else None
             dw = torch.empty_like(w) if need_dw else None
             total = torch.zeros((), dtype=acc, device=device)
-            chunk_grad = _chunk_fn("grad", _ce_chunk_grad, device)
             rows = loss_chunk_rows(n, w.size(0), chunk_mb)
             for i, a in enumerate(range(0, n, rows)):
                 b = min(a + rows, n)
                 hc = h[a:b]
                 z = torch.mm(hc, w.t())
-                loss_sum, dz = chunk_grad(z, t[a:b], softcap, scale)
+                loss_sum, dz = _chunk_grad(z, t[a:b], softcap, scale)
                 del z
                 total += loss_sum
                 if dx is not None:
@@ -137,15 +139,14 @@ def _chunked_token_losses(x: Tensor, weight: Tensor, targets: Tensor, softcap: f
         t = targets.reshape(-1)
         w = weight.to(dtype)
         out = torch.empty(h.size(0), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
-        chunk_losses = _chunk_fn("losses", _ce_chunk_losses, x.device)
         rows = loss_chunk_rows(h.size(0), w.size(0), chunk_mb)
         for a in range(0, h.size(0), rows):
             b = min(a + rows, h.size(0))
-            out[a:b] = chunk_losses(torch.mm(h[a:b], w.t()), t[a:b], softcap)
+            out[a:b] = _chunk_losses(torch.mm(h[a:b], w.t()), t[a:b], softcap)
     return out
 
 
-@torch.compiler.disable  # an opaque region under whole-model compile; it compiles its own chunk kernel
+@torch.compiler.disable  # an opaque region under whole-model compile: its kernel is Triton's, launched eagerly
 def chunked_lm_head_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: float,
                          reduction: str = "mean", chunk_mb: float = DEFAULT_CHUNK_MB) -> Tensor:
     """Same contract as `torch_lm_head_loss`, one chunk of logits at a time."""
