@@ -16,6 +16,7 @@ same tensors (median of --iters CUDA-event timings after warm-up) and checks tha
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -55,6 +56,21 @@ def unsloth_qk_fn(head_dim: int, device):
         return (norm.Fast_RMS_Layernorm.apply(q, ones, eps, False), norm.Fast_RMS_Layernorm.apply(k, ones, eps, False))
 
     return unsloth_qk
+
+
+def launch_shapes(module, **choices):
+    """Every combination of a kernel module's launch constants (e.g. NUM_WARPS=(2, 4, 8)), set on the module
+    in turn and yielded as a tuple; the module's own values come back afterwards."""
+    names = list(choices)
+    default = [getattr(module, n) for n in names]
+    try:
+        for values in itertools.product(*choices.values()):
+            for n, v in zip(names, values):
+                setattr(module, n, v)
+            yield values
+    finally:
+        for n, v in zip(names, default):
+            setattr(module, n, v)
 
 
 def time_fwd_bwd(fn, q0, k0, cos, sin, grads, warmup: int, iters: int, on_cuda: bool) -> tuple[float, tuple]:
@@ -128,17 +144,13 @@ def main() -> int:
         print(f"{name:38s} {ms:8.3f} ms fwd+bwd ({min_gb / ms:6.2f} TB/s of the minimum traffic)   "
               f"max rel diff vs eager {max(diffs):.2e}", flush=True)
     if args.sweep and on_cuda:
-        default = (R.ROWS_PER_PROGRAM, R.NUM_WARPS)
-        for rows in (8, 16, 32, 64):
-            for warps in (2, 4, 8):
-                R.ROWS_PER_PROGRAM, R.NUM_WARPS = rows, warps
-                ms, outs = time_fwd_bwd(fused_qk, q0, k0, cos, sin, grads, args.warmup, args.iters, on_cuda)
-                diff = max(rel_diff(a, b) for a, b in zip(outs, reference))
-                results.append({"variant": f"our kernels, {rows} rows x {warps} warps", "ms": ms,
-                                "max_rel_diff_vs_eager": diff, "rows_per_program": rows, "num_warps": warps})
-                print(f"our kernels, {rows:2d} rows per program x {warps} warps   {ms:8.3f} ms fwd+bwd   "
-                      f"max rel diff vs eager {diff:.2e}", flush=True)
-        R.ROWS_PER_PROGRAM, R.NUM_WARPS = default
+        for rows, warps in launch_shapes(R, ROWS_PER_PROGRAM=(8, 16, 32, 64), NUM_WARPS=(2, 4, 8)):
+            ms, outs = time_fwd_bwd(fused_qk, q0, k0, cos, sin, grads, args.warmup, args.iters, on_cuda)
+            diff = max(rel_diff(a, b) for a, b in zip(outs, reference))
+            results.append({"variant": f"our kernels, {rows} rows x {warps} warps", "ms": ms,
+                            "max_rel_diff_vs_eager": diff, "rows_per_program": rows, "num_warps": warps})
+            print(f"our kernels, {rows:2d} rows per program x {warps} warps   {ms:8.3f} ms fwd+bwd   "
+                  f"max rel diff vs eager {diff:.2e}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nanochat_unsloth.model import lm_head_loss as L  # noqa: E402
 from nanochat_unsloth.model import softcap_ce as S  # noqa: E402
+from rope_norm_micro import launch_shapes  # noqa: E402  (a sibling script: its directory is on sys.path)
 
 
 def time_chunk(fn, z0, targets, scale, warmup: int, iters: int, on_cuda: bool) -> tuple[float, tuple]:
@@ -95,13 +96,9 @@ def main() -> int:
         ms, out = time_chunk(fn, z0, targets, scale, args.warmup, args.iters, on_cuda)
         record(name, ms, out)
     if args.sweep and on_cuda:
-        default = (S.BLOCK, S.NUM_WARPS)
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                S.BLOCK, S.NUM_WARPS = block, warps
-                ms, out = time_chunk(S.ce_chunk_grad, z0, targets, scale, args.warmup, args.iters, on_cuda)
-                record(f"our kernel, {block} per loop x {warps} warps", ms, out, block=block, num_warps=warps)
-        S.BLOCK, S.NUM_WARPS = default
+        for block, warps in launch_shapes(S, BLOCK=(1024, 2048, 4096, 8192), NUM_WARPS=(4, 8, 16)):
+            ms, out = time_chunk(S.ce_chunk_grad, z0, targets, scale, args.warmup, args.iters, on_cuda)
+            record(f"our kernel, {block} per loop x {warps} warps", ms, out, block=block, num_warps=warps)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
