@@ -6,9 +6,9 @@
     loss = logsumexp(s) - s[t]                             (0 where t is ignored)
     dz = scale * (softmax(s) - onehot(t)) * (1 - (s / c)^2)   (0 where t is ignored)
 
-`lm_head_loss._ce_chunk_grad` is that math in torch (the CPU path and the reference). Compiled by Inductor
-it reads the logits about three times and spends most of its time in libdevice's tanh (docs/PERF.md). Here
-one program takes one row in two passes over it:
+`lm_head_loss._ce_chunk_grad` is that math in torch (the CPU path and the reference). Inductor's fusion of
+it ran at half the bandwidth the pass needs (docs/PERF.md, "A Triton kernel for the fused loss's chunk").
+Here one program takes one row in two passes over it:
 
     pass 1: the sum of exp(s - c). Since |s| <= c, the shift c bounds every term by 1 and below by
             exp(-2c), so no running maximum is needed (which softmax kernels otherwise keep);
