@@ -58,6 +58,14 @@ def unsloth_qk_fn(head_dim: int, device):
     return unsloth_qk
 
 
+def micro_device(name: str) -> torch.device:
+    """`--device`'s device; exits 2 with one line when CUDA is asked for and there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU (use --device cpu for a smoke test)", file=sys.stderr)
+        raise SystemExit(2)
+    return torch.device(name)
+
+
 def launch_shapes(module, **choices):
     """Every combination of a kernel module's launch constants (e.g. NUM_WARPS=(2, 4, 8)), set on the module
     in turn and yielded as a tuple; the module's own values come back afterwards."""
@@ -112,11 +120,8 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="also our kernels at every launch shape (rows per "
                    "program x warps), to choose rotary_norm.ROWS_PER_PROGRAM / NUM_WARPS")
     args = p.parse_args()
-    on_cuda = args.device == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU (use --device cpu for a smoke test)", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+    device = micro_device(args.device)
+    on_cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch, args.seq, args.heads, args.head_dim)
     q0 = torch.randn(shape, device=device, generator=g, dtype=torch.bfloat16)

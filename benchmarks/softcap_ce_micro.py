@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nanochat_unsloth.model import lm_head_loss as L  # noqa: E402
 from nanochat_unsloth.model import softcap_ce as S  # noqa: E402
-from rope_norm_micro import launch_shapes  # noqa: E402  (a sibling script: its directory is on sys.path)
+from rope_norm_micro import launch_shapes, micro_device  # noqa: E402  (a sibling script: its directory is on sys.path)
 
 
 def time_chunk(fn, z0, targets, scale, warmup: int, iters: int, on_cuda: bool) -> tuple[float, tuple]:
@@ -57,11 +57,8 @@ def main() -> int:
                    "softcap_ce.BLOCK / NUM_WARPS")
     p.add_argument("--out", default="", help="JSON file of the results")
     args = p.parse_args()
-    on_cuda = args.device == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU (use --device cpu for a smoke test)", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+    device = micro_device(args.device)
+    on_cuda = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     # logits of the spread a trained lm_head gives (std ~4), some beyond the softcap; a few ignored rows
     z0 = (torch.randn(args.rows, args.vocab, device=device, generator=g) * 4).bfloat16()
