@@ -30,30 +30,31 @@ def _upcast(z: Tensor) -> Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))  # fp32 math (fp64 stays fp64, for tests)
 
 
-def _ce_chunk_grad(z: Tensor, targets: Tensor, softcap: float, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of the CE losses of the chunk's valid rows, and dz = d(grad_scale * sum)/dz in z's dtype."""
+def _softcapped_losses(z: Tensor, targets: Tensor, softcap: float):
+    """(s, lse, valid, safe, losses): the softcapped logits in fp32, their log-sum-exp, which rows count,
+    the targets with ignored ones at 0, and the per-row CE losses (0 where ignored)."""
     s = softcap * torch.tanh(_upcast(z) / softcap)
     lse = torch.logsumexp(s, dim=-1)
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     s_target = s.gather(1, safe.unsqueeze(1)).squeeze(1)
-    loss_sum = torch.where(valid, lse - s_target, torch.zeros_like(lse)).sum()
+    return s, lse, valid, safe, torch.where(valid, lse - s_target, torch.zeros_like(lse))
+
+
+def _ce_chunk_grad(z: Tensor, targets: Tensor, softcap: float, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of the CE losses of the chunk's valid rows, and dz = d(grad_scale * sum)/dz in z's dtype."""
+    s, lse, valid, safe, losses = _softcapped_losses(z, targets, softcap)
     # dL/ds = softmax(s) - onehot(target); ds/dz = 1 - tanh^2 = 1 - (s / softcap)^2
     p = torch.exp(s - lse.unsqueeze(1))
     onehot = torch.arange(s.size(1), device=s.device).unsqueeze(0) == safe.unsqueeze(1)
     row_scale = torch.where(valid, grad_scale, torch.zeros_like(grad_scale)).unsqueeze(1)
     dz = (p - onehot.to(p.dtype)) * row_scale * (1.0 - (s / softcap) ** 2)
-    return loss_sum, dz.to(z.dtype)
+    return losses.sum(), dz.to(z.dtype)
 
 
 def _ce_chunk_losses(z: Tensor, targets: Tensor, softcap: float) -> Tensor:
     """Per-row fp32 CE losses of the chunk (0 where ignored): the no-grad / reduction="none" path."""
-    s = softcap * torch.tanh(_upcast(z) / softcap)
-    lse = torch.logsumexp(s, dim=-1)
-    valid = targets != IGNORE_INDEX
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    s_target = s.gather(1, safe.unsqueeze(1)).squeeze(1)
-    return torch.where(valid, lse - s_target, torch.zeros_like(lse))
+    return _softcapped_losses(z, targets, softcap)[-1]
 
 
 def _chunk_grad(z: Tensor, targets: Tensor, softcap: float, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
