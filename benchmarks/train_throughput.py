@@ -15,6 +15,7 @@ Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | fused (`--kernels fused`) | torch-blocks (torch kernels, `--compile blocks`)
                 | torch-fp8 | fused-fp8 (`--fp8`: block GEMMs in FP8)
                 | fused-fp8-dynamic | fused-fp8-delayed (`--fp8_scaling dynamic|delayed`)
+                | fused-model | fused-fp8-model (`--compile model`: one graph, the fused loss outside)
                 (records in docs/PERF.md before 2026-11-28 call the fused set "unsloth"; those names are
                 still accepted)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
@@ -54,6 +55,8 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "fused-fp8": {"kernels": "fused", "fp8": True},
     "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
     "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
+    "fused-model": {"kernels": "fused", "compile": "model"},
+    "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model"},
 }
 # the fused set's former name, as docs/PERF.md's older records spell it
 KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})

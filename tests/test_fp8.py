@@ -461,6 +461,21 @@ def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
     assert delayed < dynamic + one_e4m3_copy // 4, (dynamic, delayed)  # a few fp32 scalars at most
 
 
+def test_fp8_blocks_compile_without_graph_breaks():
+    """Each FP8 block is one graph in both scaling modes (fullgraph=True raises on a graph break): a break inside
+    the FP8 autograd op leaves it and its casts to eager kernels, which cost a third of the d20 step on an H200
+    (docs/PERF.md, session 11)."""
+    torch._dynamo.reset()
+    model = to_fp8(build())
+    F8.attach_delayed_scaling(model.transformer.h)
+    for block in model.transformer.h:
+        F8.share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)
+    model.compiled_blocks = [torch.compile(b, backend="aot_eager", fullgraph=True) for b in model.transformer.h]
+    loss_and_grads(model, *batch(seed=3))  # dynamic scaling, records the history
+    assert F8.start_delayed_scaling(model) is True
+    loss_and_grads(model, *batch(seed=4))  # delayed scaling: the second graph
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
 def test_tiny_gpt_with_delayed_scaling_tracks_the_unquantized_model(backend, strict_scaled_mm):
     ref = build()

@@ -4,8 +4,13 @@
 (regional compilation: the blocks share one compiled graph, so compiling costs one block's time) and
 leaves the embedding, the final norm and the loss outside. `auto`: the torch kernels in fast or
 selective mode use "model" (their loss, logits and all, must be inside the graph to stay fast and
-small); the fused kernels and lean mode use "blocks" (the fused loss is its own compiled region, and
+small); the fused kernels and lean mode use "blocks" (the fused loss runs outside any graph, and
 Unsloth's offloaded checkpoint cannot be traced). "none" runs eagerly.
+
+The fused set under "model" is one graph for the embedding, all blocks and the final norm, with the fused
+loss outside it. It costs a longer compile (about three minutes with `--fp8`) and pays where the host
+cannot keep up with small micro-batches: each micro-step then launches one graph instead of twenty
+(docs/PERF.md has the measurements, e.g. d20 B=4 with `--fp8`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,6 @@ def compile_mode(kernels: str, memory: str, choice: str = "auto") -> str:
     """How to compile a model built with these (resolved) kernels and memory mode (`--compile`)."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
-    if choice == "model" and kernels == "fused":
-        # the fused loss is a compiler-disabled region, so the whole-model graph ends before it anyway:
-        # no gain over blocks for a much longer compile (docs/PERF.md)
-        raise ValueError("--compile model does not go with --kernels fused; use --compile auto or blocks")
     if choice != "auto":
         return choice
     return "blocks" if (kernels == "fused" or memory == "lean") else "model"

@@ -275,9 +275,10 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        # Indexing only: Dynamo (torch 2.11) traces `*rest` as a tuple and breaks the graph on list methods
         x8, x_inv, w8, w_inv, *rest = ctx.saved_tensors
-        u = rest.pop(0) if ctx.relu2 else None
-        history = rest
+        u = rest[0] if ctx.relu2 else None
+        history = rest[1:] if ctx.relu2 else rest
         g8, g_inv, g8_t = _quantize_grad(grad_out.contiguous(), u, history[0] if history else None, ctx.delayed)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:

@@ -57,7 +57,8 @@ class TrainConfig:
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
                                                             "block, or nothing (CUDA only); auto = model for torch "
-                                                            "kernels, blocks for fused or lean"})
+                                                            "kernels, blocks for fused or lean (fused with --fp8 "
+                                                            "at B<=4: model is faster)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
@@ -117,9 +118,6 @@ class TrainConfig:
         for name, choices in _CHOICES:
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
-        if self.compile == "model" and self.kernels == "fused":
-            raise UserError("--compile model does not go with --kernels fused (its loss is compiled on its own); "
-                            "use --compile auto or blocks")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
