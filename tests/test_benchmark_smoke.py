@@ -100,19 +100,6 @@ def test_softcap_ce_micro_runs_its_torch_side_on_cpu(tmp_path):
     assert r["dz_max_rel_err_vs_fp64"] < 2**-8 and r["loss_rel_err_vs_fp64"] < 1e-6
 
 
-def test_relu2_fp8_micro_runs_its_torch_side_on_cpu(tmp_path):
-    """The FP8 MLP glue micro-benchmark on the CPU: the eager torch math runs and reports the pass's least
-    traffic (dh and u in bf16, the e5m2 gradient twice: 6 bytes per element)."""
-    out = tmp_path / "relu2.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "relu2_fp8_micro.py"), "--device", "cpu",
-                           "--rows", "64", "--hidden", "48", "--warmup", "0", "--iters", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (r,) = json.loads(out.read_text())
-    assert r["variant"] == "torch (eager)" and (r["rows"], r["hidden"]) == (64, 48) and r["equal_to_eager"]
-    assert r["min_gb_moved"] == 6 * 64 * 48 / 1e9
-
-
 def test_kernel_micro_times_every_piece_on_cpu(tmp_path):
     """benchmarks/kernel_micro.py's CPU smoke test: every piece runs forward + backward through our model's
     own modules and lands in the JSON; an unknown --modes entry is refused by name."""

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanochat_unsloth.common import notice_once
-from nanochat_unsloth.model import relu2_fp8
 from nanochat_unsloth.model.ops import compute_dtype
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
@@ -83,16 +82,11 @@ def row_first_amax(x: Tensor) -> Tensor:
     return x.detach().abs().amax(dim=1).amax().float()
 
 
-def scale_for(amax: Tensor, dtype: torch.dtype) -> Tensor:
-    """The fp32 scale that maps `amax` to the format's largest value."""
-    return torch.finfo(dtype).max / amax.float().clamp(min=_AMAX_FLOOR)
-
-
 def quantize_with_amax(x: Tensor, amax: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(x8, inv_scale) with the scale that maps `amax` to the format's largest value. Values above
     `amax` saturate at +-max (the clamp) instead of overflowing."""
     fmax = torch.finfo(dtype).max
-    scale = scale_for(amax, dtype)
+    scale = fmax / amax.float().clamp(min=_AMAX_FLOOR)
     x8 = (x.float() * scale).clamp(-fmax, fmax).to(dtype)
     return x8, scale.reciprocal()
 
@@ -246,18 +240,16 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x @ W.T with all three GEMMs in FP8, or y = relu(x @ W.T)^2 (`relu2`: the MLP's c_fc and its
-    activation, whose backward then casts the activation's gradient in one pass). x: (M, K) in the
-    compute dtype, W: (N, K) parameter.
+    """y = x @ W.T with all three GEMMs in FP8. x: (M, K) in the compute dtype, W: (N, K) parameter.
 
     `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
-    DelayedScaling buffer, or None) is the amax history of the gradient of x @ W.T: read for the scale
-    when `delayed`, overwritten with this backward's amax either way.
+    DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale when
+    `delayed`, overwritten with this backward's amax either way.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
-                delayed: bool, relu2: bool) -> Tensor:
+                delayed: bool) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
         x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
@@ -266,67 +258,41 @@ class _Fp8Matmul(torch.autograd.Function):
         # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy. Fast accumulation in the
         # forward only (the common recipe: the backward's long reductions keep full accumulation).
         y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
-        saved = (x8, x_inv, w8, w_inv) + ((y,) if relu2 else ()) + ((grad_amax,) if grad_amax is not None else ())
-        ctx.save_for_backward(*saved)  # 1 byte per element of x instead of 2 (and ReLU^2's input, as autograd's)
+        saved = (x8, x_inv, w8, w_inv) + ((grad_amax,) if grad_amax is not None else ())
+        ctx.save_for_backward(*saved)  # 1 byte per element instead of x's 2
         ctx.weight_dtype = weight.dtype
         ctx.delayed = delayed
-        ctx.relu2 = relu2
-        return torch.relu(y).square() if relu2 else y
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        # Indexing only: Dynamo (torch 2.11) traces `*rest` as a tuple and breaks the graph on list methods
-        x8, x_inv, w8, w_inv, *rest = ctx.saved_tensors
-        u = rest[0] if ctx.relu2 else None
-        history = rest[1:] if ctx.relu2 else rest
-        g8, g_inv, g8_t = _quantize_grad(grad_out.contiguous(), u, history[0] if history else None, ctx.delayed)
+    def backward(ctx, grad_y: Tensor):
+        x8, x_inv, w8, w_inv, *history = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        if ctx.delayed:
+            g8, g_inv = quantize_with_amax(grad_y, history[0] * MARGIN, E5M2)
+            history[0].copy_(row_first_amax(grad_y))  # the next micro-step's scale
+        else:
+            amax = tensor_amax(grad_y)
+            g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
+            if history:
+                history[0].copy_(amax)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_out.dtype, fast_accum=False)
+            grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_y.dtype, fast_accum=False)
         if ctx.needs_input_grad[1]:
             # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
-            grad_w = _scaled_mm(g8_t if g8_t is not None else g8.t().contiguous(), g_inv, _column_major(x8), x_inv,
-                                ctx.weight_dtype, fast_accum=False)
-        return grad_x, grad_w, None, None, None, None
+            grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x8), x_inv, ctx.weight_dtype,
+                                fast_accum=False)
+        return grad_x, grad_w, None, None, None
 
 
-def relu2_grad(grad_h: Tensor, u: Tensor) -> Tensor:
-    """d/du of relu(u)^2 applied to grad_h, as autograd computes it (one rounding to grad_h's dtype)."""
-    return torch.where(u > 0, grad_h * (2 * u), torch.zeros_like(grad_h))
-
-
-def _quantize_grad(grad: Tensor, u: Tensor | None, history: Tensor | None,
-                   delayed: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(g8, inv_scale, g8 transposed or None) of the gradient of x @ W.T, which is `grad` itself or, with
-    ReLU^2's input `u`, relu2_grad(grad, u); records its amax into `history`."""
-    if u is not None and delayed and relu2_fp8.supported(grad, u):
-        # the Triton kernel: the derivative, both e5m2 layouts and the amax in one pass
-        scale = scale_for(history * MARGIN, E5M2)
-        g8, g8_t, amax = relu2_fp8.relu2_grad_e5m2(grad, u, scale)
-        history.copy_(amax)  # the next micro-step's scale
-        return g8, scale.reciprocal(), g8_t
-    if u is not None:
-        grad = relu2_grad(grad, u)
-    if delayed:
-        g8, g_inv = quantize_with_amax(grad, history * MARGIN, E5M2)
-        history.copy_(row_first_amax(grad))  # the next micro-step's scale
-    else:
-        amax = tensor_amax(grad)
-        g8, g_inv = quantize_with_amax(grad, amax, E5M2)
-        if history is not None:
-            history.copy_(amax)
-    return g8, g_inv, None
-
-
-def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None, relu2: bool = False) -> Tensor:
-    """`F.linear(x, weight)` (no bias), or relu(F.linear(x, weight))^2 with `relu2`, with FP8 GEMMs while
-    training; the plain bf16 op without autograd.
+def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None) -> Tensor:
+    """`F.linear(x, weight)` (no bias) with FP8 GEMMs while training; plain `F.linear` without autograd.
 
     With a `scaling` state the layer records its amaxes, and scales from them once the state is active.
     """
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        y = F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
-        return torch.relu(y).square() if relu2 else y
+        return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     delayed = scaling is not None and scaling.active
     if delayed:
@@ -334,7 +300,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
-    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed, relu2)
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
     if scaling is not None and scaling.records_input:
         with torch.no_grad():
             scaling.input_scaling.x_amax.copy_(new_x_amax)
@@ -344,11 +310,6 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, and its delayed scaling if it has one."""
     return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
-
-
-def fp8_linear_relu2(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The kernel seam's `linear_relu2` with FP8 GEMMs (see `fp8_linear`)."""
-    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None), relu2=True)
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +330,7 @@ def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = N
     if not ok:
         notice_once(f"--fp8: {why}; training in bf16")
         return model
-    use_fp8_linears(model)
+    set_linear(model, fp8_linear)
     if scaling == "auto":
         scaling = "delayed" if rows is not None and rows >= DELAYED_SCALING_MIN_ROWS else "dynamic"
     if scaling == "delayed":
@@ -380,10 +341,9 @@ def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = N
     return model
 
 
-def use_fp8_linears(model: nn.Module) -> None:
-    """Give the model and every module that shares its kernel set the set with its block GEMM ops
-    (`linear`, `linear_relu2`) in FP8."""
-    ops = dataclasses.replace(model.ops, linear=fp8_linear, linear_relu2=fp8_linear_relu2, fp8=True)
+def set_linear(model: nn.Module, linear) -> None:
+    """Give the model and every module that shares its kernel set the set with `linear` replaced."""
+    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear is fp8_linear)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops

@@ -114,7 +114,7 @@ class MLP(nn.Module):
         return self._mlp(x)
 
     def _mlp(self, x: Tensor) -> Tensor:
-        h = self.ops.linear_relu2(x, self.c_fc)  # ReLU^2
+        h = F.relu(self.ops.linear(x, self.c_fc)).square()
         return self.ops.linear(h, self.c_proj)
 
 

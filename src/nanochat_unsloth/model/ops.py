@@ -1,13 +1,10 @@
 """The kernel interface: the few ops the model's speed depends on, and the torch reference for each.
 
 `GPT` never calls `F.rms_norm`, `scaled_dot_product_attention` or `cross_entropy` itself; it calls
-`self.ops.<op>`. A faster implementation provides the same six callables with the same math, and the
+`self.ops.<op>`. A faster implementation provides the same five callables with the same math, and the
 model file stays untouched:
 
     linear(x, layer)                                   x @ layer.weight.T (no bias): every block GEMM
-    linear_relu2(x, layer)                             relu(x @ layer.weight.T)^2: the MLP's c_fc and its
-                                                       activation, one op so that FP8 can cast the
-                                                       activation's gradient in the same pass
     rms_norm(x)                                        weightless RMSNorm over the last dim
     rotary_norm(x, cos, sin)                           rms_norm(rotary(x)): q's and k's prologue;
                                                        x: (B, T, H, D); cos/sin: (1, T, 1, D/2) bf16
@@ -16,7 +13,7 @@ model file stays untouched:
                                                        fp32 cross-entropy of softcapped logits,
                                                        ignore_index=-1; reduction mean|sum|none (flat)
 
-The sets themselves (`torch`, `fused`) are named and chosen in `build.py`; `fp8.py` swaps the two GEMM ops;
+The sets themselves (`torch`, `fused`) are named and chosen in `build.py`; `fp8.py` swaps `linear`;
 `rotary_norm.py` holds the fused set's prologue kernels.
 """
 
@@ -36,12 +33,11 @@ IGNORE_INDEX = -1
 class Kernels:
     name: str
     linear: Callable[[Tensor, nn.Linear], Tensor]
-    linear_relu2: Callable[[Tensor, nn.Linear], Tensor]
     rms_norm: Callable[[Tensor], Tensor]
     rotary_norm: Callable[[Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
     lm_head_loss: Callable[[Tensor, Tensor, Tensor, float, str], Tensor]
-    fp8: bool = False  # block GEMMs in FP8 (`linear` and `linear_relu2` are fp8's)
+    fp8: bool = False  # block GEMMs in FP8 (`linear` is fp8.fp8_linear)
 
     @property
     def label(self) -> str:
@@ -61,10 +57,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def torch_linear(x: Tensor, layer: nn.Linear) -> Tensor:
     return F.linear(x, layer.weight)
-
-
-def torch_linear_relu2(x: Tensor, layer: nn.Linear) -> Tensor:
-    return F.relu(F.linear(x, layer.weight)).square()
 
 
 def torch_rms_norm(x: Tensor) -> Tensor:
@@ -106,7 +98,6 @@ def torch_lm_head_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: floa
 TORCH_KERNELS = Kernels(
     name="torch",
     linear=torch_linear,
-    linear_relu2=torch_linear_relu2,
     rms_norm=torch_rms_norm,
     rotary_norm=torch_rotary_norm,
     attention=torch_attention,
