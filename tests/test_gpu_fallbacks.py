@@ -325,6 +325,15 @@ def test_compile_modes_and_blocks_keep_state_dict_names():
     assert C.compile_mode("fused", "lean", "none") == "none"
     assert C.compile_mode("torch", "fast", "blocks") == "blocks"
     assert C.compile_mode("fused", "fast", "model") == "model"  # one graph, the fused loss outside it
+    # auto: the whole model for the FP8 fused set on small micro-batches in fast mode only
+    small, large = C.WHOLE_MODEL_FP8_MAX_ROWS - 16, C.WHOLE_MODEL_FP8_MAX_ROWS
+    assert C.compile_mode("fused", "fast", fp8=True, rows=small) == "model"
+    assert C.compile_mode("fused", "fast", fp8=True, rows=large) == "blocks"
+    assert C.compile_mode("fused", "fast", fp8=True) == "blocks"  # rows unknown
+    assert C.compile_mode("fused", "fast", fp8=False, rows=small) == "blocks"
+    assert C.compile_mode("fused", "selective", fp8=True, rows=small) == "blocks"
+    assert C.compile_mode("fused", "lean", fp8=True, rows=small) == "blocks"
+    assert C.compile_mode("fused", "fast", "blocks", fp8=True, rows=small) == "blocks"
     with pytest.raises(ValueError, match="--compile 'fastest'"):
         C.compile_mode("torch", "fast", "fastest")
     model = build_tiny()

@@ -5,12 +5,13 @@
 leaves the embedding, the final norm and the loss outside. `auto`: the torch kernels in fast or
 selective mode use "model" (their loss, logits and all, must be inside the graph to stay fast and
 small); the fused kernels and lean mode use "blocks" (the fused loss runs outside any graph, and
-Unsloth's offloaded checkpoint cannot be traced). "none" runs eagerly.
+Unsloth's offloaded checkpoint cannot be traced), except the fused set with `--fp8` on small micro-batches
+in fast memory mode, which uses "model" (below). "none" runs eagerly.
 
 The fused set under "model" is one graph for the embedding, all blocks and the final norm, with the fused
 loss outside it. It costs a longer compile (about three minutes with `--fp8`) and pays where the host
 cannot keep up with small micro-batches: each micro-step then launches one graph instead of twenty
-(docs/PERF.md has the measurements, e.g. d20 B=4 with `--fp8`).
+(docs/PERF.md has the measurements, e.g. d20 B=4 with `--fp8`, which is why `auto` takes it there).
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ from torch import nn
 COMPILE_CHOICES = ("auto", "model", "blocks", "none")
 
 
-def compile_mode(kernels: str, memory: str, choice: str = "auto") -> str:
-    """How to compile a model built with these (resolved) kernels and memory mode (`--compile`)."""
+# Below this many rows (B*T) per micro-batch `auto` compiles the fused set's FP8 model whole (fast memory mode):
+# the step is bound by the host's launches there. The same bound as FP8's dynamic scaling (fp8.py), where the
+# whole-model graph was measured (d20 B=4, 8,192 rows: 1.13-1.15x); at B=32 it gave ~1% for a longer compile.
+WHOLE_MODEL_FP8_MAX_ROWS = 16384
+
+
+def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = False, rows: int | None = None) -> str:
+    """How to compile a model built with these (resolved) kernels and memory mode (`--compile`); `fp8` and
+    `rows` (B*T of a training micro-batch, when known) let `auto` pick the whole model for small FP8 steps."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     if choice != "auto":
         return choice
+    if kernels == "fused" and fp8 and memory == "fast" and rows is not None and rows < WHOLE_MODEL_FP8_MAX_ROWS:
+        return "model"
     return "blocks" if (kernels == "fused" or memory == "lean") else "model"
 
 

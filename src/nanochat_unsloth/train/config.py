@@ -57,8 +57,8 @@ class TrainConfig:
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
                                                             "block, or nothing (CUDA only); auto = model for torch "
-                                                            "kernels, blocks for fused or lean (fused with --fp8 "
-                                                            "at B<=4: model is faster)"})
+                                                            "kernels, blocks for fused or lean (model for fused "
+                                                            "with --fp8 below 16,384 rows per micro-batch)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "

@@ -35,6 +35,6 @@ def prepare_for_training(accelerator, raw_model: GPT, options: ModelOptions, opt
         from accelerate import DistributedType
 
         sharded = accelerator.distributed_type == DistributedType.FSDP
-        mode = compile_mode(raw_model.ops.name, options.memory, options.compile)
+        mode = compile_mode(raw_model.ops.name, options.memory, options.compile, raw_model.ops.fp8, options.fp8_rows)
         model = compile_for_training(model, raw_model, mode, data_parallel=accelerator.num_processes > 1 and not sharded)
     return TrainingModel(model, raw_model, optimizers, mode)
