@@ -52,7 +52,8 @@ def measure(args) -> dict:
         s.x_amax.fill_(1.0)
         s.grad_amax.fill_(1e-3)
         s.active = True
-    mode = compile_mode(model.ops.name, options.memory, options.compile, model.ops.fp8, options.fp8_rows) if on_cuda else "none"
+    # per-block accounting needs the blocks compiled one by one: without fp8/rows, `auto` keeps the fused set per block
+    mode = compile_mode(model.ops.name, options.memory, options.compile) if on_cuda else "none"
     compiled = compile_for_training(model, model, mode)
 
     allocated = torch.cuda.memory_allocated if on_cuda else (lambda: 0)
