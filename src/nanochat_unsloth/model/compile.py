@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanochat_unsloth.model.fp8 import DELAYED_SCALING_MIN_ROWS
+
 COMPILE_CHOICES = ("auto", "model", "blocks", "none")
 
 
 # Below this many rows (B*T) per micro-batch `auto` compiles the fused set's FP8 model whole (fast memory mode):
-# the step is bound by the host's launches there. The same bound as FP8's dynamic scaling (fp8.py), where the
-# whole-model graph was measured (d20 B=4, 8,192 rows: 1.13-1.15x); at B=32 it gave ~1% for a longer compile.
-WHOLE_MODEL_FP8_MAX_ROWS = 16384
+# the step is bound by the host's launches there. It is FP8's dynamic-scaling regime, where the whole-model
+# graph was measured (d20 B=4, 8,192 rows: 1.13-1.15x); at B=32 it gave ~1% for a longer compile.
+WHOLE_MODEL_FP8_MAX_ROWS = DELAYED_SCALING_MIN_ROWS
 
 
 def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = False, rows: int | None = None) -> str:
