@@ -15,7 +15,9 @@ Configuration names (comma lists, crossed with --batch-sizes):
     --kernels   torch | fused (`--kernels fused`) | torch-blocks (torch kernels, `--compile blocks`)
                 | torch-fp8 | fused-fp8 (`--fp8`: block GEMMs in FP8)
                 | fused-fp8-dynamic | fused-fp8-delayed (`--fp8_scaling dynamic|delayed`)
-                | fused-model | fused-fp8-model (`--compile model`: one graph, the fused loss outside)
+                | fused-model | fused-fp8-model (`--compile model --cuda_graphs off`: one graph, the fused loss
+                outside it) | fused-cg | fused-fp8-cg (the same with `--cuda_graphs on`)
+                | torch-cg | torch-nocg (`--cuda_graphs on|off`; plain `torch` takes `auto`)
                 (records in docs/PERF.md before 2026-11-28 call the fused set "unsloth"; those names are
                 still accepted)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
@@ -55,8 +57,12 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "fused-fp8": {"kernels": "fused", "fp8": True},
     "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
     "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
-    "fused-model": {"kernels": "fused", "compile": "model"},
-    "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model"},
+    "fused-model": {"kernels": "fused", "compile": "model", "cuda_graphs": "off"},
+    "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "off"},
+    "fused-cg": {"kernels": "fused", "compile": "model", "cuda_graphs": "on"},
+    "fused-fp8-cg": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "on"},
+    "torch-cg": {"kernels": "torch", "cuda_graphs": "on"},
+    "torch-nocg": {"kernels": "torch", "cuda_graphs": "off"},
 }
 # the fused set's former name, as docs/PERF.md's older records spell it
 KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})
@@ -120,7 +126,7 @@ def setup(args):
         w = torch.randint(0, args.vocab, (args.batch_size * args.seq + 1,), device=device, generator=gen)
         return w[:-1].view(args.batch_size, args.seq).int(), w[1:].view(args.batch_size, args.seq)
 
-    info = {"compile": mode, "kernels_used": raw_model.ops.label,
+    info = {"compile": mode, "cuda_graphs": prepared.cuda_graphs, "kernels_used": raw_model.ops.label,
             "flops_per_token": raw_model.estimate_flops(), "num_params": raw_model.num_params()}
     return accelerator, model, raw_model, optimizers, next_batch, grad_accum, info
 
@@ -147,7 +153,8 @@ def run_one(args) -> dict:
         final_mode = all(s.active for s in fp8.delayed_scalings(raw_model))
         sync()
         t0 = time.perf_counter()
-        out = optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, 1000)
+        out = optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, 1000,
+                             cuda_graphs=info["cuda_graphs"])
         sync()
         dt = time.perf_counter() - t0
         losses.append(out.loss.item())  # after the clock: the benchmark's only per-step host read
@@ -161,7 +168,8 @@ def run_one(args) -> dict:
     peak_reserved = torch.cuda.max_memory_reserved() / 2**30 if on_cuda else 0.0
     profile = None
     if args.profile:
-        profile = profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda)
+        profile = profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda,
+                               info["cuda_graphs"])
     dt = statistics.median(times)
     return {
         "depth": args.depth, "kernels": args.kernels, "batch_size": args.batch_size, "memory": args.memory,
@@ -179,7 +187,7 @@ def run_one(args) -> dict:
 # Profile: GPU time per category for one step
 
 
-def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda) -> dict:
+def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, on_cuda, cuda_graphs=False) -> dict:
     """One `step.optimizer_step` under torch.profiler, its phases marked by the loop's PhaseTimer.
 
     Kernels that start inside the clip / optimizer phases (the timer syncs the device at every mark, so no
@@ -196,7 +204,8 @@ def profile_step(accelerator, model, raw_model, optimizers, next_batch, grad_acc
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         timer.start()
-        optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, 10, 1000, timer=timer)
+        optimizer_step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, 10, 1000, timer=timer,
+                       cuda_graphs=cuda_graphs)
         timer.mark("rest")  # zero_grad and the FP8 scaling switch
     wall_ms = (time.perf_counter() - t0) * 1000
 
@@ -444,8 +453,10 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head} | {r['error']} ({r.get('wall_s', 0):.0f}s)"
     clocks = " ".join(f"GPU{i} {h['sm_mhz_mean']} MHz {h['power_w_mean']} W" for i, h in r.get("gpu_health", {}).items())
+    # CUDA graphs keep their pool reserved beside the allocator's peak: print both
     return (f"{head} | {r['tok_per_s']:>9,.0f} tok/s | MFU {r['mfu']:5.1f}% | peak {r['peak_alloc_gib']:5.1f} GiB "
-            f"| step {r['median_step_s'] * 1000:6.0f} ms | loss {r['losses'][-1]:.4f} | compile={r['compile']} | "
+            f"(reserved {r.get('peak_reserved_gib', 0):.1f}) | step {r['median_step_s'] * 1000:6.0f} ms "
+            f"| loss {r['losses'][-1]:.4f} | compile={r['compile']}{'+cuda_graphs' if r.get('cuda_graphs') else ''} | "
             f"{r.get('wall_s', 0):.0f}s" + (f" | {clocks}" if clocks else ""))
 
 

@@ -202,3 +202,61 @@ def test_adamw8bit_state_saves_and_resumes(state):
     step(model2, opt2, 2)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kernels,fp8", [("torch", False), ("fused", True)])
+def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8):
+    """`--cuda_graphs on` replays the same compiled kernels, so three optimizer steps of four accumulated
+    micro-batches (warm-up, recording, replays) give the plain graph's losses and weights, with an eval
+    forward (no grad, per-token losses, as the loop's val bpb) between steps. Without the kept .grad the
+    second micro-step raises ("overwritten by a subsequent run"). Bounds: on the H200 the two ways'
+    losses agreed to 3e-7 relative at d20 B=4 over six steps (the first three bit for bit; the rest is
+    the run-to-run noise of atomic adds in the embedding's backward); here, in two runs on an H200, to 5e-6
+    and bit for bit. 1e-4 leaves room for that noise. Weights are compared for Muon's matrices only, bound
+    1e-3: the first run's whole-model weight difference was 1.6e-2 relative (its worst parameter was not
+    recorded), the second's 0. AdamW divides each entry's step by its own gradient's size (wte at LR 0.2),
+    so an entry whose gradient is only rounding noise takes a full-size step either way; Muon's
+    orthogonalised step has no such per-entry division."""
+    from accelerate import Accelerator
+
+    from nanochat_unsloth.train.step import optimizer_step
+    from test_convert import reset_accelerate
+
+    if fp8 and not (torch.cuda.get_device_capability() >= (8, 9)):
+        pytest.skip("needs an FP8 GPU (compute capability 8.9+)")
+    reset_accelerate()
+    accelerator = Accelerator(mixed_precision="bf16")
+    x_eval, y_eval = data()
+    runs = {}
+    for cuda_graphs in (False, True):
+        model = build(kernels, state=state, fp8=fp8)
+        call = C.compile_for_training(model, model, "model", cuda_graphs=cuda_graphs)
+        optimizers = optim.build_optimizers_for("muon", model)
+        g = torch.Generator(device="cuda").manual_seed(3)
+
+        def next_batch():
+            w = torch.randint(0, VOCAB, (B, SEQ + 1), device="cuda", generator=g)
+            return w[:, :-1].int(), w[:, 1:]
+
+        losses, evals = [], []
+        for step in range(3):
+            out = optimizer_step(accelerator, call, model, optimizers, next_batch, 4, step, 10, cuda_graphs=cuda_graphs)
+            losses.append(out.loss.item())
+            with torch.no_grad(), accelerator.autocast():
+                evals.append(call(x_eval, y_eval, loss_reduction="none").float().mean().item())
+        if cuda_graphs:
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # kept, zeroed
+        muon = {id(p) for opt in optimizers if isinstance(opt, optim.Muon) for g in opt.param_groups for p in g["params"]}
+        runs[cuda_graphs] = losses, evals, {n: (id(p) in muon, p.detach().float().clone())
+                                             for n, p in model.named_parameters()}
+    reset_accelerate()
+    (l0, e0, w0), (l1, e1, w1) = runs[False], runs[True]
+    loss_rel = max(abs(a - b) / abs(a) for a, b in zip(l0 + e0, l1 + e1))
+    rel = {n: ((w0[n][1] - w1[n][1]).norm() / w0[n][1].norm().clamp(min=1e-30)).item() for n in w0}
+    worst = {kind: max((n for n in rel if w0[n][0] == is_muon), key=rel.get) for kind, is_muon in
+             (("Muon", True), ("AdamW", False))}
+    print(f"\n[{kernels}{'+fp8' if fp8 else ''} cuda graphs] losses {l0} vs {l1}, evals {e0} vs {e1}: "
+          f"max rel diff {loss_rel:.2e}; weights' max rel diff: "
+          + ", ".join(f"{kind} {rel[n]:.2e} ({n})" for kind, n in worst.items()))
+    assert loss_rel < 1e-4
+    assert rel[worst["Muon"]] < 1e-3

@@ -81,6 +81,7 @@ class ModelOptions:
     fp8_rows: int | None = None  # B*T of a training micro-batch, when known (lets fp8_scaling=auto choose)
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
     compile: str = "auto"  # auto | model | blocks | none (compile.compile_mode)
+    cuda_graphs: str = "auto"  # auto | on | off (compile.use_cuda_graphs)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "ModelOptions":

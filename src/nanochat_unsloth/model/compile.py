@@ -12,6 +12,13 @@ The fused set under "model" is one graph for the embedding, all blocks and the f
 loss outside it. It costs a longer compile (about three minutes with `--fp8`) and pays where the host
 cannot keep up with small micro-batches: each micro-step then launches one graph instead of twenty
 (docs/PERF.md has the measurements, e.g. d20 B=4 with `--fp8`, which is why `auto` takes it there).
+
+`--cuda_graphs` replays the whole-model graph's forward and backward as CUDA graphs (Inductor's
+"reduce-overhead" mode, CUDA graph trees): a micro-step then costs the host a few launches, not thousands.
+It changes no math. `auto` turns it on where it was measured to pay: the fused set's FP8 whole-model graph on
+small micro-batches (the host-bound step above), in one process. Elsewhere at small batches (the torch set,
+the bf16 fused set) it measured under 2% for 1-2 GiB more memory held by the graphs' pool, so `auto` leaves
+it off there.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from torch import nn
 from nanochat_unsloth.model.fp8 import DELAYED_SCALING_MIN_ROWS
 
 COMPILE_CHOICES = ("auto", "model", "blocks", "none")
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 
-# Below this many rows (B*T) per micro-batch `auto` compiles the fused set's FP8 model whole (fast memory mode):
-# the step is bound by the host's launches there. It is FP8's dynamic-scaling regime, where the whole-model
-# graph was measured (d20 B=4, 8,192 rows: 1.13-1.15x); at B=32 it gave ~1% for a longer compile.
-WHOLE_MODEL_FP8_MAX_ROWS = DELAYED_SCALING_MIN_ROWS
+# Below this many rows (B*T) per micro-batch the step is bound by the host's launches: `auto` compiles the
+# fused set's FP8 model whole there (fast memory mode) and replays whole-model graphs as CUDA graphs. It is
+# FP8's dynamic-scaling regime, where both were measured (d20 B=4, 8,192 rows; docs/PERF.md); at B=32 the
+# whole-model graph gave ~1% for a longer compile.
+SMALL_MICRO_BATCH_ROWS = DELAYED_SCALING_MIN_ROWS
 
 
 def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = False, rows: int | None = None) -> str:
@@ -37,12 +46,34 @@ def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = Fa
         raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     if choice != "auto":
         return choice
-    if kernels == "fused" and fp8 and memory == "fast" and rows is not None and rows < WHOLE_MODEL_FP8_MAX_ROWS:
+    if kernels == "fused" and fp8 and memory == "fast" and rows is not None and rows < SMALL_MICRO_BATCH_ROWS:
         return "model"
     return "blocks" if (kernels == "fused" or memory == "lean") else "model"
 
 
-def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False) -> nn.Module:
+def use_cuda_graphs(choice: str, mode: str, kernels: str = "torch", fp8: bool = False, rows: int | None = None,
+                    processes: int = 1) -> bool:
+    """Whether to replay the compiled model as CUDA graphs (`--cuda_graphs`), given the compile mode that
+    `compile_mode` chose, the (resolved) kernel set, `--fp8`, the rows (B*T) of a training micro-batch when
+    known, and the number of processes. ValueError names the flag when `on` cannot be honoured."""
+    if choice not in CUDA_GRAPH_CHOICES:
+        raise ValueError(f"--cuda_graphs {choice!r}: choose one of {', '.join(CUDA_GRAPH_CHOICES)}")
+    if choice == "off":
+        return False
+    if choice == "on":
+        if mode != "model":
+            raise ValueError(f"--cuda_graphs on replays the whole-model graph, but the model compiles as {mode!r}: "
+                             "add --compile model (or use --cuda_graphs auto)")
+        if processes > 1:
+            # DDP's gradient hooks and FSDP's parameter gathering run between the graphs; not measured
+            raise ValueError(f"--cuda_graphs on runs in one process only ({processes} here): use --cuda_graphs off")
+        return True
+    return (mode == "model" and kernels == "fused" and fp8 and processes == 1
+            and rows is not None and rows < SMALL_MICRO_BATCH_ROWS)
+
+
+def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False,
+                         cuda_graphs: bool = False) -> nn.Module:
     """Compile per `mode`; returns the module to call (the wrapper itself for "blocks" and "none").
 
     `data_parallel` (DDP): Dynamo's DDP optimizer would split every compiled graph at DDP's bucket
@@ -55,13 +86,18 @@ def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data
     `raw_model.compiled_blocks`, a plain list outside the module tree (parameter names and the
     state_dict stay nanochat's) that `GPT.forward` hands to `run_block`; the twins share one compiled
     graph (same code, parameters as graph inputs), so compiling costs one block.
+
+    `cuda_graphs` (mode "model" only): the training step must then keep every .grad allocated and mark each
+    micro-step (`step.optimizer_step(..., cuda_graphs=True)` does both).
     """
     if mode not in COMPILE_CHOICES[1:]:
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_CHOICES[1:])}")
     if data_parallel:
         torch._dynamo.config.optimize_ddp = False
+    if cuda_graphs and mode != "model":
+        raise ValueError(f"CUDA graphs replay the whole-model graph, not compile mode {mode!r}")
     if mode == "model":
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
     if mode == "blocks":
         raw_model.compiled_blocks = [torch.compile(block, dynamic=False) for block in raw_model.transformer.h]
     return model

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
-from nanochat_unsloth.model.compile import COMPILE_CHOICES
+from nanochat_unsloth.model.compile import COMPILE_CHOICES, CUDA_GRAPH_CHOICES
 from nanochat_unsloth.model.fp8 import SCALING_CHOICES
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
 from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
@@ -59,6 +59,11 @@ class TrainConfig:
                                                             "block, or nothing (CUDA only); auto = model for torch "
                                                             "kernels, blocks for fused or lean (model for fused "
                                                             "with --fp8 below 16,384 rows per micro-batch)"})
+    cuda_graphs: str = field(default="auto", metadata={"help": "auto|on|off: replay the whole-model graph's forward and "
+                                                                "backward as CUDA graphs (one process, --compile model; "
+                                                                "same math, fewer host launches); auto = on for the "
+                                                                "fused set's --fp8 whole-model graph below 16,384 rows "
+                                                                "per micro-batch"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
@@ -118,6 +123,9 @@ class TrainConfig:
         for name, choices in _CHOICES:
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
+        if self.cuda_graphs == "on" and self.compile not in ("auto", "model"):
+            raise UserError(f"--cuda_graphs on replays the whole-model graph, not --compile {self.compile}: "
+                            "use --compile model")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
@@ -127,7 +135,7 @@ class TrainConfig:
 _CHOICES = (
     ("kernels", KERNEL_CHOICES), ("memory", MEMORY_CHOICES), ("lean_checkpoint", LEAN_CHOICES),
     ("fp8_scaling", SCALING_CHOICES), ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
-    ("cpu_bf16", CPU_BF16_CHOICES),
+    ("cpu_bf16", CPU_BF16_CHOICES), ("cuda_graphs", CUDA_GRAPH_CHOICES),
 )
 
 

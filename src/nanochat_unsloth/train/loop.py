@@ -245,6 +245,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
     model, optimizers = prepared.model, prepared.optimizers
+    if device_type == "cuda":
+        print0(f"compile: {prepared.compile}" + (" with CUDA graphs" if prepared.cuda_graphs else ""))
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     # FSDP2: checkpoints are saved and loaded whole by us, not by Accelerate (train/fsdp.py says why)
     sharded_run = ckpt.ShardedRun(raw_model, optimizers, train_loader) if sharded_weights else None
@@ -371,6 +373,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                     num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
                     warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
                     global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(), timer=timer,
+                    cuda_graphs=prepared.cuda_graphs,
                 )
         except NonFiniteLoss as e:
             print0(f"{e}: stopping. The last good checkpoint in {run_dir} is kept; lower the LRs or resume it.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from nanochat_unsloth.model.build import ModelOptions
-from nanochat_unsloth.model.compile import compile_for_training, compile_mode
+from nanochat_unsloth.model.compile import compile_for_training, compile_mode, use_cuda_graphs
 from nanochat_unsloth.model.gpt import GPT
 from nanochat_unsloth.train import optim
 
@@ -22,6 +22,7 @@ class TrainingModel:
     raw_model: GPT  # uncompiled, unwrapped: sampling, FP8 state and checkpoint naming use it
     optimizers: list
     compile: str  # the compile mode used: model | blocks | none
+    cuda_graphs: bool = False  # the compiled model replays as CUDA graphs: pass it on to step.optimizer_step
 
 
 def prepare_for_training(accelerator, raw_model: GPT, options: ModelOptions, optimizer: str = "muon",
@@ -30,11 +31,14 @@ def prepare_for_training(accelerator, raw_model: GPT, options: ModelOptions, opt
     `accelerator.prepare`, then compile (CUDA only) as `options.compile` says. ValueError names a bad flag."""
     optimizers = optim.build_optimizers_for(optimizer, raw_model, **optimizer_kwargs)
     model, *optimizers = accelerator.prepare(raw_model, *optimizers)
-    mode = "none"
+    mode, cuda_graphs = "none", False
     if accelerator.device.type == "cuda":  # whole model (nanochat's) for torch kernels, block by block for fused / lean
         from accelerate import DistributedType
 
         sharded = accelerator.distributed_type == DistributedType.FSDP
         mode = compile_mode(raw_model.ops.name, options.memory, options.compile, raw_model.ops.fp8, options.fp8_rows)
-        model = compile_for_training(model, raw_model, mode, data_parallel=accelerator.num_processes > 1 and not sharded)
-    return TrainingModel(model, raw_model, optimizers, mode)
+        cuda_graphs = use_cuda_graphs(options.cuda_graphs, mode, raw_model.ops.name, raw_model.ops.fp8,
+                                      options.fp8_rows, accelerator.num_processes)
+        model = compile_for_training(model, raw_model, mode, data_parallel=accelerator.num_processes > 1 and not sharded,
+                                     cuda_graphs=cuda_graphs)
+    return TrainingModel(model, raw_model, optimizers, mode, cuda_graphs)

@@ -35,13 +35,16 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
                    grad_accum: int, step: int, num_iterations: int, *, grad_clip: float = 1.0,
                    warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
                    global_mean: Callable[[Tensor], float] | None = None,
-                   timer: PhaseTimer = DISABLED) -> StepResult:
+                   timer: PhaseTimer = DISABLED, cuda_graphs: bool = False) -> StepResult:
     """Run step `step` (0-based).
 
     `global_mean(local_mean_loss) -> float` reduces the loss over ranks (a host sync); when given, a
     non-finite loss raises NonFiniteLoss before the optimizers touch the weights. `timer` marks the
-    phases of a profiled step (`--profile_step`).
+    phases of a profiled step (`--profile_step`). `cuda_graphs`: the model replays as CUDA graphs
+    (`setup.TrainingModel.cuda_graphs`).
     """
+    if cuda_graphs:
+        _keep_grads(raw_model)
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro_step in range(grad_accum):
         last = micro_step == grad_accum - 1
@@ -50,6 +53,8 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
         # DDP all-reduces gradients only on the last micro-step
         sync_ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync_ctx, accelerator.autocast():
+            if cuda_graphs:  # a new replay: this micro-step's graph outputs may overwrite the previous one's
+                torch.compiler.cudagraph_mark_step_begin()
             loss = model(x, y)
             loss_sum += loss.detach()
             # each backward adds into .grad: normalise once, here (we do not use accelerator.accumulate)
@@ -69,6 +74,19 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     for opt in optimizers:
         opt.step()
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=not cuda_graphs)
     fp8.start_delayed_scaling(raw_model)  # --fp8: once every layer has an amax history
     return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
+
+
+def _keep_grads(model: torch.nn.Module) -> None:
+    """Give every trainable parameter a zero .grad if it has none.
+
+    Under CUDA graphs the backward's gradients live in the graph's memory pool. Autograd takes such a
+    gradient as the parameter's .grad itself when .grad is None, and the next micro-step's replay then
+    overwrites it (pytorch/pytorch#169545); an existing .grad is added into instead. So the grads are
+    allocated once and zeroed, not freed, after each step.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
