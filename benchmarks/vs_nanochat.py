@@ -162,9 +162,12 @@ def budget_gib(r: dict) -> float:
     return r["peak_reserved_gib"] if r.get("cuda_graphs") else r["peak_alloc_gib"]
 
 
+def _graphs(r: dict) -> str:
+    return " +cuda_graphs" if r.get("cuda_graphs") else ""
+
+
 def _label(r: dict) -> str:
-    return (f"{r['kernels']} B={r['batch_size']}" + ("" if r["memory"] == "fast" else f" {r['memory']}")
-            + (" +cuda_graphs" if r.get("cuda_graphs") else ""))
+    return f"{r['kernels']} B={r['batch_size']}" + ("" if r["memory"] == "fast" else f" {r['memory']}") + _graphs(r)
 
 
 def report(results: list[dict], budgets: list[float]) -> list[dict]:
@@ -187,8 +190,7 @@ def _report_depth(results: list[dict], budgets: list[float], depth: int) -> list
             print(f"| {r['kernels']} | {r['batch_size']} | {r['memory']} | {r.get('error', '?')[:60]} | | | |")
             continue
         ratio = r["tok_per_s"] / ref[r["batch_size"]] if r["batch_size"] in ref else float("nan")
-        cg = " +cuda_graphs" if r.get("cuda_graphs") else ""
-        print(f"| {r['kernels']}{cg} | {r['batch_size']} | {r['memory']} | {r['tok_per_s']:,.0f} | {ratio:.3f} | "
+        print(f"| {r['kernels']}{_graphs(r)} | {r['batch_size']} | {r['memory']} | {r['tok_per_s']:,.0f} | {ratio:.3f} | "
               f"{r['mfu']:.1f}% | {budget_gib(r):.1f} |")
     rows = frontier(results, budgets)
     print("\n| memory budget | nanochat's best | tok/s | our best | tok/s | ratio |")

@@ -39,6 +39,11 @@ CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 SMALL_MICRO_BATCH_ROWS = DELAYED_SCALING_MIN_ROWS
 
 
+def _host_bound_fp8_step(kernels: str, fp8: bool, rows: int | None) -> bool:
+    """The fused set's FP8 step on small micro-batches: where both `auto` rules below act."""
+    return kernels == "fused" and fp8 and rows is not None and rows < SMALL_MICRO_BATCH_ROWS
+
+
 def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = False, rows: int | None = None) -> str:
     """How to compile a model built with these (resolved) kernels and memory mode (`--compile`); `fp8` and
     `rows` (B*T of a training micro-batch, when known) let `auto` pick the whole model for small FP8 steps."""
@@ -46,7 +51,7 @@ def compile_mode(kernels: str, memory: str, choice: str = "auto", fp8: bool = Fa
         raise ValueError(f"--compile {choice!r}: choose one of {', '.join(COMPILE_CHOICES)}")
     if choice != "auto":
         return choice
-    if kernels == "fused" and fp8 and memory == "fast" and rows is not None and rows < SMALL_MICRO_BATCH_ROWS:
+    if memory == "fast" and _host_bound_fp8_step(kernels, fp8, rows):
         return "model"
     return "blocks" if (kernels == "fused" or memory == "lean") else "model"
 
@@ -68,8 +73,7 @@ def use_cuda_graphs(choice: str, mode: str, kernels: str = "torch", fp8: bool = 
             # DDP's gradient hooks and FSDP's parameter gathering run between the graphs; not measured
             raise ValueError(f"--cuda_graphs on runs in one process only ({processes} here): use --cuda_graphs off")
         return True
-    return (mode == "model" and kernels == "fused" and fp8 and processes == 1
-            and rows is not None and rows < SMALL_MICRO_BATCH_ROWS)
+    return mode == "model" and processes == 1 and _host_bound_fp8_step(kernels, fp8, rows)
 
 
 def compile_for_training(model: nn.Module, raw_model: nn.Module, mode: str, data_parallel: bool = False,
