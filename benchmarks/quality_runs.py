@@ -38,7 +38,14 @@ from nanochat_unsloth.common import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
-            "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"]}
+            "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
+            **{f"fp8-{r.replace('_', '-')}": ["--fp8", "--fp8_recipe", r]
+               for r in ("bf16_wgrad", "full_accum", "forward_only", "backward_only")},
+            "fp8-bf16-ends": ["--fp8", "--fp8_bf16_ends", "1"],
+            "fp8-wd-bf16": ["--fp8", "--fp8_warmdown", "bf16"],
+            "fp8-wd-bf16-forward": ["--fp8", "--fp8_warmdown", "bf16_forward"],
+            "torchao-tensorwise": ["--fp8", "--fp8_recipe", "torchao_tensorwise"],
+            "torchao-rowwise": ["--fp8", "--fp8_recipe", "torchao_rowwise"]}
 # A phased variant changes its flags once, at a fraction of its steps: the loop saves and stops there
 # (--stop_after) and the run resumes from that checkpoint with the second set. fp8-bf16-warmdown: FP8 until
 # nanochat's warm-down (the last 20% of the steps) starts, then the exact bf16 step; in the d12 runs of
@@ -78,14 +85,38 @@ def variant_flags(variant: str, run_dir: Path, num_iterations: int) -> list[str]
     return after if reached >= switch else [*before, "--stop_after", str(switch)]
 
 
+def branch(args, tag: str) -> list[str]:
+    """--branch-from RUN:STEP: a run with no checkpoint of its own starts from RUN's checkpoint at STEP (copied,
+    with RUN's logs up to it), so every variant trains the same steps after it from the same weights.
+    -> the flags that allow the variant's settings to differ from RUN's."""
+    if not args.branch_from:
+        return []
+    import shutil
+
+    from nanochat_unsloth.train.checkpoint import list_checkpoints, step_dir_name
+    from nanochat_unsloth.train.loop import rewrite_metrics_before
+
+    source, step = args.branch_from.rsplit(":", 1)
+    src, dst = args.base_dir / "runs" / source, args.base_dir / "runs" / tag
+    if not list_checkpoints(dst):
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / step_dir_name(int(step)), dst / step_dir_name(int(step)))
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            if (src / name).exists():
+                shutil.copy2(src / name, dst / name)
+                rewrite_metrics_before(dst / name, int(step))
+    return ["--force"]
+
+
 def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -> subprocess.Popen:
     tag = f"q_{variant}_s{seed}"
+    extra = branch(args, tag)
     flags = variant_flags(variant, args.base_dir / "runs" / tag, num_iterations)
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth),
              "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
              "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
              str(args.eval_tokens), "--sample_every", "-1", "--save_every", str(args.save_every), "--seed", str(seed),
-             "--model_tag", tag, "--resume", "auto", *flags, *args.extra.split()]
+             "--model_tag", tag, "--resume", "auto", *flags, *extra, *args.extra.split()]
     return start_training(args.base_dir, tag, train, gpu=gpu)
 
 
@@ -240,6 +271,9 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=2 * 524288)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--extra", default="", help="more training flags for every run")
+    p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU")
+    p.add_argument("--branch-from", default="", help="RUN:STEP: every run starts from run RUN's checkpoint at STEP "
+                   "(e.g. a screen of warm-down variants from one bf16 run stopped where its warm-down begins)")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", default="", help="PNG of the curves")
     p.add_argument("--from", dest="from_", default="", help="comma list of --out files of earlier invocations (e.g. "
@@ -268,7 +302,8 @@ def main() -> int:
     runs = [(v, int(s)) for v in args.variants.split(",") for s in args.seeds.split(",")]
     done = [r for r in runs if finished(args, *r, num_iterations)]  # a repeated command skips finished runs
     gpus = gpu_count()
-    slots = list(range(gpus)) if gpus else [None]  # no GPU: one run at a time (a CPU smoke test)
+    # several runs share a GPU with --per-gpu: one run's compilation (host) overlaps another's steps
+    slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, 0)]
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
     queue, running, failed, switched = [r for r in runs if r not in done], {}, [], set()
@@ -277,7 +312,7 @@ def main() -> int:
         for slot in [s for s in slots if s not in running]:
             if queue:
                 variant, seed = queue.pop(0)
-                running[slot] = ((variant, seed), start(args, variant, seed, slot, num_iterations))
+                running[slot] = ((variant, seed), start(args, variant, seed, slot[0], num_iterations))
         time.sleep(1)
         for slot, (run, proc) in list(running.items()):
             if proc.poll() is not None:

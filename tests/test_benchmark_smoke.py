@@ -398,3 +398,31 @@ def test_gpu_sampler_parses_nvidia_smi_lines_and_summarises_busy_gpus():
     assert summary[0]["busy_samples"] == 2 and summary[0]["sm_mhz_mean"] == 1680 and summary[0]["sm_mhz_min"] == 1605
     assert summary[0]["power_w_max"] == 699.0 and summary[0]["reasons"] == {"0x0000000000000004": 2}
     assert sampler.mean() == {0: round((97 + 99 + 10) / 3, 1), 1: 0.0}
+
+
+def test_quality_runs_branch_from_starts_every_variant_at_one_checkpoint(tmp_path):
+    """--branch-from RUN:STEP: each variant's run begins as a copy of RUN's checkpoint at STEP (and its logs up
+    to it), then trains only the steps after it with its own flags; --per-gpu is accepted on the CPU too."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    common = ["--base_dir", str(base), "--depth", "2", "--device_batch_size", "2", "--total_batch_size", "128",
+              "--max_seq_len", "32", "--num_iterations", "10", "--eval_tokens", "512", "--sample_every", "-1"]
+    stopped = subprocess.run([sys.executable, "-m", "nanochat_unsloth.train", *common, "--model_tag", "trunk",
+                              "--stop_after", "8", "--eval_every", "5"], capture_output=True, text=True, timeout=300,
+                             cwd=REPO)
+    assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--base-dir", str(base), "--depth", "2",
+           "--tokens", "1280", "--device-batch-size", "2", "--total-batch", "128", "--variants", "torch,fp8-wd-bf16",
+           "--seeds", "1", "--eval-every", "5", "--eval-tokens", "512", "--save-every", "5", "--per-gpu", "2",
+           "--branch-from", "trunk:8", "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    trunk = [json.loads(line) for line in (base / "runs" / "trunk" / "metrics.jsonl").read_text().splitlines()]
+    for name, run in json.loads((tmp_path / "q.json").read_text())["runs"].items():
+        assert run["steps"] == 10 and run["final_step"] == 10, name
+        log = (base / f"q_{name.rsplit('_', 1)[0]}_s1.log").read_text()
+        assert "at step 8" in log and "step 00000/" not in log  # resumed at the branch point, no step before it
+        # the branch's first 8 steps are the trunk's own records
+        assert run["smooth_loss"][:8] == [r["smooth_loss"] for r in trunk]

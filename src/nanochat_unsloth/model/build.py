@@ -78,6 +78,8 @@ class ModelOptions:
     lean_checkpoint: str = "auto"  # auto | offload | torch: how lean blocks are checkpointed
     fp8: bool = False
     fp8_scaling: str = "auto"  # auto | delayed | dynamic
+    fp8_recipe: str = "tensorwise"  # fp8.RECIPE_CHOICES
+    fp8_bf16_ends: int = 0  # blocks at each end of the stack that keep bf16 GEMMs
     fp8_rows: int | None = None  # B*T of a training micro-batch, when known (lets fp8_scaling=auto choose)
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
     compile: str = "auto"  # auto | model | blocks | none (compile.compile_mode)
@@ -102,6 +104,7 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
     check_lean_checkpoint(options.lean_checkpoint)
     if options.fp8:
         fp8.check_scaling_mode(options.fp8_scaling)
+        fp8.check_recipe(options.fp8_recipe, bf16_ends=options.fp8_bf16_ends)
     with torch.device("meta"):
         model = GPT(config, ops, memory=options.memory, lean_blocks=options.lean_blocks,
                     lean_checkpoint=options.lean_checkpoint)
@@ -110,5 +113,6 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
         torch.manual_seed(seed)
     model.init_weights()
     if options.fp8:
-        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_rows)
+        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_rows, options.fp8_recipe,
+                                   options.fp8_bf16_ends)
     return model

@@ -102,6 +102,53 @@ def _scaled_mm(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: to
 
 
 # -----------------------------------------------------------------------------
+# Recipes: which of a Linear's three GEMMs read FP8 operands
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Recipe:
+    """The GEMMs of one Linear that run in FP8; the others run in bf16 as the exact path's do.
+
+    `forward` y = x @ W.T, `dgrad` dx = dy @ W, `wgrad` dW = dy.T @ x. `fast_accum`: cuBLAS's fast
+    (less precise) accumulation in the forward GEMM; the backward's always keeps full accumulation.
+    """
+
+    forward: bool = True
+    dgrad: bool = True
+    wgrad: bool = True
+    fast_accum: bool = True
+
+    @property
+    def any(self) -> bool:
+        return self.forward or self.dgrad or self.wgrad
+
+
+BF16 = Fp8Recipe(forward=False, dgrad=False, wgrad=False)
+# `--fp8_recipe`: the whole-model choices. The torchao_* recipes hand the block Linears to torchao's
+# float8 training instead of our GEMMs (`convert_to_fp8` says how).
+RECIPES = {
+    "tensorwise": Fp8Recipe(),
+    "bf16_wgrad": Fp8Recipe(wgrad=False),
+    "full_accum": Fp8Recipe(fast_accum=False),
+    "forward_only": Fp8Recipe(dgrad=False, wgrad=False),
+    "backward_only": Fp8Recipe(forward=False),
+}
+TORCHAO_RECIPES = {"torchao_tensorwise": "tensorwise", "torchao_rowwise": "rowwise"}
+RECIPE_CHOICES = (*RECIPES, *TORCHAO_RECIPES)
+# `--fp8_warmdown`: what the block GEMMs do from the first step of the LR warm-down on
+WARMDOWN_CHOICES = ("fp8", "bf16", "bf16_forward")
+
+
+def check_recipe(recipe: str, warmdown: str = "fp8", bf16_ends: int = 0) -> None:
+    if recipe not in RECIPE_CHOICES:
+        raise ValueError(f"--fp8_recipe {recipe!r}: choose one of {', '.join(RECIPE_CHOICES)}")
+    if warmdown not in WARMDOWN_CHOICES:
+        raise ValueError(f"--fp8_warmdown {warmdown!r}: choose one of {', '.join(WARMDOWN_CHOICES)}")
+    if recipe in TORCHAO_RECIPES and (warmdown != "fp8" or bf16_ends):
+        raise ValueError(f"--fp8_recipe {recipe}: --fp8_warmdown and --fp8_bf16_ends apply to our recipes only")
+
+
+# -----------------------------------------------------------------------------
 # Delayed scaling: the scale of a tensor from the amax its predecessor had
 #
 # Dynamic scaling needs a tensor's amax before it can cast it: one full read of the tensor for the
@@ -240,7 +287,8 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x @ W.T with all three GEMMs in FP8. x: (M, K) in the compute dtype, W: (N, K) parameter.
+    """y = x @ W.T with the GEMMs that `recipe` names in FP8, the others in bf16. x: (M, K) in the
+    compute dtype, W: (N, K) parameter.
 
     `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
     DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale when
@@ -249,49 +297,79 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
-                delayed: bool) -> Tensor:
+                delayed: bool, recipe: Fp8Recipe) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
-        x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
+        need_x8 = recipe.forward or recipe.wgrad
+        need_w8 = recipe.forward or recipe.dgrad
+        x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3) if need_x8 else (None, None)
         # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
-        w8, w_inv = quantize_tensorwise(weight, E4M3)
-        # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy. Fast accumulation in the
-        # forward only (the common recipe: the backward's long reductions keep full accumulation).
-        y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
-        saved = (x8, x_inv, w8, w_inv) + ((grad_amax,) if grad_amax is not None else ())
-        ctx.save_for_backward(*saved)  # 1 byte per element instead of x's 2
+        w8, w_inv = quantize_tensorwise(weight, E4M3) if need_w8 else (None, None)
+        if recipe.forward:
+            # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
+            y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=recipe.fast_accum)
+        else:
+            y = x @ weight.to(x.dtype).t()
+        # what the backward's GEMMs read: 1 byte per element for the FP8 ones instead of x's 2
+        x_saved, x_inv_saved = (x8, x_inv) if recipe.wgrad else (x, None)
+        w_saved, w_inv_saved = (w8, w_inv) if recipe.dgrad else (weight, None)
+        saved = (x_saved, w_saved) + tuple(t for t in (x_inv_saved, w_inv_saved, grad_amax) if t is not None)
+        ctx.save_for_backward(*saved)
         ctx.weight_dtype = weight.dtype
         ctx.delayed = delayed
+        ctx.recipe = recipe
+        ctx.has_history = grad_amax is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x8, x_inv, w8, w_inv, *history = ctx.saved_tensors
+        recipe = ctx.recipe
+        saved = ctx.saved_tensors  # indexed, not popped: Dynamo traces list.pop on it as a tuple method
+        x_saved, w_saved, i = saved[0], saved[1], 2
+        x_inv = w_inv = history = None
+        if recipe.wgrad:
+            x_inv, i = saved[i], i + 1
+        if recipe.dgrad:
+            w_inv, i = saved[i], i + 1
+        if ctx.has_history:
+            history = saved[i]
         grad_y = grad_y.contiguous()
-        if ctx.delayed:
-            g8, g_inv = quantize_with_amax(grad_y, history[0] * MARGIN, E5M2)
-            history[0].copy_(row_first_amax(grad_y))  # the next micro-step's scale
-        else:
-            amax = tensor_amax(grad_y)
-            g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
-            if history:
-                history[0].copy_(amax)
+        g8 = g_inv = None
+        if recipe.dgrad or recipe.wgrad:
+            if ctx.delayed:
+                g8, g_inv = quantize_with_amax(grad_y, history * MARGIN, E5M2)
+                history.copy_(row_first_amax(grad_y))  # the next micro-step's scale
+            else:
+                amax = tensor_amax(grad_y)
+                g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
+                if history is not None:
+                    history.copy_(amax)
+        elif history is not None:  # keeps the history live for `start_delayed_scaling`
+            history.copy_(row_first_amax(grad_y))
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_y.dtype, fast_accum=False)
+            if recipe.dgrad:
+                grad_x = _scaled_mm(g8, g_inv, _column_major(w_saved), w_inv, grad_y.dtype, fast_accum=False)
+            else:
+                grad_x = grad_y @ w_saved.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
-            grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x8), x_inv, ctx.weight_dtype,
-                                fast_accum=False)
-        return grad_x, grad_w, None, None, None
+            if recipe.wgrad:
+                # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
+                grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x_saved), x_inv, ctx.weight_dtype,
+                                    fast_accum=False)
+            else:  # the exact path's bf16 weight gradient (autocast's), then the parameter's dtype
+                grad_w = (grad_y.t() @ x_saved).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None, None
 
 
-def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None) -> Tensor:
-    """`F.linear(x, weight)` (no bias) with FP8 GEMMs while training; plain `F.linear` without autograd.
+def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
+               recipe: Fp8Recipe = RECIPES["tensorwise"]) -> Tensor:
+    """`F.linear(x, weight)` (no bias) with `recipe`'s GEMMs in FP8 while training; plain `F.linear`
+    without autograd or when the recipe has no FP8 GEMM.
 
     With a `scaling` state the layer records its amaxes, and scales from them once the state is active.
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if not recipe.any or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     delayed = scaling is not None and scaling.active
@@ -300,7 +378,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
-    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed, recipe)
     if scaling is not None and scaling.records_input:
         with torch.no_grad():
             scaling.input_scaling.x_amax.copy_(new_x_amax)
@@ -308,42 +386,89 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
 
 
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, and its delayed scaling if it has one."""
-    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
+    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, recipe and delayed scaling."""
+    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None),
+                      getattr(layer, "fp8_recipe", RECIPES["tensorwise"]))
 
 
 # -----------------------------------------------------------------------------
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = None) -> nn.Module:
-    """`--fp8`: the model with every block Linear's three GEMMs in FP8, or unchanged (and a notice) where
-    FP8 cannot run fast.
+def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = None, recipe: str = "tensorwise",
+                   bf16_ends: int = 0) -> nn.Module:
+    """`--fp8`: the model with its block Linears' GEMMs in FP8 as `recipe` says, or unchanged (and a
+    notice) where FP8 cannot run fast.
 
     `rows` (B*T of a training micro-batch) lets `auto` choose: delayed scaling from
     DELAYED_SCALING_MIN_ROWS rows up, dynamic below or when unknown. The state goes only where a block's
     forward is not re-run in backward (not in checkpointed blocks, nor the MLP of selective ones): the
-    re-run would quantise with a newer scale than the one it replays. Call it after `init_weights`.
+    re-run would quantise with a newer scale than the one it replays. `bf16_ends` blocks at each end of
+    the stack keep bf16 GEMMs. Call it after `init_weights`.
     """
     check_scaling_mode(scaling)
+    check_recipe(recipe, bf16_ends=bf16_ends)
     ok, why = fp8_supported(model.get_device())
     if not ok:
         notice_once(f"--fp8: {why}; training in bf16")
         return model
+    if recipe in TORCHAO_RECIPES:
+        return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
     if scaling == "auto":
         scaling = "delayed" if rows is not None and rows >= DELAYED_SCALING_MIN_ROWS else "dynamic"
-    if scaling == "delayed":
-        for block, mode in zip(model.transformer.h, model.block_memory):
-            if mode != "lean":
-                attach_delayed_scaling(block if mode == "fast" else block.attn)
-                share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
+    n = len(model.transformer.h)
+    for i, (block, mode) in enumerate(zip(model.transformer.h, model.block_memory)):
+        in_fp8 = bf16_ends <= i < n - bf16_ends
+        for layer in block.modules():
+            if isinstance(layer, nn.Linear):
+                layer.fp8_recipe = RECIPES[recipe] if in_fp8 else BF16
+        if scaling == "delayed" and in_fp8 and mode != "lean":
+            attach_delayed_scaling(block if mode == "fast" else block.attn)
+            share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
+    return model
+
+
+def enter_warmdown(model: nn.Module, mode: str) -> bool:
+    """`--fp8_warmdown`: from the warm-down's first step, the block GEMMs in bf16 (`bf16`) or only their
+    forward (`bf16_forward`). A function of the step, so a resumed run switches where the uninterrupted
+    one did. Returns True when a layer changed (its block then recompiles once)."""
+    if mode == "fp8":
+        return False
+    changed = False
+    for layer in model.modules():
+        recipe = getattr(layer, "fp8_recipe", None)
+        if recipe is None:
+            continue
+        new = BF16 if mode == "bf16" else dataclasses.replace(recipe, forward=False)
+        if new != recipe:
+            layer.fp8_recipe = new
+            changed = True
+    return changed
+
+
+def _torchao_linear(x: Tensor, layer: nn.Module) -> Tensor:
+    """torchao's Float8Linear while training; nanochat's bf16 `F.linear` without autograd (eval, sampling)."""
+    if torch.is_grad_enabled():
+        return layer(x)
+    return F.linear(x, layer.weight)
+
+
+def _convert_with_torchao(model: nn.Module, recipe_name: str) -> nn.Module:
+    """The block Linears as torchao's Float8Linear (`torchao.float8`, its named recipe), lm_head kept bf16."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ValueError("--fp8_recipe torchao_*: needs torchao (pip install torchao)") from None
+    config = Float8LinearConfig.from_recipe_name(recipe_name)
+    convert_to_float8_training(model.transformer.h, config=config)
+    set_linear(model, _torchao_linear)
     return model
 
 
 def set_linear(model: nn.Module, linear) -> None:
     """Give the model and every module that shares its kernel set the set with `linear` replaced."""
-    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear is fp8_linear)
+    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear in (fp8_linear, _torchao_linear))
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
 from nanochat_unsloth.model.compile import COMPILE_CHOICES, CUDA_GRAPH_CHOICES
-from nanochat_unsloth.model.fp8 import SCALING_CHOICES
+from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES, WARMDOWN_CHOICES, check_recipe
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
 from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
 from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
@@ -28,7 +28,7 @@ RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
-    "fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint",
+    "fp8_scaling", "fp8_recipe", "fp8_warmdown", "fp8_bf16_ends", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
 
 
@@ -53,6 +53,17 @@ class TrainConfig:
                                                                 "gradients from the previous micro-step's amax (delayed) "
                                                                 "or their own (dynamic); auto = delayed from 16384 rows "
                                                                 "(device_batch_size x max_seq_len) up"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "which GEMMs of a block Linear run in FP8: "
+                                                                    "tensorwise (all three), bf16_wgrad (not the "
+                                                                    "weight gradient), full_accum (no fast "
+                                                                    "accumulation), forward_only, backward_only; "
+                                                                    "torchao_tensorwise|torchao_rowwise = torchao's "
+                                                                    "float8 training"})
+    fp8_warmdown: str = field(default="fp8", metadata={"help": "fp8|bf16|bf16_forward: the block GEMMs from the LR "
+                                                                "warm-down's first step on: unchanged, all bf16, or "
+                                                                "bf16 forward"})
+    fp8_bf16_ends: int = field(default=0, metadata={"help": "--fp8: this many blocks at each end of the stack keep "
+                                                            "bf16 GEMMs"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
@@ -123,6 +134,10 @@ class TrainConfig:
         for name, choices in _CHOICES:
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
+        try:
+            check_recipe(self.fp8_recipe, self.fp8_warmdown, self.fp8_bf16_ends)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.cuda_graphs == "on" and self.compile not in ("auto", "model"):
             raise UserError(f"--cuda_graphs on replays the whole-model graph, not --compile {self.compile}: "
                             "use --compile model")
@@ -134,7 +149,8 @@ class TrainConfig:
 # (field, allowed values): every string field with a fixed set of values
 _CHOICES = (
     ("kernels", KERNEL_CHOICES), ("memory", MEMORY_CHOICES), ("lean_checkpoint", LEAN_CHOICES),
-    ("fp8_scaling", SCALING_CHOICES), ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
+    ("fp8_scaling", SCALING_CHOICES), ("fp8_recipe", RECIPE_CHOICES), ("fp8_warmdown", WARMDOWN_CHOICES),
+    ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
     ("cpu_bf16", CPU_BF16_CHOICES), ("cuda_graphs", CUDA_GRAPH_CHOICES),
 )
 
@@ -149,6 +165,7 @@ _BOUNDS = (
     ("depth", lambda v: v >= 1, "at least 1"),
     ("max_seq_len", lambda v: v >= 1, "at least 1"),
     ("lean_blocks", _off_or(lambda v: v >= 0), "-1 (all blocks) or 0 or more"),
+    ("fp8_bf16_ends", lambda v: v >= 0, "0 or more"),
     ("loss_chunk_mb", lambda v: v > 0, "positive"),
     ("num_iterations", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
     ("target_flops", _off_or(lambda v: v > 0), "-1 (off) or positive"),

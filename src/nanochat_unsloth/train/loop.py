@@ -332,6 +332,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     total_time = 0.0
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
     step = start_step
+    warmdown_from = optim.warmdown_start(num_iterations, cfg.warmdown_ratio)
     while True:
         last_step = step == num_iterations
 
@@ -363,6 +364,9 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             break
 
         # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
+        if raw_model.ops.fp8 and step >= warmdown_from and fp8.enter_warmdown(raw_model, cfg.fp8_warmdown):
+            print0(f"step {step}: the LR warm-down starts; --fp8_warmdown {cfg.fp8_warmdown}: block GEMMs "
+                   + ("in bf16" if cfg.fp8_warmdown == "bf16" else "with a bf16 forward") + " from here on")
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()

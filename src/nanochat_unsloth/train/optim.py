@@ -288,10 +288,15 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0,
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_iters:
         return (step + 1) / warmup_iters
-    if step <= num_iterations - warmdown_iters:
+    if step <= warmdown_start(num_iterations, warmdown_ratio):
         return 1.0
     progress = (num_iterations - step) / warmdown_iters
     return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def warmdown_start(num_iterations: int, warmdown_ratio: float = 0.2) -> int:
+    """The step from which `lr_multiplier` decays (its value there is still 1)."""
+    return num_iterations - round(warmdown_ratio * num_iterations)
 
 
 def cosine_lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.02,
