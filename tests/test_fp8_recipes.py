@@ -127,3 +127,41 @@ def test_recipe_flags_parse_validate_and_are_guarded_on_resume():
                       ({"fp8_recipe": "torchao_rowwise", "fp8_warmdown": "bf16"}, "--fp8_recipe")):
         with pytest.raises(UserError, match=flag):
             dataclasses.replace(TrainConfig(), **bad).validate()
+
+
+# -----------------------------------------------------------------------------
+# --fp8_warmdown in the real loop: the switch happens at the warm-down's first step, and resumes across it
+
+
+def test_fp8_warmdown_switch_resumes_bit_exactly_across_it(tmp_path, monkeypatch, capsys):
+    from nanochat_unsloth.cli import normalize_flags
+    from nanochat_unsloth.train import checkpoint as ckpt
+    from nanochat_unsloth.train.loop import train
+    from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))  # the FP8 math runs on the CPU too
+    base = make_train_base_dir(tmp_path / "base")
+
+    def run(tag, *extra):
+        args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--fp8", "--num-iterations", "6", "--warmdown-ratio", "0.5",
+                                  "--model-tag", tag, *extra]
+        return train(parse_train_args(normalize_flags(args)))
+
+    def losses(tag):
+        import json
+        lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    run("kept")  # FP8 throughout
+    run("straight", "--fp8-warmdown", "bf16")
+    assert "step 3: the LR warm-down starts; --fp8_warmdown bf16" in capsys.readouterr().out
+    run("resumed", "--fp8-warmdown", "bf16", "--stop-after", "4")
+    run("resumed", "--fp8-warmdown", "bf16", "--resume", "auto")
+    assert "step 4: the LR warm-down starts" in capsys.readouterr().out  # the resumed run switches at once
+    kept, straight, resumed = losses("kept"), losses("straight"), losses("resumed")
+    assert straight == resumed
+    # the switch changes the step math from the warm-down's first step (3) on, not before
+    assert straight[:3] == kept[:3] and all(s != k for s, k in zip(straight[3:], kept[3:]))
+    a = ckpt.load_model_state_dict(base / "runs" / "straight" / ckpt.step_dir_name(6))
+    b = ckpt.load_model_state_dict(base / "runs" / "resumed" / ckpt.step_dir_name(6))
+    assert all(torch.equal(a[k], b[k]) for k in a)
