@@ -18,7 +18,7 @@ PACKAGE = "nanochat_unsloth"
 LAYERS = (
     ("common",),                          # base dir, errors, atomic writes, notices, running a sub-command
     ("tokenizer", "shards", "model"),     # the tokenizer; token shards + loader; the GPT and its kernels
-    ("prep", "eval.metrics"),             # corpus -> shards; bits per byte and greedy samples
+    ("prep", "eval.metrics", "eval.core"),  # corpus -> shards; bits per byte and greedy samples; CORE
     ("train",),                           # the run: loop, step, optimizers, schedules, checkpoints, config
     ("convert",),                         # run checkpoints <-> nanochat's layout
     ("eval.cli",),                        # `nanochat-unsloth eval` (reads both layouts)

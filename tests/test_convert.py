@@ -213,7 +213,7 @@ def test_export_writes_nanochat_layout(base, tmp_path):
     assert sorted(meta["model_config"]) == sorted(layout.MODEL_CONFIG_KEYS)
     assert list(meta["user_config"]) == NANOCHAT_USER_CONFIG_KEYS
     assert meta["user_config"]["depth"] == DEPTH and meta["user_config"]["total_batch_size"] == TOTAL
-    assert meta["user_config"]["core_metric_every"] == 2000  # ours lacks it: nanochat's default
+    assert meta["user_config"]["core_metric_every"] == -1  # the run's own setting (off by default here)
     assert (meta["device_batch_size"], meta["max_seq_len"]) == (B, SEQ)
 
     # the tokenizer came along, byte for byte

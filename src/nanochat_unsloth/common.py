@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -217,6 +219,37 @@ def normalize_flags(argv: list[str]) -> list[str]:
             arg = name.replace("_", "-") + eq + value
         out.append(arg)
     return out
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse for every sub-command: no prefix abbreviations (`--num-iter` is a typo, not --num-iterations),
+    and a bad flag is one line naming the closest real flag instead of the whole usage."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def known_flags(self) -> list[str]:
+        return [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            unknown = [a for a in message[len(prefix):].split() if a.startswith("-")]
+            if unknown:
+                raise UserError(unknown_flag_message(unknown[0], self.known_flags(), self.prog))
+            raise UserError(f"{self.prog}: unexpected argument(s) {message[len(prefix):]}; see --help")
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def unknown_flag_message(flag: str, known: list[str], prog: str = "") -> str:
+    """`--num-iteration=5` -> "unknown flag --num-iteration; did you mean --num-iterations?" (one line)."""
+    name = flag.partition("=")[0]
+    # compare in one spelling: nanochat's --a_b and our --a-b are the same flag
+    by_key = {k.replace("_", "-"): k for k in known}
+    close = difflib.get_close_matches(name.replace("_", "-"), list(by_key), n=1, cutoff=0.6)
+    hint = f"; did you mean {by_key[close[0]]}?" if close else "; see --help for the flags"
+    return f"{prog + ': ' if prog else ''}unknown flag {name}{hint}"
 
 
 def run_main(main, argv: list[str] | None) -> int:

@@ -10,14 +10,13 @@ large enough that val bits-per-byte visibly falls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import FlagParser, UserError
 
 DEMO_TAG = "demo"
 
@@ -35,7 +34,7 @@ def _stage(title: str, argv: list[str]) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nanochat-unsloth demo", description=__doc__.splitlines()[0])
+    parser = FlagParser(prog="nanochat-unsloth demo", description=__doc__.splitlines()[0])
     parser.add_argument("--base-dir", required=True,
                         help="demo base dir (kept apart from your real nanochat base dir on purpose)")
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, atomic_path, atomic_write_bytes, sha256_file
+from nanochat_unsloth.common import FlagParser, UserError, atomic_path, atomic_write_bytes, sha256_file
 from nanochat_unsloth.convert import nanochat_layout as layout
 from nanochat_unsloth.train import checkpoint as ckpt
 
@@ -111,7 +111,11 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
                         "exists; pass --force to overwrite it, or --model-tag to write another tag")
 
     # ---- write: tokenizer, optim, meta, then the model file, which is what nanochat looks for
-    log(f"converting {step_dir} (step {s}) -> {out_dir}")
+    final = meta.get("num_iterations")
+    log(f"converting {step_dir} (step {s}{f' of {final}' if final else ''}) -> {out_dir}")
+    if final and s < final:
+        log(f"warning: step {s} is not the run's final step ({final}): the run stopped early, or --step picked an "
+            f"earlier checkpoint; to export the finished model, complete the run with --resume auto first")
     copy_tokenizer(src_tok, dst_base / "tokenizer", copies, log)
     if optim_states is not None:
         torch_save_atomic(optim_states, targets["optim"])
@@ -240,7 +244,7 @@ def resume_flags(train_config: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="nanochat-unsloth convert",
         description="Convert checkpoints between our runs (<base>/runs/<tag>/step_XXXXXX) and nanochat's "
                     "<base>/base_checkpoints/<tag>/ layout.",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import FlagParser, UserError
 
 DEFAULT_SPLIT_TOKENS = 20 * 524288  # base_loss's split_tokens
 
@@ -105,7 +105,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="nanochat-unsloth eval",
         description="Train/val bits per byte and greedy samples of a checkpoint, as nanochat's base_loss.",
     )

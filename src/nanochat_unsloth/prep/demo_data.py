@@ -10,7 +10,6 @@ the last file being the val split, so the demo runs the real data path.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import hashlib
@@ -20,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from nanochat_unsloth.common import UserError, atomic_path, atomic_write_json
+from nanochat_unsloth.common import FlagParser, UserError, atomic_path, atomic_write_json
 
 NUM_FILES = 8  # 7 train + 1 val
 ROW_GROUPS_PER_FILE = 4
@@ -138,7 +137,7 @@ def write_demo_corpus(out_dir: str | Path, force: bool = False) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nanochat-unsloth demo-data", description=__doc__.splitlines()[0])
+    parser = FlagParser(prog="nanochat-unsloth demo-data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the parquet files, e.g. <base>/base_data")
     parser.add_argument("--force", action="store_true", help="replace parquet files that are not a demo corpus")
     args = parser.parse_args(argv)

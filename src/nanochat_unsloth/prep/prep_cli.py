@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from nanochat_unsloth.common import get_base_dir
+from nanochat_unsloth.common import FlagParser, get_base_dir
 from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, PrepConfig, run_prep, summary_line
 from nanochat_unsloth.prep.sources import add_source_args
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nanochat-unsloth prep", description=__doc__.splitlines()[0])
+    parser = FlagParser(prog="nanochat-unsloth prep", description=__doc__.splitlines()[0])
     parser.add_argument("--base-dir", default=None, help="default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
     add_source_args(parser, default_help=" (default: <base>/base_data)")
     parser.add_argument("--out", default=None, help="shard directory (default: <base>/shards)")

@@ -7,11 +7,10 @@ checks a round trip and prints the token length statistics.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Iterator
 
-from nanochat_unsloth.common import UserError, atomic_write_json, get_base_dir, read_json, sha256_file
+from nanochat_unsloth.common import FlagParser, UserError, atomic_write_json, get_base_dir, read_json, sha256_file
 from nanochat_unsloth.prep.sources import Source, add_source_args, open_source
 from nanochat_unsloth.tokenizer import (
     SPECIAL_TOKENS,
@@ -56,7 +55,7 @@ def text_iterator(source: Source, max_chars: int, doc_cap: int, stats: dict) -> 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nanochat-unsloth tokenizer", description=__doc__.splitlines()[0])
+    parser = FlagParser(prog="nanochat-unsloth tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("--base-dir", default=None, help="default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
     add_source_args(parser, flag="--data", default_help=" (default: <base>/base_data)")
     parser.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens (default 65,536)")

@@ -1,7 +1,8 @@
 """TrainConfig: every knob of a training run, with nanochat's names and defaults.
 
 The CLI is generated from the dataclass, so `--device_batch_size=32` (nanochat's spelling) and
-`--device-batch-size 32` both work, and a new field is a new flag with no other edits.
+`--device-batch-size 32` both work, and a new field is a new flag with no other edits. As nanochat's
+configurator, a positional argument names a Python file of assignments (`depth = 12`) that the flags override.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import FlagParser, UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
 from nanochat_unsloth.model.compile import COMPILE_CHOICES, CUDA_GRAPH_CHOICES
 from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES, WARMDOWN_CHOICES, check_recipe
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
 from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
 from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
+from nanochat_unsloth.train.config_file import load_config_file
 from nanochat_unsloth.train.optim import OPTIMIZER_CHOICES
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
 # The model shape is never overridable: the weights would not load. A checkpoint without a field (written
 # before the field existed) counts as having the field's default.
 RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
+DEVICE_TYPE_CHOICES = ("", "cuda", "cpu", "mps")  # nanochat's --device_type; "" = autodetect
 RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
@@ -75,6 +78,8 @@ class TrainConfig:
                                                                 "same math, fewer host launches); auto = on for the "
                                                                 "fused set's --fp8 whole-model graph below 16,384 rows "
                                                                 "per micro-batch"})
+    device_type: str = field(default="", metadata={"help": "cuda|cpu|mps: where to train (nanochat's flag); empty = "
+                                                           "autodetect, CUDA > MPS > CPU"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
@@ -98,15 +103,25 @@ class TrainConfig:
                                                               "LR 3e-4*(n_embd/768)^-0.5, cosine, 2% warmup)"})
     seed: int = 42
     # ---- evaluation / sampling --------------------------------------------------------------
-    eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end)"})
+    eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end; "
+                                                              "nanochat's -1 is every step, here --eval_every=1)"})
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "val tokens per evaluation (0 = no val evaluation)"})
-    sample_every: int = field(default=2000, metadata={"help": "greedy samples every N steps (-1 = only at the end)"})
+    sample_every: int = field(default=2000, metadata={"help": "greedy samples every N steps (-1 = only at "
+                                                                 "the end; nanochat's -1 is every step)"})
+    core_metric_every: int = field(default=-1, metadata={"help": "nanochat's CORE metric every N steps and at the end, on "
+                                                                  "<base>/eval_bundle (-1 = off; nanochat's default is "
+                                                                  "2000, which needs the bundle)"})
+    core_metric_max_per_task: int = field(default=500, metadata={"help": "examples per CORE task (-1 = all of them)"})
     # ---- io ---------------------------------------------------------------------------------
     base_dir: str = field(default="", metadata={"help": "base dir (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"})
     shards: str = field(default="", metadata={"help": "token shard dir (default <base>/shards)"})
     model_tag: str = field(default="", metadata={"help": "run name under <base>/runs/ (default d<depth>)"})
     run: str = field(default="dummy", metadata={"help": "tracker run name; 'dummy' disables trackers"})
-    tracker: str = field(default="", metadata={"help": "wandb|tensorboard|all (used when --run is not dummy)"})
+    tracker: str = field(default="", metadata={"help": "wandb|tensorboard|trackio|all|none, or a comma list, for a --run "
+                                                        "other than dummy (default: wandb, as nanochat); logs go "
+                                                        "under <base>/runs/<tag>/logs/"})
+    no_repeat_data: bool = field(default=False, metadata={"help": "refuse a horizon that needs more tokens than the "
+                                                                   "train shards hold, instead of repeating them"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only the final one)"})
     keep_last: int = field(default=2, metadata={"help": "how many step checkpoints to keep (0 = all)"})
     resume: str = field(default="", metadata={"help": "'auto' = newest complete checkpoint of the run, or a step dir"})
@@ -133,7 +148,8 @@ class TrainConfig:
         self.kernels = KERNEL_ALIASES.get(self.kernels, self.kernels)  # --kernels unsloth is fused's former name
         for name, choices in _CHOICES:
             if getattr(self, name) not in choices:
-                raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(choices)}")
+                shown = ", ".join(c or repr(c) for c in choices)  # "" (autodetect) must show
+                raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
         try:
             check_recipe(self.fp8_recipe, self.fp8_warmdown, self.fp8_bf16_ends)
         except ValueError as e:
@@ -151,7 +167,7 @@ _CHOICES = (
     ("kernels", KERNEL_CHOICES), ("memory", MEMORY_CHOICES), ("lean_checkpoint", LEAN_CHOICES),
     ("fp8_scaling", SCALING_CHOICES), ("fp8_recipe", RECIPE_CHOICES), ("fp8_warmdown", WARMDOWN_CHOICES),
     ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
-    ("cpu_bf16", CPU_BF16_CHOICES), ("cuda_graphs", CUDA_GRAPH_CHOICES),
+    ("cpu_bf16", CPU_BF16_CHOICES), ("cuda_graphs", CUDA_GRAPH_CHOICES), ("device_type", DEVICE_TYPE_CHOICES),
 )
 
 
@@ -184,6 +200,8 @@ _BOUNDS = (
     ("eval_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
     ("eval_tokens", lambda v: v >= 0, "0 (no val evaluation) or more"),
     ("sample_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
+    ("core_metric_every", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),
+    ("core_metric_max_per_task", _off_or(lambda v: v >= 1), "-1 (every example) or at least 1"),
     ("save_every", _off_or(lambda v: v >= 1), "-1 (only the final checkpoint) or at least 1"),
     ("keep_last", lambda v: v >= 0, "0 (keep all) or more"),
     ("stop_after", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
@@ -192,13 +210,16 @@ _BOUNDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m nanochat_unsloth.train",
         description="Pretrain nanochat's GPT with nanochat's step math (Muon + AdamW) under Accelerate.",
         epilog="exit codes: 0 finished; 1 non-finite loss; 2 refused (one-line error); 3 stopped early by "
                "SIGINT/SIGTERM or --stop_after after saving a checkpoint (continue with --resume auto); "
                "130 interrupted during start-up (nothing saved)",
     )
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG.py",
+                        help="nanochat's config file: Python assignments to TrainConfig's names (depth = 12); "
+                             "the flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         # argparse %-formats help strings: a literal % must be doubled
@@ -212,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
-    """argv with dashed flags (the CLI normalises nanochat's `--a_b` spellings before calling this)."""
-    ns = build_parser().parse_args(argv)
+    """argv with dashed flags (the CLI normalises nanochat's `--a_b` spellings before calling this), and at most
+    one config file, whose values become the defaults the flags override."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.config_file:
+        parser.set_defaults(**load_config_file(ns.config_file, {f.name: f.type for f in fields(TrainConfig)}))
+        ns = parser.parse_args(argv)
     return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})

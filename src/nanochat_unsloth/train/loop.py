@@ -2,7 +2,8 @@
 
 Read top to bottom: setup -> data -> model -> optimizers -> resume -> the step loop. The step math
 (schedules, Muon, AdamW, clipping) lives in `optim.py`; this file only sequences it. Everything that
-can be refused (flags, the run lock, shards, the val split) is checked before the model is built.
+can be refused (flags, trackers, the run lock, shards, the val split, the CORE eval bundle) is checked
+before the model is built; --no_repeat_data, which needs the horizon, right after it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import bf16_gemm, optim
+from nanochat_unsloth.train import bf16_gemm, optim, trackers
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+from nanochat_unsloth.train.core_metric import core_bundle_for, core_due, run_core_metric, tracker_values
+from nanochat_unsloth.train.data_budget import data_budget_line
+from nanochat_unsloth.train.device import resolve_device_type
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.phase_timer import profiled_step
 from nanochat_unsloth.train.setup import prepare_for_training
@@ -155,16 +159,17 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
 
     # ---- setup -----------------------------------------------------------------------------------
     cfg.validate()  # flags first: nothing is built for a run that cannot start
+    tracker_names = trackers.resolve_trackers(cfg.run, cfg.tracker)  # an unknown or uninstalled one: refused now
+    device_type = resolve_device_type(cfg.device_type)
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") is None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if launched_by_launcher():  # a kill -9 of torchrun / accelerate launch must not leave us training
         stop_with_parent()
         exit_when_orphaned()
-    on_cuda = torch.cuda.is_available()
-    log_with = None
-    if cfg.run != "dummy":
-        log_with = {"": None, "all": "all"}.get(cfg.tracker, cfg.tracker) or "all"
-    accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", log_with=log_with)
+    base_dir = get_base_dir(cfg.base_dir or None)
+    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if device_type == "cuda" else "no",
+                              **trackers.accelerator_kwargs(tracker_names, run_dir))
     device, device_type = accelerator.device, accelerator.device.type
     rank, world_size = accelerator.process_index, accelerator.num_processes
     master = accelerator.is_main_process
@@ -174,8 +179,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         bf16_gemm.configure_cpu_bf16(cfg.cpu_bf16)
         print0(bf16_gemm.cpu_bf16_summary())
 
-    base_dir = get_base_dir(cfg.base_dir or None)
-    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
     if master:
@@ -188,6 +191,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         tokenizer_dir, f"the shards in {shards_dir}", manifest.tokenizer.sha256, vocab_size,
         fix="re-run prep with it, or point --base-dir at the matching tokenizer")
     token_bytes = load_token_bytes(tokenizer_dir, device)
+    core_bundle = core_bundle_for(cfg.core_metric_every, base_dir)  # a missing eval bundle: refused now
 
     # ---- data: before the model, so shards too short for --max_seq_len or a val split too small for
     # one evaluation are refused in seconds; each shard's sha256 and token ids are checked here once ----
@@ -234,6 +238,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     )
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} procs x {grad_accum} accum "
            f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
+    print0(data_budget_line(num_iterations, cfg.total_batch_size, grad_accum * world_size, train_loader.num_windows,
+                            manifest.totals()["train"]["tokens"], shards_dir, cfg.no_repeat_data))
 
     # ---- optimizers, accelerate, compile ----------------------------------------------------------
     try:
@@ -266,6 +272,11 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     if resume is not None:
         resume_dir, meta = resume
         check_resume_compatible(meta, cfg)
+        if int(meta["step"]) >= num_iterations:  # a finished run: load nothing, evaluate nothing, write nothing
+            print0(f"{resume_dir}: the run is already complete (step {meta['step']} of {num_iterations}); "
+                   "nothing to do")
+            return {"start_step": int(meta["step"]), "num_iterations": num_iterations, "run_dir": str(run_dir),
+                    "val_bpb": [], "already_complete": True, "final_step": int(meta["step"])}
         if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
             raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
@@ -296,8 +307,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         for path in (metrics_path, eval_path):
             path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    if log_with and master:
-        accelerator.init_trackers("nanochat", config=cfg.to_dict(), init_kwargs={"wandb": {"name": cfg.run}})
+    trackers.start_trackers(accelerator, tracker_names, cfg.run, run_dir, cfg.to_dict())
 
     def meta_for(step, val_bpb):
         """Collective (the FP8 histories of every rank are gathered): every process calls it."""
@@ -347,6 +357,13 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             log_jsonl(eval_path, {"step": step, "val_bpb": val_bpb})
             result["val_bpb"].append((step, val_bpb))
             accelerator.log({"val/bpb": val_bpb}, step=step)
+
+        # once in a while: nanochat's CORE metric (all ranks take part; the uncompiled model, as shapes vary)
+        if core_bundle is not None and core_due(cfg.core_metric_every, step, last_step):
+            core = run_core_metric(raw_model, encoding, core_bundle, device, cfg.core_metric_max_per_task,
+                                   accelerator.autocast, not sharded_weights, step, print0)
+            log_jsonl(eval_path, core)
+            accelerator.log(tracker_values(core), step=step)
 
         # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP every rank
         # holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
