@@ -101,6 +101,11 @@ def test_scoring_rules_and_centering_on_a_model_whose_answers_are_known(tmp_path
     two = bundle.examples(bundle.tasks[0], 2)
     assert len(two) == 2 and bundle.examples(bundle.tasks[0], -1)[:2] == two
 
+    # a JSON string may hold U+2028 unescaped: it does not end the example's line
+    item = {"query": "line\u2028separator", "choices": ["a", "b"], "gold": 0}
+    (bundle.root / "eval_data" / "mc.jsonl").write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_bundle(tmp_path).examples(bundle.tasks[0], -1) == [item]
+
 
 def test_a_missing_bundle_is_refused_in_one_line_before_the_model_is_built(tmp_path, capsys):
     base = make_train_base_dir(tmp_path, train_tokens=4_000, val_tokens=2_000)

@@ -60,7 +60,9 @@ class CoreBundle:
         key = (task.label, max_per_task)
         if key not in self._cache:
             data = []
-            for n, line in enumerate(task.data_path.read_text(encoding="utf-8").splitlines(), 1):
+            # lines end at "\n" only, as a file's iteration does: str.splitlines would also split at
+            # characters such as U+2028 that JSON strings may hold unescaped
+            for n, line in enumerate(task.data_path.read_text(encoding="utf-8").split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
