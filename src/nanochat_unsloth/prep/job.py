@@ -336,7 +336,7 @@ class PrepJob:
                 manifest, same = None, False
             if same:
                 try:  # sizes, headers, sha256 and token ids: "already complete" means intact
-                    manifest.verify(self.out, checksums=True)
+                    manifest.verify(self.out, checksums=True, progress=self.cfg.progress)
                     intact = True
                 except UserError as e:
                     if not self.cfg.force:

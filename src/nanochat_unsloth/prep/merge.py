@@ -89,7 +89,7 @@ def _whole(parts: list[tuple[Path, ShardManifest]]) -> tuple[dict, dict, str]:
     return described, fingerprint, sha
 
 
-def _prepare_out(out: Path, sha: str, force: bool) -> ShardManifest | None:
+def _prepare_out(out: Path, sha: str, force: bool, progress: bool) -> ShardManifest | None:
     """-> the finished merge already in --out (verified), or None after clearing --out for a new one."""
     manifest_path, state_path = out / MANIFEST_NAME, out / STATE_NAME
     if manifest_path.exists():
@@ -99,7 +99,7 @@ def _prepare_out(out: Path, sha: str, force: bool) -> ShardManifest | None:
             existing = None
         if existing is not None and existing.source.get("prep_fingerprint_sha256") == sha:
             try:
-                existing.verify(out, checksums=True)
+                existing.verify(out, checksums=True, progress=progress)
                 return existing
             except UserError as e:
                 if not force:
@@ -132,7 +132,7 @@ def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_
     if any(out == d for d, _ in parts):
         raise UserError(f"--out {out}: is one of the parts; merge into another directory")
     for d, m in parts:  # sha256 and token ids of every part before a byte is written
-        m.verify(d, checksums=True)
+        m.verify(d, checksums=True, progress=progress)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -141,7 +141,7 @@ def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_
         raise
     lock = hold_lock(out / LOCK_NAME, f"--out {out}", "wait for that prep or merge to finish, or choose another --out")
     try:
-        done = _prepare_out(out, sha, force)
+        done = _prepare_out(out, sha, force, progress)
         if done is not None:
             return MergeResult(out, done, len(parts), time.time() - t0, already_done=True)
         atomic_write_json(out / STATE_NAME, fresh_state(fingerprint))
