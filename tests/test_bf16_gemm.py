@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.model import cpu_probe
 from nanochat_unsloth.train import bf16_gemm
 from nanochat_unsloth.train.bf16_gemm import EMULATED, NATIVE
 from nanochat_unsloth.train.optim import zeropower_via_newtonschulz5
@@ -37,6 +38,7 @@ def rel(x, ref):
 def fresh_choice(monkeypatch):
     monkeypatch.setattr(bf16_gemm, "_cpu_choice", None)
     monkeypatch.setattr(bf16_gemm, "_cpu_probe", None)
+    monkeypatch.setattr(bf16_gemm, "_cpu_refusal", None)
 
 
 @pytest.mark.parametrize("math", [EMULATED, NATIVE], ids=lambda m: m.name)
@@ -122,3 +124,20 @@ def test_training_refuses_an_unknown_choice(tmp_path):
                                                               "--cpu_bf16=fast"]))
     with pytest.raises(UserError, match="--cpu_bf16 'fast' is not one of"):
         train(cfg)
+
+
+def test_auto_emulates_where_onednn_refuses_bf16_and_native_is_refused(fresh_choice, monkeypatch):
+    """A CPU whose flags list bf16 instructions but whose oneDNN is held to fewer (ONEDNN_MAX_CPU_ISA) may
+    refuse a bf16 matmul outright: the probe runs one on a tiny tensor first and times nothing after a refusal."""
+    refusal = "could not create a primitive descriptor for the matmul primitive"
+
+    def refuse():
+        raise RuntimeError(refusal)
+
+    monkeypatch.setattr(bf16_gemm, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(bf16_gemm, "op_runs", lambda op: cpu_probe.op_runs(refuse))
+    monkeypatch.setattr(bf16_gemm, "probe_cpu_bf16", lambda: pytest.fail("timed an op oneDNN refuses"))
+    assert bf16_gemm.configure_cpu_bf16("auto") is EMULATED
+    assert f"emulated (oneDNN refuses bf16 matmuls here: {refusal})" in bf16_gemm.cpu_bf16_summary()
+    with pytest.raises(UserError, match="--cpu_bf16 native: this CPU's oneDNN refuses bf16 matmuls"):
+        bf16_gemm.configure_cpu_bf16("native")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.shards.format import write_shard
@@ -253,6 +255,21 @@ def test_checksum_only_when_asked(shards):
     TokenShardLoader(d, "train", B, T)
     with pytest.raises(UserError, match="sha256 does not match"):
         TokenShardLoader(d, "train", B, T, verify_checksums=True)
+
+
+def test_the_checksum_pass_shows_a_bar_on_rank_0(shards, capsys, monkeypatch):
+    d, streams = shards
+    TokenShardLoader(d, "train", B, T, verify_checksums=True)
+    assert capsys.readouterr().err == "", "no bar into a log file (stderr not a terminal)"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal
+    TokenShardLoader(d, "train", B, T, rank=0, world_size=2, verify_checksums=True)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    # rank 0's share, every other shard from the first: shards 0, 2, 4 (header + 2 bytes a token)
+    share = tqdm.format_sizeof(sum(1024 + 2 * n for n in (37, 5, 64)), divisor=1024)
+    assert "checksums train (share 0 of 2): 100%" in bar and f"{share}/{share}" in bar, bar
+    TokenShardLoader(d, "train", B, T, rank=1, world_size=2, verify_checksums=True)
+    TokenShardLoader(d, "train", B, T)
+    assert capsys.readouterr().err == "", "other ranks and a pass without checksums show none"
 
 
 def test_token_id_past_the_vocab_is_one_line_when_read(tmp_path):

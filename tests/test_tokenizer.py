@@ -104,6 +104,19 @@ def test_text_iterator_crops_and_stops_like_nanochat(tiny_corpus_dir, tiny_corpu
     assert got == expected and stats["chars"] == n
 
 
+@pytest.mark.parametrize("max_chars, doc_cap", [(10**9, 10_000), (1_000, 150), (5_000, 10**9)])
+def test_the_reading_bar_counts_the_real_characters(tiny_corpus_dir, capsys, max_chars, doc_cap):
+    """Its total is what will be read: the corpus when smaller than --max-chars (not --max-chars), else the
+    characters up to the document that passes it."""
+    source = open_source(str(tiny_corpus_dir))
+    stats = {"docs": 0, "chars": 0, "skipped": 0}
+    planned = tokenizer_cli.planned_chars(source, max_chars, doc_cap)
+    for _ in tokenizer_cli.text_iterator(source, max_chars=max_chars, doc_cap=doc_cap, stats=stats):
+        pass
+    assert planned == stats["chars"]
+    assert "tokenizer: reading: 100%" in capsys.readouterr().err.split("\r")[-1]
+
+
 def test_tokenizer_cli(tmp_path, tiny_corpus_dir, capsys):
     base = tmp_path / "base"
     args = ["tokenizer", "--data", str(tiny_corpus_dir), "--base-dir", str(base), "--vocab_size=300"]

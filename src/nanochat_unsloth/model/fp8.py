@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanochat_unsloth.common import notice_once
+from nanochat_unsloth.model.cpu_probe import op_runs
 from nanochat_unsloth.model.ops import compute_dtype
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
@@ -98,7 +99,36 @@ def _column_major(t: Tensor) -> Tensor:
 
 def _scaled_mm(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: torch.dtype,
                fast_accum: bool) -> Tensor:
+    if a.device.type == "cpu" and not cpu_scaled_mm_runs(a.dtype, b.dtype, out_dtype):
+        return _scaled_mm_reference(a, a_inv, b, b_inv, out_dtype)
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+def _scaled_mm_reference(a: Tensor, a_inv: Tensor, b: Tensor, b_inv: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """PyTorch's own CPU FP8 GEMM without oneDNN, op for op: scale each operand in fp32, an fp32 matmul, one
+    rounding to the output dtype."""
+    return torch.matmul(a.float() * a_inv, b.float() * b_inv).to(out_dtype)
+
+
+# (a dtype, b dtype, out dtype) -> whether torch._scaled_mm runs on this CPU (cpu_scaled_mm_runs)
+_CPU_SCALED_MM: dict[tuple[torch.dtype, torch.dtype, torch.dtype], bool] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled code calls it once, eagerly, and keeps the answer
+def cpu_scaled_mm_runs(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether torch._scaled_mm of these dtypes runs on this CPU: PyTorch sends it to oneDNN by the CPU's flags
+    (AMX), and oneDNN held to fewer instructions refuses it (model/cpu_probe.py). Tried once per process on
+    16 x 16 operands laid out as the real calls lay them out; where refused, `_scaled_mm_reference` runs."""
+    key = (a_dtype, b_dtype, out_dtype)
+    if key not in _CPU_SCALED_MM:
+        one = torch.ones((), dtype=torch.float32)
+        a, b = torch.zeros(16, 16).to(a_dtype), _column_major(torch.zeros(16, 16).to(b_dtype))
+        ok, why = op_runs(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=out_dtype))
+        if not ok:
+            notice_once(f"FP8 on this CPU: oneDNN refuses torch._scaled_mm ({why}); using PyTorch's reference "
+                        "FP8 GEMM (fp32 math) instead")
+        _CPU_SCALED_MM[key] = ok
+    return _CPU_SCALED_MM[key]
 
 
 # -----------------------------------------------------------------------------

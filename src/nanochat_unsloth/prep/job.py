@@ -15,12 +15,18 @@ The fingerprint holds what decides the tokens (source files, tokenizer, options)
 live: a moved or copied base dir re-preps as "already complete". One prep at a time per --out
 (an advisory lock, `.prep.lock`); a val split too small to evaluate on is refused before the train
 split is tokenized.
+
+Split across hosts (`--part I --parts N`): part I takes rows [I*R/N, (I+1)*R/N) of each split's R rows,
+so the parts' token streams, one after the other, are the whole prep's stream. Each part writes its own
+--out; `prep merge` (prep/merge.py) cuts the parts' streams into the whole prep's shards, byte for byte,
+and writes the manifest a one-host prep would have written.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -50,6 +56,14 @@ LOCK_NAME = ".prep.lock"
 MIN_VAL_TOKENS = 2049
 # describe() keys that say where the source lives, not what it holds: not part of the fingerprint
 LOCATION_KEYS = ("path", "description")
+PART_KEY = "part"  # the manifest's source["part"] of one part of a split prep (absent in a whole prep)
+PARTS_DIR = "shard_parts"  # <base>/shard_parts/part_III_of_NNN: the parts of a prep split across hosts
+
+
+def part_rows(rows: int, part: int, parts: int) -> tuple[int, int]:
+    """Rows [begin, end) of a split of `rows` rows that part `part` of `parts` tokenizes: contiguous, disjoint,
+    together all rows, in order; sizes differ by at most one."""
+    return rows * part // parts, rows * (part + 1) // parts
 
 
 @dataclass
@@ -70,6 +84,8 @@ class PrepConfig:
     progress: bool = True  # tqdm bars on stderr
     batch_chars: int = 1 << 20  # text per task handed to a worker; does not change the output
     stop_after_shards: int | None = None  # return after writing this many shards (simulated interruption)
+    part: int = 0  # which slice of the source's rows this host tokenizes (see part_rows) ...
+    parts: int = 1  # ... of how many; `prep merge` joins the parts' outputs
 
 
 @dataclass
@@ -122,10 +138,15 @@ def _encode_batch(texts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     return lengths, np.array(flat, dtype=np.uint16)
 
 
-def _batches(source: Source, split: str, start_doc: int, batch_chars: int) -> Iterator[tuple[int, list]]:
-    """(first row index, rows) in order, each batch about batch_chars characters."""
+def _batches(source: Source, split: str, start_doc: int, batch_chars: int,
+             end_doc: int | None = None) -> Iterator[tuple[int, list]]:
+    """(first row index, rows) in order from `start_doc` up to `end_doc` (None: the split's end), each batch
+    about batch_chars characters."""
     row, rows, chars = start_doc, [], 0
-    for text in source.iter_documents(split, start_doc):
+    documents = source.iter_documents(split, start_doc)
+    if end_doc is not None:
+        documents = itertools.islice(documents, max(0, end_doc - start_doc))
+    for text in documents:
         rows.append(text)
         chars += len(text) if isinstance(text, str) else 0
         if chars >= batch_chars or len(rows) >= 8192:
@@ -157,8 +178,60 @@ def _encoded(pool, batches: Iterator[tuple[int, list]], in_flight: int) -> Itera
 # The job
 
 
+def _check_part(config: PrepConfig) -> None:
+    """--part/--parts: in range, and only where a part's rows are known before reading (one line otherwise)."""
+    if config.parts < 1 or not 0 <= config.part < config.parts:
+        raise UserError(f"--part {config.part} --parts {config.parts}: need --parts 1 or more and "
+                        "0 <= --part < --parts (parts are numbered from 0)")
+    if config.parts == 1:
+        return
+    if config.source.startswith("hf:"):
+        raise UserError(f"--parts {config.parts}: a streamed hf: source's row count is unknown until it is read, so "
+                        "it cannot be split; download it as parquet files (nanochat's `python -m nanochat.dataset`) "
+                        "and prep that directory, or prep it on one host")
+    for name in ("max_tokens", "max_val_tokens"):
+        if getattr(config, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} with --parts {config.parts}: where the cap falls depends on "
+                            "every part before it; split the prep without a cap, or prep on one host")
+
+
 def _fingerprint_sha(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def whole_fingerprint(tokenizer: dict, described: dict, shard_tokens: int, max_tokens: int | None,
+                      max_val_tokens: int | None) -> dict:
+    """What decides a whole prep's tokens (recorded by its state file; its sha256 by its manifest)."""
+    return {
+        "prep_version": PREP_VERSION,
+        "tokenizer": tokenizer,
+        "source": {k: v for k, v in described.items() if k not in LOCATION_KEYS},
+        "shard_tokens": shard_tokens,
+        "max_tokens": max_tokens,
+        "max_val_tokens": max_val_tokens,
+    }
+
+
+MANIFEST_SOURCE_KEYS = ("max_tokens", "max_val_tokens", "skipped_rows", "prep_fingerprint_sha256")
+
+
+def manifest_source(described: dict, max_tokens: int | None, max_val_tokens: int | None, skipped_rows: dict,
+                    fingerprint_sha: str) -> dict:
+    """The manifest's `source`: the source's describe() plus these MANIFEST_SOURCE_KEYS."""
+    return {
+        **described,
+        "max_tokens": max_tokens,
+        "max_val_tokens": max_val_tokens,
+        "skipped_rows": skipped_rows,  # null / non-string rows are skipped, not fatal: see _run_split
+        "prep_fingerprint_sha256": fingerprint_sha,
+    }
+
+
+def fresh_state(fingerprint: dict, first_doc: int = 0) -> dict:
+    """prep_state.json of a prep that has written nothing yet."""
+    return {"fingerprint_sha256": _fingerprint_sha(fingerprint), "fingerprint": fingerprint, "shards": [],
+            "cursor": {"split": SPLIT_ORDER[0], "doc": first_doc, "offset": 0},
+            "skipped_rows": {s: 0 for s in SPLIT_ORDER}}
 
 
 class PrepJob:
@@ -173,6 +246,7 @@ class PrepJob:
                             f"{config.min_val_tokens:,}: too little val data to evaluate on; raise --max-val-tokens")
         if config.workers < 0:
             raise UserError(f"--workers {config.workers}: must be 0 (tokenize in this process) or more")
+        _check_part(config)
         self.out = Path(config.out_dir).expanduser().resolve()
         # Tokenizer first: it is the cheapest thing to get wrong and the message says what to run.
         self.tok_path = Path(config.tokenizer_dir).expanduser().resolve() / TOKENIZER_PKL
@@ -190,14 +264,15 @@ class PrepJob:
             hf_data_files=config.hf_data_files,
         )
         self.described = described = self.source.describe()
-        self.fingerprint = {
-            "prep_version": PREP_VERSION,
-            "tokenizer": asdict(self.tokenizer),
-            "source": {k: v for k, v in described.items() if k not in LOCATION_KEYS},
-            "shard_tokens": config.shard_tokens,
-            "max_tokens": config.max_tokens,
-            "max_val_tokens": config.max_val_tokens,
-        }
+        self.fingerprint = whole_fingerprint(asdict(self.tokenizer), described, config.shard_tokens,
+                                             config.max_tokens, config.max_val_tokens)
+        # a part's fingerprint is the whole prep's plus which part: its --out is never taken for the whole
+        self.whole_fingerprint, self.whole_fingerprint_sha = self.fingerprint, _fingerprint_sha(self.fingerprint)
+        self.rows = {split: (0, None) for split in SPLIT_ORDER}  # [begin, end) of each split; None: to its end
+        if config.parts > 1:
+            self.rows = {split: part_rows(self.source.num_documents(split), config.part, config.parts)
+                         for split in SPLIT_ORDER}
+            self.fingerprint = {**self.fingerprint, PART_KEY: {"index": config.part, "count": config.parts}}
         self.fingerprint_sha = _fingerprint_sha(self.fingerprint)
         # what preps before the location left the fingerprint recorded: still "the same prep" here
         self.legacy_fingerprint_sha = _fingerprint_sha({**self.fingerprint, "source": described})
@@ -206,7 +281,14 @@ class PrepJob:
         return sha in (self.fingerprint_sha, self.legacy_fingerprint_sha)
 
     # ---- what is already in --out ---------------------------------------------------------------
-    def _difference(self, tokenizer: dict, source: dict, options: dict) -> str:
+    def _difference(self, tokenizer: dict, source: dict, options: dict, part: dict | None = None) -> str:
+        mine_part = self.fingerprint.get(PART_KEY)
+        if part is not None:
+            part = {"index": part.get("index"), "count": part.get("count")}
+        if part != mine_part:
+            def name(p):
+                return f"part {p['index']} of {p['count']}" if p else "a whole prep (no --parts)"
+            return f"are {name(part)}, not {name(mine_part)}"
         if tokenizer.get("sha256") != self.tokenizer.sha256:
             return (f"were made with another tokenizer (sha256 {str(tokenizer.get('sha256'))[:12]}, "
                     f"not {self.tok_path}'s {self.tokenizer.sha256[:12]})")
@@ -243,9 +325,7 @@ class PrepJob:
 
     def _load_existing(self) -> dict | None:
         """-> the state to resume from, a fresh state, or None when --out already holds this exact prep."""
-        fresh = {"fingerprint_sha256": self.fingerprint_sha, "fingerprint": self.fingerprint, "shards": [],
-                 "cursor": {"split": SPLIT_ORDER[0], "doc": 0, "offset": 0},
-                 "skipped_rows": {s: 0 for s in SPLIT_ORDER}}
+        fresh = fresh_state(self.fingerprint, self.rows[SPLIT_ORDER[0]][0])
         self.out.mkdir(parents=True, exist_ok=True)
         manifest_path, state_path = self.out / MANIFEST_NAME, self.out / STATE_NAME
         if manifest_path.exists():
@@ -256,7 +336,7 @@ class PrepJob:
                 manifest, same = None, False
             if same:
                 try:  # sizes, headers, sha256 and token ids: "already complete" means intact
-                    manifest.verify(self.out, checksums=True)
+                    manifest.verify(self.out, checksums=True, progress=self.cfg.progress)
                     intact = True
                 except UserError as e:
                     if not self.cfg.force:
@@ -272,7 +352,8 @@ class PrepJob:
                     self._refuse("have an unreadable manifest.json")
                 options = {k: manifest.source.get(k) for k in ("max_tokens", "max_val_tokens")}
                 options["shard_tokens"] = manifest.shard_tokens
-                self._refuse(self._difference(asdict(manifest.tokenizer), manifest.source, options))
+                self._refuse(self._difference(asdict(manifest.tokenizer), manifest.source, options,
+                                              manifest.source.get(PART_KEY)))
         elif state_path.exists():
             state = read_json(state_path, "prep progress file")
             if self._same_prep(state.get("fingerprint_sha256")):
@@ -280,7 +361,7 @@ class PrepJob:
             if not self.cfg.force:
                 fp = state.get("fingerprint", {})
                 options = {k: fp.get(k) for k in ("shard_tokens", "max_tokens", "max_val_tokens")}
-                self._refuse(self._difference(fp.get("tokenizer", {}), fp.get("source", {}), options),
+                self._refuse(self._difference(fp.get("tokenizer", {}), fp.get("source", {}), options, fp.get(PART_KEY)),
                              whose="the shards of its unfinished prep")
         elif any(OWNED.match(p.name) and p.suffix == ".bin" for p in self.out.iterdir()) and not self.cfg.force:
             self._refuse("have no manifest.json or prep_state.json, so their origin is unknown")
@@ -323,7 +404,8 @@ class PrepJob:
             _init_encoder(self.tokenizer_bytes)
         try:
             while state["cursor"]["split"] != DONE:
-                if state["cursor"]["split"] != "val":  # val is done: refuse it now, not at a final eval
+                # val is done: refuse it now, not at a final eval (a part's share of val: at the merge)
+                if state["cursor"]["split"] != "val" and self.cfg.parts == 1:
                     self._check_val_size(sum(e["tokens"] for e in state["shards"] if e["split"] == "val"))
                 self._run_split(pool)
         except _Stop:
@@ -336,12 +418,11 @@ class PrepJob:
         manifest = ShardManifest(
             tokenizer=self.tokenizer,
             source={
-                **self.described,
-                "max_tokens": self.cfg.max_tokens,
-                "max_val_tokens": self.cfg.max_val_tokens,
-                # null / non-string rows are skipped, not fatal: see _run_split
-                "skipped_rows": dict(state["skipped_rows"]),
-                "prep_fingerprint_sha256": self.fingerprint_sha,
+                **manifest_source(self.described, self.cfg.max_tokens, self.cfg.max_val_tokens,
+                                  dict(state["skipped_rows"]), self.fingerprint_sha),
+                # a part: what `prep merge` needs to check the parts and write the whole prep's manifest
+                **({PART_KEY: {"index": self.cfg.part, "count": self.cfg.parts, "rows": self.rows,
+                               "whole_fingerprint_sha256": self.whole_fingerprint_sha}} if self.cfg.parts > 1 else {}),
             },
             shard_tokens=self.cfg.shard_tokens,
             shards=[ShardEntry(**e) for e in state["shards"]],
@@ -382,12 +463,15 @@ class PrepJob:
             if cfg.stop_after_shards is not None and self.written_shards >= cfg.stop_after_shards:
                 raise _Stop
 
-        total_docs = self.source.num_documents(split)
-        bar = tqdm(total=total_docs, initial=min(start_doc, total_docs or start_doc), unit="doc",
-                   desc=f"prep {split}", disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
+        first_doc, end_doc = self.rows[split]
+        total_docs = self.source.num_documents(split) if end_doc is None else end_doc - first_doc
+        done_docs = start_doc - first_doc
+        bar = tqdm(total=total_docs, initial=min(done_docs, total_docs or done_docs), unit="doc",
+                   desc=f"prep {split}" + (f" (part {cfg.part} of {cfg.parts})" if cfg.parts > 1 else ""),
+                   disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
         in_flight = max(2, 4 * cfg.workers)
         try:
-            batches = _batches(self.source, split, start_doc, cfg.batch_chars)
+            batches = _batches(self.source, split, start_doc, cfg.batch_chars, end_doc)
             for row0, lengths, tokens in _encoded(pool, batches, in_flight):
                 # Null or non-string rows are skipped and counted (summary + manifest), not fatal: web
                 # dumps carry the odd empty record, and dying hours into a 100B-token prep over one is
@@ -433,7 +517,8 @@ class PrepJob:
             bar.close()
         # end of the split (or its cap): the rest is its last shard; the cursor moves to the next split
         nxt = SPLIT_ORDER.index(split) + 1
-        cursor = {"split": SPLIT_ORDER[nxt] if nxt < len(SPLIT_ORDER) else DONE, "doc": 0, "offset": 0}
+        cursor = {"split": SPLIT_ORDER[nxt], "doc": self.rows[SPLIT_ORDER[nxt]][0], "offset": 0} \
+            if nxt < len(SPLIT_ORDER) else {"split": DONE, "doc": 0, "offset": 0}
         if fill:
             flush(cursor, skipped)
         else:
@@ -457,5 +542,8 @@ def summary_line(result: PrepResult, workers: int) -> str:
     rate = "" if result.already_done else (
         f"; {result.tokens_written:,} tokens written at {result.tokens_written / max(result.seconds, 1e-9):,.0f} tok/s "
         f"({workers} worker{'s' if workers != 1 else ''})")
+    part = result.manifest.source.get(PART_KEY)
+    then = (f"; part {part['index']} of {part['count']}: when every part is done, join them with "
+            "`nanochat-unsloth prep merge`") if part else ""
     return (f"{head}: {', '.join(parts)}; {skipped:,} null/non-text row(s) skipped{rate}; "
-            f"{result.out_dir / MANIFEST_NAME}")
+            f"{result.out_dir / MANIFEST_NAME}{then}")

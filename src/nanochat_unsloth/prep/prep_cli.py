@@ -1,4 +1,7 @@
-"""`nanochat-unsloth prep`: tokenize a corpus into uint16 token shards + manifest.json (resumable)."""
+"""`nanochat-unsloth prep`: tokenize a corpus into uint16 token shards + manifest.json (resumable).
+
+Across hosts: `prep --part I --parts N` on each host (I = 0 .. N-1), then `prep merge PART_DIR ...` on one.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,26 @@ import sys
 from pathlib import Path
 
 from nanochat_unsloth.common import FlagParser, get_base_dir
-from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, PrepConfig, run_prep, summary_line
+from nanochat_unsloth.prep.job import MIN_VAL_TOKENS, PARTS_DIR, PrepConfig, run_prep, summary_line
 from nanochat_unsloth.prep.sources import add_source_args
 
 
+def default_part_dir(base: Path, part: int, parts: int) -> Path:
+    """Where `prep --part I --parts N` writes without --out, and where `prep merge` looks without arguments."""
+    return base / PARTS_DIR / f"part_{part:03d}_of_{parts:03d}"
+
+
 def main(argv: list[str]) -> int:
-    parser = FlagParser(prog="nanochat-unsloth prep", description=__doc__.splitlines()[0])
+    if argv[:1] == ["merge"]:
+        from nanochat_unsloth.prep.merge import main as merge_main
+
+        return merge_main(argv[1:])
+    parser = FlagParser(prog="nanochat-unsloth prep", description=__doc__.splitlines()[0],
+                        epilog="`nanochat-unsloth prep merge --help`: join the outputs of --part/--parts")
     parser.add_argument("--base-dir", default=None, help="default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
     add_source_args(parser, default_help=" (default: <base>/base_data)")
-    parser.add_argument("--out", default=None, help="shard directory (default: <base>/shards)")
+    parser.add_argument("--out", default=None, help="shard directory (default: <base>/shards; with --parts: "
+                                                   f"<base>/{PARTS_DIR}/part_III_of_NNN)")
     parser.add_argument("--tokenizer-dir", default=None, help="directory of tokenizer.pkl (default: <base>/tokenizer)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: all CPUs); 0 tokenizes in this process")
@@ -31,12 +45,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
                         help="stop after writing N shards, as an interruption would (the same command without it "
                              "continues); for testing resumption")
+    parser.add_argument("--part", type=int, default=0, metavar="I",
+                        help="tokenize only part I (from 0) of --parts: a contiguous 1/N of each split's rows "
+                             "(parquet sources); then `prep merge` the parts (default 0)")
+    parser.add_argument("--parts", type=int, default=1, metavar="N",
+                        help="split the prep into N parts, e.g. one per host (default 1: the whole prep)")
     args = parser.parse_args(argv)
 
     base = get_base_dir(args.base_dir)
     config = PrepConfig(
         source=args.source or str(base / "base_data"),
-        out_dir=Path(args.out) if args.out else base / "shards",
+        out_dir=Path(args.out) if args.out else (
+            base / "shards" if args.parts == 1 else default_part_dir(base, args.part, args.parts)),
         tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else base / "tokenizer",
         workers=args.workers,
         shard_tokens=args.shard_tokens,
@@ -50,6 +70,8 @@ def main(argv: list[str]) -> int:
         force=args.force,
         progress=not args.quiet,
         stop_after_shards=args.stop_after_shards,
+        part=args.part,
+        parts=args.parts,
     )
     try:
         result = run_prep(config)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
+import numpy as np
+
 from nanochat_unsloth.common import FlagParser, UserError, atomic_write_json, get_base_dir, read_json, sha256_file
 from nanochat_unsloth.prep.sources import Source, add_source_args, open_source
 from nanochat_unsloth.tokenizer import (
@@ -31,12 +33,30 @@ Symbols: ~!@#$%^&*()[]{}<>?/\\|
 Unicode: Grüße, こんにちは, Ελληνικά 🚀✨"""
 
 
+def planned_chars(source: Source, max_chars: int, doc_cap: int) -> int | None:
+    """The characters `text_iterator` will feed, before it feeds any: known for a parquet source (each row's
+    length read from its column, one pass that stops where --max-chars does), None for a stream."""
+    lengths = getattr(source, "text_lengths", None)
+    if lengths is None:
+        return None
+    total = 0
+    for row_group in lengths("train"):
+        fed = total + np.cumsum(np.minimum(row_group, doc_cap))
+        past = np.flatnonzero(fed > max_chars)
+        if past.size:  # the document that passes max_chars is the last one fed
+            return int(fed[past[0]])
+        total = int(fed[-1]) if len(fed) else total
+    return total
+
+
 def text_iterator(source: Source, max_chars: int, doc_cap: int, stats: dict) -> Iterator[str]:
     """Train-split documents cropped to doc_cap; stop after the document that passes max_chars (as nanochat)."""
     from tqdm import tqdm
 
     nchars = 0
-    bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="tokenizer: reading", mininterval=1.0)
+    # the bar's total is what will really be read: the corpus when it is smaller than --max-chars
+    bar = tqdm(total=planned_chars(source, max_chars, doc_cap), unit="char", unit_scale=True,
+               desc="tokenizer: reading", mininterval=1.0)
     try:
         for text in source.iter_documents("train"):
             if not isinstance(text, str):  # null / non-text rows carry no text to learn from

@@ -78,8 +78,10 @@ class TokenShardLoader:
         entries = manifest.shards_for(split)
         if not entries:
             raise UserError(f"{self.shards_dir}: the manifest has no {split} shards; re-run `nanochat-unsloth prep`")
-        # with several processes each checksums its share of the shards (a bad one stops the whole job)
-        manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,), part=(rank, world_size))
+        # with several processes each checksums its share of the shards (a bad one stops the whole job);
+        # rank 0 shows its share's progress to a terminal (a log file gets the loop's one-line summary)
+        manifest.verify(self.shards_dir, checksums=verify_checksums, splits=(split,), part=(rank, world_size),
+                        progress=None if verify_checksums and rank == 0 else False)
         self._vocab_size = manifest.tokenizer.vocab_size
         self._bos_id = manifest.tokenizer.bos_id
         self._paths = [self.shards_dir / e.file for e in entries]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nanochat_unsloth.common import UserError, atomic_write_json, read_json
-from nanochat_unsloth.shards.format import read_shard_header, scan_shard
+from nanochat_unsloth.shards.format import HEADER_BYTES, read_shard_header, scan_shard
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "nanochat-unsloth-shards"
@@ -97,12 +97,13 @@ class ShardManifest:
 
     # ---- checks --------------------------------------------------------------------------
     def verify(self, shards_dir: str | Path, checksums: bool = False, splits: tuple[str, ...] = SPLITS,
-               part: tuple[int, int] = (0, 1)) -> None:
+               part: tuple[int, int] = (0, 1), progress: bool | None = False) -> None:
         """Header and size of every shard against the manifest (cheap); with `checksums`, also each shard's
         sha256 and that every token id is below the vocab size (one read of the data).
 
         `part=(i, n)` checksums only every n-th shard from the i-th: n processes verify a split in 1/n the
-        time each (headers and sizes are still checked for all).
+        time each (headers and sizes are still checked for all). `progress`: a tqdm bar (stderr) over the bytes
+        checksummed; None: only when stderr is a terminal.
         """
         shards_dir = Path(shards_dir)
         entries = [e for e in self.shards if e.split in splits]
@@ -120,13 +121,20 @@ class ShardManifest:
                     f"has vocab {self.tokenizer.vocab_size}/BOS {self.tokenizer.bos_id}; it belongs to another prep"
                 )
         if checksums:
-            self._verify_contents(shards_dir, entries[part[0]::part[1]])
+            mine = entries[part[0]::part[1]]
+            desc = f"checksums {'+'.join(splits)}" + (f" (share {part[0]} of {part[1]})" if part[1] > 1 else "")
+            self._verify_contents(shards_dir, mine, progress, desc)
 
-    def _verify_contents(self, shards_dir: Path, entries: list[ShardEntry]) -> None:
+    def _verify_contents(self, shards_dir: Path, entries: list[ShardEntry], progress: bool | None, desc: str) -> None:
+        from tqdm import tqdm
+
         # hashlib and numpy release the GIL on large buffers: threads scan several shards at once
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool, \
+                tqdm(total=sum(HEADER_BYTES + 2 * e.tokens for e in entries), unit="B", unit_scale=True,
+                     unit_divisor=1024, desc=desc, disable=None if progress is None else not progress, dynamic_ncols=True, mininterval=0.5) as bar:
             scans = pool.map(lambda e: scan_shard(shards_dir / e.file), entries)
             for entry, (digest, max_token) in zip(entries, scans):
+                bar.update(HEADER_BYTES + 2 * entry.tokens)
                 path = shards_dir / entry.file
                 if digest != entry.sha256:
                     raise UserError(f"{path}: sha256 does not match the manifest; the shard is corrupt, re-run prep "

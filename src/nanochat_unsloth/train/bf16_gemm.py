@@ -14,9 +14,9 @@ Two implementations of the same arithmetic, behind one small interface (`round`,
 
 Code written against the interface (Newton-Schulz in optim.py) runs unchanged on either. Each process
 decides once which one its CPU should use (`--cpu_bf16 auto`); CUDA tensors always take the native path.
-`auto` is native only on a CPU with bf16 instructions (AVX-512-BF16 or AMX) where a timed probe also
-finds bf16 matmuls fast (oneDNN may be held back, e.g. by ONEDNN_MAX_CPU_ISA). Every other CPU emulates
-without timing anything: a timing alone flipped between processes under load on an AVX-512 CPU whose
+`auto` is native only on a CPU with bf16 instructions (AVX-512-BF16 or AMX) where a bf16 matmul runs at all
+(oneDNN held to fewer instructions than the CPU lists, e.g. by ONEDNN_MAX_CPU_ISA, may refuse it:
+model/cpu_probe.py) and a timed probe also finds it fast. Every other CPU emulates without timing anything: a timing alone flipped between processes under load on an AVX-512 CPU whose
 bf16 runs ~3x slower, and processes of one run that disagree compute slightly different updates.
 """
 
@@ -28,6 +28,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.model.cpu_probe import op_runs
 
 CHOICES = ("auto", "native", "emulated")
 
@@ -61,6 +64,13 @@ EMULATED = Bf16Math("emulated", _round_emulated, lambda a, b: _round_emulated(to
 
 _cpu_choice: Bf16Math | None = None
 _cpu_probe: dict | None = None
+_cpu_refusal: str | None = None  # oneDNN's words when it refused a bf16 matmul on this CPU
+
+
+def bf16_matmul_runs() -> tuple[bool, str]:
+    """Whether a bf16 matmul runs on this CPU at all (model/cpu_probe.py): (True, "") or (False, oneDNN's line)."""
+    a = torch.ones(16, 16, dtype=torch.bfloat16)
+    return op_runs(lambda: torch.matmul(a, a))
 
 
 def probe_cpu_bf16(size: int = _PROBE_SIZE, repeats: int = 5) -> dict:
@@ -92,11 +102,18 @@ def cpu_has_bf16_instructions() -> bool:
 
 def configure_cpu_bf16(choice: str = "auto") -> Bf16Math:
     """Decide, once per process, how CPU tensors run bf16 GEMMs; returns the choice (see module doc)."""
-    global _cpu_choice, _cpu_probe
+    global _cpu_choice, _cpu_probe, _cpu_refusal
     if choice not in CHOICES:
         raise ValueError(f"--cpu_bf16 {choice!r} is not one of: {', '.join(CHOICES)}")
+    _cpu_refusal = None
+    if choice == "native" or (choice == "auto" and cpu_has_bf16_instructions()):
+        ok, why = bf16_matmul_runs()
+        _cpu_refusal = None if ok else why
+        if not ok and choice == "native":
+            raise UserError(f"--cpu_bf16 native: this CPU's oneDNN refuses bf16 matmuls ({why}); "
+                            "use --cpu_bf16 auto or emulated")
     if choice == "auto":
-        if not cpu_has_bf16_instructions():
+        if not cpu_has_bf16_instructions() or _cpu_refusal is not None:
             _cpu_choice = EMULATED
             return _cpu_choice
         if _cpu_probe is None:
@@ -110,6 +127,8 @@ def configure_cpu_bf16(choice: str = "auto") -> Bf16Math:
 def cpu_bf16_summary() -> str:
     """One line for the run's log: the CPU's choice, and the probe's figures when it ran."""
     math = cpu_math()
+    if _cpu_refusal is not None:
+        return f"cpu bf16 GEMMs: {math.name} (oneDNN refuses bf16 matmuls here: {_cpu_refusal})"
     if _cpu_probe is None:
         why = "" if cpu_has_bf16_instructions() else " (no AVX-512-BF16/AMX on this CPU)"
         return f"cpu bf16 GEMMs: {math.name}{why}"
