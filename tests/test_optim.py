@@ -6,7 +6,7 @@ import torch
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.optim import (
-    Muon, apply_schedules, build_optimizers, clip_grad_norm, grad_accum_steps,
+    Muon, apply_schedules, build_optimizers, clip_grad_norm, grad_accum_steps, largest_lrs,
     lr_multiplier, muon_momentum, resolve_num_iterations, zeropower_via_newtonschulz5,
 )
 
@@ -225,6 +225,37 @@ def test_one_training_step_lowers_the_loss():
             opt.step()
         model.zero_grad(set_to_none=True)
     assert model(x, y) < before
+
+
+@pytest.mark.parametrize("flag", ["embedding_lr", "unembedding_lr", "matrix_lr"])
+def test_largest_lr_is_where_a_real_step_starts_to_overflow(flag):
+    """Just below the limit a step runs (the weights may blow up: that is the non-finite checks' business);
+    just above it torch's own step stops with an overflow, which the flag check refuses up front. The
+    margins, 1e-3 either side, are far above the double-precision rounding of the limit's few products."""
+    limit = largest_lrs(64)[flag]
+
+    def one_step(lr: float) -> None:
+        torch.manual_seed(0)
+        model = tiny_model(64)
+        optimizers = build_optimizers(model, **{flag: lr})
+        x = torch.randint(0, 64, (2, 8))
+        model(x, x).backward()
+        for opt in optimizers:
+            opt.step()
+    one_step(limit * (1 - 1e-3))
+    with pytest.raises(RuntimeError, match="overflow"):
+        one_step(limit * (1 + 1e-3))
+
+
+def test_an_lr_that_would_overflow_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    from nanochat_unsloth.common import run_main
+    from nanochat_unsloth.train.__main__ import main
+
+    for flag, value in (("unembedding_lr", "1e38"), ("matrix_lr", "2e38"), ("embedding_lr", "3e37")):
+        code = run_main(main, ["--depth", "2", f"--{flag}={value}", "--base-dir", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"error: --{flag} {float(value):g}: too large") and "\n" not in err, err
+    assert not (tmp_path / "runs").exists(), "refused before anything was written"
 
 
 def test_clip_grad_norm():

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, fields
 from nanochat_unsloth.common import FlagParser, UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
 from nanochat_unsloth.model.compile import COMPILE_CHOICES, CUDA_GRAPH_CHOICES
+from nanochat_unsloth.model.gpt import GPTConfig
 from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES, WARMDOWN_CHOICES, check_recipe
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
 from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
 from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
 from nanochat_unsloth.train.config_file import load_config_file
-from nanochat_unsloth.train.optim import OPTIMIZER_CHOICES
+from nanochat_unsloth.train.optim import OPTIMIZER_CHOICES, check_lrs_fit_float32
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
 # The model shape is never overridable: the weights would not load. A checkpoint without a field (written
@@ -157,6 +158,9 @@ class TrainConfig:
         if self.cuda_graphs == "on" and self.compile not in ("auto", "model"):
             raise UserError(f"--cuda_graphs on replays the whole-model graph, not --compile {self.compile}: "
                             "use --compile model")
+        check_lrs_fit_float32(GPTConfig.from_depth(self.depth, self.max_seq_len, vocab_size=0).n_embd,
+                              embedding_lr=self.embedding_lr, unembedding_lr=self.unembedding_lr,
+                              matrix_lr=self.matrix_lr)
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")

@@ -187,6 +187,35 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # The two optimizers
 
+ADAMW_BETAS = (0.8, 0.95)  # nanochat's, for the lm_head and wte
+# Muon scales a matrix's LR by sqrt(max(1, rows/cols)); the tallest block matrix is the MLP's c_fc,
+# 4*n_embd x n_embd, so no matrix's step is larger than 2 x --matrix_lr.
+MUON_LARGEST_LR_SCALE = 2.0
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def largest_lrs(n_embd: int) -> dict[str, float]:
+    """The largest value of each LR flag whose step fits in float32, at this width.
+
+    torch converts a step's scale to the weights' dtype and stops mid-run with a traceback above it
+    ("value cannot be converted to type float without overflow"). The largest are AdamW's first step,
+    lr x (n_embd/768)^-0.5 / (1 - beta1) (its bias correction), and Muon's lr x 2; the schedule's
+    multiplier never exceeds 1. (Weight decay multiplies without that check: a huge product there only
+    makes the weights non-finite, which the training loop stops on.)
+    """
+    adamw = FLOAT32_MAX * (1 - ADAMW_BETAS[0]) / (n_embd / 768) ** -0.5
+    return {"embedding_lr": adamw, "unembedding_lr": adamw, "matrix_lr": FLOAT32_MAX / MUON_LARGEST_LR_SCALE}
+
+
+def check_lrs_fit_float32(n_embd: int, **lrs: float) -> None:
+    """Refuse, in one line naming the flag, an LR above `largest_lrs` (flag name -> value in `lrs`)."""
+    limits = largest_lrs(n_embd)
+    for flag, lr in lrs.items():
+        if lr > limits[flag]:
+            raise UserError(f"--{flag} {lr:g}: too large: at n_embd {n_embd} (--depth) its optimizer step does not "
+                            f"fit in float32 and would stop the run with an overflow; use at most "
+                            f"{limits[flag]:.3g}")
+
 
 def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                      matrix_lr: float = 0.02, weight_decay: float = 0.0,
@@ -211,7 +240,7 @@ def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: f
     adamw = adamw_cls(
         [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
          dict(params=embedding_params, lr=embedding_lr * lr_scale)],
-        betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused,
+        betas=ADAMW_BETAS, eps=1e-10, weight_decay=weight_decay, fused=fused,
     )
     muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
     optimizers = [adamw, muon]
