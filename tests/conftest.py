@@ -60,6 +60,42 @@ def write_parquet_files(out_dir: Path, files: list[list], rows_per_group: int = 
     return paths
 
 
+def raw_string_array(values: list):
+    """A pyarrow string array holding each value's bytes as they are, valid UTF-8 or not (None = null): a web
+    dump's broken record. Neither this constructor nor parquet's writer or reader checks the UTF-8."""
+    import numpy as np
+    import pyarrow as pa
+
+    raw = [v.encode() if isinstance(v, str) else v for v in values]
+    offsets = np.cumsum([0] + [len(r or b"") for r in raw]).astype(np.int32)
+    validity = pa.array([r is not None for r in raw], type=pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), len(raw), [validity, pa.py_buffer(offsets.tobytes()),
+                                                         pa.py_buffer(b"".join(r or b"" for r in raw))])
+
+
+class Killed(BaseException):
+    """Raised where a kill could land: a BaseException, so no `except Exception` of the code under test
+    takes it for an error it handles."""
+
+
+def watch_file_ops(monkeypatch, before_each) -> None:
+    """Call `before_each()` before every os.replace and os.unlink of this process (Path.unlink included):
+    the points between which a kill can change what a reader of the directory sees."""
+    import os
+
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def replace(*args, **kwargs):
+        before_each()
+        return real_replace(*args, **kwargs)
+
+    def unlink(*args, **kwargs):
+        before_each()
+        return real_unlink(*args, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny_base")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Killed, watch_file_ops
 
 from nanochat_unsloth.cli import main as cli_main
 from nanochat_unsloth.common import UserError, sha256_file
@@ -355,6 +356,70 @@ def test_existing_target_needs_force(work):
     cpu = ckpt.load_model_state_dict(work / "runs" / "cpu" / "step_000003")
     assert torch.equal(state["lm_head.weight"], cpu["lm_head.weight"])
     assert not list((work / "base_checkpoints" / "d2").glob(".*.tmp")), "no temporary files left behind"
+
+
+STEP3 = ("model_000003.pt", "meta_000003.json", "optim_000003.pt")
+
+
+def nanochat_view(tag_dir: Path, sets: dict[str, dict]) -> str:
+    """What nanochat's checkpoint_manager finds for step 3: it lists model_*.pt, then reads that step's meta
+    (and optim, when resuming). 'none' without model_000003.pt, else the name of the set it reads; a
+    mixed set fails the test."""
+    if not (tag_dir / STEP3[0]).exists():
+        return "none"
+    found = {name: (tag_dir / name).read_bytes() if (tag_dir / name).exists() else None for name in STEP3}
+    for label, files in sets.items():
+        if found == files:
+            return label
+    raise AssertionError(f"step 3 is a mix of two conversions: {sorted(n for n, b in found.items() if b)}")
+
+
+def test_force_replaces_the_checkpoint_as_one_set_wherever_it_is_killed(work, tmp_path, monkeypatch):
+    """--force over step 3 of tag d2 (old: d2's weights with an optim file; new: the cpu run's, without one)."""
+    tag_dir = work / "base_checkpoints" / "d2"
+    sets = {}
+    for label, run, with_optim in (("old", "d2", True), ("new", "cpu", False)):
+        export_to_nanochat(work / "runs" / run, model_tag="d2", base_dir=tmp_path / label, with_optim=with_optim,
+                           log=quiet)
+        ref = tmp_path / label / "base_checkpoints" / "d2"
+        sets[label] = {name: (ref / name).read_bytes() if (ref / name).exists() else None for name in STEP3}
+
+    def write(label: str, force: bool = True) -> None:
+        run, with_optim = ("d2", True) if label == "old" else ("cpu", False)
+        export_to_nanochat(work / "runs" / run, model_tag="d2", with_optim=with_optim, force=force, log=quiet)
+
+    # every point a kill can land: the old set, no step 3, or the new set; never weights beside another meta
+    write("old", force=False)
+    seen = []
+    with monkeypatch.context() as m:
+        watch_file_ops(m, lambda: seen.append(nanochat_view(tag_dir, sets)))
+        write("new")
+    seen.append(nanochat_view(tag_dir, sets))
+    assert seen[0] == "old" and seen[-1] == "new" and "none" in seen, seen
+
+    # an error at each of those points leaves no staging dir; where it left no step 3, a plain convert
+    # (no --force) writes it, over the meta or optim file left without its model
+    for k in range(len(seen) - 1):
+        write("old")
+        ops = iter(range(len(seen)))
+
+        def kill_at_k():
+            if next(ops) == k:
+                raise Killed
+        with monkeypatch.context() as m, pytest.raises(Killed):
+            watch_file_ops(m, kill_at_k)
+            write("new")
+        state = nanochat_view(tag_dir, sets)
+        assert state in ("old", "none") and not list(tag_dir.glob(".*.tmp")), (k, state)
+        write("new", force=state == "old")
+        assert nanochat_view(tag_dir, sets) == "new"
+    # a kill -9 leaves its staging dir, which nanochat's listing never sees; the next write removes it
+    leftover = tag_dir / ".model_000003.pt.abc123.staging.tmp"
+    leftover.mkdir()
+    (leftover / "model_000003.pt").write_bytes(b"half")
+    assert layout.list_nanochat_checkpoints(tag_dir) == [3]
+    write("old")
+    assert not leftover.exists() and nanochat_view(tag_dir, sets) == "old"
 
 
 def test_different_tokenizer_in_target_is_refused(base, tmp_path, other_tokenizer):

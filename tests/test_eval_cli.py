@@ -5,7 +5,9 @@ With NANOCHAT_SRC set, nanochat's own build_model + evaluate_bpb + Engine give t
 
 from __future__ import annotations
 
+import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,60 @@ def test_cuda_eval_under_bf16_autocast_is_close_to_cpu(base, run_result):
     # was not measured in this pass (it needs a GPU; the CPU measurements of issue 13 do not cover it).
     for split in ("train", "val"):
         assert ours[f"{split}_bpb"] == pytest.approx(run_result[f"{split}_bpb"], rel=2e-2)
+
+
+def test_a_mixed_tokenizer_pair_is_refused_by_eval_train_and_convert(base, tmp_path, tiny_corpus_docs, capsys):
+    """token_bytes.pt beside a tokenizer.pkl it does not belong to: a larger table gave silently wrong bpb, a
+    smaller one an IndexError. Every reader refuses it in one line naming token_bytes.pt."""
+    from nanochat_unsloth.cli import normalize_flags
+    from nanochat_unsloth.tokenizer import save_tokenizer, train_tokenizer
+    from nanochat_unsloth.train.config import parse_train_args
+    from nanochat_unsloth.train.loop import train
+    from train_fixtures import TINY_TRAIN_ARGS
+
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    other = tmp_path / "other"  # the same vocab size: only the link between the two files tells them apart
+    save_tokenizer(train_tokenizer(iter(tiny_corpus_docs["train"][:40]), 512), other)
+    smaller = io.BytesIO()
+    torch.save(torch.ones(300, dtype=torch.int32), smaller)  # nanochat's format: a bare tensor
+    pattern = r"token_bytes\.pt: .*not the pair of tokenizer\.pkl.*re-run `nanochat-unsloth tokenizer`"
+    for table in ((other / "token_bytes.pt").read_bytes(), smaller.getvalue()):
+        (own / "tokenizer" / "token_bytes.pt").write_bytes(table)
+        with pytest.raises(UserError, match=pattern):
+            evaluate_checkpoint(own / "runs" / "d2", split_tokens=SPLIT_TOKENS, device="cpu", log=quiet)
+        with pytest.raises(UserError, match=pattern):
+            export_to_nanochat(own / "runs" / "d2", base_dir=tmp_path / "nano", log=quiet)
+        assert not (tmp_path / "nano").exists()
+        with pytest.raises(UserError, match=pattern):
+            train(parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(own), "--num-iterations",
+                                                                      "1", "--model-tag", "t"])))
+        reset_accelerate()
+    capsys.readouterr()
+    assert cli_main(["eval", str(own / "runs" / "d2"), "--split-tokens", str(SPLIT_TOKENS), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "token_bytes.pt" in err
+
+
+def test_a_linked_runs_dir_keeps_the_base_dir_the_user_named(base, run_result, tmp_path):
+    """<base>/runs and <base>/base_checkpoints as links to another disk: eval and convert find tokenizer/ and
+    shards/ in the base dir named, not beside the links' targets; the tag is the name of the run dir given."""
+    from nanochat_unsloth.convert.cli import import_from_nanochat
+
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    disk = tmp_path / "other_disk"
+    disk.mkdir()
+    for name in ("runs", "base_checkpoints"):
+        shutil.move(own / name, disk / name)
+        (own / name).symlink_to(disk / name)
+    (own / "runs" / "linked").symlink_to(disk / "runs" / "d2")  # a run dir that is itself a link
+    r = evaluate_checkpoint(own / "runs" / "linked", split_tokens=SPLIT_TOKENS, device="cpu", log=quiet)
+    assert r["val_bpb"] == run_result["val_bpb"] and r["train_bpb"] == run_result["train_bpb"]  # same computation
+    nano = evaluate_checkpoint(own / "base_checkpoints" / "d2", split_tokens=SPLIT_TOKENS, device="cpu", log=quiet)
+    assert nano["step"] == 2
+    out = export_to_nanochat(own / "runs" / "linked", log=quiet)
+    assert out["out_dir"] == own / "base_checkpoints" / "linked" and out["model"].exists()
+    step_dir = import_from_nanochat(own / "base_checkpoints" / "linked", own / "runs" / "back", log=quiet)
+    assert step_dir == own / "runs" / "back" / "step_000002" and (disk / "runs" / "back" / "step_000002").is_dir()
+    reset_accelerate()

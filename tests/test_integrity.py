@@ -409,7 +409,7 @@ def test_read_only_target_in_convert_is_one_line(base, tmp_path, monkeypatch, ca
     run_train(base, "--num-iterations", "1", "--model-tag", "conv_ro", "--force")
     target = tmp_path / "nanochat"
     target.mkdir()
-    read_only(monkeypatch, target, tempfile, "mkstemp")
+    read_only(monkeypatch, target, tempfile, "mkdtemp")  # convert stages its files in a temp dir
     try:
         code = run_main(convert_main, [str(base / "runs" / "conv_ro"), "--base-dir", str(target)])
         err = one_line_error(capsys, code)

@@ -10,10 +10,11 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -51,6 +52,15 @@ def disk_failure_message(path: str | os.PathLike, e: BaseException) -> str:
     return f"{path}: cannot write: {why}; {fix}"
 
 
+def absolute_path(path: str | os.PathLike) -> Path:
+    """`path` made absolute without resolving symlinks (`..` is taken by name, as a shell's `cd` does).
+
+    `<base>/runs` or `<base>/runs/<tag>` may be a link to another disk: the base dir above them is still
+    the one the user named, where tokenizer/ and shards/ are, not the parent of the link's target.
+    """
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
     """nanochat's convention: --base-dir, else $NANOCHAT_BASE_DIR, else ~/.cache/nanochat."""
     if base_dir:
@@ -59,7 +69,7 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
         path = Path(os.environ["NANOCHAT_BASE_DIR"])
     else:
         path = Path.home() / ".cache" / "nanochat"
-    path = path.expanduser().resolve()
+    path = absolute_path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -98,6 +108,48 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file_set(directory: str | os.PathLike, names: Sequence[str],
+                    stale: Sequence[str] = ()) -> Iterator[dict[str, Path]]:
+    """Write files that readers take as one set (nanochat's model_N.pt + meta_N.json, tokenizer.pkl +
+    token_bytes.pt): after a crash or a kill at any point, the old set or no set, never old beside new.
+
+    The block writes each of `names` to the path yielded for it, in a staging dir inside `directory` (the
+    same filesystem, so what follows are renames). The LAST name is the key, the file a reader looks for
+    first (nanochat lists model_*.pt, and loads tokenizer.pkl before token_bytes.pt). Once every file is
+    written and synced, the old key is removed (from here until it lands again, readers see no set), then
+    `stale` (old files the new set has no counterpart for), then the others are renamed into place and the
+    key last. The staging dir is removed; one left by a kill is removed by the next write of the same key.
+    A full disk or a read-only directory becomes a UserError naming the key's path.
+    """
+    directory = Path(directory)
+    key = directory / names[-1]
+    staging = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.glob(f".{names[-1]}.*.staging.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{names[-1]}.", suffix=".staging.tmp", dir=directory))
+        staged = {name: staging / name for name in names}
+        yield staged
+        for path in staged.values():
+            _fsync_file(path)
+        key.unlink(missing_ok=True)
+        _fsync_dir(directory)  # the key's removal is on disk before any new file lands
+        for name in stale:
+            (directory / name).unlink(missing_ok=True)
+        for name in names:
+            os.replace(staged[name], directory / name)
+        _fsync_dir(directory)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_failure(e):
+            raise
+        raise UserError(disk_failure_message(key, e)) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:

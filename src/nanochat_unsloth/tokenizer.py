@@ -4,6 +4,12 @@
 `RustBPETokenizer.from_directory` unpickles): the learned merges first, then nanochat's 9 special
 tokens. `<base>/tokenizer/token_bytes.pt` holds, per token id, how many bytes of text the token
 stands for (0 for specials); bits-per-byte evaluation divides by it.
+
+The two files are one pair: they are written as a set (`common.atomic_file_set`), and the tensor in
+token_bytes.pt carries the sha256 of the tokenizer.pkl it belongs to as an attribute
+(`tokenizer_sha256`), which torch.load (weights_only too) restores and nanochat ignores. Every reader
+refuses a pair that does not match; a token_bytes.pt without the attribute (nanochat's own, or ours
+from before) is checked by its length against the vocab size.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from typing import Iterable
 
 import tiktoken
 
-from nanochat_unsloth.common import UserError, atomic_write_bytes, sha256_file
+from nanochat_unsloth.common import UserError, atomic_file_set, sha256_file
 
 TOKENIZER_PKL = "tokenizer.pkl"
 TOKEN_BYTES_PT = "token_bytes.pt"
+PAIR_ATTR = "tokenizer_sha256"  # on the token_bytes tensor: the sha256 of its tokenizer.pkl
 ENCODING_NAME = "rustbpe"  # nanochat's name for the Encoding; kept so the pickles are alike
 
 # nanochat's special tokens, in nanochat's order: they get the ids right after the merges.
@@ -95,13 +102,26 @@ def compute_token_bytes(enc: tiktoken.Encoding):
     return torch.tensor(lengths, dtype=torch.int32)
 
 
-def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: bool = False) -> tuple[Path, Path]:
-    """Write tokenizer.pkl and token_bytes.pt atomically; refuse to replace a different tokenizer unless `force`.
-
-    token_bytes.pt is written first and tokenizer.pkl last, so a crash in between leaves the old,
-    self-consistent tokenizer.pkl in charge of a directory whose re-run fixes token_bytes.pt.
-    """
+def token_bytes_file(enc: tiktoken.Encoding, pkl_sha256: str) -> bytes:
+    """token_bytes.pt's bytes for `enc`, linked to the tokenizer.pkl whose sha256 is `pkl_sha256`."""
     import torch
+
+    table = compute_token_bytes(enc)
+    setattr(table, PAIR_ATTR, pkl_sha256)  # pickled with the tensor (torch keeps a tensor's __dict__)
+    buf = io.BytesIO()
+    torch.save(table, buf)
+    return buf.getvalue()
+
+
+def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: bool = False,
+                   extra: dict[str, bytes] | None = None) -> tuple[Path, Path]:
+    """Write tokenizer.pkl and token_bytes.pt as one set (plus `extra` files, e.g. the CLI's record of how it
+    was trained); refuse to replace a different tokenizer unless `force`.
+
+    tokenizer.pkl is the key of the set: a kill leaves the old pair, or no tokenizer.pkl (a re-run of
+    `nanochat-unsloth tokenizer` then writes a new one), never a tokenizer.pkl beside another's table.
+    """
+    import hashlib
 
     tokenizer_dir = Path(tokenizer_dir)
     pkl_path, bytes_path = tokenizer_dir / TOKENIZER_PKL, tokenizer_dir / TOKEN_BYTES_PT
@@ -111,11 +131,18 @@ def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: boo
             f"{pkl_path}: a different tokenizer is already there (shards and checkpoints made with it would no "
             "longer match); pass --force to replace it, or use another --base-dir"
         )
-    buf = io.BytesIO()
-    torch.save(compute_token_bytes(enc), buf)
-    atomic_write_bytes(bytes_path, buf.getvalue())
-    atomic_write_bytes(pkl_path, data)
+    files = {TOKEN_BYTES_PT: token_bytes_file(enc, hashlib.sha256(data).hexdigest()), **(extra or {}),
+             TOKENIZER_PKL: data}
+    write_tokenizer_files(tokenizer_dir, files)
     return pkl_path, bytes_path
+
+
+def write_tokenizer_files(tokenizer_dir: str | Path, files: dict[str, bytes]) -> None:
+    """Write {name: bytes} into tokenizer_dir as one set, tokenizer.pkl (which must be among them) last."""
+    names = [n for n in files if n != TOKENIZER_PKL] + [TOKENIZER_PKL]
+    with atomic_file_set(tokenizer_dir, names) as staged:
+        for name in names:
+            staged[name].write_bytes(files[name])
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> tiktoken.Encoding:
@@ -137,7 +164,8 @@ def load_checked_tokenizer(tokenizer_dir: str | Path, owner: str, sha256: str | 
                            vocab_size: int | None = None, fix: str = "pass the --base-dir it was made with"
                            ) -> tuple[tiktoken.Encoding, str]:
     """The tokenizer of `tokenizer_dir` and its sha256, refused with one line naming tokenizer.pkl when it is
-    not the one `owner` (shards, a checkpoint) was made with: another sha256 (when recorded) or vocab size."""
+    not the one `owner` (shards, a checkpoint) was made with: another sha256 (when recorded) or vocab size;
+    and refused naming token_bytes.pt when that is not tokenizer.pkl's pair (`check_token_bytes`)."""
     pkl_path = Path(tokenizer_dir) / TOKENIZER_PKL
     enc = load_tokenizer(tokenizer_dir)
     actual = sha256_file(pkl_path)
@@ -145,11 +173,45 @@ def load_checked_tokenizer(tokenizer_dir: str | Path, owner: str, sha256: str | 
         raise UserError(f"{pkl_path}: sha256 {actual[:12]} is not the tokenizer of {owner} ({sha256[:12]}); {fix}")
     if vocab_size is not None and enc.n_vocab != vocab_size:
         raise UserError(f"{pkl_path}: {enc.n_vocab} tokens, but the vocab_size of {owner} is {vocab_size}; {fix}")
+    check_token_bytes(tokenizer_dir, enc, actual)
     return enc, actual
 
 
+def token_bytes_mismatch(tokenizer_dir: str | Path, enc: tiktoken.Encoding, pkl_sha256: str) -> str | None:
+    """Why token_bytes.pt is not tokenizer.pkl's pair (one phrase), or None when it is."""
+    path = Path(tokenizer_dir) / TOKEN_BYTES_PT
+    if not path.exists():
+        return "not found"
+    import torch
+
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a torch file
+        return f"cannot be read ({type(e).__name__})"
+    if not isinstance(table, torch.Tensor) or table.ndim != 1:
+        return "is not a 1-D tensor of byte counts"
+    linked = getattr(table, PAIR_ATTR, None)
+    if linked is not None and linked != pkl_sha256:
+        return (f"was written for another tokenizer.pkl (sha256 {str(linked)[:12]}, this one's is "
+                f"{pkl_sha256[:12]})")
+    if table.numel() != enc.n_vocab:
+        return f"has {table.numel()} entries for tokenizer.pkl's {enc.n_vocab} tokens"
+    return None
+
+
+def check_token_bytes(tokenizer_dir: str | Path, enc: tiktoken.Encoding, pkl_sha256: str) -> None:
+    """Refuse, in one line, a token_bytes.pt that is not the pair of tokenizer.pkl (`pkl_sha256`): its
+    bits per byte would be silently wrong, or fail on an index."""
+    why = token_bytes_mismatch(tokenizer_dir, enc, pkl_sha256)
+    if why is not None:
+        raise UserError(f"{Path(tokenizer_dir) / TOKEN_BYTES_PT}: {why}, so it is not the pair of "
+                        f"{TOKENIZER_PKL} (a `tokenizer` run killed between its writes, or a file copied from elsewhere); re-run "
+                        "`nanochat-unsloth tokenizer` with the same flags, which rewrites it from tokenizer.pkl")
+
+
 def load_token_bytes(tokenizer_dir: str | Path, device="cpu"):
-    """int32 [vocab]: bytes per token, 0 for specials (the weights of bits-per-byte)."""
+    """int32 [vocab]: bytes per token, 0 for specials (the weights of bits-per-byte). Check the pair first
+    (`load_checked_tokenizer` does)."""
     path = Path(tokenizer_dir) / TOKEN_BYTES_PT
     if not path.exists():
         raise UserError(f"{path}: not found; run `nanochat-unsloth tokenizer` first (same --base-dir)")

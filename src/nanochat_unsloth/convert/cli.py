@@ -6,8 +6,10 @@
     nanochat-unsloth convert --from-nanochat <base>/base_checkpoints/<tag> [--step N] --out <base>/runs/<tag> [--force]
         -> <out>/step_XXXXXX/, which `train --resume auto` continues with a fresh optimizer state
 
-Everything is checked before anything is written; every file appears by an atomic rename, and an
-existing file is replaced only with --force. The layout rules themselves live in `nanochat_layout.py`.
+Everything is checked before anything is written, and the files readers take as one set are written
+as one (`common.atomic_file_set`): model_N.pt + meta_N.json (+ optim_N.pt), with model_N.pt, what
+nanochat lists, landing last; tokenizer.pkl + token_bytes.pt likewise. An existing checkpoint is
+replaced only with --force. The layout rules themselves live in `nanochat_layout.py`.
 """
 
 from __future__ import annotations
@@ -18,23 +20,23 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import FlagParser, UserError, atomic_path, atomic_write_bytes, sha256_file
+from nanochat_unsloth.common import FlagParser, UserError, absolute_path, atomic_file_set, sha256_file
 from nanochat_unsloth.convert import nanochat_layout as layout
+from nanochat_unsloth.tokenizer import (TOKEN_BYTES_PT, TOKENIZER_PKL, load_tokenizer, token_bytes_mismatch,
+                                        write_tokenizer_files)
 from nanochat_unsloth.train import checkpoint as ckpt
-
-TOKENIZER_PKL = "tokenizer.pkl"
-TOKEN_BYTES_PT = "token_bytes.pt"
 
 
 # -----------------------------------------------------------------------------
 # The tokenizer travels with the weights
 
 
-def plan_tokenizer_copy(src_dir: Path, dst_dir: Path, expected_sha: str | None, force: bool) -> list[str]:
-    """Which tokenizer files to copy from src_dir to dst_dir (token_bytes first). Raises, never writes.
+def plan_tokenizer_copy(src_dir: Path, dst_dir: Path, expected_sha: str | None, force: bool) -> bool:
+    """Whether to copy the tokenizer pair from src_dir to dst_dir. Raises, never writes.
 
-    The source must hold the tokenizer the checkpoint was trained with (`expected_sha`, when recorded);
-    the destination may hold the same one, nothing, or (only with --force) another one.
+    The source must hold the tokenizer the checkpoint was trained with (`expected_sha`, when recorded),
+    with its own token_bytes.pt; the destination may hold the same pair (no copy), the same tokenizer.pkl
+    beside a token_bytes.pt that is not its pair, nothing, or (only with --force) another tokenizer.
     """
     src_pkl, dst_pkl = src_dir / TOKENIZER_PKL, dst_dir / TOKENIZER_PKL
     if not src_pkl.exists():
@@ -47,29 +49,47 @@ def plan_tokenizer_copy(src_dir: Path, dst_dir: Path, expected_sha: str | None, 
     if not (src_dir / TOKEN_BYTES_PT).exists():
         raise UserError(f"{src_dir / TOKEN_BYTES_PT}: not found; nanochat's bpb evaluation needs it "
                         "(`nanochat-unsloth tokenizer` writes it)")
+    enc = load_tokenizer(src_dir)  # its pair is checked by the load_checked_tokenizer that follows
     if src_dir.resolve() == dst_dir.resolve():
-        return []
+        return False
     if not dst_pkl.exists():
-        return [TOKEN_BYTES_PT, TOKENIZER_PKL]
+        return True
     if sha256_file(dst_pkl) == src_sha:
-        return [] if (dst_dir / TOKEN_BYTES_PT).exists() else [TOKEN_BYTES_PT]
+        return token_bytes_mismatch(dst_dir, enc, src_sha) is not None
     if not force:
         raise UserError(f"{dst_pkl}: a different tokenizer is already there (sha256 {sha256_file(dst_pkl)[:12]}, "
                         f"the checkpoint's is {src_sha[:12]}); nanochat would pair the weights with the wrong "
                         "tokenizer. Use another --base-dir, or --force to replace it")
-    return [TOKEN_BYTES_PT, TOKENIZER_PKL]
+    return True
 
 
-def copy_tokenizer(src_dir: Path, dst_dir: Path, names: list[str], log=print) -> None:
-    # token_bytes.pt before tokenizer.pkl: the pickle is the tokenizer's identity, so it lands last
-    for name in names:
-        atomic_write_bytes(dst_dir / name, (src_dir / name).read_bytes())
-        log(f"wrote {dst_dir / name}")
+def copy_tokenizer(src_dir: Path, dst_dir: Path, copy: bool, log=print) -> None:
+    if copy:
+        write_tokenizer_files(dst_dir, {name: (src_dir / name).read_bytes() for name in (TOKEN_BYTES_PT, TOKENIZER_PKL)})
+        log(f"wrote {dst_dir / TOKENIZER_PKL} and {dst_dir / TOKEN_BYTES_PT}")
 
 
-def torch_save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def write_nanochat_checkpoint(out_dir: Path, step: int, state: dict, meta_bytes: bytes, optim_states: list | None,
+                              log=print) -> dict[str, Path]:
+    """model_N.pt + meta_N.json (+ optim_N.pt) as one set: nanochat lists model_*.pt, then reads the meta
+    and optim of that step, so model_N.pt is the key, removed first and landing last. A kill leaves the old
+    checkpoint of step N or none, never new weights beside an old meta or the reverse. An optim_N.pt of the
+    old weights goes with them when the new set has none."""
+    files = {"meta": layout.meta_file(step), "model": layout.model_file(step)}
+    if optim_states is not None:
+        files = {"optim": layout.optim_file(step), **files}
+    stale = [] if optim_states is not None else [layout.optim_file(step)]
+    if stale and (out_dir / stale[0]).exists():
+        log(f"removing stale {out_dir / stale[0]} (it belonged to the weights being replaced)")
+    with atomic_file_set(out_dir, list(files.values()), stale=stale) as staged:
+        if optim_states is not None:
+            torch.save(optim_states, staged[files["optim"]])
+        staged[files["meta"]].write_bytes(meta_bytes)
+        torch.save(state, staged[files["model"]])
+    paths = {kind: out_dir / name for kind, name in files.items()}
+    for path in paths.values():
+        log(f"wrote {path}")
+    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -82,9 +102,9 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     """Write one of our run checkpoints into `<base>/base_checkpoints/<tag>/`; returns the paths written."""
     step_dir = layout.resolve_run_step_dir(source, step)
     loaded = layout.load_run_checkpoint(step_dir)
-    run_dir = step_dir.resolve().parent
+    run_dir = step_dir.parent  # as named: the tag is the run dir's name, even when a link leads elsewhere
     src_base = loaded.base_dir
-    dst_base = Path(base_dir).expanduser().resolve() if base_dir else src_base
+    dst_base = absolute_path(base_dir) if base_dir else src_base
     tag = model_tag or run_dir.name
     meta = loaded.meta
 
@@ -92,7 +112,7 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     from nanochat_unsloth.tokenizer import load_checked_tokenizer
 
     src_tok = src_base / "tokenizer"
-    copies = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
+    copy_pair = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
     load_checked_tokenizer(src_tok, "the checkpoint", vocab_size=loaded.model_config["vocab_size"],
                            fix="restore the tokenizer it was trained with")
     state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir),
@@ -102,31 +122,20 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
 
     out_dir = dst_base / layout.NANOCHAT_CHECKPOINTS / tag
     s = loaded.step
-    targets = {"model": out_dir / layout.model_file(s), "meta": out_dir / layout.meta_file(s)}
-    if with_optim:
-        targets["optim"] = out_dir / layout.optim_file(s)
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not force:
-        raise UserError(f"{existing[0]}{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''} already "
-                        "exists; pass --force to overwrite it, or --model-tag to write another tag")
+    # a step exists when its model file does (nanochat's rule); a meta or optim without one is what a
+    # killed write leaves, and the new set replaces it
+    if (out_dir / layout.model_file(s)).exists() and not force:
+        raise UserError(f"{out_dir / layout.model_file(s)} already exists; pass --force to overwrite it, or "
+                        "--model-tag to write another tag")
 
-    # ---- write: tokenizer, optim, meta, then the model file, which is what nanochat looks for
+    # ---- write: the tokenizer pair, then the checkpoint's set
     final = meta.get("num_iterations")
     log(f"converting {step_dir} (step {s}{f' of {final}' if final else ''}) -> {out_dir}")
     if final and s < final:
         log(f"warning: step {s} is not the run's final step ({final}): the run stopped early, or --step picked an "
             f"earlier checkpoint; to export the finished model, complete the run with --resume auto first")
-    copy_tokenizer(src_tok, dst_base / "tokenizer", copies, log)
-    if optim_states is not None:
-        torch_save_atomic(optim_states, targets["optim"])
-        log(f"wrote {targets['optim']}")
-    elif force and (out_dir / layout.optim_file(s)).exists():
-        (out_dir / layout.optim_file(s)).unlink()  # it belonged to the weights being replaced
-        log(f"removed stale {out_dir / layout.optim_file(s)}")
-    atomic_write_bytes(targets["meta"], layout.nanochat_meta_bytes(nano_meta))
-    log(f"wrote {targets['meta']}")
-    torch_save_atomic(state, targets["model"])
-    log(f"wrote {targets['model']}")
+    copy_tokenizer(src_tok, dst_base / "tokenizer", copy_pair, log)
+    targets = write_nanochat_checkpoint(out_dir, s, state, layout.nanochat_meta_bytes(nano_meta), optim_states, log)
     return {"out_dir": out_dir, "step": s, **targets}
 
 
@@ -154,14 +163,14 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
 
     loaded = layout.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config
-    run_dir = Path(out).expanduser().resolve()
+    run_dir = absolute_path(out)
     out_base = run_dir.parent.parent
     if world_size < 1:
         raise UserError(f"--world-size {world_size}: must be at least 1")
 
     # ---- check everything first
     src_tok = loaded.base_dir / "tokenizer"
-    copies = plan_tokenizer_copy(src_tok, out_base / "tokenizer", None, force)
+    copy_pair = plan_tokenizer_copy(src_tok, out_base / "tokenizer", None, force)
     encoding, tokenizer_sha = load_checked_tokenizer(src_tok, loaded.path.name, vocab_size=model_config["vocab_size"],
                                                      fix="this is not the tokenizer it was trained with")
     n_vocab = encoding.n_vocab
@@ -191,7 +200,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
 
     # ---- build the state our loop would hold at step s, and save it the way the loop does
     log(f"importing {loaded.path} (step {s}) -> {step_dir}")
-    copy_tokenizer(src_tok, out_base / "tokenizer", copies, log)
+    copy_tokenizer(src_tok, out_base / "tokenizer", copy_pair, log)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     model = build_model(GPTConfig(**model_config), device="cpu")  # rotary tables; the weights are replaced next
     model.load_state_dict(loaded.state_dict, strict=True, assign=True)  # assign: keep nanochat's dtypes

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import UserError, read_json
+from nanochat_unsloth.common import UserError, absolute_path, read_json
 from nanochat_unsloth.train import checkpoint as ckpt
 
 NANOCHAT_CHECKPOINTS = "base_checkpoints"
@@ -256,7 +256,7 @@ class LoadedCheckpoint:
     state_dict: "OrderedDict[str, torch.Tensor]"
     model_config: dict
     meta: dict
-    base_dir: Path  # the base dir the checkpoint sits in (two levels above its tag dir)
+    base_dir: Path  # the base dir the checkpoint sits in (two levels above its tag dir, by name: links kept)
     tokenizer_sha256: str | None  # recorded by our runs; nanochat records none
 
     @property
@@ -267,8 +267,9 @@ class LoadedCheckpoint:
 
 
 def resolve_run_step_dir(path: str | Path, step: int | None = None) -> Path:
-    """A run dir (`<base>/runs/<tag>`, newest complete step unless `step`) or a step dir -> the step dir."""
-    path = Path(path).expanduser()
+    """A run dir (`<base>/runs/<tag>`, newest complete step unless `step`) or a step dir -> the step dir
+    (absolute, symlinks kept: see `common.absolute_path`)."""
+    path = absolute_path(path)
     if not path.exists():
         raise UserError(f"{path}: not found; pass a run dir (<base>/runs/<tag>) or one of its step_XXXXXX dirs")
     if not path.is_dir():
@@ -306,7 +307,7 @@ def list_nanochat_checkpoints(ckpt_dir: Path) -> list[int]:
 
 def resolve_nanochat_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
     """`<base>/base_checkpoints/<tag>` (newest step unless `step`) or a model_XXXXXX.pt -> (tag dir, step)."""
-    path = Path(path).expanduser()
+    path = absolute_path(path)
     if not path.exists():
         raise UserError(f"{path}: not found; pass nanochat's <base>/base_checkpoints/<tag> dir or a model_XXXXXX.pt")
     if path.is_file():
@@ -343,7 +344,7 @@ def load_run_checkpoint(path: str | Path, step: int | None = None) -> LoadedChec
     state = check_state_dict(weights, model_config, str(step_dir / ckpt.MODEL_FILE))
     return LoadedCheckpoint(
         kind="run", path=step_dir, step=int(meta["step"]), state_dict=state, model_config=model_config, meta=meta,
-        base_dir=step_dir.resolve().parent.parent.parent, tokenizer_sha256=meta.get("tokenizer_sha256"),
+        base_dir=step_dir.parent.parent.parent, tokenizer_sha256=meta.get("tokenizer_sha256"),
     )
 
 
@@ -360,7 +361,7 @@ def load_nanochat_checkpoint(path: str | Path, step: int | None = None) -> Loade
     state = from_nanochat_state_dict(state, model_config, str(model_path))
     return LoadedCheckpoint(
         kind="nanochat", path=model_path, step=step, state_dict=state, model_config=model_config, meta=meta,
-        base_dir=ckpt_dir.resolve().parent.parent, tokenizer_sha256=None,
+        base_dir=ckpt_dir.parent.parent, tokenizer_sha256=None,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import FlagParser, UserError
+from nanochat_unsloth.common import FlagParser, UserError, absolute_path
 
 DEFAULT_SPLIT_TOKENS = 20 * 524288  # base_loss's split_tokens
 
@@ -59,7 +59,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
     from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb, greedy_completions
 
     loaded = load_any_checkpoint(checkpoint, step)
-    base = Path(base_dir).expanduser().resolve() if base_dir else loaded.base_dir
+    base = absolute_path(base_dir) if base_dir else loaded.base_dir
     tok_dir = base / "tokenizer"
     encoding, tokenizer_sha = load_checked_tokenizer(tok_dir, str(loaded.path), loaded.tokenizer_sha256,
                                                      loaded.model_config["vocab_size"])
