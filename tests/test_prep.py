@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-from conftest import TINY_SHARD_TOKENS, write_parquet_files
+from conftest import TINY_SHARD_TOKENS, raw_string_array, write_parquet_files
 
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError, sha256_file
@@ -157,22 +157,23 @@ def test_max_tokens_caps_train_only(tmp_path, tiny_corpus_dir, tiny_tokenizer_di
     assert dir_bytes(out3) == dir_bytes(out2)
 
 
-def test_null_and_non_string_rows_are_skipped_and_counted(tmp_path, tiny_tokenizer_dir):
+def test_null_and_undecodable_rows_are_skipped_and_counted(tmp_path, tiny_tokenizer_dir):
     enc = load_tokenizer(tiny_tokenizer_dir)
     words = [f"document number {i} says " + "hello world " * (i % 7 + 1) for i in range(120)]
     train_a = [None if i % 9 == 4 else w for i, w in enumerate(words[:60])]
-    train_b = [7, 8, 9]  # a file whose `text` column is not a string column
+    # a file with rows that are not valid UTF-8 (a lone continuation byte, a truncated sequence, latin-1)
+    train_b = ["good one", b"\x80 stray", "good two", b"cut \xe2\x82", b"caf\xe9"]
     val = [None] + words[60:] + [None]
     data = tmp_path / "data"
-    write_parquet_files(data, [train_a, train_b, val], rows_per_group=5)
+    write_parquet_files(data, [train_a, raw_string_array(train_b), val], rows_per_group=5)
     out = tmp_path / "shards"
-    r = prep(out, data, tiny_tokenizer_dir, shard_tokens=1_000)
+    r = prep(out, data, tiny_tokenizer_dir, shard_tokens=1_000, workers=1)  # bytes rows cross to a worker
     n_null_train = sum(x is None for x in train_a)
     assert r.skipped_rows == {"train": n_null_train + 3, "val": 2}
     assert r.manifest.source["skipped_rows"] == {"train": n_null_train + 3, "val": 2}
     assert np.array_equal(split_tokens(out, "train"), expected_stream(enc, train_a + train_b))
     assert np.array_equal(split_tokens(out, "val"), expected_stream(enc, val))
-    assert r.manifest.totals()["train"]["documents"] == 60 - n_null_train
+    assert r.manifest.totals()["train"]["documents"] == 60 - n_null_train + 2
     # the count is part of the output, so it too must not depend on where runs were interrupted
     out2 = tmp_path / "shards2"
     while not prep(out2, data, tiny_tokenizer_dir, shard_tokens=1_000, stop_after_shards=1, batch_chars=300).complete:
@@ -196,6 +197,15 @@ def test_hf_source_prep_offline_and_resumable(tmp_path, tiny_corpus_dir, tiny_to
 
 
 # ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_a_source_without_train_text_is_refused(tmp_path, tiny_tokenizer_dir, tiny_corpus_docs):
+    data = tmp_path / "data"
+    write_parquet_files(data, [raw_string_array([b"\xff", None, b"caf\xe9"] * 4), tiny_corpus_docs["val"]])
+    with pytest.raises(UserError, match=r"its train split holds no text \(12 row\(s\) skipped, all null, "
+                                        r"non-text or not valid UTF-8\)"):
+        prep(tmp_path / "out", data, tiny_tokenizer_dir)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_missing_tokenizer(tmp_path, tiny_corpus_dir):
@@ -284,6 +294,14 @@ def test_prep_cli(tmp_path, tiny_corpus_dir, tiny_tokenizer_dir, tiny_shards_dir
     assert dir_bytes(base / "shards") == dir_bytes(tiny_shards_dir)
     assert cli.main(args) == 0
     assert capsys.readouterr().out.startswith("prep: already complete")
+    # --force deletes and starts over, as the README says, even a complete prep of the same inputs; here
+    # with a stray shard beyond the manifest (e.g. from an earlier, larger prep)
+    n_files = len(dir_bytes(base / "shards"))
+    (base / "shards" / "train_000099.bin").write_bytes(b"stray")
+    assert cli.main(args + ["--workers", "0", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prep: done in") and f"(--force: first deleted the {n_files + 1} file(s)" in out, out
+    assert dir_bytes(base / "shards") == dir_bytes(tiny_shards_dir)
 
 
 def test_prep_cli_errors_are_one_line(tmp_path, tiny_corpus_dir, capsys):

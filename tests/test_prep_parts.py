@@ -68,6 +68,11 @@ def test_merged_parts_are_the_one_host_prep_byte_for_byte(part_dirs, tiny_shards
     # and a second merge says so too, without writing
     assert prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet"]) == 0
     assert "prep merge: already complete" in capsys.readouterr().out
+    # --force merges again, as `prep --force` preps again: what was there is deleted first
+    (merged / "train_000099.bin").write_bytes(b"stray")
+    assert prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet", "--force"]) == 0
+    assert "already complete" not in capsys.readouterr().out
+    assert _files(merged) == _files(tiny_shards_dir)
 
 
 def test_a_run_resumes_from_one_host_shards_onto_merged_ones(part_dirs, tiny_shards_dir, tiny_tokenizer_dir,

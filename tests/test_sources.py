@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_parquet_files
+from conftest import raw_string_array, write_parquet_files
 
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.prep.demo_data import MARKER, NUM_FILES, write_demo_corpus
@@ -58,10 +58,26 @@ def test_parquet_dir_bad_input(tmp_path):
 
 
 def test_parquet_dir_yields_bad_rows_as_stored(tmp_path):
-    write_parquet_files(tmp_path, [["a", None, "b"], [1, 2], ["v"]], rows_per_group=2)
+    # a row that is not valid UTF-8 comes as its bytes, in its place, not as an error for its whole batch
+    bad = raw_string_array(["x", b"caf\xe9 latin-1", None, "y"])
+    write_parquet_files(tmp_path, [["a", None, "b"], bad, ["v"]], rows_per_group=2)
     source = open_source(str(tmp_path), val_files=1)
-    assert list(source.iter_documents("train")) == ["a", None, "b", 1, 2]
-    assert list(source.iter_documents("train", start_doc=3)) == [1, 2]
+    assert list(source.iter_documents("train")) == ["a", None, "b", "x", b"caf\xe9 latin-1", None, "y"]
+    assert list(source.iter_documents("train", start_doc=4)) == [b"caf\xe9 latin-1", None, "y"]
+    # the same through the hf: path (datasets' arrow batches)
+    hf = open_source("hf:parquet", hf_data_files=str(tmp_path / "*.parquet"), val_docs=2)
+    assert list(hf.iter_documents("val")) == ["a", None]
+    assert list(hf.iter_documents("train")) == ["b", "x", b"caf\xe9 latin-1", None, "y", "v"]
+
+
+@pytest.mark.parametrize("column", [pa.array([b"binary", b"text"]), pa.array([1, 2])], ids=["binary", "int64"])
+def test_a_text_column_that_is_not_strings_is_refused_up_front(tmp_path, column):
+    write_parquet_files(tmp_path, [["a"], ["v"]])
+    pq.write_table(pa.table({"text": column}), tmp_path / "shard_00000.parquet")
+    with pytest.raises(UserError, match=rf"shard_00000\.parquet: its 'text' column holds {column.type}, not strings"):
+        open_source(str(tmp_path))
+    with pytest.raises(UserError, match=rf"hf:parquet: its 'text' column holds {column.type}, not strings"):
+        open_source("hf:parquet", hf_data_files=str(tmp_path / "shard_00000.parquet"))
 
 
 def test_hf_streaming_path_offline(tiny_corpus_dir, tiny_corpus_docs):

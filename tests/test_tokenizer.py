@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import tiktoken
 import torch
+from conftest import Killed, raw_string_array, watch_file_ops, write_parquet_files
 
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError
@@ -17,6 +21,7 @@ from nanochat_unsloth.tokenizer import (
     SPLIT_PATTERN,
     bos_id,
     compute_token_bytes,
+    load_checked_tokenizer,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -142,3 +147,123 @@ def test_tokenizer_cli_refuses_vocab_over_uint16(tmp_path, tiny_corpus_dir, caps
     assert rc == 2
     assert "65,536" in capsys.readouterr().err
     assert not (tmp_path / "tokenizer").exists()
+
+
+# ---- rows that do not decode, sources without text ----------------------------------------------
+
+
+def test_undecodable_rows_are_skipped_and_a_source_without_text_is_refused(tmp_path, tiny_corpus_docs, capsys):
+    docs = tiny_corpus_docs["train"][:40]
+    broken = [b"\xff\xfe not utf-8", b"caf\xe9", None]  # stray bytes, latin-1, a null
+    data = tmp_path / "data"
+    write_parquet_files(data, [raw_string_array(docs[:20] + broken + docs[20:]), docs[:5]])
+    base = tmp_path / "base"
+    assert cli.main(["tokenizer", "--data", str(data), "--base-dir", str(base), "--vocab-size", "300"]) == 0
+    out = capsys.readouterr().out
+    assert f"({len(docs):,} documents" in out and "3 null/non-text/undecodable rows skipped" in out, out
+    assert load_tokenizer(base / "tokenizer").n_vocab == 300
+
+    def refused(data_dir, pattern: str) -> None:
+        empty = tmp_path / f"base_{data_dir.name}"
+        code = cli.main(["tokenizer", "--data", str(data_dir), "--base-dir", str(empty), "--vocab-size", "300"])
+        err = capsys.readouterr().err.strip().split("\n")[-1]  # after the reading bar's line
+        assert code == 2 and err.startswith("error: ") and re.search(pattern, err), err
+        assert not (empty / "tokenizer").exists() or not any((empty / "tokenizer").iterdir()), "nothing saved"
+
+    no_text = tmp_path / "no_text"
+    write_parquet_files(no_text, [raw_string_array(broken * 3), docs[:5]])
+    refused(no_text, r"no text in its train split \(9 rows, all null, non-text or not valid UTF-8\)")
+    binary = tmp_path / "binary"  # the issue's case: it trained on 0 documents and exited 0
+    write_parquet_files(binary, [[d.encode() for d in docs], [d.encode() for d in docs[:5]]])
+    refused(binary, r"shard_00000\.parquet: its 'text' column holds binary, not strings")
+
+
+# ---- tokenizer.pkl + token_bytes.pt: one set, checked where read, repaired by a re-run -------------
+
+
+def tokenizer_state(tok_dir: Path, pairs: dict[str, tuple[bytes, bytes]]) -> str:
+    """What a reader finds (nanochat and we load tokenizer.pkl first): 'none' without tokenizer.pkl, else the
+    name of the pair it holds; a tokenizer.pkl beside another's token_bytes.pt fails the test."""
+    if not (tok_dir / "tokenizer.pkl").exists():
+        return "none"
+    found = ((tok_dir / "tokenizer.pkl").read_bytes(), (tok_dir / "token_bytes.pt").read_bytes())
+    for name, pair in pairs.items():
+        if found == pair:
+            return name
+    raise AssertionError("tokenizer.pkl beside another tokenizer's token_bytes.pt")
+
+
+def test_force_replaces_the_pair_as_one_set_wherever_it_is_killed(tmp_path, tiny_corpus_docs, monkeypatch):
+    docs = tiny_corpus_docs["train"][:60]
+    encodings = {"old": train_tokenizer(iter(docs), 300), "new": train_tokenizer(iter(docs), 320)}
+    pairs = {}
+    for name, enc in encodings.items():
+        save_tokenizer(enc, tmp_path / name)
+        pairs[name] = tuple((tmp_path / name / f).read_bytes() for f in ("tokenizer.pkl", "token_bytes.pt"))
+    tok = tmp_path / "tokenizer"
+
+    # every point a kill can land: the old pair, no tokenizer.pkl, or the new pair; never a mix
+    save_tokenizer(encodings["old"], tok)
+    seen = []
+    with monkeypatch.context() as m:
+        watch_file_ops(m, lambda: seen.append(tokenizer_state(tok, pairs)))
+        save_tokenizer(encodings["new"], tok, force=True)
+    seen.append(tokenizer_state(tok, pairs))
+    assert seen[0] == "old" and seen[-1] == "new" and "none" in seen, seen
+
+    # an error at each of those points: no staging dir left, and writing again completes the new pair
+    for k in range(len(seen) - 1):
+        save_tokenizer(encodings["old"], tok, force=True)
+        ops = iter(range(len(seen)))
+
+        def kill_at_k():
+            if next(ops) == k:
+                raise Killed
+        with monkeypatch.context() as m, pytest.raises(Killed):
+            watch_file_ops(m, kill_at_k)
+            save_tokenizer(encodings["new"], tok, force=True)
+        assert tokenizer_state(tok, pairs) in ("old", "none") and not list(tok.glob(".*.tmp"))
+        save_tokenizer(encodings["new"], tok, force=True)
+        assert tokenizer_state(tok, pairs) == "new"
+    # a kill -9 leaves its staging dir: the next write removes it
+    leftover = tok / ".tokenizer.pkl.abc123.staging.tmp"
+    leftover.mkdir()
+    (leftover / "tokenizer.pkl").write_bytes(b"half")
+    save_tokenizer(encodings["new"], tok, force=True)
+    assert not leftover.exists()
+
+
+def test_a_mixed_pair_is_refused_and_a_rerun_of_the_tokenizer_repairs_it(tmp_path, tiny_corpus_dir, tiny_corpus_docs,
+                                                                         tiny_tokenizer_dir, capsys):
+    base = tmp_path / "base"
+    args = ["tokenizer", "--data", str(tiny_corpus_dir), "--base-dir", str(base), "--vocab_size=300"]
+    assert cli.main(args) == 0
+    tok = base / "tokenizer"
+    good = (tok / "token_bytes.pt").read_bytes()
+    other = tmp_path / "other"
+    save_tokenizer(train_tokenizer(iter(tiny_corpus_docs["train"][:40]), 300), other)
+    smaller = io.BytesIO()
+    torch.save(torch.ones(290, dtype=torch.int32), smaller)
+    mixes = {
+        "same size, another tokenizer's": ((other / "token_bytes.pt").read_bytes(),
+                                          r"was written for another tokenizer\.pkl"),
+        "larger, another tokenizer's": ((tiny_tokenizer_dir / "token_bytes.pt").read_bytes(),
+                                        r"was written for another tokenizer\.pkl"),
+        "smaller, without the link (nanochat's own format)": (smaller.getvalue(),
+                                                             r"has 290 entries for tokenizer\.pkl's 300 tokens"),
+    }
+    capsys.readouterr()
+    for table, why in mixes.values():
+        (tok / "token_bytes.pt").write_bytes(table)
+        with pytest.raises(UserError, match=rf"token_bytes\.pt: {why}.*not the pair of tokenizer\.pkl.*re-run "):
+            load_checked_tokenizer(tok, "the shards")  # what train, eval and convert call
+        code = cli.main(["prep", "--base-dir", str(base), "--source", str(tiny_corpus_dir), "--workers", "0",
+                         "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and re.search(rf"token_bytes\.pt: {why}", err), err
+        assert not (base / "shards").exists() or not list((base / "shards").glob("*.bin"))
+        # the same tokenizer command again rewrites the table from tokenizer.pkl (it said "nothing to do")
+        assert cli.main(args) == 0
+        assert "rewrote it from" in capsys.readouterr().out
+        assert (tok / "token_bytes.pt").read_bytes() == good
+        load_checked_tokenizer(tok, "the shards")

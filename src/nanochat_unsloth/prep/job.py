@@ -41,7 +41,7 @@ import numpy as np
 from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
                                      read_json)
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
-from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, load_tokenizer
+from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, check_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
 
@@ -80,7 +80,7 @@ class PrepConfig:
     val_docs: int = DEFAULT_VAL_DOCS  # hf: the first N documents of the stream are val
     hf_config: str | None = None
     hf_data_files: str | list[str] | None = None
-    force: bool = False  # overwrite --out holding shards of another source/tokenizer/options
+    force: bool = False  # delete what --out holds (even a complete prep of the same inputs) and prep from scratch
     progress: bool = True  # tqdm bars on stderr
     batch_chars: int = 1 << 20  # text per task handed to a worker; does not change the output
     stop_after_shards: int | None = None  # return after writing this many shards (simulated interruption)
@@ -98,6 +98,7 @@ class PrepResult:
     skipped_rows: dict
     seconds: float
     already_done: bool = False
+    deleted: int = 0  # files of an earlier prep that --force deleted before starting over
 
 
 class _Stop(Exception):
@@ -256,6 +257,8 @@ class PrepJob:
         self.tokenizer = TokenizerFingerprint(
             sha256=hashlib.sha256(self.tokenizer_bytes).hexdigest(), vocab_size=self.enc.n_vocab, bos_id=bos_id(self.enc)
         )
+        # shards of a half-replaced tokenizer dir would be refused by train later: refuse them now
+        check_token_bytes(self.tok_path.parent, self.enc, self.tokenizer.sha256)
         self.source = open_source(
             config.source,
             val_files=config.val_files,
@@ -318,10 +321,14 @@ class PrepJob:
             f"{self.cfg.min_val_tokens:,}, too few to evaluate on; give more val data with {more} or a higher "
             "--max-val-tokens, then re-run with --force (which deletes the shards this prep wrote)")
 
-    def _clear_out_dir(self) -> None:
+    def _clear_out_dir(self) -> int:
+        """Delete prep's own files in --out (shards, manifest, state); -> how many shards and manifests went."""
+        deleted = 0
         for path in self.out.iterdir():
             if OWNED.match(path.name) and path.is_file():
                 path.unlink()
+                deleted += not path.name.startswith(".")  # temp files are not counted
+        return deleted
 
     def _load_existing(self) -> dict | None:
         """-> the state to resume from, a fresh state, or None when --out already holds this exact prep."""
@@ -334,20 +341,16 @@ class PrepJob:
                 same = self._same_prep(manifest.source.get("prep_fingerprint_sha256"))
             except UserError:
                 manifest, same = None, False
-            if same:
+            if same and not self.cfg.force:
                 try:  # sizes, headers, sha256 and token ids: "already complete" means intact
                     manifest.verify(self.out, checksums=True, progress=self.cfg.progress)
-                    intact = True
                 except UserError as e:
-                    if not self.cfg.force:
-                        raise UserError(f"{e} (pass --force to delete {self.out}'s shards and prep again "
-                                        "from scratch)") from None
-                    intact = False
-                if intact:
-                    self.manifest = manifest
-                    state_path.unlink(missing_ok=True)  # a crash between manifest and state removal
-                    return None
-            elif not self.cfg.force:
+                    raise UserError(f"{e} (pass --force to delete {self.out}'s shards and prep again "
+                                    "from scratch)") from None
+                self.manifest = manifest
+                state_path.unlink(missing_ok=True)  # a crash between manifest and state removal
+                return None
+            if not same and not self.cfg.force:
                 if manifest is None:
                     self._refuse("have an unreadable manifest.json")
                 options = {k: manifest.source.get(k) for k in ("max_tokens", "max_val_tokens")}
@@ -356,7 +359,7 @@ class PrepJob:
                                               manifest.source.get(PART_KEY)))
         elif state_path.exists():
             state = read_json(state_path, "prep progress file")
-            if self._same_prep(state.get("fingerprint_sha256")):
+            if self._same_prep(state.get("fingerprint_sha256")) and not self.cfg.force:
                 return state
             if not self.cfg.force:
                 fp = state.get("fingerprint", {})
@@ -365,7 +368,7 @@ class PrepJob:
                              whose="the shards of its unfinished prep")
         elif any(OWNED.match(p.name) and p.suffix == ".bin" for p in self.out.iterdir()) and not self.cfg.force:
             self._refuse("have no manifest.json or prep_state.json, so their origin is unknown")
-        self._clear_out_dir()
+        self.deleted = self._clear_out_dir()
         return fresh
 
     # ---- running --------------------------------------------------------------------------------
@@ -385,6 +388,7 @@ class PrepJob:
 
     def _run(self) -> PrepResult:
         t0 = time.time()
+        self.deleted = 0
         state = self._load_existing()
         if state is None:
             m = self.manifest
@@ -410,11 +414,17 @@ class PrepJob:
                 self._run_split(pool)
         except _Stop:
             return PrepResult(False, self.out, None, self.written_shards, self.written_tokens,
-                              dict(state["skipped_rows"]), time.time() - t0)
+                              dict(state["skipped_rows"]), time.time() - t0, deleted=self.deleted)
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
+        if not any(e["split"] == "train" and e["tokens"] for e in state["shards"]):
+            skipped = state["skipped_rows"]["train"]
+            raise UserError(
+                f"--source {self.described.get('description', self.cfg.source)}: its train split holds no text "
+                f"({skipped:,} row(s) skipped, all null, non-text or not valid UTF-8), so there is nothing to train "
+                "on; point --source at documents in a string 'text' column")
         manifest = ShardManifest(
             tokenizer=self.tokenizer,
             source={
@@ -430,7 +440,7 @@ class PrepJob:
         manifest.save(self.out)
         (self.out / STATE_NAME).unlink(missing_ok=True)
         return PrepResult(True, self.out, manifest, self.written_shards, self.written_tokens,
-                          dict(state["skipped_rows"]), time.time() - t0)
+                          dict(state["skipped_rows"]), time.time() - t0, deleted=self.deleted)
 
     def _save_state(self) -> None:
         atomic_write_json(self.out / STATE_NAME, self.state)
@@ -539,11 +549,13 @@ def summary_line(result: PrepResult, workers: int) -> str:
              f"{totals[split]['shards']} shard(s)" for split in ("train", "val")]
     skipped = sum(result.skipped_rows.values())
     head = "prep: already complete" if result.already_done else f"prep: done in {result.seconds:.1f}s"
+    if result.deleted:
+        head += f" (--force: first deleted the {result.deleted} file(s) of the earlier prep)"
     rate = "" if result.already_done else (
         f"; {result.tokens_written:,} tokens written at {result.tokens_written / max(result.seconds, 1e-9):,.0f} tok/s "
         f"({workers} worker{'s' if workers != 1 else ''})")
     part = result.manifest.source.get(PART_KEY)
     then = (f"; part {part['index']} of {part['count']}: when every part is done, join them with "
             "`nanochat-unsloth prep merge`") if part else ""
-    return (f"{head}: {', '.join(parts)}; {skipped:,} null/non-text row(s) skipped{rate}; "
+    return (f"{head}: {', '.join(parts)}; {skipped:,} null/non-text/undecodable row(s) skipped{rate}; "
             f"{result.out_dir / MANIFEST_NAME}{then}")

@@ -96,14 +96,14 @@ def _prepare_out(out: Path, sha: str, force: bool, progress: bool) -> ShardManif
             existing = ShardManifest.load(out)
         except UserError:
             existing = None
-        if existing is not None and existing.source.get("prep_fingerprint_sha256") == sha:
+        same = existing is not None and existing.source.get("prep_fingerprint_sha256") == sha
+        if same and not force:  # --force deletes even a finished merge of these parts, as `prep --force` does
             try:
                 existing.verify(out, checksums=True, progress=progress)
-                return existing
             except UserError as e:
-                if not force:
-                    raise UserError(f"{e} (pass --force to delete {out}'s shards and merge again)") from None
-        elif not force:
+                raise UserError(f"{e} (pass --force to delete {out}'s shards and merge again)") from None
+            return existing
+        if not same and not force:
             raise UserError(f"--out {out}: holds the shards of another prep; pass --force to delete them, or choose "
                             "another --out")
     elif state_path.exists():

@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
                         help="refuse a val split smaller than this, before tokenizing train "
                              f"(default {MIN_VAL_TOKENS:,}: one 2048-token sequence + 1)")
     parser.add_argument("--force", action="store_true",
-                        help="DELETE the shards in --out (of another source/tokenizer/options) and prep from scratch")
+                        help="DELETE the shards, manifest and progress in --out (of this or another prep, complete or "
+                             "not) and prep from scratch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
     parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
                         help="stop after writing N shards, as an interruption would (the same command without it "

@@ -1,8 +1,9 @@
 """Where documents come from: a directory of parquet files in nanochat's layout, or a HF `datasets` stream.
 
 A source has two splits, "train" and "val", each an ordered sequence of rows. `iter_documents` yields
-the rows' `text` values as stored, so a row may be None or not a string: consumers skip and count
-those, and row numbers (what resuming counts in) stay the same whether or not rows are bad.
+the rows' `text` values as stored, so a row may be None or not a string (a string that is not valid
+UTF-8 comes as its raw bytes): consumers skip and count those, and row numbers (what resuming counts
+in) stay the same whether or not rows are bad.
 """
 
 from __future__ import annotations
@@ -36,6 +37,38 @@ class Source(Protocol):
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def text_values(column) -> list[Any]:
+    """A pyarrow text column (Array or ChunkedArray) as Python values, a row that is not valid UTF-8 as its
+    raw bytes (which consumers skip as non-text), instead of one UnicodeDecodeError for the whole batch.
+
+    Arrow does not check UTF-8 when it reads a string column, so one bad record in a web dump would
+    otherwise stop every run at the same row.
+    """
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    values = []
+    for raw in column.cast(binary).to_pylist():
+        try:
+            values.append(raw.decode("utf-8") if raw is not None else None)
+        except UnicodeDecodeError:
+            values.append(raw)
+    return values
+
+
+def is_text_type(arrow_type) -> bool:
+    """string / large_string (/ string_view), or null (a column of only missing rows, skipped as such)."""
+    import pyarrow as pa
+
+    view = getattr(pa.types, "is_string_view", lambda t: False)
+    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or view(arrow_type)
+            or pa.types.is_null(arrow_type))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,6 +119,12 @@ class ParquetDirSource:
                     f"{path}: has no {TEXT_COLUMN!r} column (columns: {', '.join(meta.schema_arrow.names)}); "
                     f"every parquet file in {self.data_dir} must hold documents in a {TEXT_COLUMN!r} column"
                 )
+            kind = meta.schema_arrow.field(TEXT_COLUMN).type
+            if not is_text_type(kind):
+                raise UserError(
+                    f"{path}: its {TEXT_COLUMN!r} column holds {kind}, not strings, so it has no text to train on; "
+                    f"store the documents as a string column (e.g. decode binary values to UTF-8 first)"
+                )
             self.row_groups[path] = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
     def num_documents(self, split: str) -> int:
@@ -121,7 +160,7 @@ class ParquetDirSource:
                 if to_skip >= nrows:
                     to_skip -= nrows
                     continue
-                texts = pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(TEXT_COLUMN).to_pylist()
+                texts = text_values(pf.read_row_group(rg, columns=[TEXT_COLUMN]).column(TEXT_COLUMN))
                 yield from texts[to_skip:] if to_skip else texts
                 to_skip = 0
 
@@ -176,6 +215,13 @@ class HFStreamingSource:
                 f"--source hf:{name}: the dataset has no {TEXT_COLUMN!r} column (columns: {', '.join(columns) or 'none'}); "
                 "use a dataset of documents in a 'text' column"
             )
+        feature = (ds.features or {}).get(TEXT_COLUMN)
+        dtype = getattr(feature, "dtype", "string")  # a Value's dtype; features unknown until read: checked later
+        if dtype not in ("string", "large_string", "string_view", "null"):
+            raise UserError(
+                f"--source hf:{name}: its {TEXT_COLUMN!r} column holds {dtype}, not strings, so it has no text to "
+                "train on; use a dataset of documents in a string 'text' column"
+            )
 
     def _open(self):
         import datasets
@@ -210,7 +256,8 @@ class HFStreamingSource:
 
     def iter_documents(self, split: str, start_doc: int = 0) -> Iterator[Any]:
         _check_split(split)
-        ds = self._open().select_columns([TEXT_COLUMN])
+        # as arrow tables: rows that are not valid UTF-8 come as bytes instead of failing the batch
+        ds = self._open().select_columns([TEXT_COLUMN]).with_format("arrow")
         if split == "val":
             if start_doc >= self.val_docs:
                 return
@@ -218,7 +265,7 @@ class HFStreamingSource:
         else:
             ds = ds.skip(self.val_docs + start_doc)
         for batch in ds.iter(batch_size=1024):
-            yield from batch[TEXT_COLUMN]
+            yield from text_values(batch.column(TEXT_COLUMN))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,19 +7,26 @@ checks a round trip and prints the token length statistics.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import time
 from typing import Iterator
 
 import numpy as np
 
-from nanochat_unsloth.common import FlagParser, UserError, atomic_write_json, get_base_dir, read_json, sha256_file
+from nanochat_unsloth.common import FlagParser, UserError, get_base_dir, read_json, sha256_file
 from nanochat_unsloth.prep.sources import Source, add_source_args, open_source
 from nanochat_unsloth.tokenizer import (
     SPECIAL_TOKENS,
     TOKEN_BYTES_PT,
     TOKENIZER_PKL,
+    load_tokenizer,
     save_tokenizer,
+    token_bytes_file,
+    token_bytes_mismatch,
     train_tokenizer,
+    write_tokenizer_files,
 )
 from nanochat_unsloth.shards.format import check_vocab_fits
 
@@ -59,7 +66,7 @@ def text_iterator(source: Source, max_chars: int, doc_cap: int, stats: dict) -> 
                desc="tokenizer: reading", mininterval=1.0)
     try:
         for text in source.iter_documents("train"):
-            if not isinstance(text, str):  # null / non-text rows carry no text to learn from
+            if not isinstance(text, str):  # null, non-text or undecodable rows carry no text to learn from
                 stats["skipped"] += 1
                 continue
             text = text[:doc_cap]
@@ -104,17 +111,21 @@ def main(argv: list[str]) -> int:
         "doc_cap": args.doc_cap,
     }
     pkl_path = tok_dir / TOKENIZER_PKL
-    # Decide before training (which can take an hour): same request and files intact -> nothing to do;
-    # any other tokenizer already there -> refuse unless --force.
+    # Decide before training (which can take an hour): same request and pair intact -> nothing to do; same
+    # request with a token_bytes.pt that is not the pickle's -> rewrite it from the pickle; any other
+    # tokenizer already there -> refuse unless --force.
     if pkl_path.exists() and not args.force:
         meta = read_json(tok_dir / TRAIN_META) if (tok_dir / TRAIN_META).exists() else None
-        if (
-            meta
-            and meta.get("request") == request
-            and meta.get("sha256") == sha256_file(pkl_path)
-            and (tok_dir / TOKEN_BYTES_PT).exists()
-        ):
-            print(f"tokenizer: {pkl_path} was already trained with these settings; nothing to do")
+        pkl_sha = sha256_file(pkl_path)
+        if meta and meta.get("request") == request and meta.get("sha256") == pkl_sha:
+            enc = load_tokenizer(tok_dir)
+            why = token_bytes_mismatch(tok_dir, enc, pkl_sha)
+            if why is None:
+                print(f"tokenizer: {pkl_path} was already trained with these settings; nothing to do")
+                return 0
+            write_tokenizer_files(tok_dir, {TOKEN_BYTES_PT: token_bytes_file(enc, pkl_sha),
+                                            TOKENIZER_PKL: pkl_path.read_bytes()})
+            print(f"tokenizer: {tok_dir / TOKEN_BYTES_PT} {why}; rewrote it from {pkl_path}")
             return 0
         raise UserError(
             f"{pkl_path}: a tokenizer is already there (made from other data or settings); pass --force to replace "
@@ -130,7 +141,11 @@ def main(argv: list[str]) -> int:
     enc = train_tokenizer(text_iterator(source, args.max_chars, args.doc_cap, stats), args.vocab_size)
     train_time = time.time() - t0
     print(f"Training time: {train_time:.2f}s ({stats['docs']:,} documents, {stats['chars']:,} characters"
-          + (f", {stats['skipped']:,} null/non-text rows skipped" if stats["skipped"] else "") + ")")
+          + (f", {stats['skipped']:,} null/non-text/undecodable rows skipped" if stats["skipped"] else "") + ")")
+    if stats["docs"] == 0:  # a tokenizer of bare bytes would be saved, and shards made with it, from no text
+        raise UserError(f"--data {request['source']['description']}: no text in its train split "
+                        f"({stats['skipped']:,} rows, all null, non-text or not valid UTF-8); nothing was saved. "
+                        "Point --data at documents in a string 'text' column")
     if enc.n_vocab < args.vocab_size:
         print(f"warning: the data only supported {enc.n_vocab - len(SPECIAL_TOKENS):,} merged tokens; "
               f"vocab size is {enc.n_vocab:,}, not {args.vocab_size:,}")
@@ -139,8 +154,12 @@ def main(argv: list[str]) -> int:
     ids = enc.encode_ordinary(SANITY_TEXT)
     if enc.decode(ids) != SANITY_TEXT:
         raise RuntimeError("tokenizer round trip failed on the sanity text; the trained tokenizer is broken")
-    pkl_path, bytes_path = save_tokenizer(enc, tok_dir, force=args.force)
-    atomic_write_json(tok_dir / TRAIN_META, {"request": request, "sha256": sha256_file(pkl_path), "vocab_size": enc.n_vocab})
+    # the record of the request goes in the same set as the pair, so a kill cannot leave it describing
+    # another tokenizer.pkl than the one there
+    train_meta = {"request": request, "sha256": hashlib.sha256(pickle.dumps(enc)).hexdigest(), "vocab_size": enc.n_vocab}
+    pkl_path, bytes_path = save_tokenizer(
+        enc, tok_dir, force=args.force,
+        extra={TRAIN_META: (json.dumps(train_meta, indent=2, sort_keys=True) + "\n").encode()})
     print(f"Saved tokenizer encoding to {pkl_path}")
     print(f"Saved token_bytes to {bytes_path}")
 
