@@ -34,8 +34,6 @@ from pathlib import Path
 import multi_gpu  # a sibling script: the corpus builder and the launcher
 from multi_gpu import run_log, start_training
 
-from nanochat_unsloth.common import EXIT_STOPPED
-
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
             "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
@@ -46,11 +44,6 @@ VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "f
             "fp8-wd-bf16-forward": ["--fp8", "--fp8_warmdown", "bf16_forward"],
             "torchao-tensorwise": ["--fp8", "--fp8_recipe", "torchao_tensorwise"],
             "torchao-rowwise": ["--fp8", "--fp8_recipe", "torchao_rowwise"]}
-# A phased variant changes its flags once, at a fraction of its steps: the loop saves and stops there
-# (--stop_after) and the run resumes from that checkpoint with the second set. fp8-bf16-warmdown: FP8 until
-# nanochat's warm-down (the last 20% of the steps) starts, then the exact bf16 step; in the d12 runs of
-# docs/PERF.md --fp8's training-loss gap opened in the warm-down.
-PHASED = {"fp8-bf16-warmdown": (["--fp8"], 0.8, ["--kernels", "fused"])}
 EXACT = "torch"  # nanochat's step math; --fp8 is measured against it
 # 150M never-repeated tokens need several hundred MB of text: the Python installation's sources and docs alone
 # gave 120M characters (27M tokens) on the GPU image, so headers and sources of C/C++/CUDA and system docs too
@@ -70,19 +63,6 @@ def gpu_count() -> int:
         return torch.cuda.device_count()
     except ImportError:
         return 0
-
-
-def variant_flags(variant: str, run_dir: Path, num_iterations: int) -> list[str]:
-    """The run's training flags now: a phased variant's first set (stopping at its switch) until a
-    checkpoint at or past the switch exists, then its second set."""
-    if variant not in PHASED:
-        return VARIANTS[variant]
-    from nanochat_unsloth.train.checkpoint import list_checkpoints
-
-    before, fraction, after = PHASED[variant]
-    switch = round(fraction * num_iterations)
-    reached = max((step for step, _ in list_checkpoints(run_dir)), default=0)
-    return after if reached >= switch else [*before, "--stop_after", str(switch)]
 
 
 def branch(args, tag: str) -> list[str]:
@@ -111,7 +91,7 @@ def branch(args, tag: str) -> list[str]:
 def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -> subprocess.Popen:
     tag = f"q_{variant}_s{seed}"
     extra = branch(args, tag)
-    flags = variant_flags(variant, args.base_dir / "runs" / tag, num_iterations)
+    flags = VARIANTS[variant]
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth),
              "--device_batch_size", str(args.device_batch_size), "--total_batch_size", str(args.total_batch),
              "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
@@ -265,7 +245,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=150_000_000, help="training tokens per run (never repeated)")
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--total-batch", type=int, default=524288)
-    p.add_argument("--variants", default="torch,fp8", help="comma list of: " + ", ".join([*VARIANTS, *PHASED]))
+    p.add_argument("--variants", default="torch,fp8", help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--seeds", default="42,43")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-tokens", type=int, default=2 * 524288)
@@ -284,8 +264,8 @@ def main() -> int:
     if args.base_dir is None:
         p.error("--base-dir is required (unless --from)")
     args.base_dir = args.base_dir.resolve()
-    if unknown := [v for v in args.variants.split(",") if v not in VARIANTS and v not in PHASED]:
-        p.error(f"--variants: unknown {unknown}; choose from {', '.join([*VARIANTS, *PHASED])}")
+    if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.make_data:
         multi_gpu.make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
                             suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars)
@@ -306,7 +286,7 @@ def main() -> int:
     slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, 0)]
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
-    queue, running, failed, switched = [r for r in runs if r not in done], {}, [], set()
+    queue, running, failed = [r for r in runs if r not in done], {}, []
     t0 = time.time()
     while queue or running:
         for slot in [s for s in slots if s not in running]:
@@ -318,10 +298,7 @@ def main() -> int:
             if proc.poll() is not None:
                 del running[slot]
                 print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f}s", flush=True)
-                if proc.returncode == EXIT_STOPPED and run[0] in PHASED and run not in switched:
-                    switched.add(run)  # saved and stopped at its switch: resume it with the second set of flags
-                    queue.insert(0, run)
-                elif proc.returncode != 0:
+                if proc.returncode != 0:
                     failed.append(run)
 
     summary = summarize(args, runs)

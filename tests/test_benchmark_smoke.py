@@ -260,31 +260,6 @@ def test_quality_runs_cpu_smoke(tmp_path):
     assert counted.returncode == 0 and "60,000 train tokens" in counted.stdout, counted.stdout[-1000:]
 
 
-def test_quality_runs_phased_variant_switches_its_flags_once_at_its_checkpoint(tmp_path):
-    """fp8-bf16-warmdown: --fp8 until 80% of the steps (the loop saves and stops there), then the run resumes
-    from that checkpoint without --fp8 and finishes the schedule; an unknown variant is refused by name."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from train_fixtures import make_train_base_dir
-
-    base = make_train_base_dir(tmp_path / "base")
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--base-dir", str(base), "--depth", "2",
-           "--tokens", "1280", "--device-batch-size", "2", "--total-batch", "128", "--variants", "fp8-bf16-warmdown",
-           "--seeds", "1", "--eval-every", "5", "--eval-tokens", "512", "--save-every", "5",
-           "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (run,) = json.loads((tmp_path / "q.json").read_text())["runs"].values()
-    assert run["steps"] == 10 and run["final_step"] == 10
-    log = (base / "q_fp8-bf16-warmdown_s1.log").read_text()
-    assert "stopped after step 8 of 10" in log and "at step 8" in log.split("stopped after step 8")[1]
-    # --fp8 (on the CPU: its fallback notice) in the first phase only
-    first, second = log.split("stopped after step 8")
-    assert "notice: --fp8" in first and "notice: --fp8" not in second
-    bad = subprocess.run(cmd[:cmd.index("--variants") + 1] + ["fp9"] + cmd[cmd.index("--variants") + 2:],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
-
-
 def test_quality_runs_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     """The issue's test of equal quality: the other variant's mean within the exact path's seed-to-seed spread.
     A noisy variant must not pass on its own wide spread; the time to the exact path's final bpb is the step
@@ -426,3 +401,6 @@ def test_quality_runs_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
         assert "at step 8" in log and "step 00000/" not in log  # resumed at the branch point, no step before it
         # the branch's first 8 steps are the trunk's own records
         assert run["smooth_loss"][:8] == [r["smooth_loss"] for r in trunk]
+    bad = subprocess.run(cmd[:cmd.index("--variants") + 1] + ["fp9"] + cmd[cmd.index("--variants") + 2:],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
