@@ -9,6 +9,7 @@ Treat them as read-only; copy them (shutil.copytree) before changing anything.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,21 @@ def watch_file_ops(monkeypatch, before_each) -> None:
         return real_unlink(*args, **kwargs)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "unlink", unlink)
+
+
+@contextlib.contextmanager
+def killed_at(monkeypatch, k: int):
+    """The block is killed (Killed raised) just before its k-th os.replace / os.unlink (counting from 0; the
+    clean-up after it runs on); the test fails if it makes fewer."""
+    count = [0]
+
+    def kill_at_k():
+        count[0] += 1
+        if count[0] - 1 == k:
+            raise Killed
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        watch_file_ops(m, kill_at_k)
+        yield
 
 
 @pytest.fixture(scope="session")

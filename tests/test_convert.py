@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Killed, watch_file_ops
+from conftest import killed_at, watch_file_ops
 
 from nanochat_unsloth.cli import main as cli_main
 from nanochat_unsloth.common import UserError, sha256_file
@@ -401,13 +401,7 @@ def test_force_replaces_the_checkpoint_as_one_set_wherever_it_is_killed(work, tm
     # (no --force) writes it, over the meta or optim file left without its model
     for k in range(len(seen) - 1):
         write("old")
-        ops = iter(range(len(seen)))
-
-        def kill_at_k():
-            if next(ops) == k:
-                raise Killed
-        with monkeypatch.context() as m, pytest.raises(Killed):
-            watch_file_ops(m, kill_at_k)
+        with killed_at(monkeypatch, k):
             write("new")
         state = nanochat_view(tag_dir, sets)
         assert state in ("old", "none") and not list(tag_dir.glob(".*.tmp")), (k, state)

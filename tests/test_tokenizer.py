@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
-from conftest import Killed, raw_string_array, watch_file_ops, write_parquet_files
+from conftest import killed_at, raw_string_array, watch_file_ops, write_parquet_files
 
 from nanochat_unsloth import cli
 from nanochat_unsloth.common import UserError
@@ -214,13 +214,7 @@ def test_force_replaces_the_pair_as_one_set_wherever_it_is_killed(tmp_path, tiny
     # an error at each of those points: no staging dir left, and writing again completes the new pair
     for k in range(len(seen) - 1):
         save_tokenizer(encodings["old"], tok, force=True)
-        ops = iter(range(len(seen)))
-
-        def kill_at_k():
-            if next(ops) == k:
-                raise Killed
-        with monkeypatch.context() as m, pytest.raises(Killed):
-            watch_file_ops(m, kill_at_k)
+        with killed_at(monkeypatch, k):
             save_tokenizer(encodings["new"], tok, force=True)
         assert tokenizer_state(tok, pairs) in ("old", "none") and not list(tok.glob(".*.tmp"))
         save_tokenizer(encodings["new"], tok, force=True)

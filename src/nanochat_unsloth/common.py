@@ -69,12 +69,16 @@ def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
         path = Path(os.environ["NANOCHAT_BASE_DIR"])
     else:
         path = Path.home() / ".cache" / "nanochat"
-    path = absolute_path(path)
+    return make_dirs(absolute_path(path), "--base-dir")
+
+
+def make_dirs(path: Path, flag: str = "") -> Path:
+    """mkdir -p, with a full disk or a read-only file system as one line naming `flag` (when given)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         if is_disk_failure(e):
-            raise UserError(disk_failure_message(path, e) + " (--base-dir)") from None
+            raise UserError(disk_failure_message(path, e) + (f" ({flag})" if flag else "")) from None
         raise
     return path
 

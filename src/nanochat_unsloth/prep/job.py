@@ -38,8 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nanochat_unsloth.common import (UserError, atomic_write_json, disk_failure_message, hold_lock, is_disk_failure,
-                                     read_json)
+from nanochat_unsloth.common import UserError, atomic_write_json, hold_lock, make_dirs, read_json
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
 from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, check_token_bytes, load_tokenizer
 from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
@@ -373,12 +372,7 @@ class PrepJob:
 
     # ---- running --------------------------------------------------------------------------------
     def run(self) -> PrepResult:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if is_disk_failure(e):
-                raise UserError(disk_failure_message(self.out, e) + " (--out)") from None
-            raise
+        make_dirs(self.out, "--out")
         lock = hold_lock(self.out / LOCK_NAME, f"--out {self.out}",
                          "wait for that prep to finish (or stop it), or choose another --out")
         try:

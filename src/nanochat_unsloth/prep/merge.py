@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat_unsloth.common import (FlagParser, UserError, atomic_write_json, disk_failure_message, get_base_dir,
-                                     hold_lock, is_disk_failure, read_json)
+from nanochat_unsloth.common import (FlagParser, UserError, atomic_write_json, get_base_dir, hold_lock, make_dirs,
+                                     read_json)
 from nanochat_unsloth.prep.job import (LOCK_NAME, MANIFEST_SOURCE_KEYS, MIN_VAL_TOKENS, OWNED, PART_KEY, PARTS_DIR,
                                        SPLIT_ORDER, STATE_NAME, _fingerprint_sha, fresh_state, manifest_source,
                                        whole_fingerprint)
@@ -132,12 +132,7 @@ def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_
         raise UserError(f"--out {out}: is one of the parts; merge into another directory")
     for d, m in parts:  # sha256 and token ids of every part before a byte is written
         m.verify(d, checksums=True, progress=progress)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if is_disk_failure(e):
-            raise UserError(disk_failure_message(out, e) + " (--out)") from None
-        raise
+    make_dirs(out, "--out")
     lock = hold_lock(out / LOCK_NAME, f"--out {out}", "wait for that prep or merge to finish, or choose another --out")
     try:
         done = _prepare_out(out, sha, force, progress)
