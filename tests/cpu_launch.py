@@ -14,14 +14,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150) -> subprocess.CompletedProcess:
+def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150,
+                         accelerate_config: str | None = None) -> subprocess.CompletedProcess:
     """Run `python *argv` as `nproc` gloo ranks (one plain process when nproc == 1).
 
     Not `accelerate launch --cpu --num_processes N`: without --mpirun_hostfile, accelerate 1.15 starts ONE
     process for that (its simple_launcher), so a "2-process" test silently runs on one. torchrun plus
     ACCELERATE_USE_CPU=true gives N ranks and Accelerate's MULTI_CPU (DDP over gloo).
+    `accelerate_config` (a DeepSpeed yaml, relative to the repo): `accelerate launch --config_file` it as it is;
+    its launcher is torchrun's, and the run names gloo itself (train/deepspeed_zero.py).
     """
-    cmd, env = _cpu_command(nproc, argv)
+    cmd, env = _cpu_command(nproc, argv, accelerate_config)
     try:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired as e:
@@ -37,14 +40,17 @@ def launch_cpu_processes(nproc: int, *argv: str, timeout: int = 150) -> subproce
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def start_cpu_processes(nproc: int, *argv: str) -> subprocess.Popen:
+def start_cpu_processes(nproc: int, *argv: str, accelerate_config: str | None = None) -> subprocess.Popen:
     """`launch_cpu_processes` without waiting: the launcher, its stdout and stderr as pipes (text)."""
-    cmd, env = _cpu_command(nproc, argv)
+    cmd, env = _cpu_command(nproc, argv, accelerate_config)
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _cpu_command(nproc: int, argv) -> tuple[list[str], dict]:
+def _cpu_command(nproc: int, argv, accelerate_config: str | None = None) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if accelerate_config:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / accelerate_config),
+                "--num_processes", str(nproc), *argv], env
     if nproc == 1:
         return [sys.executable, *argv], env
     env["ACCELERATE_USE_CPU"] = "true"

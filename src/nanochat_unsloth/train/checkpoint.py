@@ -18,6 +18,7 @@ import torch
 
 from nanochat_unsloth.common import (FileLock, UserError, atomic_write_json, disk_failure_message, hold_lock,
                                      is_disk_failure, read_json, sha256_file)
+from nanochat_unsloth.train import deepspeed_zero
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 META_NAME = "meta.json"
@@ -146,7 +147,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: dict, keep_last
         raise UserError(disk_failure_message(tmp, e) + "; the earlier checkpoints are kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        # every file, those in sub-directories too (DeepSpeed writes its states into one per tag)
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         sha256 = {name: sha256_file(tmp / name) for name in files}
         atomic_write_json(tmp / META_NAME, {**meta, "step": step, "files": files, "sha256": sha256, "complete": True})
         if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): newest wins
@@ -251,6 +253,8 @@ def load_model_state_dict(step_dir: Path, verify: bool = True) -> dict[str, torc
     if verify:
         load_meta(step_dir)
     path = step_dir / MODEL_FILE
+    if not path.exists() and deepspeed_zero.is_deepspeed_checkpoint(step_dir):
+        return deepspeed_zero.load_whole_model_state(step_dir)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:

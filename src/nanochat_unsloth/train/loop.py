@@ -28,7 +28,7 @@ from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
 from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
-from nanochat_unsloth.train import bf16_gemm, optim, trackers
+from nanochat_unsloth.train import bf16_gemm, deepspeed_zero, optim, trackers
 from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
 from nanochat_unsloth.train.core_metric import core_bundle_for, core_due, run_core_metric, tracker_values
 from nanochat_unsloth.train.data_budget import data_budget_line
@@ -168,7 +168,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         exit_when_orphaned()
     base_dir = get_base_dir(cfg.base_dir or None)
     run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if device_type == "cuda" else "no",
+    accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no",
+                              **deepspeed_zero.accelerator_kwargs(device_type),  # cpu=..., and what DeepSpeed needs
                               **trackers.accelerator_kwargs(tracker_names, run_dir))
     device, device_type = accelerator.device, accelerator.device.type
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -209,6 +210,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     print0(f"shards: {manifest.totals()['train']['tokens']:,} train / {manifest.totals()['val']['tokens']:,} val "
            f"tokens, checksums verified in {time.time() - t_verify:.1f}s")
     train_loader.allow_new_layout = cfg.force
+    zero = deepspeed_zero.configure(accelerator, cfg, grad_accum)  # None unless DeepSpeed; refusals here
 
     # ---- model -----------------------------------------------------------------------------------
     model_config = GPTConfig.from_depth(cfg.depth, cfg.max_seq_len, vocab_size)
@@ -277,6 +279,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                    "nothing to do")
             return {"start_step": int(meta["step"]), "num_iterations": num_iterations, "run_dir": str(run_dir),
                     "val_bpb": [], "already_complete": True, "final_step": int(meta["step"])}
+        deepspeed_zero.check_resume(meta, zero)
         if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
             raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
@@ -323,6 +326,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             "cpu_bf16": bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
             "loss_ema": {"value": smooth_loss, "start_step": ema_start},
             "fp8_scaling": gather_fp8_scaling(accelerator, raw_model),
+            "deepspeed": zero.describe() if zero else None,
         }
 
     def log_jsonl(path: Path, record: dict):
@@ -367,7 +371,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
 
         # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP every rank
         # holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
-        if (master or sharded_weights) and (
+        if (master or sharded_weights or (zero and zero.partitioned_weights)) and (
                 last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             raw_model.eval()
             with accelerator.autocast():
@@ -389,7 +393,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         t0 = time.time()
         try:
             with profiled_step(run_dir / "profile", rank, step, device, step == cfg.profile_step) as timer:
-                out = optimizer_step(
+                out = (zero.optimizer_step if zero else optimizer_step)(
                     accelerator, model, raw_model, optimizers, lambda: next(train_loader), grad_accum, step,
                     num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
                     warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,

@@ -188,6 +188,8 @@ class Muon(torch.optim.Optimizer):
 # The two optimizers
 
 ADAMW_BETAS = (0.8, 0.95)  # nanochat's, for the lm_head and wte
+ADAMW_SETTINGS = dict(betas=ADAMW_BETAS, eps=1e-10)
+MUON_MOMENTUM = 0.95  # the value `muon_momentum` ramps to; each step sets its own
 # Muon scales a matrix's LR by sqrt(max(1, rows/cols)); the tallest block matrix is the MLP's c_fc,
 # 4*n_embd x n_embd, so no matrix's step is larger than 2 x --matrix_lr.
 MUON_LARGEST_LR_SCALE = 2.0
@@ -217,6 +219,13 @@ def check_lrs_fit_float32(n_embd: int, **lrs: float) -> None:
                             f"{limits[flag]:.3g}")
 
 
+def adamw_groups(model: GPT, embedding_lr: float, unembedding_lr: float) -> list[dict]:
+    """nanochat's AdamW groups [lm_head, wte]: LRs tuned at width 768, scaled as 1/sqrt(n_embd/768)."""
+    lr_scale = (model.config.n_embd / 768) ** -0.5
+    return [dict(params=list(model.lm_head.parameters()), lr=unembedding_lr * lr_scale),
+            dict(params=list(model.transformer.wte.parameters()), lr=embedding_lr * lr_scale)]
+
+
 def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
                      matrix_lr: float = 0.02, weight_decay: float = 0.0,
                      fused: bool | None = None) -> list[torch.optim.Optimizer]:
@@ -232,17 +241,13 @@ def build_optimizers(model: GPT, *, embedding_lr: float = 0.2, unembedding_lr: f
     n_covered = len(matrix_params) + len(embedding_params) + len(lm_head_params)
     assert n_covered == len(list(model.parameters())), "a parameter is in no optimizer group"
 
-    lr_scale = (model.config.n_embd / 768) ** -0.5
     if fused is None:
         fused = all(p.is_cuda for p in embedding_params + lm_head_params)
     # world size > 1: each rank keeps 1/W of the Adam moments (ZeRO-1, see dist_adamw.py); the same math
     adamw_cls = ShardedAdamW if rank_and_world_size()[1] > 1 else torch.optim.AdamW
-    adamw = adamw_cls(
-        [dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
-         dict(params=embedding_params, lr=embedding_lr * lr_scale)],
-        betas=ADAMW_BETAS, eps=1e-10, weight_decay=weight_decay, fused=fused,
-    )
-    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+    adamw = adamw_cls(adamw_groups(model, embedding_lr, unembedding_lr), **ADAMW_SETTINGS,
+                      weight_decay=weight_decay, fused=fused)
+    muon = Muon(matrix_params, lr=matrix_lr, momentum=MUON_MOMENTUM)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -356,13 +361,15 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, num_iter
     momentum = muon_momentum(step)
     reported = lrm
     for opt in optimizers:
+        # Accelerate hands back its wrapper (AcceleratedOptimizer); the Muon test must look inside it
+        is_muon = isinstance(getattr(opt, "optimizer", opt), Muon)
         for group in opt.param_groups:
             if group.get("schedule") == "cosine":
                 reported = cosine_lr_multiplier(step, num_iterations, group["warmup_ratio"], final_lr_frac)
                 group["lr"] = group["initial_lr"] * reported
             else:
                 group["lr"] = group["initial_lr"] * lrm
-            if isinstance(opt, Muon):
+            if is_muon or group.get("use_muon"):  # use_muon: DeepSpeed's Muon groups (deepspeed_zero.py)
                 group["momentum"] = momentum
     return reported
 

@@ -1,0 +1,206 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 (+ CPU offload) through Accelerate, on CPU: 2 gloo ranks launched with the repo's
+configs/accelerate/deepspeed_*.yaml as they are (`accelerate launch`; DeepSpeed's CPU accelerator talks gloo).
+
+- the refusals: every DeepSpeed setting that would change nanochat's step, in one line naming it, and before the
+  model is built;
+- the step: DeepSpeed's ZeRO-2 and ZeRO-3-with-offload steps against our single-process step
+  (tests/deepspeed_e2e.py), with the raw-gradient clipping engaged;
+- checkpoints: saved on --save_every and on SIGTERM, and `--resume auto` continues a ZeRO-3 run bit-exactly.
+
+What a CPU cannot show: bf16 autocast, fused AdamW and compiled blocks (CUDA only), NCCL, speed and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.train import deepspeed_zero, optim
+
+from cpu_launch import REPO, is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
+from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+ZERO2, ZERO3, ZERO3_OFFLOAD = (f"configs/accelerate/deepspeed_{n}.yaml" for n in ("zero2", "zero3", "zero3_offload"))
+
+
+def _json(name: str) -> dict:
+    return json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+
+
+# -----------------------------------------------------------------------------
+# Refusals (no process group, no DeepSpeed import)
+
+
+@pytest.mark.parametrize("change, names", [
+    (lambda c: c.update(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}), "'optimizer' block"),
+    (lambda c: c.update(scheduler={"type": "WarmupLR"}), "'scheduler' block"),
+    (lambda c: c.update(fp16={"enabled": True}), "fp16.enabled"),
+    (lambda c: c.update(bf16={"enabled": True}), "bf16.enabled"),
+    (lambda c: c.update(gradient_clipping=1.0), "gradient_clipping"),
+    (lambda c: c["zero_optimization"].update(stage=1), "zero_optimization.stage"),
+    (lambda c: c["zero_optimization"].update(stage=3), "reduce_scatter"),
+    (lambda c: c["zero_optimization"].update(offload_optimizer={"device": "cpu"}), "zero_force_ds_cpu_optimizer"),
+    (lambda c: c["zero_optimization"].update(offload_optimizer={"device": "nvme"}), "offload_optimizer.device"),
+    (lambda c: c["zero_optimization"].update(offload_param={"device": "cpu"}), "offload_param"),
+    (lambda c: c.update(communication_data_type="bf16"), "communication_data_type"),
+    (lambda c: c["torch_autocast"].pop("lower_precision_safe_modules"), "lower_precision_safe_modules"),
+    (lambda c: c.update(managed_gradient_accumulation=False), "managed_gradient_accumulation"),
+])
+def test_settings_that_change_the_step_are_refused_in_one_line(change, names):
+    config = _json("zero2")
+    change(config)
+    with pytest.raises(UserError) as e:
+        deepspeed_zero.check_config(config, "bad.json")
+    message = str(e.value)
+    assert names in message and "bad.json" in message and "\n" not in message, message
+
+
+def test_our_configs_pass_and_the_run_fills_what_it_owns():
+    for name in ("zero2", "zero3", "zero3_offload"):
+        deepspeed_zero.check_config(_json(name), name)
+    for flag, kwargs in (("--optimizer", {"optimizer": "adamw8bit"}), ("--fp8", {"fp8": True}),
+                         ("--cuda_graphs", {"cuda_graphs": "on"})):
+        with pytest.raises(UserError, match=flag):
+            deepspeed_zero.check_config(_json("zero2"), "zero2", **kwargs)
+    config = _json("zero3")
+    deepspeed_zero.fill_config(config, "zero3", device_batch_size=4, grad_accum=2, world_size=8, on_cuda=False)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"], config["gradient_clipping"]) == (4, 2, 64, 0.0)
+    assert config["torch_autocast"]["enabled"] is False  # fp32 on a CPU-only machine, as the loop without DeepSpeed
+    config = _json("zero2") | {"train_micro_batch_size_per_gpu": 3}
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu"):
+        deepspeed_zero.fill_config(config, "zero2", device_batch_size=4, grad_accum=2, world_size=8, on_cuda=True)
+
+
+def test_muon_momentum_warms_up_through_accelerates_optimizer_wrapper():
+    """nanochat ramps Muon's momentum 0.85 -> 0.95 over 300 steps. The loop's optimizers are Accelerate's
+    AcceleratedOptimizer wrappers, which `apply_schedules` must see through (it did not: momentum stayed 0.95)."""
+    from accelerate import Accelerator
+
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
+
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=65, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), seed=0)
+    _, *optimizers = Accelerator(cpu=True).prepare(model, *optim.build_optimizers(model))
+    assert not isinstance(optimizers[1], optim.Muon)  # Accelerate's wrapper
+    for step, want in ((0, 0.85), (150, 0.90), (300, 0.95)):
+        optim.apply_schedules(optimizers, step, 1000)
+        assert all(g["momentum"] == pytest.approx(want, abs=1e-12) for g in optimizers[1].param_groups)
+
+
+# -----------------------------------------------------------------------------
+# 2 gloo ranks
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_train_base_dir(tmp_path_factory.mktemp("ds_train_base"))
+
+
+def _e2e(out: Path, grad_clips: str, config: str | None = None) -> dict:
+    args = ("tests/deepspeed_e2e.py", str(out), "--grad-clips", grad_clips)
+    run = launch_cpu_processes(2 if config else 1, *args, accelerate_config=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def _largest_gap(run: dict, ref: dict, step: int, names) -> float:
+    """max |W - W_ref| after `step`, relative to the reference step's largest update, over tensors `names`."""
+    worst = 0.0
+    for name in names:
+        update = (ref["weights"][step][name] - ref["weights"][step - 1][name]).abs().max().item()
+        gap = (run["weights"][step][name].float() - ref["weights"][step][name].float()).abs().max().item()
+        worst = max(worst, gap / update)
+    return worst
+
+
+@pytest.mark.slow
+def test_zero_steps_equal_our_single_process_step(tmp_path):
+    """Every weight after each of 3 steps, ZeRO-2 / ZeRO-3 / ZeRO-3 + offload on 2 ranks against our step on one.
+
+    grad_clip 1.0 (nanochat's; this tiny model's grad norms are ~0.9, so it does not engage): bitwise equal. The
+    same gradients (2 ranks' average, pre-divided by 2, equals 1 process's 2 half-weighted micro-steps: halving
+    is exact), the same momentum input, the same native bf16 Newton-Schulz ops, torch's AdamW on slices.
+    grad_clip 0.5 (engaged every step): the norm of the raw gradient is summed in another order (sharded), so
+    the clip coefficient may differ in its last bits (measured: ZeRO-3 + offload 1 ulp at step 0). AdamW (fp32,
+    elementwise) moves by as much: bound 1e-5 of the update after the first step. Muon's bf16 Newton-Schulz can
+    turn a last-bit change of its input into a few % of its output (a bf16 rounding flips, and the iteration
+    amplifies it; measured 3.5e-2 after the second step for ZeRO-3 + offload, 0 for ZeRO-2): bound 10% after the
+    second step, where the clipped gradient enters the momentum next to the first; without the clip that gap is
+    over 50% (asserted), so the bound catches a raw gradient left unclipped.
+    """
+    ref = _e2e(tmp_path / "ref", "1.0,0.5,0.0")["runs"]
+    adamw = ["transformer.wte.weight", "lm_head.weight"]
+    everything = list(ref[1.0]["weights"][0])
+    assert _largest_gap(ref[0.0], ref[0.5], 2, everything) > 0.5
+    for config in (ZERO2, ZERO3, ZERO3_OFFLOAD):
+        result = _e2e(tmp_path / Path(config).stem, "1.0,0.5", config)
+        assert result["world_size"] == 2 and result["zero"]["stage"] in (2, 3), result["zero"]
+        run = result["runs"][1.0]
+        assert run["losses"] == ref[1.0]["losses"], config
+        for step in range(1, 4):
+            assert all(torch.equal(run["weights"][step][k], w) for k, w in ref[1.0]["weights"][step].items()), \
+                (config, step)
+        run = result["runs"][0.5]
+        assert run["grad_norms"][0] == pytest.approx(ref[0.5]["grad_norms"][0], rel=1e-6), config
+        assert _largest_gap(run, ref[0.5], 1, adamw) <= 1e-5, config
+        assert _largest_gap(run, ref[0.5], 2, everything) <= 0.1, config
+
+
+def _train(base: Path, tag: str, *extra: str) -> list[str]:
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--model-tag", tag, "--num-iterations", "1000",
+                              "--save-every", "2", "--keep-last", "0", *extra]
+    args[args.index("--total-batch-size") + 1] = "256"  # 2 ranks x 2 micro-steps of 2 x 32 tokens
+    return ["-m", "nanochat_unsloth.train", *args]
+
+
+def _losses(base: Path, tag: str) -> dict[int, float]:
+    lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, filter(None, lines))}
+
+
+@pytest.mark.slow
+def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly(base):
+    # A: 5 steps, saved at 2 and 4 (--save_every) and at 5 (--stop_after)
+    out = launch_cpu_processes(2, *_train(base, "a", "--stop-after", "5"), accelerate_config=ZERO3)
+    assert out.returncode == 1 and "exitcode  : 3" in out.stderr, out.stderr[-3000:]  # torchrun's view of exit 3
+    assert "x 2 procs x 2 accum" in out.stdout, out.stdout[-2000:]
+    assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "a")] == [2, 4, 5]
+    # B: A's step-2 checkpoint, resumed; SIGTERM to the launcher once step 4 is logged
+    (base / "runs" / "b").mkdir(parents=True)
+    shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(2), base / "runs" / "b" / ckpt.step_dir_name(2))
+    launcher = start_cpu_processes(2, *_train(base, "b", "--resume", "auto"), accelerate_config=ZERO3)
+    out, err, elapsed, workers = signal_after_line(launcher, "step 00004/", signal.SIGTERM, timeout=120)
+    assert elapsed < 60, elapsed
+    saved = [s for s, _ in ckpt.list_checkpoints(base / "runs" / "b")]
+    stop = saved[-1]
+    assert stop >= 5 and f"stopped after step {stop} of 1000" in out, (saved, out[-2000:], err[-3000:])
+    ckpt.load_meta(base / "runs" / "b" / ckpt.step_dir_name(stop))  # every file (each rank's shards) verifies
+    time.sleep(2)
+    assert not [pid for pid in workers if is_alive(pid)], "a worker outlived the launcher"
+    # bit-exact: the losses of steps 2-4 and the weights at step 4 (ZeRO-3 shards, gathered by zero_to_fp32)
+    a, b = _losses(base, "a"), _losses(base, "b")
+    assert [b[s] for s in (2, 3, 4)] == [a[s] for s in (2, 3, 4)]
+    want = ckpt.load_model_state_dict(base / "runs" / "a" / ckpt.step_dir_name(4))
+    got = ckpt.load_model_state_dict(base / "runs" / "b" / ckpt.step_dir_name(4))
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_a_bad_deepspeed_config_is_refused_before_the_model_is_built(base, tmp_path):
+    config = _json("zero2") | {"gradient_clipping": 1.0}
+    (tmp_path / "clip.json").write_text(json.dumps(config))
+    yaml = (REPO / ZERO2).read_text().replace("configs/deepspeed/zero2.json", str(tmp_path / "clip.json"))
+    (tmp_path / "clip.yaml").write_text(yaml)
+    out = launch_cpu_processes(2, *_train(base, "refused"), accelerate_config=str(tmp_path / "clip.yaml"))
+    assert out.returncode != 0
+    assert f"DeepSpeed config {tmp_path / 'clip.json'}: gradient_clipping: 1.0" in out.stderr, out.stderr[-3000:]
+    assert "model: depth" not in out.stdout, out.stdout[-2000:]
