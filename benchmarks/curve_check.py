@@ -7,7 +7,8 @@ Three runs of the real loop on the same shards and settings (one step = --total-
 accumulates N times as many micro-batches as each of N GPUs):
     A, B: one GPU each, at the same time on GPUs 0 and 1: their difference is this GPU's run-to-run noise
           (attention's backward accumulates with atomics), which grows as training amplifies it;
-    N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml.
+    N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml, or with each of --configs
+          in turn (e.g. the DeepSpeed ones: benchmarks/deepspeed_curves.sh).
 It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
 (evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
 (benchmarks/multi_gpu.py --make-data writes them).
@@ -23,18 +24,22 @@ from pathlib import Path
 
 from multi_gpu import run_log, start_training  # a sibling script
 
-def start(args, tag: str, n: int, gpu: int = 0) -> subprocess.Popen:
+def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> subprocess.Popen:
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
              str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
              "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
-    return start_training(args.base_dir, tag, train, gpu=gpu if n == 1 else None, processes=n)
+    return start_training(args.base_dir, tag, train, gpu=gpu if n == 1 and not config else None, processes=n,
+                          config=config)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-dir", type=Path, required=True)
     p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--configs", default="",
+                   help="comma-separated accelerate configs for the N-GPU run(s), each against the same 1-GPU pair "
+                        "(default: configs/accelerate/multi_gpu.yaml, i.e. DDP)")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch", type=int, default=65536, help="tokens per step (4 GPUs x 8 x 2048 by default)")
@@ -44,14 +49,18 @@ def main() -> int:
     p.add_argument("--extra", default="--kernels torch", help="more training flags for every run")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    configs = [c for c in args.configs.split(",") if c] or [None]
 
-    runs = {"a": start(args, "curve_1gpu_a", 1, 0), "b": start(args, "curve_1gpu_b", 1, 1)}
+    tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b"}
+    runs = {"a": start(args, tags["a"], 1, 0), "b": start(args, tags["b"], 1, 1)}
     rcs = {k: proc.wait() for k, proc in runs.items()}
-    rcs["n"] = start(args, f"curve_{args.gpus}gpu", args.gpus).wait()
+    for config in configs:  # one after another: each uses all --gpus GPUs
+        name = "n" if config is None else Path(config).stem
+        tags[name] = f"curve_{args.gpus}gpu" if config is None else f"curve_{name}_{args.gpus}gpu"
+        rcs[name] = start(args, tags[name], args.gpus, config=config).wait()
     if any(rcs.values()):
         raise SystemExit(f"exit codes {rcs}; see the logs in {args.base_dir}")
 
-    tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b", "n": f"curve_{args.gpus}gpu"}
     metrics = {k: run_log(args.base_dir, t, "metrics.jsonl") for k, t in tags.items()}
     loss = {k: [m["loss"] for m in records] for k, records in metrics.items()}
     val = {k: [(e["step"], e["val_bpb"]) for e in run_log(args.base_dir, t, "eval.jsonl")] for k, t in tags.items()}
@@ -61,20 +70,26 @@ def main() -> int:
     def rel(x, y, lo, hi):
         return max(abs(loss[x][s] - loss[y][s]) / abs(loss[x][s]) for s in range(lo, hi))
 
+    others = [k for k in tags if k not in ("a", "b")]
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "windows": [f"{lo}-{hi - 1}" for lo, hi in windows],
         "a_vs_b_max_rel": [rel("a", "b", lo, hi) for lo, hi in windows],
-        "a_vs_n_max_rel": [rel("a", "n", lo, hi) for lo, hi in windows],
+        **{f"a_vs_{k}_max_rel": [rel("a", k, lo, hi) for lo, hi in windows] for k in others},
         "val_bpb": val, "loss": loss,
         "tok_per_sec_median": {k: sorted(m["tok_per_sec"] for m in records)[args.steps // 2]
                                for k, records in metrics.items()},
+        "peak_mem_gib": {k: max(m["peak_mem_gib"] for m in records) for k, records in metrics.items()},
     }
     print(f"steps            {'  '.join(f'{w:>10}' for w in result['windows'])}")
-    for key, label in (("a_vs_b_max_rel", "1 GPU vs 1 GPU"), ("a_vs_n_max_rel", f"1 GPU vs {args.gpus} GPUs")):
+    labels = [("a_vs_b_max_rel", "1 GPU vs 1 GPU")]
+    labels += [(f"a_vs_{k}_max_rel", f"1 GPU vs {args.gpus} GPUs" + ("" if k == "n" else f" {k}")) for k in others]
+    for key, label in labels:
         print(f"{label:16} {'  '.join(f'{v:10.2e}' for v in result[key])}")
     for k, v in val.items():
         print(f"val bpb {k}: " + ", ".join(f"{s}: {b:.5f}" for s, b in v))
+    for k in tags:
+        print(f"{k}: median tok/s {result['tok_per_sec_median'][k]:,.0f}, peak memory {result['peak_mem_gib'][k]:.1f} GiB")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 0

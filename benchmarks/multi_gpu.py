@@ -116,17 +116,19 @@ def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python"
 
 
 def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | None = None,
-                   processes: int = 1) -> subprocess.Popen:
+                   processes: int = 1, config: str | None = None) -> subprocess.Popen:
     """Start the real loop in the background, its output appended to <base_dir>/<tag>.log: one process (on
-    GPU `gpu` when given), or `processes` ranks through `accelerate launch` with configs/accelerate/multi_gpu.yaml.
+    GPU `gpu` when given), or `processes` ranks through `accelerate launch` with configs/accelerate/multi_gpu.yaml
+    (or `config`, which is launched even for one process: a DeepSpeed run on one GPU).
     Used by curve_check.py, resume_check.py and quality_runs.py."""
     env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cmd = [sys.executable, "-m", "nanochat_unsloth.train", *train_args]
-    if processes > 1:
+    if processes > 1 or config:
         cmd[1:2] = ["-m", "accelerate.commands.launch", "--config_file",
-                    str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes", str(processes), "-m"]
+                    config or str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes",
+                    str(processes), "-m"]
     log = open(base_dir / f"{tag}.log", "a")
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 

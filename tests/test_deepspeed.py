@@ -80,6 +80,17 @@ def test_our_configs_pass_and_the_run_fills_what_it_owns():
         deepspeed_zero.fill_config(config, "zero2", device_batch_size=4, grad_accum=2, world_size=8, on_cuda=True)
 
 
+def test_a_checkpoint_resumes_only_under_its_own_zero_stage_and_process_count():
+    zero3 = deepspeed_zero.ZeroRun(stage=3, offload_optimizer=False, offload_param=False, world_size=2)
+    deepspeed_zero.check_resume({"deepspeed": zero3.describe()}, zero3)
+    deepspeed_zero.check_resume({"deepspeed": None}, None)
+    for meta, run, says in (({"deepspeed": zero3.describe()}, None, "DeepSpeed ZeRO-3's on 2 processes"),
+                            ({}, zero3, "not written by a DeepSpeed run"),
+                            ({"deepspeed": zero3.describe() | {"world_size": 4}}, zero3, "ZeRO-3 on 4 processes")):
+        with pytest.raises(UserError, match=says):
+            deepspeed_zero.check_resume(meta, run)
+
+
 def test_muon_momentum_warms_up_through_accelerates_optimizer_wrapper():
     """nanochat ramps Muon's momentum 0.85 -> 0.95 over 300 steps. The loop's optimizers are Accelerate's
     AcceleratedOptimizer wrappers, which `apply_schedules` must see through (it did not: momentum stayed 0.95)."""

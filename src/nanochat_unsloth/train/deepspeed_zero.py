@@ -33,8 +33,9 @@ What we do ourselves, because DeepSpeed's version differs from nanochat's step:
   master copies) and fp16 are refused. One difference from DDP: wte is fp32 here (nanochat keeps it in bf16 on
   CUDA), since DeepSpeed keeps fp32 master weights anyway.
 
-DeepSpeed's Muon, clipping hook and state layout are internals of 0.19.x: the `deepspeed` extra pins it, and the
-CPU tests (2 gloo ranks) check the first update against our single-process step.
+DeepSpeed's Muon, the gradient buffers the clip reads and the state layout are internals of 0.19.x: the `deepspeed`
+extra pins it, and tests/test_deepspeed.py (2 gloo ranks on CPU) checks every weight over three steps of each
+config against our single-process step.
 """
 
 from __future__ import annotations

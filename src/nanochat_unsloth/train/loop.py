@@ -258,6 +258,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     # FSDP2: checkpoints are saved and loaded whole by us, not by Accelerate (train/fsdp.py says why)
     sharded_run = ckpt.ShardedRun(raw_model, optimizers, train_loader) if sharded_weights else None
+    # FSDP2 and ZeRO-3: no rank holds whole weights, so any forward of the raw model is a collective
+    whole_weights_nowhere = sharded_weights or bool(zero and zero.partitioned_weights)
     accelerator.register_for_checkpointing(train_loader)
 
     # ---- resume ----------------------------------------------------------------------------------
@@ -365,13 +367,13 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         # once in a while: nanochat's CORE metric (all ranks take part; the uncompiled model, as shapes vary)
         if core_bundle is not None and core_due(cfg.core_metric_every, step, last_step):
             core = run_core_metric(raw_model, encoding, core_bundle, device, cfg.core_metric_max_per_task,
-                                   accelerator.autocast, not sharded_weights, step, print0)
+                                   accelerator.autocast, not whole_weights_nowhere, step, print0)
             log_jsonl(eval_path, core)
             accelerator.log(tracker_values(core), step=step)
 
-        # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP every rank
-        # holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
-        if (master or sharded_weights or (zero and zero.partitioned_weights)) and (
+        # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP and ZeRO-3 every
+        # rank holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
+        if (master or whole_weights_nowhere) and (
                 last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             raw_model.eval()
             with accelerator.autocast():
