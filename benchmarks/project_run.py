@@ -46,7 +46,7 @@ def events_before(step: int, cfg: dict, num_iterations: int) -> set[str]:
 
 
 def measure(run_dir: Path, warmup: int) -> dict:
-    from nanochat_unsloth.train.loop import read_jsonl_records
+    from nanochat_unsloth.train.checkpoint import read_jsonl_records
 
     metrics = read_jsonl_records(run_dir / "metrics.jsonl")
     if len(metrics) < 3 or "time" not in metrics[-1]:

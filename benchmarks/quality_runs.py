@@ -73,8 +73,7 @@ def branch(args, tag: str) -> list[str]:
         return []
     import shutil
 
-    from nanochat_unsloth.train.checkpoint import list_checkpoints, step_dir_name
-    from nanochat_unsloth.train.loop import rewrite_metrics_before
+    from nanochat_unsloth.train.checkpoint import list_checkpoints, read_jsonl_records, step_dir_name
 
     source, step = args.branch_from.rsplit(":", 1)
     src, dst = args.base_dir / "runs" / source, args.base_dir / "runs" / tag
@@ -82,9 +81,9 @@ def branch(args, tag: str) -> list[str]:
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src / step_dir_name(int(step)), dst / step_dir_name(int(step)))
         for name in ("metrics.jsonl", "eval.jsonl"):
-            if (src / name).exists():
-                shutil.copy2(src / name, dst / name)
-                rewrite_metrics_before(dst / name, int(step))
+            if (src / name).exists():  # RUN's records up to STEP: the branch's history
+                kept = [r for r in read_jsonl_records(src / name) if r["step"] < int(step)]
+                (dst / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
     return ["--force"]
 
 

@@ -277,7 +277,7 @@ def test_a_worker_blocked_past_sigterm_exits_after_the_grace_period(tmp_path):
 
 def test_resume_checks_batch_settings_not_the_world_size():
     from nanochat_unsloth.train.config import TrainConfig
-    from nanochat_unsloth.train.loop import check_resume_compatible
+    from nanochat_unsloth.train.resume import check_resume_compatible
 
     cfg = TrainConfig(device_batch_size=2)
     meta = {"train_config": cfg.to_dict(), "world_size": 8, "grad_accum": 1}
@@ -472,7 +472,7 @@ def test_resume_guards_the_numerics_fields_and_reads_old_checkpoints():
     """fp8_scaling, loss_chunk_mb, compile and lean_checkpoint are guarded like the step math. A checkpoint
     written before they existed (no such keys, kernels "unsloth") counts as having their defaults."""
     from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, TrainConfig
-    from nanochat_unsloth.train.loop import check_resume_compatible
+    from nanochat_unsloth.train.resume import check_resume_compatible
 
     assert {"fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint"} <= set(RESUME_GUARDED_FIELDS)
     old = TrainConfig().to_dict()

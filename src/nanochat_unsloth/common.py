@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,28 +25,53 @@ class UserError(Exception):
     """
 
 
+EXIT_DIVERGED = 1  # a non-finite loss, gradient norm or weights: the step was not applied, nothing of it saved
 EXIT_USER_ERROR = 2  # bad input, refused with one line
 EXIT_STOPPED = 3  # stopped early (SIGINT/SIGTERM, --stop_after): a checkpoint is saved, resume with --resume auto
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: interrupted before anything could be saved
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: SIGINT or SIGTERM before anything could be saved (during start-up)
+
+
+class Diverged(Exception):
+    """The run diverged: a non-finite loss, gradient norm or weights. Raised before the state is changed
+    or written, so the newest checkpoint is still the last good one; the training CLI exits EXIT_DIVERGED."""
+
 
 # errnos that mean "this disk or directory cannot take the write", not a bug
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer, not an OSError
 _TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+# safetensors reports one as its own SafetensorError (neither OSError nor RuntimeError), naming the errno
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
 
 
 def is_disk_failure(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in DISK_ERRNOS
+    if type(e).__name__ == "SafetensorError":
+        return "I/O error" in str(e)
     return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILURES)
 
 
+def _errno_of(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    m = _OS_ERROR_IN_TEXT.search(str(e))
+    return int(m.group(1)) if m else None
+
+
 def disk_failure_message(path: str | os.PathLike, e: BaseException) -> str:
-    """One line naming the path: no space, read-only, or no permission, and what to do."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    """One line naming the path: no space, a file-size limit, read-only, no permission, or another I/O
+    error, and what to do."""
+    code = _errno_of(e)
+    if code in (errno.ENOSPC, errno.EDQUOT):
         why, fix = "no space left on the disk", "free space there or choose another directory"
-    elif isinstance(e, OSError):
-        why, fix = f"not writable ({e.strerror})", "make it writable or choose another directory"
+    elif code == errno.EFBIG:
+        why, fix = ("a file grew past a file-size limit (ulimit -f, or the file system's largest file)",
+                    "raise the limit or choose another directory")
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why, fix = f"not writable ({os.strerror(code)})", "make it writable or choose another directory"
+    elif code is not None:
+        why, fix = f"{os.strerror(code)} (errno {code})", "check the disk, or choose another directory"
     else:
         why, fix = f"the write failed ({str(e).splitlines()[0][:120]}), most likely a full disk", \
             "free space there or choose another directory"

@@ -359,6 +359,7 @@ def load_nanochat_checkpoint(path: str | Path, step: int | None = None) -> Loade
         raise UserError(f"{meta_path}: says step {meta['step']}, but its name says {step}; the checkpoint is mixed up")
     state = load_torch_file(model_path, "the weights", "the file is corrupt or was written by an interrupted save")
     state = from_nanochat_state_dict(state, model_config, str(model_path))
+    ckpt.check_finite_weights(state.items(), model_path)
     return LoadedCheckpoint(
         kind="nanochat", path=model_path, step=step, state_dict=state, model_config=model_config, meta=meta,
         base_dir=ckpt_dir.parent.parent, tokenizer_sha256=None,

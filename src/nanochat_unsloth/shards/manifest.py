@@ -6,6 +6,8 @@ or made by another tokenizer is caught when the directory is opened, not mid-tra
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -60,6 +62,13 @@ class ShardManifest:
             }
             for split in SPLITS
         }
+
+    def fingerprint(self) -> str:
+        """sha256 of which tokens the shards hold (each shard's file, split, token count and sha256, and the
+        tokenizer), not of where they were made: a checkpoint records it, a resume compares it."""
+        identity = {"tokenizer": asdict(self.tokenizer),
+                    "shards": [[s.file, s.split, s.tokens, s.sha256] for s in self.shards]}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     # ---- io ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,27 +1,34 @@
 """`python -m nanochat_unsloth.train ...` or `accelerate launch --config_file accelerate_config.yaml -m nanochat_unsloth.train ...`
 
-Exit codes: 0 finished (the final checkpoint is saved); 1 stopped by a non-finite loss; 2 refused (bad
-flags or data, one line); 3 stopped early by SIGINT/SIGTERM or --stop_after, after saving a checkpoint
-(continue with --resume auto); 130 interrupted before anything was saved (Ctrl-C during start-up).
+Exit codes: 0 finished (the final checkpoint is saved); 1 stopped by a non-finite loss, gradient norm or weights
+(nothing of the diverged step saved); 2 refused (bad flags or data, a failed write: one line); 3 stopped early
+by SIGINT/SIGTERM or --stop_after, after saving a checkpoint (continue with --resume auto); 130 SIGINT or
+SIGTERM during start-up, before the step loop (nothing saved).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from nanochat_unsloth.common import run_main
-from nanochat_unsloth.common import EXIT_STOPPED
+from nanochat_unsloth.common import EXIT_DIVERGED, EXIT_STOPPED, Diverged, run_main
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt  # run_main: one line, EXIT_INTERRUPTED
 
 
 def main(argv: list[str]) -> int:
+    # until the step loop installs its graceful stop (which then stays, so that a signal while the process
+    # exits cannot kill it), SIGTERM means what Ctrl-C means: nothing to save yet
+    signal.signal(signal.SIGTERM, _interrupted)
     from nanochat_unsloth.train.config import parse_train_args
-    from nanochat_unsloth.train.loop import NonFiniteLoss, train
+    from nanochat_unsloth.train.loop import train
 
-    cfg = parse_train_args(argv)
     try:
-        result = train(cfg)
-    except NonFiniteLoss:
-        return 1
+        result = train(parse_train_args(argv))
+    except Diverged:
+        return EXIT_DIVERGED
     return EXIT_STOPPED if "stopped_at" in result else 0
 
 

@@ -130,8 +130,9 @@ class TrainConfig:
     profile_step: int = field(default=-1, metadata={"help": "time this step's phases on every rank and trace it with "
                                                              "torch.profiler, into <run>/profile/ (-1 = off)"})
     force: bool = field(default=False, metadata={"help": "allow --resume with changed batch/optim/numerics settings "
-                                                          "(not the model shape), or start over on a tag with checkpoints "
-                                                          "(the old run is moved to previous_N/, not deleted)"})
+                                                          "or other shards (not the model shape or tokenizer), or start "
+                                                          "over on a tag with checkpoints (the old run is moved to "
+                                                          "previous_N/, not deleted)"})
 
     @property
     def tag(self) -> str:
@@ -217,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="python -m nanochat_unsloth.train",
         description="Pretrain nanochat's GPT with nanochat's step math (Muon + AdamW) under Accelerate.",
-        epilog="exit codes: 0 finished; 1 non-finite loss; 2 refused (one-line error); 3 stopped early by "
-               "SIGINT/SIGTERM or --stop_after after saving a checkpoint (continue with --resume auto); "
-               "130 interrupted during start-up (nothing saved)",
+        epilog="exit codes: 0 finished; 1 diverged (a non-finite loss, gradient norm or weights: that step not "
+               "applied, nothing of it saved); 2 refused (one-line error, a failed write included); 3 stopped early "
+               "by SIGINT/SIGTERM or --stop_after after saving a checkpoint (continue with --resume auto); "
+               "130 SIGINT or SIGTERM during start-up (nothing saved)",
     )
     parser.add_argument("config_file", nargs="?", metavar="CONFIG.py",
                         help="nanochat's config file: Python assignments to TrainConfig's names (depth = 12); "

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat_unsloth.common import (EXIT_STOPPED, UserError, atomic_write_bytes, disk_failure_message, get_base_dir,
-                                     is_disk_failure)
+from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
 from nanochat_unsloth.model import fp8
 from nanochat_unsloth.model.build import ModelOptions, build_model
@@ -29,78 +28,64 @@ from nanochat_unsloth.shards.loader import TokenShardLoader
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train import checkpoint as ckpt
 from nanochat_unsloth.train import bf16_gemm, deepspeed_zero, optim, trackers
-from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+from nanochat_unsloth.train.config import TrainConfig
 from nanochat_unsloth.train.core_metric import core_bundle_for, core_due, run_core_metric, tracker_values
 from nanochat_unsloth.train.data_budget import data_budget_line
 from nanochat_unsloth.train.device import resolve_device_type
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.phase_timer import profiled_step
+from nanochat_unsloth.train.resume import check_resume
 from nanochat_unsloth.train.setup import prepare_for_training
-from nanochat_unsloth.train.step import NonFiniteLoss, optimizer_step
+from nanochat_unsloth.train.step import optimizer_step
 
 EMA_BETA = 0.9
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves at the end of the current step, then exits."""
+    """SIGINT/SIGTERM set a flag; the loop saves at the end of the current step, then exits.
+
+    Later signals are noted and ignored: a launcher (torchrun, scancel, systemd's stop of a control group)
+    forwards its own SIGTERM right after the one the worker got, and that must not abandon the save. SIGKILL
+    still stops the process at once, without saving."""
 
     def __init__(self):
         self.requested = False
-        self._previous = {}
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
+
+    def settle(self):
+        """After the loop: once a stop was asked for, later signals are ignored, not left to the default
+        action Python restores while it exits (which would end a saved run as killed by the signal)."""
+        if self.requested:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: give up on the graceful path
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
+        # os.write, not print: a handler that prints while the loop is printing hits a reentrant-call error
+        if self.requested:
+            _say(f"[signal {signum}] already stopping: finishing this step and saving (kill -9 {os.getpid()} "
+                 "abandons the save)")
+            return
         self.requested = True
-        print(f"\n[signal {signum}] finishing this step, saving a checkpoint, then exiting", flush=True)
+        _say(f"[signal {signum}] finishing this step, saving a checkpoint, then exiting")
 
 
-def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
-    """The model shape must match; batch and optimizer settings too, unless --force. Another number of
-    processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
-    saved = meta.get("train_config", {})
-    model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
-    if model_diff:
-        desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
-        raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
-    if not saved:
-        return
-    # a field the checkpoint lacks (it predates the field) was the field's default then
-    defaults = TrainConfig().to_dict()
-    was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
-    guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
-    if guarded and not cfg.force:
-        desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
-        raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
+def _say(line: str) -> None:
+    try:
+        os.write(2, f"\n{line}\n".encode())
+    except OSError:
+        pass
 
 
-def read_jsonl_records(path: Path, log=print) -> list[dict]:
-    """The records of a metrics/eval log. A torn last line (a crash or a full disk mid-append) is dropped
-    with a notice; a damaged line before it is refused, since records would be lost silently."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}: line {i + 1} is not JSON, and later lines follow; the log is damaged, "
-                                "repair or remove that line") from None
-            log(f"{path}: dropping its torn last line {line[:60]!r} (an append cut short)")
-    return records
-
-
-def rewrite_metrics_before(path: Path, step: int, log=print) -> None:
-    """On resume, drop records of steps >= `step` (logged after the checkpoint) so no step appears twice."""
-    if not path.exists():
-        return
-    kept = [json.dumps(r) for r in read_jsonl_records(path, log) if r["step"] < step]
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+def diverged_notice(e: Diverged, run_dir: Path) -> str:
+    """What a diverged run says before it exits: nothing of it was saved, so the newest checkpoint is good."""
+    last = ckpt.newest_checkpoint(run_dir)
+    if last is None:
+        return f"{e}. Stopping: no checkpoint was saved before it; lower the LRs and start again"
+    return (f"{e}. Stopping: the last good checkpoint, {last}, is kept; lower the LRs and continue it with "
+            "--resume auto --force")
 
 
 def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoader) -> int:
@@ -275,15 +260,14 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
     if resume is not None:
         resume_dir, meta = resume
-        check_resume_compatible(meta, cfg)
-        if int(meta["step"]) >= num_iterations:  # a finished run: load nothing, evaluate nothing, write nothing
-            print0(f"{resume_dir}: the run is already complete (step {meta['step']} of {num_iterations}); "
+        start_step = int(meta["step"])
+        if check_resume(meta, cfg, resume_dir, manifest, shards_dir, num_iterations, print0):
+            # the run's own final checkpoint: load nothing, evaluate nothing, write nothing
+            print0(f"{resume_dir}: the run is already complete (step {start_step} of {num_iterations}); "
                    "nothing to do")
-            return {"start_step": int(meta["step"]), "num_iterations": num_iterations, "run_dir": str(run_dir),
-                    "val_bpb": [], "already_complete": True, "final_step": int(meta["step"])}
+            return {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir),
+                    "val_bpb": [], "already_complete": True, "final_step": start_step}
         deepspeed_zero.check_resume(meta, zero)
-        if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
-            raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
         # checkpoint's only when --force allowed it)
         initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
@@ -293,14 +277,12 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                 group["initial_lr"] = lr
         if train_loader.notice:
             print0(train_loader.notice)
-        start_step = int(meta["step"])
         smooth_loss, ema_start = restore_train_state(meta, raw_model, rank, start_step, print0)
         if meta.get("fresh_optimizer"):
             print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
         print0(f"resumed from {resume_dir} at step {start_step}")
-        if master:
-            rewrite_metrics_before(metrics_path, start_step, print0)
-            rewrite_metrics_before(eval_path, start_step, print0)
+        if master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside
+            ckpt.start_branch(run_dir, start_step, print0)
     elif ckpt.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
         if not cfg.force:
             raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
@@ -308,9 +290,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         if master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
             aside = ckpt.set_aside(run_dir)
             print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
-    if master and resume is None:
-        for path in (metrics_path, eval_path):
-            path.unlink(missing_ok=True)
+    if master and resume is None:  # records of a run that never saved are another branch's: aside too
+        ckpt.start_branch(run_dir, 0, print0)
     accelerator.wait_for_everyone()
     trackers.start_trackers(accelerator, tracker_names, cfg.run, run_dir, cfg.to_dict())
 
@@ -320,6 +301,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             "model_config": dataclasses.asdict(model_config),
             "train_config": cfg.to_dict(),
             "tokenizer_sha256": manifest.tokenizer.sha256,
+            "shards_sha256": manifest.fingerprint(),
             "val_bpb": val_bpb,
             "world_size": world_size,
             "grad_accum": grad_accum,
@@ -336,10 +318,17 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             try:
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            except OSError as e:  # a full disk: one line (a torn line left behind is dropped on resume)
-                if is_disk_failure(e):
-                    raise UserError(disk_failure_message(path, e)) from None
-                raise
+            except OSError as e:  # a full disk, a size limit: one line (a torn line is dropped on resume)
+                raise UserError(disk_failure_message(path, e)) from None
+
+    def save(step: int) -> Path:
+        """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
+        try:
+            return ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
+                                        sharded_run)
+        except Diverged as e:
+            print0(diverged_notice(e, run_dir))
+            raise
 
     # ---- the step loop ---------------------------------------------------------------------------
     stop = StopRequest()
@@ -382,8 +371,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             raw_model.train()
 
         if last_step:
-            ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
-                                 sharded_run)
+            save(step)
             break
 
         # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
@@ -402,16 +390,15 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                     global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(), timer=timer,
                     cuda_graphs=prepared.cuda_graphs,
                 )
-        except NonFiniteLoss as e:
-            print0(f"{e}: stopping. The last good checkpoint in {run_dir} is kept; lower the LRs or resume it.")
+        except Diverged as e:
+            print0(diverged_notice(e, run_dir))
             raise
         except torch.OutOfMemoryError:
             total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else 0.0
             suggest_fp8 = not raw_model.ops.fp8 and fp8.fp8_supported(device)[0]
             raise UserError(out_of_memory_advice(cfg.device_batch_size, cfg.memory, cfg.lean_blocks, suggest_fp8,
                                                  peak_memory_gib(device_type), total)) from None
-        step_loss, lrm = out.global_loss, out.lrm
-        grad_norm = out.grad_norm.item() if out.grad_norm is not None else None
+        step_loss, lrm, grad_norm = out.global_loss, out.lrm, out.global_grad_norm
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -443,14 +430,13 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             flag = torch.tensor(float(stop_now), device=device)
             stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
         if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < num_iterations):
-            path = ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
-                                        sharded_run)
-            print0(f"saved {path}")
+            print0(f"saved {save(step)}")
         if stop_now:
             print0(f"stopped after step {step} of {num_iterations}; continue with --resume auto "
                    f"(exit code {EXIT_STOPPED})")
             result["stopped_at"] = step
             break
+    stop.settle()
 
     print0(f"peak memory: {peak_memory_gib(device_type):.2f}GiB | training time: {total_time / 60:.2f}m | "
            f"min val bpb: {min_val_bpb:.4f}")

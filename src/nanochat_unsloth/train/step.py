@@ -14,21 +14,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nanochat_unsloth.common import Diverged
 from nanochat_unsloth.model import fp8
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.phase_timer import DISABLED, PhaseTimer
 
 
-class NonFiniteLoss(RuntimeError):
-    """The run diverged. Raised before the update, so no weight changes and nothing is saved."""
+class NonFiniteLoss(Diverged):
+    """A step's loss or gradient norm is not finite. Raised before the update, so no weight changes."""
 
 
 @dataclass
 class StepResult:
     loss: Tensor  # mean loss over this process's micro-batches (reduce across ranks for the global mean)
-    grad_norm: Tensor | None  # global grad norm before clipping; None when clipping is off
+    grad_norm: Tensor | None  # global grad norm before clipping; None when clipping is off and unchecked
     lrm: float  # the LR multiplier used
     global_loss: float | None = None  # mean over the whole global batch, when `global_mean` was given
+    global_grad_norm: float | None = None  # grad_norm read on the host, when `global_mean` was given
 
 
 def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callable[[], tuple[Tensor, Tensor]],
@@ -39,7 +41,8 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     """Run step `step` (0-based).
 
     `global_mean(local_mean_loss) -> float` reduces the loss over ranks (a host sync); when given, a
-    non-finite loss raises NonFiniteLoss before the optimizers touch the weights. `timer` marks the
+    non-finite loss or gradient norm raises NonFiniteLoss before the optimizers touch the weights (a
+    finite loss can come with a non-finite gradient, whose update would write NaN). `timer` marks the
     phases of a profiled step (`--profile_step`). `cuda_graphs`: the model replays as CUDA graphs
     (`setup.TrainingModel.cuda_graphs`).
     """
@@ -61,14 +64,19 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
             accelerator.backward(loss / grad_accum)
         timer.mark("fwd_bwd_last_with_grad_sync" if last else "fwd_bwd")
     mean_loss = loss_sum / grad_accum
-    global_loss = None
-    if global_mean is not None:
-        global_loss = global_mean(mean_loss)
-        if not math.isfinite(global_loss):
-            raise NonFiniteLoss(f"non-finite loss {global_loss} at step {step}")
-    timer.mark("loss_reduce_host_sync")
-    grad_norm = optim.clip_grad_norm(raw_model.parameters(), grad_clip) if grad_clip > 0 else None
+    # the norm is queued before the loss's host sync, so reading it afterwards costs no second wait
+    check = global_mean is not None
+    grad_norm = optim.clip_grad_norm(raw_model.parameters(), grad_clip) if grad_clip > 0 or check else None
     timer.mark("clip")
+    global_loss = global_norm = None
+    if check:
+        global_loss = global_mean(mean_loss)
+        global_norm = grad_norm.item()  # after the gradients' all-reduce: the same on every rank
+        bad = [f"{what} {value}" for what, value in (("loss", global_loss), ("gradient norm", global_norm))
+               if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLoss(f"step {step}: non-finite {' and '.join(bad)}; the update was not applied")
+    timer.mark("loss_reduce_host_sync")
     lrm = optim.apply_schedules(optimizers, step, num_iterations, warmup_ratio=warmup_ratio,
                                 warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
     for opt in optimizers:
@@ -76,7 +84,8 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
     model.zero_grad(set_to_none=not cuda_graphs)
     fp8.start_delayed_scaling(raw_model)  # --fp8: once every layer has an amax history
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
+    return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss,
+                      global_grad_norm=global_norm)
 
 
 def _keep_grads(model: torch.nn.Module) -> None:

@@ -1,0 +1,73 @@
+"""What a resume must agree with, checked before any state is loaded, each refusal one line: the model
+shape and the settings that make it the same run (or --force), the tokenizer and the shards it trained on
+(or --force), and a horizon ahead of the checkpoint's step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanochat_unsloth.common import UserError
+from nanochat_unsloth.shards.manifest import ShardManifest
+from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+
+
+def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
+    """The model shape must match; batch and optimizer settings too, unless --force. Another number of
+    processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
+    saved = meta.get("train_config", {})
+    model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
+    if model_diff:
+        desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
+        raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
+    if not saved:
+        return
+    # a field the checkpoint lacks (it predates the field) was the field's default then
+    defaults = TrainConfig().to_dict()
+    was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
+    guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
+    if guarded and not cfg.force:
+        desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
+        raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
+
+
+def check_resume_data(meta: dict, resume_dir: Path, manifest: ShardManifest, shards_dir: Path, force: bool,
+                      log=print) -> None:
+    """The checkpoint's tokens: its tokenizer must be the shards'; its shards (their fingerprint, recorded
+    since 2026-12-06) must be these unless --force, which continues on them with a notice."""
+    if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
+        raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
+    saved, now = meta.get("shards_sha256"), manifest.fingerprint()
+    if saved in (None, now):
+        return
+    if not force:
+        raise UserError(f"cannot resume: {resume_dir} was trained on other shards than those in {shards_dir} "
+                        f"(fingerprint {saved[:12]} vs {now[:12]} now); point --shards / --base-dir at the run's "
+                        "shards, or pass --force to continue on these")
+    log(f"--force: continuing {resume_dir} on other shards ({shards_dir}, fingerprint {now[:12]} instead of "
+        f"{saved[:12]}): the run no longer trains on the data it started with")
+
+
+def check_horizon_ahead(step: int, num_iterations: int, cfg: TrainConfig, resume_dir: Path) -> None:
+    """A resume must have steps left: a horizon at or behind the checkpoint's step would train backwards
+    (negative LR multipliers) or pretend to finish, and a --stop_after behind it would never stop."""
+    if num_iterations <= step:
+        flag = next(f for f in ("num_iterations", "target_flops", "target_param_data_ratio") if getattr(cfg, f) > 0)
+        raise UserError(f"{resume_dir} is at step {step}, and --{flag} {getattr(cfg, flag)} gives a horizon of "
+                        f"{num_iterations} steps: nothing is left to train; pass a horizon beyond step {step}")
+    if 0 < cfg.stop_after <= step:
+        raise UserError(f"--stop_after {cfg.stop_after} is not after the checkpoint's step {step} ({resume_dir}), "
+                        f"so the run would never stop there; pass a step between {step + 1} and {num_iterations}")
+
+
+def check_resume(meta: dict, cfg: TrainConfig, resume_dir: Path, manifest: ShardManifest, shards_dir: Path,
+                 num_iterations: int, log=print) -> bool:
+    """Everything a resume must agree with, refused in one line before any state is loaded: the settings,
+    the tokens, and a horizon ahead of the checkpoint. -> True when the checkpoint is this run's finished
+    end (its step is the horizon it was saved with): nothing to train, nothing wrong."""
+    check_resume_compatible(meta, cfg)
+    check_resume_data(meta, resume_dir, manifest, shards_dir, cfg.force, log)
+    step = int(meta["step"])
+    if step == num_iterations == meta.get("num_iterations"):
+        return True
+    check_horizon_ahead(step, num_iterations, cfg, resume_dir)
+    return False
