@@ -15,8 +15,13 @@ activations and gradients of large micro-batches `convert_to_fp8` attaches a `De
 the scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
 for a reduction over the tensor (see the section below; `--fp8_scaling auto|delayed|dynamic`).
 
-One converter, `convert_to_fp8(model, scaling, rows)`, is the only way in: a model goes in, the FP8 model
-comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
+Which of the three GEMMs read FP8 operands is a per-layer `Fp8Recipe` (`--fp8_recipe`; all three by
+default), which can change once, at the LR warm-down (`--fp8_warmdown`), and be bf16 for the blocks at the
+ends of the stack (`--fp8_bf16_ends`): the knobs of the search for where FP8 loses quality (docs/PERF.md).
+The `torchao_*` recipes hand the block Linears to torchao's float8 training instead, for a side-by-side.
+
+One converter, `convert_to_fp8(model, scaling, rows, recipe, bf16_ends)`, is the only way in: a model goes in,
+the FP8 model comes out (its kernel set's `linear` replaced, the recipe and scaling state attached). Evaluation turns FP8 off by
 running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
 `F.linear`, so val bpb and samples are nanochat's math.
 
