@@ -144,6 +144,21 @@ def test_fp8_path_tracks_torch_path(state, torch_path):
         assert torch.equal(model(x[:1, :64]), build("fused", state=state)(x[:1, :64]))
 
 
+@needs_fp8
+@pytest.mark.parametrize("recipe", ["bf16_wgrad", "full_accum", "forward_only", "backward_only",
+                                    "torchao_tensorwise", "torchao_rowwise"])
+def test_fp8_recipes_compile_and_track_torch_path(state, torch_path, recipe):
+    """Every --fp8_recipe under the per-block compile: the same bounds as the default recipe (each runs a subset
+    of its FP8 GEMMs, or torchao's). The torchao recipes need torchao (the GPU site's packages carry it)."""
+    if recipe.startswith("torchao") and importlib.util.find_spec("torchao") is None:
+        pytest.skip("needs torchao")
+    options = ModelOptions(kernels="fused", fp8=True, fp8_rows=B * SEQ, fp8_recipe=recipe)
+    model = build_model(GPTConfig.from_depth(DEPTH, SEQ, VOCAB), options, "cuda", seed=0)
+    model.load_state_dict(state)
+    call = C.compile_for_training(model, model, C.compile_mode("fused", "fast"))
+    compare(f"fused+fp8 {recipe} vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
+
+
 @pytest.mark.parametrize("lean_impl", ["torch", "offload"])
 def test_lean_matches_fast(state, torch_path, lean_impl, monkeypatch):
     if lean_impl == "offload" and importlib.util.find_spec("unsloth_zoo") is None:
