@@ -137,7 +137,7 @@ def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | N
 def run_log(base_dir: Path, tag: str, name: str, missing_ok: bool = False) -> list[dict]:
     """The records of a run's metrics.jsonl / eval.jsonl as the loop reads them (a torn last line dropped).
     A log that does not exist yet is empty with `missing_ok`, else an error."""
-    from nanochat_unsloth.train.checkpoint import read_jsonl_records
+    from nanochat_unsloth.checkpoint.logs import read_jsonl_records
 
     path = base_dir / "runs" / tag / name
     return [] if missing_ok and not path.exists() else read_jsonl_records(path)

@@ -26,11 +26,14 @@ import sys
 from pathlib import Path
 
 
-def newest_meta(run_dir: Path) -> dict:
-    steps = sorted(run_dir.glob("step_*"), key=lambda p: p.name)
+def newest_meta(run_dir: Path):
+    from nanochat_unsloth.checkpoint.meta import load_meta
+    from nanochat_unsloth.checkpoint.store import list_checkpoints
+
+    steps = list_checkpoints(run_dir)
     if not steps:
         raise SystemExit(f"{run_dir}: no checkpoint (step_*), so no record of the run's settings")
-    return json.loads((steps[-1] / "meta.json").read_text())
+    return load_meta(steps[-1][1], checksums=False)  # the settings only: sizes checked, not sha256
 
 
 def events_before(step: int, cfg: dict, num_iterations: int) -> set[str]:
@@ -46,14 +49,14 @@ def events_before(step: int, cfg: dict, num_iterations: int) -> set[str]:
 
 
 def measure(run_dir: Path, warmup: int) -> dict:
-    from nanochat_unsloth.train.checkpoint import read_jsonl_records
+    from nanochat_unsloth.checkpoint.logs import read_jsonl_records
 
     metrics = read_jsonl_records(run_dir / "metrics.jsonl")
     if len(metrics) < 3 or "time" not in metrics[-1]:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'}: needs a few steps recorded with their `time` (runs since "
                          "2026-11-28)")
     meta = newest_meta(run_dir)
-    cfg, num_iterations = meta["train_config"], meta["num_iterations"]
+    cfg, num_iterations = meta.train_config, meta.num_iterations
     gaps: dict[str, list[float]] = {}
     for prev, cur in zip(metrics, metrics[1:]):
         if cur["step"] != prev["step"] + 1:  # a resume in between

@@ -73,7 +73,8 @@ def branch(args, tag: str) -> list[str]:
         return []
     import shutil
 
-    from nanochat_unsloth.train.checkpoint import list_checkpoints, read_jsonl_records, step_dir_name
+    from nanochat_unsloth.checkpoint.logs import read_jsonl_records
+    from nanochat_unsloth.checkpoint.store import list_checkpoints, step_dir_name
 
     source, step = args.branch_from.rsplit(":", 1)
     src, dst = args.base_dir / "runs" / source, args.base_dir / "runs" / tag

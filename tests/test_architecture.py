@@ -18,10 +18,11 @@ PACKAGE = "nanochat_unsloth"
 LAYERS = (
     ("common",),                          # base dir, errors, atomic writes, notices, running a sub-command
     ("tokenizer", "shards", "model"),     # the tokenizer; token shards + loader; the GPT and its kernels
-    ("prep", "eval.metrics", "eval.core"),  # corpus -> shards; bits per byte and greedy samples; CORE
-    ("train",),                           # the run: loop, step, optimizers, schedules, checkpoints, config
+    ("prep", "eval.metrics", "eval.core", "checkpoint"),  # corpus -> shards; bits per byte and greedy samples;
+                                          # CORE; run checkpoints: meta, save/verify/branch, resume checks, reading
+                                          # ours or nanochat's
+    ("train", "eval.cli"),                # the run: loop, step, optimizers, schedules, config; `nanochat-unsloth eval`
     ("convert",),                         # run checkpoints <-> nanochat's layout
-    ("eval.cli",),                        # `nanochat-unsloth eval` (reads both layouts)
     ("cli",),                             # `nanochat-unsloth <command>`
     ("demo",),                            # the whole pipeline
 )
@@ -117,9 +118,17 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_lazy_and_package_relative_imports():
     """The checks above are only as good as the import reader: it must see function-level imports."""
-    assert "nanochat_unsloth.convert.nanochat_layout" in GRAPH["nanochat_unsloth.eval.cli"]  # inside a function
+    assert "nanochat_unsloth.checkpoint.layouts" in GRAPH["nanochat_unsloth.eval.cli"]  # inside a function
     assert "nanochat_unsloth.model.fp8" in GRAPH["nanochat_unsloth.model.build"]  # `from pkg import module`
     assert unit_of("nanochat_unsloth.eval.cli") == "eval.cli" and unit_of("nanochat_unsloth.eval") is None
+
+
+def test_checkpoints_are_read_and_written_below_their_users():
+    """eval and convert read checkpoints from the checkpoint package, which sits below train: eval.cli
+    shares train's floor (neither may import the other), and neither reaches into train/checkpoint.py."""
+    assert FLOOR["checkpoint"] < FLOOR["train"] == FLOOR["eval.cli"] < FLOOR["convert"]
+    for module in ("nanochat_unsloth.eval.cli", "nanochat_unsloth.convert.cli", "nanochat_unsloth.convert.nanochat_layout"):
+        assert not {t for t in GRAPH[module] if t.startswith("nanochat_unsloth.train.checkpoint")}, module
 
 
 def test_the_model_is_assembled_only_in_build_model():

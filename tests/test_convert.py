@@ -23,7 +23,8 @@ from nanochat_unsloth.cli import main as cli_main
 from nanochat_unsloth.common import UserError, sha256_file
 from nanochat_unsloth.convert import nanochat_layout as layout
 from nanochat_unsloth.convert.cli import export_to_nanochat, import_from_nanochat
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import layouts, store as ckpt
+from nanochat_unsloth.checkpoint.meta import RunMeta
 
 NANOCHAT_SRC = os.environ.get("NANOCHAT_SRC")
 needs_nanochat = pytest.mark.skipif(not NANOCHAT_SRC, reason="set NANOCHAT_SRC to a nanochat checkout to run")
@@ -98,9 +99,9 @@ def make_run(base: Path, tag: str, steps: list[int], wte_bf16: bool, seed: int =
                 opt.step()
             model.zero_grad(set_to_none=True)
             done += 1
-        meta = {"model_config": dataclasses.asdict(config), "train_config": tiny_train_config(tag, steps[-1] + 1),
-                "tokenizer_sha256": sha, "val_bpb": 1.5 + step, "world_size": 1, "grad_accum": grad_accum,
-                "num_iterations": steps[-1] + 1}
+        meta = RunMeta(model_config=dataclasses.asdict(config), train_config=tiny_train_config(tag, steps[-1] + 1),
+                       tokenizer_sha256=sha, val_bpb=1.5 + step, world_size=1, grad_accum=grad_accum,
+                       num_iterations=steps[-1] + 1)
         ckpt.save_checkpoint(accelerator, run_dir, step, meta, keep_last=0)
     return run_dir
 
@@ -198,7 +199,7 @@ def test_export_writes_nanochat_layout(base, tmp_path):
 
     state = torch.load(out_dir / "model_000003.pt", map_location="cpu", weights_only=True)
     run_meta = ckpt.load_meta(base / "runs" / "d2" / "step_000003")
-    assert list(state) == list(layout.expected_shapes(run_meta["model_config"])), "nanochat's module order"
+    assert list(state) == list(layouts.expected_shapes(run_meta.model_config)), "nanochat's module order"
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state)
     for name, tensor in state.items():
         want = torch.bfloat16 if name == "transformer.wte.weight" else torch.float32
@@ -209,9 +210,9 @@ def test_export_writes_nanochat_layout(base, tmp_path):
 
     meta = json.loads((out_dir / "meta_000003.json").read_text())
     assert list(meta) == ["step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len"]
-    assert meta["step"] == 3 and meta["val_bpb"] == run_meta["val_bpb"]
-    assert meta["model_config"] == run_meta["model_config"]
-    assert sorted(meta["model_config"]) == sorted(layout.MODEL_CONFIG_KEYS)
+    assert meta["step"] == 3 and meta["val_bpb"] == run_meta.val_bpb
+    assert meta["model_config"] == run_meta.model_config
+    assert sorted(meta["model_config"]) == sorted(layouts.MODEL_CONFIG_KEYS)
     assert list(meta["user_config"]) == NANOCHAT_USER_CONFIG_KEYS
     assert meta["user_config"]["depth"] == DEPTH and meta["user_config"]["total_batch_size"] == TOTAL
     assert meta["user_config"]["core_metric_every"] == -1  # the run's own setting (off by default here)
@@ -262,14 +263,14 @@ def test_round_trip_ours_nanochat_ours_is_identical(base, tmp_path):
         assert back[name].dtype == original[name].dtype and torch.equal(back[name], original[name]), name
 
     meta = ckpt.load_meta(step_dir)
-    assert meta["fresh_optimizer"] is True and meta["step"] == 3 and meta["world_size"] == 1
-    assert meta["tokenizer_sha256"] == sha256_file(base / "tokenizer" / "tokenizer.pkl")
-    assert meta["model_config"] == ckpt.load_meta(base / "runs" / "d2" / "step_000003")["model_config"]
+    assert meta.fresh_optimizer is True and meta.step == 3 and meta.world_size == 1
+    assert meta.tokenizer_sha256 == sha256_file(base / "tokenizer" / "tokenizer.pkl")
+    assert meta.model_config == ckpt.load_meta(base / "runs" / "d2" / "step_000003").model_config
     for key in ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "matrix_lr", "num_iterations"):
-        assert meta["train_config"][key] == tiny_train_config("d2", 4)[key], key
-    assert meta["train_config"]["model_tag"] == "back"
+        assert meta.train_config[key] == tiny_train_config("d2", 4)[key], key
+    assert meta.train_config["model_tag"] == "back"
     # the tokenizer came with it, and the loader stands where our loop's would after 3 steps of 2 micro-steps
-    assert sha256_file(out_base / "tokenizer" / "tokenizer.pkl") == meta["tokenizer_sha256"]
+    assert sha256_file(out_base / "tokenizer" / "tokenizer.pkl") == meta.tokenizer_sha256
     loader_state = torch.load(step_dir / "custom_checkpoint_0.pkl", weights_only=False)
     assert loader_state["cursor"] == 3 * 2 and loader_state["grad_accum"] == 2
     # a complete Accelerate checkpoint: everything our loop's load_state reads
@@ -411,7 +412,7 @@ def test_force_replaces_the_checkpoint_as_one_set_wherever_it_is_killed(work, tm
     leftover = tag_dir / ".model_000003.pt.abc123.staging.tmp"
     leftover.mkdir()
     (leftover / "model_000003.pt").write_bytes(b"half")
-    assert layout.list_nanochat_checkpoints(tag_dir) == [3]
+    assert layouts.list_nanochat_checkpoints(tag_dir) == [3]
     write("old")
     assert not leftover.exists() and nanochat_view(tag_dir, sets) == "old"
 
@@ -580,14 +581,14 @@ def test_nanochat_build_model_loads_converted_checkpoint(base, tmp_path, monkeyp
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(target))
     cm = import_nanochat("nanochat.checkpoint_manager")
     tok = import_nanochat("nanochat.tokenizer").get_tokenizer()
-    assert tok.get_vocab_size() == ckpt.load_meta(base / "runs" / "cpu" / "step_000003")["model_config"]["vocab_size"]
+    assert tok.get_vocab_size() == ckpt.load_meta(base / "runs" / "cpu" / "step_000003").model_config["vocab_size"]
     text = "The capital of France is Paris."
     from nanochat_unsloth.tokenizer import load_tokenizer
     assert tok.encode(text) == load_tokenizer(base / "tokenizer").encode_ordinary(text)
 
     theirs, tokenizer, meta = cm.build_model(str(target / "base_checkpoints" / "d2"), 3, torch.device("cpu"), "eval")
     assert meta["step"] == 3 and tokenizer.get_vocab_size() == theirs.config.vocab_size
-    ours = build_model(layout.load_nanochat_checkpoint(target / "base_checkpoints" / "d2"), torch.device("cpu"))
+    ours = build_model(layouts.load_nanochat_checkpoint(target / "base_checkpoints" / "d2"), torch.device("cpu"))
     # nanochat's loader gets the CPU run's weights exactly, fp32 wte included
     trained = ckpt.load_model_state_dict(base / "runs" / "cpu" / "step_000003")
     for name, tensor in theirs.state_dict().items():
@@ -608,7 +609,7 @@ def test_checkpoint_written_by_nanochat_imports(base, tmp_path, monkeypatch):
     nano = tmp_path / "nano"
     shutil.copytree(base / "tokenizer", nano / "tokenizer")
     shutil.copytree(base / "shards", nano / "shards")
-    model_config = ckpt.load_meta(base / "runs" / "d2" / "step_000003")["model_config"]
+    model_config = ckpt.load_meta(base / "runs" / "d2" / "step_000003").model_config
     torch.manual_seed(5)
     model = gpt.GPT(gpt.GPTConfig(**model_config))
     model.init_weights()
@@ -623,7 +624,7 @@ def test_checkpoint_written_by_nanochat_imports(base, tmp_path, monkeypatch):
     for name, tensor in model.state_dict().items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     meta = ckpt.load_meta(step_dir)
-    assert meta["step"] == 7 and meta["val_bpb"] == 2.5 and meta["train_config"]["num_iterations"] == 10
+    assert meta.step == 7 and meta.val_bpb == 2.5 and meta.train_config["num_iterations"] == 10
     # and back out: nanochat's file and ours agree tensor for tensor
     export_to_nanochat(step_dir, base_dir=tmp_path / "again", log=quiet)
     again = torch.load(tmp_path / "again" / "base_checkpoints" / "d2" / "model_000007.pt", weights_only=True)

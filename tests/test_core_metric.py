@@ -164,7 +164,7 @@ def test_nanochats_cpu_example_command_runs_with_core(cpu_run):
 
 def test_core_in_the_loop_is_core_of_the_saved_checkpoint(cpu_run):
     """What the loop logs is CORE of the weights it saves, over --core_metric_max_per_task examples."""
-    from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
+    from nanochat_unsloth.checkpoint.layouts import load_any_checkpoint
     from nanochat_unsloth.eval.cli import build_model as build_from_checkpoint
     from nanochat_unsloth.tokenizer import load_checked_tokenizer
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.train import deepspeed_zero, optim
 
 from cpu_launch import REPO, is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes

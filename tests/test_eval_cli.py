@@ -43,7 +43,7 @@ def run_result(base) -> dict:
 
 def reference_bpb(base: Path, split: str, steps: int) -> float:
     """bpb written out from scratch: per-token cross-entropy of the logits over the bytes of the targets."""
-    from nanochat_unsloth.convert.nanochat_layout import load_run_checkpoint
+    from nanochat_unsloth.checkpoint.layouts import load_run_checkpoint
     from nanochat_unsloth.eval.cli import build_model
 
     model = build_model(load_run_checkpoint(base / "runs" / "d2"), torch.device("cpu"))

@@ -116,7 +116,7 @@ def test_warmdown_starts_where_the_lr_starts_to_decay():
 
 
 def test_recipe_flags_parse_validate_and_are_guarded_on_resume():
-    from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS
+    from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS
 
     cfg = parse_train_args(["--fp8", "--fp8-recipe", "bf16_wgrad", "--fp8-warmdown", "bf16", "--fp8-bf16-ends", "1"])
     assert (cfg.fp8_recipe, cfg.fp8_warmdown, cfg.fp8_bf16_ends) == ("bf16_wgrad", "bf16", 1)
@@ -135,7 +135,7 @@ def test_recipe_flags_parse_validate_and_are_guarded_on_resume():
 
 def test_fp8_warmdown_switch_resumes_bit_exactly_across_it(tmp_path, monkeypatch, capsys):
     from nanochat_unsloth.cli import normalize_flags
-    from nanochat_unsloth.train import checkpoint as ckpt
+    from nanochat_unsloth.checkpoint import store as ckpt
     from nanochat_unsloth.train.loop import train
     from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 

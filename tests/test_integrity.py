@@ -20,7 +20,7 @@ from nanochat_unsloth.cli import normalize_flags, run_main
 from nanochat_unsloth.common import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USER_ERROR, UserError
 from nanochat_unsloth.shards.format import HEADER_BYTES, write_shard
 from nanochat_unsloth.shards.manifest import ShardManifest
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
 
@@ -277,10 +277,11 @@ def test_a_worker_blocked_past_sigterm_exits_after_the_grace_period(tmp_path):
 
 def test_resume_checks_batch_settings_not_the_world_size():
     from nanochat_unsloth.train.config import TrainConfig
-    from nanochat_unsloth.train.resume import check_resume_compatible
+    from nanochat_unsloth.checkpoint.meta import RunMeta
+    from nanochat_unsloth.checkpoint.resume import check_resume_compatible
 
     cfg = TrainConfig(device_batch_size=2)
-    meta = {"train_config": cfg.to_dict(), "world_size": 8, "grad_accum": 1}
+    meta = RunMeta(train_config=cfg.to_dict(), world_size=8, grad_accum=1)
     check_resume_compatible(meta, cfg)  # 8 GPUs -> this run's count: the loader keeps each step's tokens
     with pytest.raises(UserError, match="device_batch_size=2 \\(now 1\\).*--force"):
         check_resume_compatible(meta, TrainConfig(device_batch_size=1))
@@ -451,7 +452,7 @@ def test_fp8_scaling_state_and_loss_ema_resume_exactly(base, monkeypatch):
     # cut after step 3: delayed scaling is on from there (the zero-initialised lm_head and c_proj leave some
     # gradient amaxes at zero for the first steps), so the resumed step 3 must scale from the saved history
     run_train(base, *flags, "--model-tag", "fp8_cut", "--stop-after", "3")
-    state = ckpt.load_meta(base / "runs" / "fp8_cut" / "step_000003")["fp8_scaling"][0]
+    state = ckpt.load_meta(base / "runs" / "fp8_cut" / "step_000003").fp8_scaling[0]
     assert state[2::3] == [1.0] * (len(state) // 3), "every layer's delayed scaling is active at the cut"
     run_train(base, *flags, "--model-tag", "fp8_cut", "--resume", "auto")
 
@@ -471,15 +472,16 @@ def test_fp8_scaling_state_and_loss_ema_resume_exactly(base, monkeypatch):
 def test_resume_guards_the_numerics_fields_and_reads_old_checkpoints():
     """fp8_scaling, loss_chunk_mb, compile and lean_checkpoint are guarded like the step math. A checkpoint
     written before they existed (no such keys, kernels "unsloth") counts as having their defaults."""
-    from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, TrainConfig
-    from nanochat_unsloth.train.resume import check_resume_compatible
+    from nanochat_unsloth.checkpoint.meta import RunMeta
+    from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS, check_resume_compatible
+    from nanochat_unsloth.train.config import TrainConfig
 
     assert {"fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint"} <= set(RESUME_GUARDED_FIELDS)
     old = TrainConfig().to_dict()
     for name in ("fp8_scaling", "loss_chunk_mb", "compile", "lean_checkpoint"):
         del old[name]
     old["kernels"] = "unsloth"
-    meta = {"train_config": old}
+    meta = RunMeta(train_config=old)
     check_resume_compatible(meta, TrainConfig(kernels="fused"))  # the defaults: resumes
     for change in ({"fp8_scaling": "dynamic"}, {"loss_chunk_mb": 512.0}, {"compile": "none"},
                    {"lean_checkpoint": "torch"}):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 
 from cpu_launch import REPO, is_alive, signal_after_line
 from train_fixtures import make_train_base_dir

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 
 from cpu_launch import free_port
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.common import EXIT_STOPPED
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 
 from cpu_launch import is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir

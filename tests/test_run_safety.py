@@ -20,7 +20,8 @@ from nanochat_unsloth.cli import normalize_flags, run_main
 from nanochat_unsloth.common import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USER_ERROR, UserError,
                                      sha256_file)
 from nanochat_unsloth.shards.manifest import ShardManifest
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
+from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
 
@@ -105,11 +106,11 @@ def test_non_finite_weights_are_never_saved_nor_prune(tmp_path):
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(4, 4))
     run_dir = tmp_path / "run"
-    ckpt.save_checkpoint(accelerator, run_dir, 1, {"model_config": {}}, keep_last=1)
+    ckpt.save_checkpoint(accelerator, run_dir, 1, RunMeta(), keep_last=1)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(ckpt.NonFiniteWeights, match=r"step 2: the weights hold NaN or inf \(weight\); not saved"):
-        ckpt.save_checkpoint(accelerator, run_dir, 2, {"model_config": {}}, keep_last=1)
+        ckpt.save_checkpoint(accelerator, run_dir, 2, RunMeta(), keep_last=1)
     assert steps_of(run_dir) == [1], "nothing written, nothing pruned"
     assert not (run_dir / ".step_000002.tmp").exists()
 
@@ -212,9 +213,9 @@ def test_a_resume_onto_other_shards_is_refused_unless_forced(base, tmp_path, cap
     assert f"--force: continuing {base / 'runs' / 'shards' / 'step_000002'} on other shards" in capsys.readouterr().out
     # each checkpoint records the shards it trained on
     meta = ckpt.load_meta(base / "runs" / "shards" / "step_000002")
-    assert meta["shards_sha256"] == ShardManifest.load(base / "shards").fingerprint()
+    assert meta.shards_sha256 == ShardManifest.load(base / "shards").fingerprint()
     meta = ckpt.load_meta(base / "runs" / "shards" / "step_000003")
-    assert meta["shards_sha256"] == ShardManifest.load(other).fingerprint()
+    assert meta.shards_sha256 == ShardManifest.load(other).fingerprint()
 
 
 # ---- 5. a failed write is one line, exit 2, and leaves no partial directory -------------------------

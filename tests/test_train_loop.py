@@ -10,7 +10,7 @@ import torch
 
 from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.train import checkpoint as ckpt
+from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
 from nanochat_unsloth.train.step import NonFiniteLoss

@@ -94,11 +94,11 @@ def main(argv: list[str]) -> int:
     from nanochat_unsloth.eval.metrics import greedy_completions
     from nanochat_unsloth.model.build import build_model
     from nanochat_unsloth.model.gpt import GPTConfig
-    from nanochat_unsloth.train.checkpoint import list_checkpoints, load_model_state_dict, load_meta
+    from nanochat_unsloth.checkpoint.store import list_checkpoints, load_meta, load_model_state_dict
 
     step, step_dir = list_checkpoints(run_dir)[-1]
     meta = load_meta(step_dir)
-    model = build_model(GPTConfig(**meta["model_config"]))
+    model = build_model(GPTConfig(**meta.model_config))
     model.load_state_dict(load_model_state_dict(step_dir))
     model.eval()
     sample = greedy_completions(model, enc, prompts=("The capital of France is",))[0]

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from nanochat_unsloth.checkpoint import layouts, store
+from nanochat_unsloth.checkpoint.meta import RunMeta
+from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS
 from nanochat_unsloth.common import FlagParser, UserError, absolute_path, atomic_file_set, sha256_file
 from nanochat_unsloth.convert import nanochat_layout as layout
 from nanochat_unsloth.tokenizer import (TOKEN_BYTES_PT, TOKENIZER_PKL, load_tokenizer, token_bytes_mismatch,
                                         write_tokenizer_files)
-from nanochat_unsloth.train import checkpoint as ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -75,10 +77,10 @@ def write_nanochat_checkpoint(out_dir: Path, step: int, state: dict, meta_bytes:
     and optim of that step, so model_N.pt is the key, removed first and landing last. A kill leaves the old
     checkpoint of step N or none, never new weights beside an old meta or the reverse. An optim_N.pt of the
     old weights goes with them when the new set has none."""
-    files = {"meta": layout.meta_file(step), "model": layout.model_file(step)}
+    files = {"meta": layouts.meta_file(step), "model": layouts.model_file(step)}
     if optim_states is not None:
-        files = {"optim": layout.optim_file(step), **files}
-    stale = [] if optim_states is not None else [layout.optim_file(step)]
+        files = {"optim": layouts.optim_file(step), **files}
+    stale = [] if optim_states is not None else [layouts.optim_file(step)]
     if stale and (out_dir / stale[0]).exists():
         log(f"removing stale {out_dir / stale[0]} (it belonged to the weights being replaced)")
     with atomic_file_set(out_dir, list(files.values()), stale=stale) as staged:
@@ -100,8 +102,8 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
                        base_dir: str | Path | None = None, with_optim: bool = False, force: bool = False,
                        log=print) -> dict:
     """Write one of our run checkpoints into `<base>/base_checkpoints/<tag>/`; returns the paths written."""
-    step_dir = layout.resolve_run_step_dir(source, step)
-    loaded = layout.load_run_checkpoint(step_dir)
+    step_dir = layouts.resolve_run_step_dir(source, step)
+    loaded = layouts.load_run_checkpoint(step_dir)
     run_dir = step_dir.parent  # as named: the tag is the run dir's name, even when a link leads elsewhere
     src_base = loaded.base_dir
     dst_base = absolute_path(base_dir) if base_dir else src_base
@@ -112,24 +114,24 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     from nanochat_unsloth.tokenizer import load_checked_tokenizer
 
     src_tok = src_base / "tokenizer"
-    copy_pair = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.get("tokenizer_sha256"), force)
+    copy_pair = plan_tokenizer_copy(src_tok, dst_base / "tokenizer", meta.tokenizer_sha256, force)
     load_checked_tokenizer(src_tok, "the checkpoint", vocab_size=loaded.model_config["vocab_size"],
                            fix="restore the tokenizer it was trained with")
     state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir),
                                           layout.nanochat_embedding_dtype(meta, loaded.state_dict))
-    nano_meta = layout.nanochat_meta({**meta, "step": loaded.step}, tag)
+    nano_meta = layout.nanochat_meta(meta, tag)
     optim_states = layout.nanochat_optim_from_run(step_dir) if with_optim else None
 
-    out_dir = dst_base / layout.NANOCHAT_CHECKPOINTS / tag
+    out_dir = dst_base / layouts.NANOCHAT_CHECKPOINTS / tag
     s = loaded.step
     # a step exists when its model file does (nanochat's rule); a meta or optim without one is what a
     # killed write leaves, and the new set replaces it
-    if (out_dir / layout.model_file(s)).exists() and not force:
-        raise UserError(f"{out_dir / layout.model_file(s)} already exists; pass --force to overwrite it, or "
+    if (out_dir / layouts.model_file(s)).exists() and not force:
+        raise UserError(f"{out_dir / layouts.model_file(s)} already exists; pass --force to overwrite it, or "
                         "--model-tag to write another tag")
 
     # ---- write: the tokenizer pair, then the checkpoint's set
-    final = meta.get("num_iterations")
+    final = meta.num_iterations
     log(f"converting {step_dir} (step {s}{f' of {final}' if final else ''}) -> {out_dir}")
     if final and s < final:
         log(f"warning: step {s} is not the run's final step ({final}): the run stopped early, or --step picked an "
@@ -161,7 +163,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train import optim
 
-    loaded = layout.load_nanochat_checkpoint(source, step)
+    loaded = layouts.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config
     run_dir = absolute_path(out)
     out_base = run_dir.parent.parent
@@ -176,14 +178,14 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     n_vocab = encoding.n_vocab
     train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name)
     derived = GPTConfig.from_depth(train_config["depth"], train_config["max_seq_len"], n_vocab)
-    if layout.model_config_kwargs(vars(derived)) != model_config:
-        raise UserError(f"{loaded.path.parent / layout.meta_file(s)}: model_config {model_config} is not what depth "
+    if layouts.model_config_kwargs(vars(derived)) != model_config:
+        raise UserError(f"{loaded.path.parent / layouts.meta_file(s)}: model_config {model_config} is not what depth "
                         f"{train_config['depth']} gives ({vars(derived)}); our trainer builds models from --depth, "
                         "so it could not resume this one")
-    step_dir = run_dir / ckpt.step_dir_name(s)
+    step_dir = run_dir / store.step_dir_name(s)
     if step_dir.exists() and not force:
         raise UserError(f"{step_dir} already exists; pass --force to overwrite it, or another --out")
-    newer = [n for n, _ in ckpt.list_checkpoints(run_dir) if n > s]
+    newer = [n for n, _ in store.list_checkpoints(run_dir) if n > s]
     if newer and not force:
         raise UserError(f"{run_dir} already holds later checkpoints (steps {', '.join(map(str, newer))}) that "
                         "--resume auto would pick instead; import into a fresh --out, or --force")
@@ -216,20 +218,12 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
             model.num_params(), model.estimate_flops(), train_config["total_batch_size"])
     except UserError:
         num_iterations = None
-    meta = {
-        "model_config": model_config,
-        "train_config": train_config,
-        "tokenizer_sha256": tokenizer_sha,
-        "val_bpb": loaded.meta.get("val_bpb"),
-        "world_size": world_size,
-        "grad_accum": grad_accum,
-        "num_iterations": num_iterations,
-        "fresh_optimizer": True,
-        "imported_from": str(loaded.path),
-    }
-    lock = ckpt.lock_run(run_dir)  # not while a training run of this tag is writing
+    meta = RunMeta(model_config=model_config, train_config=train_config, tokenizer_sha256=tokenizer_sha,
+                   val_bpb=loaded.meta.get("val_bpb"), world_size=world_size, grad_accum=grad_accum,
+                   num_iterations=num_iterations, fresh_optimizer=True, imported_from=str(loaded.path))
+    lock = store.lock_run(run_dir)  # not while a training run of this tag is writing
     try:
-        final = ckpt.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
+        final = store.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
     finally:
         lock.release()
     log(f"wrote {final}: nanochat's weights at step {s}, with a FRESH optimizer state (Muon momentum and AdamW "
@@ -241,7 +235,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
 
 def resume_flags(train_config: dict) -> str:
     """The flags a resume must repeat: the model shape, and every guarded setting that is not our default."""
-    from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+    from nanochat_unsloth.train.config import TrainConfig
 
     default = TrainConfig().to_dict()
     names = list(RESUME_MODEL_FIELDS) + [f for f in RESUME_GUARDED_FIELDS if train_config.get(f) != default.get(f)]

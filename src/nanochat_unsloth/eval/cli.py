@@ -53,7 +53,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split_tokens: int = DEFAULT_SPLI
                         shards: str | Path | None = None, device: str = "auto", step: int | None = None,
                         kernels: str = "torch", log=print) -> dict:
     """Train/val bits per byte and the seven greedy samples of a checkpoint (ours or nanochat's)."""
-    from nanochat_unsloth.convert.nanochat_layout import load_any_checkpoint
+    from nanochat_unsloth.checkpoint.layouts import load_any_checkpoint
     from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
     from nanochat_unsloth.shards.loader import TokenShardLoader
     from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS, evaluate_bpb, greedy_completions

@@ -23,17 +23,7 @@ from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
 from nanochat_unsloth.train.config_file import load_config_file
 from nanochat_unsloth.train.optim import OPTIMIZER_CHOICES, check_lrs_fit_float32
 
-# Fields whose change on --resume would make the run no longer the same run (refused unless --force).
-# The model shape is never overridable: the weights would not load. A checkpoint without a field (written
-# before the field existed) counts as having the field's default.
-RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
 DEVICE_TYPE_CHOICES = ("", "cuda", "cpu", "mps")  # nanochat's --device_type; "" = autodetect
-RESUME_GUARDED_FIELDS = (
-    "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
-    "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
-    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
-    "fp8_scaling", "fp8_recipe", "fp8_warmdown", "fp8_bf16_ends", "loss_chunk_mb", "compile", "lean_checkpoint",
-)
 
 
 @dataclass

@@ -40,26 +40,22 @@ config against our single-process step.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.phase_timer import DISABLED, PhaseTimer
 from nanochat_unsloth.train.step import NonFiniteLoss, StepResult
 
 SUPPORTED_STAGES = (2, 3)
-# Accelerate's save_state names the DeepSpeed checkpoint's tag (its sub-directory) after the model file
-CHECKPOINT_TAG = "pytorch_model"
 CONFIG_DIR_HINT = "configs/deepspeed/"  # where our DeepSpeed JSON configs live (the accelerate yamls point there)
 
 
@@ -407,10 +403,10 @@ def _cpu_only_settings() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def check_resume(meta: dict, run: ZeroRun | None) -> None:
+def check_resume(meta: RunMeta, run: ZeroRun | None) -> None:
     """A DeepSpeed checkpoint resumes under the same ZeRO stage and process count only, and a run's checkpoint
     of another kind (DDP, FSDP2, one process) does not resume under DeepSpeed: their layouts differ."""
-    saved = meta.get("deepspeed")
+    saved = meta.deepspeed
     if saved is None and run is None:
         return
     if saved is None:
@@ -423,24 +419,3 @@ def check_resume(meta: dict, run: ZeroRun | None) -> None:
     if (saved["stage"], saved["world_size"]) != (now["stage"], now["world_size"]):
         raise UserError(f"cannot resume: the checkpoint is ZeRO-{saved['stage']} on {saved['world_size']} processes, "
                         f"this run ZeRO-{now['stage']} on {now['world_size']}; use the checkpoint's settings")
-
-
-# -----------------------------------------------------------------------------
-# Reading a DeepSpeed checkpoint's weights (convert, eval, tests)
-
-
-def is_deepspeed_checkpoint(step_dir: Path) -> bool:
-    return (Path(step_dir) / CHECKPOINT_TAG).is_dir()
-
-
-def load_whole_model_state(step_dir: Path) -> dict[str, Tensor]:
-    """The fp32 weights of a ZeRO-2/3 checkpoint, whole, with nanochat's names: DeepSpeed's own zero-to-fp32
-    path, which reads every rank's shards on one CPU process (no GPU, no process group)."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise UserError(f"{step_dir}: a DeepSpeed checkpoint; reading it needs DeepSpeed ({e}): "
-                        "pip install 'nanochat-unsloth[deepspeed]'") from None
-    with contextlib.redirect_stdout(io.StringIO()):  # it reports its progress with print
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=CHECKPOINT_TAG)
-    return {k: v.contiguous() for k, v in state.items()}

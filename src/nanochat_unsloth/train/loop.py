@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from nanochat_unsloth.checkpoint import store
+from nanochat_unsloth.checkpoint.meta import RunMeta
+from nanochat_unsloth.checkpoint.resume import check_resume, gather_fp8_scaling, restore_train_state
 from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
 from nanochat_unsloth.model import fp8
@@ -34,7 +37,6 @@ from nanochat_unsloth.train.data_budget import data_budget_line
 from nanochat_unsloth.train.device import resolve_device_type
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.phase_timer import profiled_step
-from nanochat_unsloth.train.resume import check_resume
 from nanochat_unsloth.train.setup import prepare_for_training
 from nanochat_unsloth.train.step import optimizer_step
 
@@ -81,7 +83,7 @@ def _say(line: str) -> None:
 
 def diverged_notice(e: Diverged, run_dir: Path) -> str:
     """What a diverged run says before it exits: nothing of it was saved, so the newest checkpoint is good."""
-    last = ckpt.newest_checkpoint(run_dir)
+    last = store.newest_checkpoint(run_dir)
     if last is None:
         return f"{e}. Stopping: no checkpoint was saved before it; lower the LRs and start again"
     return (f"{e}. Stopping: the last good checkpoint, {last}, is kept; lower the LRs and continue it with "
@@ -98,28 +100,6 @@ def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoad
                         f"({cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {per_batch:,}); raise it, "
                         "or pass --eval_tokens 0 to train without val evaluation")
     return min(cfg.eval_tokens // per_batch, val_loader.batches_per_rank)
-
-
-def restore_train_state(meta: dict, raw_model, rank: int, step: int, log=print) -> tuple[float, int]:
-    """The loss EMA and this rank's FP8 scaling history from a checkpoint's meta. -> (EMA value, its start
-    step); a checkpoint without them (older, or imported) starts the EMA afresh at `step`."""
-    histories = meta.get("fp8_scaling")
-    if histories and fp8.delayed_scalings(raw_model):
-        # another number of processes: each rank takes a saved rank's history (same layer shapes, close amaxes)
-        if not fp8.load_scaling_state(raw_model, histories[rank % len(histories)]):
-            log("FP8 scaling history not restored (the checkpoint's FP8 layers differ); it rebuilds in the first step")
-    ema = meta.get("loss_ema")
-    return (float(ema["value"]), int(ema["start_step"])) if ema else (0.0, step)
-
-
-def gather_fp8_scaling(accelerator, raw_model) -> list[list[float]] | None:
-    """Every rank's FP8 delayed-scaling state (ranks see different data, so different amaxes). Collective."""
-    state = fp8.scaling_state(raw_model)
-    if state is None:
-        return None
-    if accelerator.num_processes > 1:
-        state = accelerator.gather(state.unsqueeze(0))  # (world_size, n)
-    return state.reshape(accelerator.num_processes, -1).cpu().tolist()
 
 
 def peak_memory_gib(device_type: str) -> float:
@@ -152,7 +132,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         stop_with_parent()
         exit_when_orphaned()
     base_dir = get_base_dir(cfg.base_dir or None)
-    run_dir = ckpt.run_dir_for(base_dir, cfg.tag)
+    run_dir = store.run_dir_for(base_dir, cfg.tag)
     accelerator = Accelerator(mixed_precision="bf16" if device_type == "cuda" else "no",
                               **deepspeed_zero.accelerator_kwargs(device_type),  # cpu=..., and what DeepSpeed needs
                               **trackers.accelerator_kwargs(tracker_names, run_dir))
@@ -168,7 +148,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
     if master:
-        locks.append(ckpt.lock_run(run_dir))
+        locks.append(store.lock_run(run_dir))
     shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
     tokenizer_dir = base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
@@ -252,15 +232,15 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     eval_path = run_dir / "eval.jsonl"
     start_step = 0
     smooth_loss, ema_start = 0.0, 0  # the loss EMA and the step it started at (debiasing)
-    resume = ckpt.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
+    resume = store.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
     if cfg.resume and resume is None:
-        if ckpt.list_checkpoints(run_dir) and not cfg.force:
+        if store.list_checkpoints(run_dir) and not cfg.force:
             raise UserError(f"--resume {cfg.resume}: no checkpoint in {run_dir} verifies (each is named above); pass "
                             "--force to start over (they are moved to previous_N/, not deleted)")
         print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
     if resume is not None:
         resume_dir, meta = resume
-        start_step = int(meta["step"])
+        start_step = meta.step
         if check_resume(meta, cfg, resume_dir, manifest, shards_dir, num_iterations, print0):
             # the run's own final checkpoint: load nothing, evaluate nothing, write nothing
             print0(f"{resume_dir}: the run is already complete (step {start_step} of {num_iterations}); "
@@ -278,40 +258,40 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         if train_loader.notice:
             print0(train_loader.notice)
         smooth_loss, ema_start = restore_train_state(meta, raw_model, rank, start_step, print0)
-        if meta.get("fresh_optimizer"):
+        if meta.fresh_optimizer:
             print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
         print0(f"resumed from {resume_dir} at step {start_step}")
         if master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside
-            ckpt.start_branch(run_dir, start_step, print0)
-    elif ckpt.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
+            store.start_branch(run_dir, start_step, print0)
+    elif store.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
         if not cfg.force:
             raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
                             "--model_tag to start another run, or --force to start over")
         if master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
-            aside = ckpt.set_aside(run_dir)
+            aside = store.set_aside(run_dir)
             print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
     if master and resume is None:  # records of a run that never saved are another branch's: aside too
-        ckpt.start_branch(run_dir, 0, print0)
+        store.start_branch(run_dir, 0, print0)
     accelerator.wait_for_everyone()
     trackers.start_trackers(accelerator, tracker_names, cfg.run, run_dir, cfg.to_dict())
 
     def meta_for(step, val_bpb):
         """Collective (the FP8 histories of every rank are gathered): every process calls it."""
-        return {
-            "model_config": dataclasses.asdict(model_config),
-            "train_config": cfg.to_dict(),
-            "tokenizer_sha256": manifest.tokenizer.sha256,
-            "shards_sha256": manifest.fingerprint(),
-            "val_bpb": val_bpb,
-            "world_size": world_size,
-            "grad_accum": grad_accum,
-            "device_type": device_type,  # convert writes wte as nanochat would on this device
-            "num_iterations": num_iterations,
-            "cpu_bf16": bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
-            "loss_ema": {"value": smooth_loss, "start_step": ema_start},
-            "fp8_scaling": gather_fp8_scaling(accelerator, raw_model),
-            "deepspeed": zero.describe() if zero else None,
-        }
+        return RunMeta(
+            model_config=dataclasses.asdict(model_config),
+            train_config=cfg.to_dict(),
+            tokenizer_sha256=manifest.tokenizer.sha256,
+            shards_sha256=manifest.fingerprint(),
+            val_bpb=val_bpb,
+            world_size=world_size,
+            grad_accum=grad_accum,
+            device_type=device_type,
+            num_iterations=num_iterations,
+            cpu_bf16=bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
+            loss_ema={"value": smooth_loss, "start_step": ema_start},
+            fp8_scaling=gather_fp8_scaling(accelerator, raw_model),
+            deepspeed=zero.describe() if zero else None,
+        )
 
     def log_jsonl(path: Path, record: dict):
         if master:

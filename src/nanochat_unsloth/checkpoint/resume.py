@@ -1,20 +1,36 @@
 """What a resume must agree with, checked before any state is loaded, each refusal one line: the model
 shape and the settings that make it the same run (or --force), the tokenizer and the shards it trained on
-(or --force), and a horizon ahead of the checkpoint's step."""
+(or --force), and a horizon ahead of the checkpoint's step. And the state a checkpoint carries in its meta
+beside Accelerate's files: the loss EMA and every rank's FP8 scaling history.
+
+`cfg` is the run's TrainConfig (train/config.py, a floor above): read by attribute, its defaults by
+`type(cfg)()`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.common import UserError
+from nanochat_unsloth.model import fp8
 from nanochat_unsloth.shards.manifest import ShardManifest
-from nanochat_unsloth.train.config import RESUME_GUARDED_FIELDS, RESUME_MODEL_FIELDS, TrainConfig
+
+# Fields whose change on --resume would make the run no longer the same run (refused unless --force).
+# The model shape is never overridable: the weights would not load. A checkpoint without a field (written
+# before the field existed) counts as having the field's default.
+RESUME_MODEL_FIELDS = ("depth", "max_seq_len")
+RESUME_GUARDED_FIELDS = (
+    "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
+    "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
+    "fp8_scaling", "fp8_recipe", "fp8_warmdown", "fp8_bf16_ends", "loss_chunk_mb", "compile", "lean_checkpoint",
+)
 
 
-def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
+def check_resume_compatible(meta: RunMeta, cfg) -> None:
     """The model shape must match; batch and optimizer settings too, unless --force. Another number of
     processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
-    saved = meta.get("train_config", {})
+    saved = meta.train_config
     model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
     if model_diff:
         desc = ", ".join(f"--{f}={saved[f]} (now {getattr(cfg, f)})" for f in model_diff)
@@ -22,7 +38,7 @@ def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
     if not saved:
         return
     # a field the checkpoint lacks (it predates the field) was the field's default then
-    defaults = TrainConfig().to_dict()
+    defaults = type(cfg)().to_dict()
     was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
     guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
     if guarded and not cfg.force:
@@ -30,13 +46,13 @@ def check_resume_compatible(meta: dict, cfg: TrainConfig) -> None:
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
 
 
-def check_resume_data(meta: dict, resume_dir: Path, manifest: ShardManifest, shards_dir: Path, force: bool,
+def check_resume_data(meta: RunMeta, resume_dir: Path, manifest: ShardManifest, shards_dir: Path, force: bool,
                       log=print) -> None:
     """The checkpoint's tokens: its tokenizer must be the shards'; its shards (their fingerprint, recorded
     since 2026-12-06) must be these unless --force, which continues on them with a notice."""
-    if meta.get("tokenizer_sha256") not in (None, manifest.tokenizer.sha256):
+    if meta.tokenizer_sha256 not in (None, manifest.tokenizer.sha256):
         raise UserError(f"{resume_dir}: trained with another tokenizer than the shards in {shards_dir}")
-    saved, now = meta.get("shards_sha256"), manifest.fingerprint()
+    saved, now = meta.shards_sha256, manifest.fingerprint()
     if saved in (None, now):
         return
     if not force:
@@ -47,7 +63,7 @@ def check_resume_data(meta: dict, resume_dir: Path, manifest: ShardManifest, sha
         f"{saved[:12]}): the run no longer trains on the data it started with")
 
 
-def check_horizon_ahead(step: int, num_iterations: int, cfg: TrainConfig, resume_dir: Path) -> None:
+def check_horizon_ahead(step: int, num_iterations: int, cfg, resume_dir: Path) -> None:
     """A resume must have steps left: a horizon at or behind the checkpoint's step would train backwards
     (negative LR multipliers) or pretend to finish, and a --stop_after behind it would never stop."""
     if num_iterations <= step:
@@ -59,15 +75,37 @@ def check_horizon_ahead(step: int, num_iterations: int, cfg: TrainConfig, resume
                         f"so the run would never stop there; pass a step between {step + 1} and {num_iterations}")
 
 
-def check_resume(meta: dict, cfg: TrainConfig, resume_dir: Path, manifest: ShardManifest, shards_dir: Path,
+def check_resume(meta: RunMeta, cfg, resume_dir: Path, manifest: ShardManifest, shards_dir: Path,
                  num_iterations: int, log=print) -> bool:
     """Everything a resume must agree with, refused in one line before any state is loaded: the settings,
     the tokens, and a horizon ahead of the checkpoint. -> True when the checkpoint is this run's finished
     end (its step is the horizon it was saved with): nothing to train, nothing wrong."""
     check_resume_compatible(meta, cfg)
     check_resume_data(meta, resume_dir, manifest, shards_dir, cfg.force, log)
-    step = int(meta["step"])
-    if step == num_iterations == meta.get("num_iterations"):
+    step = meta.step
+    if step == num_iterations == meta.num_iterations:
         return True
     check_horizon_ahead(step, num_iterations, cfg, resume_dir)
     return False
+
+
+def restore_train_state(meta: RunMeta, raw_model, rank: int, step: int, log=print) -> tuple[float, int]:
+    """The loss EMA and this rank's FP8 scaling history from a checkpoint's meta. -> (EMA value, its start
+    step); a checkpoint without them (older, or imported) starts the EMA afresh at `step`."""
+    histories = meta.fp8_scaling
+    if histories and fp8.delayed_scalings(raw_model):
+        # another number of processes: each rank takes a saved rank's history (same layer shapes, close amaxes)
+        if not fp8.load_scaling_state(raw_model, histories[rank % len(histories)]):
+            log("FP8 scaling history not restored (the checkpoint's FP8 layers differ); it rebuilds in the first step")
+    ema = meta.loss_ema
+    return (float(ema["value"]), int(ema["start_step"])) if ema else (0.0, step)
+
+
+def gather_fp8_scaling(accelerator, raw_model) -> list[list[float]] | None:
+    """Every rank's FP8 delayed-scaling state (ranks see different data, so different amaxes). Collective."""
+    state = fp8.scaling_state(raw_model)
+    if state is None:
+        return None
+    if accelerator.num_processes > 1:
+        state = accelerator.gather(state.unsqueeze(0))  # (world_size, n)
+    return state.reshape(accelerator.num_processes, -1).cpu().tolist()

@@ -1,0 +1,324 @@
+"""Run checkpoints: `<base>/runs/<tag>/step_000123/`, complete or absent.
+
+A checkpoint is Accelerate's `save_state` output (model, optimizers, RNG, the loader's position)
+plus our `meta.json` (meta.py). It is written under a hidden temporary name and renamed into place only
+once every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
+`meta.json` records every file's size and sha256; loading checks both, so a truncated or bit-flipped
+checkpoint is refused with one line instead of resuming into NaNs (and `--resume auto` falls back to
+the newest checkpoint that verifies). Weights that are not finite are never written, and refused when read.
+
+A run is one branch: resuming from an older step moves the newer checkpoints and the metrics logged
+after that step to `abandoned/<time>/`, so `--resume auto`, pruning and `metrics.jsonl` see one history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from nanochat_unsloth.checkpoint.logs import LOG_NAMES, rewrite_logs, split_logs
+from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
+from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
+                                     hold_lock, is_disk_failure, sha256_file)
+
+STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
+ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
+LOCK_NAME = ".lock"  # one writer per run dir: a training run, or convert's import
+MODEL_FILE = "model.safetensors"
+# Accelerate's save_state names the DeepSpeed checkpoint's tag (its sub-directory) after the model file
+DEEPSPEED_TAG = "pytorch_model"
+# Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def run_dir_for(base_dir: Path, tag: str) -> Path:
+    return Path(base_dir) / "runs" / tag
+
+
+def lock_run(run_dir: Path) -> FileLock:
+    """Hold the run dir's lock (a training run holds it for its life); refuse with the holder's pid."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_failure(e):
+            raise UserError(disk_failure_message(run_dir, e)) from None
+        raise
+    return hold_lock(run_dir / LOCK_NAME, f"run tag {run_dir.name!r}",
+                     "wait for that run to finish (or stop it), or pass another --model_tag")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (named step_XXXXXX with a meta.json), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and child.is_dir() and (child / META_NAME).exists():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+class NonFiniteWeights(Diverged):
+    """The weights to be saved hold NaN or inf: the save is refused, the earlier checkpoints stay."""
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding NaN or inf (one host sync for all of them)."""
+    named = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).cpu()
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], where: str | Path) -> None:
+    """Refuse weights holding NaN or inf with one line (eval, convert, resume): a diverged model."""
+    bad = nonfinite_tensors(named)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"{where}: the weights hold NaN or inf ({shown}): the run had diverged when this was "
+                        "saved; use an earlier checkpoint")
+
+
+def _check_weights_before_save(accelerator, models, step: int) -> None:
+    """Collective: every rank checks its (shard of the) weights; one bad tensor anywhere refuses the save."""
+    # an FSDP2 parameter is a DTensor: each rank checks the shard it holds
+    local = [(name, p.to_local() if hasattr(p, "to_local") else p) for m in models for name, p in m.named_parameters()]
+    bad = nonfinite_tensors(local)
+    count = torch.tensor(float(len(bad)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    if count.item() > 0:
+        names = ", ".join(plain_name(name) for name in bad[:3])
+        raise NonFiniteWeights(f"step {step}: the weights hold NaN or inf ({names or 'on another rank'}); "
+                               "not saved")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """During a save every OSError is one (a full disk, a file-size limit, an I/O error), and so are the
+    failed writes torch.save and safetensors report as their own errors."""
+    return isinstance(e, OSError) or is_disk_failure(e)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_last: int = 2,
+                    models: list | None = None, write_state: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every process calls it. Returns the final directory. The one writer of meta.json:
+    `meta` with this save's `step`, `files`, `sha256` and `complete`.
+
+    `models` (default: Accelerate's prepared models) are checked for finite weights; `write_state(dir)`
+    (default: Accelerate's save_state) writes the training state, collectively: an FSDP2 run passes its
+    own whole-state save (train/checkpoint.py).
+
+    Weights holding NaN or inf raise NonFiniteWeights before anything is written. A failed write is one
+    UserError naming the path; its partial directory is removed and the earlier checkpoints stay."""
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".{final.name}.tmp"
+    _check_weights_before_save(accelerator, accelerator._models if models is None else models, step)
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # debris of an earlier crash mid-save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if write_state is None:
+            accelerator.save_state(str(tmp))
+        else:
+            write_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # every file, those in sub-directories too (DeepSpeed writes its states into one per tag)
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            sha256 = {name: sha256_file(tmp / name) for name in files}
+            saved = dataclasses.replace(meta, step=step, files=files, sha256=sha256, complete=True)
+            atomic_write_json(tmp / META_NAME, saved.to_dict())
+            if final.exists():  # the same step saved again: newest wins
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except Exception as e:
+        if not (isinstance(e, UserError) or _is_write_failure(e)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
+        why = str(e) if isinstance(e, UserError) else disk_failure_message(tmp, e)
+        raise UserError(why + "; the earlier checkpoints are kept") from None
+    if accelerator.is_main_process:
+        prune(run_dir, step, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(run_dir: Path, step: int, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` checkpoints up to `step` (0: all); never one after it, which would be
+    another branch's. -> the removed directories."""
+    if keep_last <= 0:
+        return []
+    older = [d for s, d in list_checkpoints(run_dir) if s <= step][:-keep_last]
+    for d in older:
+        shutil.rmtree(d, ignore_errors=True)
+    return older
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _new_abandoned_dir(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = run_dir / ABANDONED_DIR / stamp, 0
+    while aside.exists():
+        n += 1
+        aside = run_dir / ABANDONED_DIR / f"{stamp}-{n}"
+    aside.mkdir(parents=True)
+    return aside
+
+
+def start_branch(run_dir: Path, step: int, log=print) -> Path | None:
+    """A resume at `step` continues the history up to it. What came after belongs to an abandoned
+    branch: the checkpoints after `step` and the metrics/eval records of steps >= `step` move to
+    `<run>/abandoned/<time>/` (never deleted), so that `--resume auto`, pruning and the logs hold this
+    branch only. Main process only. -> that directory, or None when nothing came after."""
+    run_dir = Path(run_dir)
+    newer = sorted((int(m.group(1)), child) for child in run_dir.iterdir()
+                   if (m := STEP_DIR_RE.match(child.name)) and int(m.group(1)) > step)
+    logs = split_logs(run_dir, step, log)
+    aside = None
+    try:
+        if newer or any(later for _, later in logs.values()):
+            aside = _new_abandoned_dir(run_dir)
+        rewrite_logs(run_dir, logs, aside)
+        for _, d in newer:
+            d.rename(aside / d.name)
+    except OSError as e:
+        if not is_disk_failure(e):
+            raise
+        raise UserError(disk_failure_message(run_dir, e)) from None
+    if aside is not None:
+        moved = [d.name for _, d in newer] + [f"{len(later)} {name} record(s)" for name, (_, later) in logs.items()
+                                              if later]
+        log(f"continuing from step {step}: moved what an abandoned branch left after it ({', '.join(moved)}) to "
+            f"{aside} (kept, not deleted)")
+    return aside
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a run's checkpoints and metrics into `run_dir/previous_<n>/` (a run started over with --force)."""
+    run_dir = Path(run_dir)
+    n = 0
+    while (run_dir / f"previous_{n}").exists():
+        n += 1
+    aside = run_dir / f"previous_{n}"
+    aside.mkdir()
+    for child in run_dir.iterdir():
+        if STEP_DIR_RE.match(child.name) or child.name in LOG_NAMES:
+            child.rename(aside / child.name)
+    return aside
+
+
+def verify_checkpoint(step_dir: Path) -> RunMeta:
+    """load_meta (every file whole), and weights that are finite (a checkpoint of a diverged run, as
+    versions before 2026-12-06 could save, is refused). Reads the weights one tensor at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    meta = load_meta(step_dir)
+    path = Path(step_dir) / MODEL_FILE
+    if path.exists():  # an imported or older layout may keep its weights elsewhere; load_meta checked the files
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                check_finite_weights(((key, f.get_tensor(key)) for key in f.keys()), path)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: cannot read the model weights ({e}); the checkpoint is corrupt") from None
+    return meta
+
+
+def find_resume(run_dir: Path, resume: str, log=print) -> tuple[Path, RunMeta] | None:
+    """--resume '' -> None; a path -> that checkpoint, verified; 'auto' -> the newest checkpoint that
+    verifies (a damaged or non-finite newer one is skipped with a one-line notice), or None when there
+    is none."""
+    if not resume:
+        return None
+    if resume == "auto":
+        for _, step_dir in reversed(list_checkpoints(run_dir)):
+            try:
+                return step_dir, verify_checkpoint(step_dir)
+            except UserError as e:
+                log(f"--resume auto: skipping {step_dir.name}: {e}")
+        return None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = Path(run_dir) / resume
+    return path, verify_checkpoint(path)  # validates, raises a clear error
+
+
+def resolve_resume(run_dir: Path, resume: str, log=print) -> Path | None:
+    """The checkpoint directory `find_resume` picks."""
+    found = find_resume(run_dir, resume, log)
+    return found[0] if found else None
+
+
+def plain_name(key: str) -> str:
+    """A parameter's name without the prefixes of the wrappers around the model."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {plain_name(key): value for key, value in state_dict.items()}
+
+
+def is_deepspeed_checkpoint(step_dir: Path) -> bool:
+    return (Path(step_dir) / DEEPSPEED_TAG).is_dir()
+
+
+def load_deepspeed_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO-2/3 checkpoint, whole, with nanochat's names: DeepSpeed's own zero-to-fp32
+    path, which reads every rank's shards on one CPU process (no GPU, no process group)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise UserError(f"{step_dir}: a DeepSpeed checkpoint; reading it needs DeepSpeed ({e}): "
+                        "pip install 'nanochat-unsloth[deepspeed]'") from None
+    with contextlib.redirect_stdout(io.StringIO()):  # it reports its progress with print
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def load_model_state_dict(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, with nanochat's parameter names (no wrapper prefixes); weights
+    holding NaN or inf are refused with one line. `verify=False` when the caller has just verified the
+    checkpoint's files with `load_meta`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    step_dir = Path(step_dir)
+    if verify:
+        load_meta(step_dir)
+    path = step_dir / MODEL_FILE
+    if not path.exists() and is_deepspeed_checkpoint(step_dir):
+        return load_deepspeed_weights(step_dir)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read the model weights ({e}); the checkpoint is corrupt") from None
+    check_finite_weights(state.items(), path)
+    return strip_wrapper_prefixes(state)
