@@ -68,7 +68,7 @@ def measure(run_dir: Path, warmup: int) -> dict:
     steady = [m["dt"] for m in metrics if m["step"] >= warmup]
     return {"first_step_s": metrics[0]["dt"], "step_s": statistics.median(steady), "plain_gap_s": plain,
             "eval_s": cost.get("eval"), "save_s": cost.get("save"), "sample_s": cost.get("sample"),
-            "samples_of_each": {k: len(v) for k, v in gaps.items()}, "world_size": meta.get("world_size"),
+            "samples_of_each": {k: len(v) for k, v in gaps.items()}, "world_size": meta.world_size,
             "total_batch_size": cfg["total_batch_size"], "depth": cfg["depth"]}
 
 
