@@ -23,6 +23,7 @@ import torch
 
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.checkpoint import store as ckpt
+from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.train import deepspeed_zero, optim
 
 from cpu_launch import REPO, is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
@@ -82,11 +83,11 @@ def test_our_configs_pass_and_the_run_fills_what_it_owns():
 
 def test_a_checkpoint_resumes_only_under_its_own_zero_stage_and_process_count():
     zero3 = deepspeed_zero.ZeroRun(stage=3, offload_optimizer=False, offload_param=False, world_size=2)
-    deepspeed_zero.check_resume({"deepspeed": zero3.describe()}, zero3)
-    deepspeed_zero.check_resume({"deepspeed": None}, None)
-    for meta, run, says in (({"deepspeed": zero3.describe()}, None, "DeepSpeed ZeRO-3's on 2 processes"),
-                            ({}, zero3, "not written by a DeepSpeed run"),
-                            ({"deepspeed": zero3.describe() | {"world_size": 4}}, zero3, "ZeRO-3 on 4 processes")):
+    deepspeed_zero.check_resume(RunMeta(deepspeed=zero3.describe()), zero3)
+    deepspeed_zero.check_resume(RunMeta(deepspeed=None), None)
+    for meta, run, says in ((RunMeta(deepspeed=zero3.describe()), None, "DeepSpeed ZeRO-3's on 2 processes"),
+                            (RunMeta(), zero3, "not written by a DeepSpeed run"),
+                            (RunMeta(deepspeed=zero3.describe() | {"world_size": 4}), zero3, "ZeRO-3 on 4 processes")):
         with pytest.raises(UserError, match=says):
             deepspeed_zero.check_resume(meta, run)
 
