@@ -168,3 +168,13 @@ def fresh_notices(monkeypatch):
     monkeypatch.setattr(common, "_NOTICES_SHOWN", set())
     monkeypatch.setattr(memory, "_LEAN_IMPLS", {})
     monkeypatch.delenv("RANK", raising=False)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model gets built: the refusal must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was built before the refusal")
+    from nanochat_unsloth.train import loop
+
+    monkeypatch.setattr(loop, "build_model", refuse)

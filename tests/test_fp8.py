@@ -524,7 +524,7 @@ def test_convert_to_fp8_where_supported_swaps_only_linear(capsys, monkeypatch):
 
 
 def build(seed=0):
-    # weight std 0.1, not test_gpu_fallbacks' 0.3: at 0.3 the tiny net is so sharp (near one-hot attention)
+    # weight std 0.1, not build_tiny's default 0.3: at 0.3 the tiny net is so sharp (near one-hot attention)
     # that it amplifies FP8's rounding noise to gradient cosines of ~0.97 instead of ~0.995
     return build_tiny(seed=seed, weight_std=0.1)
 
