@@ -1,24 +1,15 @@
-"""How the model is compiled for training (`--compile auto|model|blocks|none`).
+"""How the model is compiled for training (`--compile auto|model|blocks|none`, `--cuda_graphs`).
 
-"model" compiles the whole model once (nanochat's torch.compile); "blocks" compiles each Block separately
-(regional compilation: the blocks share one compiled graph, so compiling costs one block's time) and
-leaves the embedding, the final norm and the loss outside. `auto`: the torch kernels in fast or
-selective mode use "model" (their loss, logits and all, must be inside the graph to stay fast and
-small); the fused kernels and lean mode use "blocks" (the fused loss runs outside any graph, and
-Unsloth's offloaded checkpoint cannot be traced), except the fused set with `--fp8` on small micro-batches
-in fast memory mode, which uses "model" (below). "none" runs eagerly.
-
-The fused set under "model" is one graph for the embedding, all blocks and the final norm, with the fused
-loss outside it. It costs a longer compile (about three minutes with `--fp8`) and pays where the host
-cannot keep up with small micro-batches: each micro-step then launches one graph instead of twenty
-(docs/PERF.md has the measurements, e.g. d20 B=4 with `--fp8`, which is why `auto` takes it there).
-
-`--cuda_graphs` replays the whole-model graph's forward and backward as CUDA graphs (Inductor's
-"reduce-overhead" mode, CUDA graph trees): a micro-step then costs the host a few launches, not thousands.
-It changes no math. `auto` turns it on where it was measured to pay: the fused set's FP8 whole-model graph on
-small micro-batches (the host-bound step above), in one process. Elsewhere at small batches (the torch set,
-the bf16 fused set) it measured under 2% for 1-2 GiB more memory held by the graphs' pool, so `auto` leaves
-it off there.
+"model" compiles the whole model once, as nanochat does; "blocks" compiles each Block (they share one
+graph, so compiling costs one block's time) and leaves the embedding, final norm and loss outside; "none"
+runs eagerly. `auto` picks "model" where the loss must sit inside the graph (the torch kernels, fast or
+selective), "blocks" where it cannot (the fused loss, Unsloth's untraceable offloaded checkpoint), and
+"model" again for the fused set's FP8 step on small micro-batches, which is bound by the host's launches:
+one graph per micro-step instead of one per block. `--cuda_graphs` replays that graph as CUDA graphs (no
+math changes); `auto` turns it on only there, in one process, since elsewhere its gain did not pay for the
+memory its pool holds. The measurements behind both rules: docs/perf-log/2026-11-28.md, "An FP8 MLP glue
+kernel (no gain, removed), B=4's host bound, `--compile model`" and "CUDA graphs for the small-batch FP8
+step (`--cuda_graphs`), `--compile auto` at B=32 and 8".
 """
 
 from __future__ import annotations
@@ -34,8 +25,8 @@ CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 # Below this many rows (B*T) per micro-batch the step is bound by the host's launches: `auto` compiles the
 # fused set's FP8 model whole there (fast memory mode) and replays whole-model graphs as CUDA graphs. It is
-# FP8's dynamic-scaling regime, where both were measured (d20 B=4, 8,192 rows; docs/PERF.md); at B=32 the
-# whole-model graph gave ~1% for a longer compile.
+# FP8's dynamic-scaling regime, where both were measured; at larger batches the whole-model graph does not
+# pay for its longer compile (docs/perf-log/2026-11-28.md, "CUDA graphs for the small-batch FP8 step").
 SMALL_MICRO_BATCH_ROWS = DELAYED_SCALING_MIN_ROWS
 
 

@@ -28,7 +28,8 @@ running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is t
 What stays exact: the parameters, their gradients' accumulation and the optimizer are unchanged (the
 master weights stay fp32, `dW` comes back in fp32); lm_head, the softcap and the loss stay bf16/fp32;
 evaluation and sampling take the plain bf16 `F.linear`. What changes: every block GEMM sees operands rounded to 8 bits, so each step is a
-slightly noisier version of the bf16 step. docs/PERF.md has the speed and the loss curves.
+slightly noisier version of the bf16 step. docs/PERF.md has the speed ("Speed against nanochat, d20") and the
+loss curves ("FP8 at equal quality").
 
 Memory: the forward saves the e4m3 copies of x and W for the backward instead of the bf16 x, so the
 saved matmul inputs take half the bytes.
@@ -196,7 +197,8 @@ def check_recipe(recipe: str, warmdown: str = "fp8", bf16_ends: int = 0) -> None
 
 SCALING_CHOICES = ("auto", "delayed", "dynamic")
 # `auto` uses delayed scaling from this many rows (B*T) per micro-batch up: below it the pass it saves is
-# smaller than its per-layer bookkeeping (docs/PERF.md has the crossover).
+# smaller than its per-layer bookkeeping (docs/perf-log/2026-11-24.md, "Delayed FP8 scaling, partial lean,
+# FP8 lm_head").
 DELAYED_SCALING_MIN_ROWS = 16384
 
 
@@ -257,9 +259,10 @@ def share_input_history(*layers: nn.Linear) -> None:
     Their histories would hold the same amax anyway (same tensor), but as three buffers they make three
     casts of the tensor that torch.compile cannot tell apart: the compiled block then computed three e4m3
     copies of the normed x and kept two of them for backward, where dynamic scaling's three identical
-    casts were one (docs/PERF.md has the memory it cost). With one history the casts are one expression, computed and
-    kept once. Pass the layers in the order the forward calls them: the first owns the history, the last
-    records the new amax, so every cast of the micro-step reads the previous micro-step's value.
+    casts were one (docs/perf-log/2026-11-24.md, "... delayed scaling, explained and fixed"). With one history
+    the casts are one expression, computed and kept once. Pass the layers in the order the forward calls
+    them: the first owns the history, the last records the new amax, so every cast of the micro-step reads the
+    previous micro-step's value.
     """
     owner = layers[0].fp8_scaling
     for layer in layers:

@@ -15,7 +15,7 @@ Lean has two implementations (`--lean_checkpoint auto|offload|torch`; auto = off
               pinned CPU memory, so the GPU keeps even less. CUDA + unsloth_zoo only; elsewhere lean falls
               back to torch's with a one-line notice.
     torch     torch.utils.checkpoint (non-reentrant) around the compiled block; works on every device
-docs/PERF.md has the speed and memory of each mode.
+docs/PERF.md, "The memory frontier", has the speed and memory of each mode.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def out_of_memory_advice(device_batch_size: int, memory: str, lean_blocks: int, 
                          peak_gib: float, total_gib: float) -> str:
     """The one-line error for a training step that ran out of GPU memory: what to change, cheapest first.
 
-    Ordered by what each costs in speed (docs/PERF.md has the measurements): recomputing part of the blocks
+    Ordered by what each costs in speed (docs/PERF.md, "The memory frontier"): recomputing part of the blocks
     (`--lean_blocks K`, when a recompute mode is on), the MLP recomputed (selective), a smaller micro-batch
     (the step's math is unchanged: more gradient accumulation), whole blocks recomputed (lean).
     """
@@ -109,7 +109,8 @@ def checkpoint_recomputed(fn: Callable, *args: Tensor) -> Tensor:
     checkpoint around the FP8 matmul (an autograd.Function): plain checkpoint tags the region
     PREFER_RECOMPUTE, and the partitioner kept the MLP's bf16 pre-activation as if there were no checkpoint
     (as in fast mode); with every op tagged MUST_RECOMPUTE it is not kept (benchmarks/activation_memory.py
-    measures it; docs/PERF.md has the numbers). Eager, the two are the same thing.
+    measures it; docs/perf-log/2026-11-24.md, "Why selective saved nothing under FP8, and the repair").
+    Eager, the two are the same thing.
     """
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
                                              context_fn=_recompute_every_op_contexts)

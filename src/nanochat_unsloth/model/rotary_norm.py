@@ -2,7 +2,8 @@
 
 nanochat applies `rms_norm(apply_rotary(x, cos, sin))` to q and to k in every block (ops.torch_rotary_norm
 is that math, op for op). Under torch.compile Inductor fuses it, but its backward runs as several passes over
-q and k (docs/PERF.md, "the attention prologue"). Here each direction is one pass per row of head_dim values:
+q and k (docs/perf-log/2026-11-28.md, "The attention prologue as one Triton kernel each way"). Here each
+direction is one pass per row of head_dim values:
 
     forward   y = rotate(x)                      y1 = x1*cos + x2*sin,  y2 = x2*cos - x1*sin
               out = y * r,  r = 1/sqrt(mean(y^2) + eps)

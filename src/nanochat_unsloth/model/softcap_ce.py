@@ -7,8 +7,8 @@
     dz = scale * (softmax(s) - onehot(t)) * (1 - (s / c)^2)   (0 where t is ignored)
 
 `lm_head_loss._ce_chunk_grad` is that math in torch (the CPU path and the reference). Inductor's fusion of
-it ran at half the bandwidth the pass needs (docs/PERF.md, "A Triton kernel for the fused loss's chunk").
-Here one program takes one row in two passes over it:
+it fell well short of the bandwidth the pass needs (docs/perf-log/2026-11-28.md, "A Triton kernel for the
+fused loss's chunk"). Here one program takes one row in two passes over it:
 
     pass 1: the sum of exp(s - c). Since |s| <= c, the shift c bounds every term by 1 and below by
             exp(-2c), so no running maximum is needed (which softmax kernels otherwise keep);

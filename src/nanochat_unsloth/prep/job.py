@@ -123,8 +123,8 @@ def _encode_batch(texts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """-> (length of each row's token sequence incl. BOS, -1 for a null/non-text row; all tokens, uint16).
 
     Same tokens as `encode_ordinary_batch`, but a plain loop: with num_threads=1 that function still
-    hands every document to a thread-pool thread and back, ~25% slower here; the processes are the
-    parallelism.
+    hands every document to a thread-pool thread and back, which is slower (docs/perf-log/2026-11-23.md,
+    "Prep throughput"); the processes are the parallelism.
     """
     encode, bos = _enc.encode_ordinary, _bos
     lengths = np.full(len(texts), -1, dtype=np.int64)

@@ -185,7 +185,7 @@ class TokenShardLoader:
             n = min(self.window - done, len(self._shards[i]) - lo)
             chunk = self._shards[i][lo : lo + n]
             # an id past the vocab would be an IndexError deep in the model (eval does not checksum the shards);
-            # the uint16 max costs ~4 us per 65k-token window
+            # the uint16 max is cheap next to the step (docs/perf-log/2026-11-28.md, "Shard verification at run start")
             if n and int(chunk.max()) >= self._vocab_size:
                 raise UserError(f"{self._paths[i]}: holds token id {int(chunk.max())}, not below the vocab size "
                                 f"{self._vocab_size}; the shard is corrupt, re-run prep")

@@ -2,8 +2,9 @@
 
 A bf16 GEMM (a GPU's tensor cores, or a CPU with AVX-512-BF16 / AMX) takes bf16 inputs, accumulates in
 fp32 and rounds the result to bf16. A CPU without bf16 instructions gets the same function from oneDNN's
-emulation, 3x (AVX-512) to 100x (AVX2) slower than an fp32 GEMM of the same size (docs/PERF.md), which
-made Muon's Newton-Schulz the whole cost of a CPU training step.
+emulation, many times slower than an fp32 GEMM of the same size (docs/perf-log/2026-11-28.md, "CPU: bf16
+GEMMs on CPUs without bf16 instructions"), which made Muon's Newton-Schulz the whole cost of a CPU training
+step.
 
 Two implementations of the same arithmetic, behind one small interface (`round`, `mm`):
 
@@ -16,8 +17,9 @@ Code written against the interface (Newton-Schulz in optim.py) runs unchanged on
 decides once which one its CPU should use (`--cpu_bf16 auto`); CUDA tensors always take the native path.
 `auto` is native only on a CPU with bf16 instructions (AVX-512-BF16 or AMX) where a bf16 matmul runs at all
 (oneDNN held to fewer instructions than the CPU lists, e.g. by ONEDNN_MAX_CPU_ISA, may refuse it:
-model/cpu_probe.py) and a timed probe also finds it fast. Every other CPU emulates without timing anything: a timing alone flipped between processes under load on an AVX-512 CPU whose
-bf16 runs ~3x slower, and processes of one run that disagree compute slightly different updates.
+model/cpu_probe.py) and a timed probe also finds it fast. Every other CPU emulates without timing anything:
+a timing alone flipped between processes under load on an AVX-512 CPU whose bf16 is only a few times slower,
+and processes of one run that disagree compute slightly different updates.
 """
 
 from __future__ import annotations
