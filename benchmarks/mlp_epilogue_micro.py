@@ -3,10 +3,11 @@
     python benchmarks/mlp_epilogue_micro.py                # d20, B=32: 65,536 rows, n_embd 1280
     python benchmarks/mlp_epilogue_micro.py --out mlp_epilogue.json
 
-The MLP's ReLU^2 costs 0.9 ms per block and micro-step as separate elementwise passes (docs/PERF.md,
-kernel_micro). A GEMM epilogue could remove them, but only if the GEMM carrying it runs near cuBLAS's rate:
-Inductor's Triton templates reached 74-87% of cuBLAS here. This times, per GEMM of the MLP that would carry
-the epilogue (CUDA events, median of --iters after --warmup):
+The MLP's ReLU^2 runs as separate elementwise passes at HBM bandwidth (docs/perf-log/2026-11-28.md, "Where
+the exact path could still gain: a d20 block's pieces alone"). A GEMM epilogue could remove them, but only if
+the GEMM carrying it runs near cuBLAS's rate, which Inductor's Triton templates did not reach at these shapes
+(results: "The fused MLP: our Triton GEMMs against cuBLAS at d20's shapes", same page). This times, per GEMM
+of the MLP that would carry the epilogue (CUDA events, median of --iters after --warmup):
 
 - c_fc forward    h = relu(x @ W_fc.T)^2, also keeping r = relu(x @ W_fc.T) for the backward
 - c_proj dgrad    da = (dy @ W_proj) * 2r   (ReLU^2's derivative applied to the incoming gradient)

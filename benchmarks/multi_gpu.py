@@ -19,7 +19,8 @@ installation (stdlib + site-packages) as parquet in nanochat's layout, then trai
 tokenizer on it and preps the shards, with this package's own `tokenizer` and `prep` commands.
 
 Always run with NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 on this
-workplace's machines (docs/PERF.md, "Several GPUs"); this script refuses to launch several GPUs without them.
+workplace's machines (docs/PERF.md, "Several GPUs (d20, DDP on one node)"); this script refuses to launch
+several GPUs without them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 A block applies rotary embeddings and then the weightless QK RMSNorm to q and k (model.py). Under
 torch.compile (our torch and unsloth kernel sets alike) Inductor fuses rotary + norm into one kernel for
-the forward and one for the backward. The alternative the issue names is Unsloth's Triton kernels:
+the forward and one for the backward. The alternative weighed here is Unsloth's Triton kernels:
 `fast_rope_embedding` (both q and k in one launch; nanochat's rotation is Unsloth's with -sin) and
 `Fast_RMS_Layernorm` (a ones weight and eps = float32 eps reproduce `F.rms_norm`). They are separate
 kernels, so the rotated q and k make one more round trip through memory. This script times both on the

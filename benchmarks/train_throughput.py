@@ -18,13 +18,13 @@ Configuration names (comma lists, crossed with --batch-sizes):
                 | fused-model | fused-fp8-model (`--compile model --cuda_graphs off`: one graph, the fused loss
                 outside it) | fused-cg | fused-fp8-cg (the same with `--cuda_graphs on`)
                 | torch-cg | torch-nocg (`--cuda_graphs on|off`; plain `torch` takes `auto`)
-                (records in docs/PERF.md before 2026-11-28 call the fused set "unsloth"; those names are
+                (records in docs/perf-log/ before 2026-11-28 call the fused set "unsloth"; those names are
                 still accepted)
     --memory    fast | lean (training's default: Unsloth's offloaded checkpointing when available)
                 | lean-K (`--lean_blocks K`: only the first K blocks checkpointed)
                 | selective | selective-K (`--memory selective`: the MLP recomputed in backward, in all or K blocks)
                 | lean-offload | lean-torch (`--lean_checkpoint offload|torch`)
-                (runs recorded in docs/PERF.md before 2026-11-24 called lean-torch "lean")
+                (runs recorded in docs/perf-log/ before 2026-11-24 called lean-torch "lean")
 
 `--profile` adds a torch.profiler pass over one more step per configuration (`step.optimizer_step` with the
 loop's `--profile_step` phase marks): GPU time per category (matmul / attention / elementwise /
@@ -68,7 +68,7 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
 KERNEL_VARIANTS.update({f"fused-fp8-{r}": {"kernels": "fused", "fp8": True, "fp8_recipe": r}
                         for r in ("bf16_wgrad", "full_accum", "forward_only", "backward_only", "torchao_tensorwise",
                                   "torchao_rowwise")})
-# the fused set's former name, as docs/PERF.md's older records spell it
+# the fused set's former name, as the older records in docs/perf-log/ spell it
 KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})
 MEMORY_VARIANTS = {
     "fast": {"memory": "fast"},
@@ -418,8 +418,8 @@ def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> di
     (OOM, timeout, the last stderr line). Also used by activation_memory.py and vs_nanochat.py.
 
     Each GPU's SM clock and power are sampled meanwhile (`gpu_health`): an H100 under a bf16 step sits at its
-    power cap with its clock 5-25% under the maximum (docs/PERF.md), and how far depends on its temperature,
-    so configurations compared in one invocation should show similar clocks."""
+    power cap with its clock under the maximum (docs/perf-log/2026-11-28.md, "Several GPUs, continued"), and how
+    far depends on its temperature, so configurations compared in one invocation should show similar clocks."""
     t0 = time.time()
     try:
         with GpuSampler() as gpus:
