@@ -261,7 +261,7 @@ def test_quality_runs_cpu_smoke(tmp_path):
 
 
 def test_quality_runs_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
-    """The issue's test of equal quality: the other variant's mean within the exact path's seed-to-seed spread.
+    """The test of equal quality: the other variant's mean within the exact path's seed-to-seed spread.
     A noisy variant must not pass on its own wide spread; the time to the exact path's final bpb is the step
     seconds up to the first evaluation at or below it."""
     import types

@@ -406,7 +406,7 @@ def test_q_k_v_scale_their_shared_input_from_one_history(monkeypatch):
 def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
     """Compiled with torch.compile's min-cut partitioner (Inductor's, without its code generation): a
     block under delayed scaling saves as many bytes for backward as under dynamic scaling. With three
-    histories for q, k and v it kept two more e4m3 copies of the normed x (+3.2 GiB at d20 B=32)."""
+    histories for q, k and v it kept two more e4m3 copies of the normed x (docs/perf-log/2026-11-24.md)."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
 
     def saved_bytes(mode):
@@ -432,8 +432,8 @@ def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
 
 def test_fp8_blocks_compile_without_graph_breaks(monkeypatch):
     """Each FP8 block is one graph in both scaling modes (fullgraph=True raises on a graph break). A break inside
-    the FP8 autograd op leaves it and its casts to eager kernels: a `list.pop` on its saved tensors cost a
-    third of the d20 throughput on an H200 (docs/PERF.md, session 11). That one broke only under the GPU
+    the FP8 autograd op leaves it and its casts to eager kernels: a `list.pop` on its saved tensors cost much
+    of the d20 throughput (docs/perf-log/2026-11-28.md, "An FP8 MLP glue kernel"). That one broke only under the GPU
     image's Dynamo (2.11 traces `*rest` as a tuple; this CPU torch, 2.13, as a list), so the GPU run of this
     file is the one that sees it; here the test catches every break this torch shows."""
     torch._dynamo.reset()

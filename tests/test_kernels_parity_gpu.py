@@ -1,6 +1,6 @@
 """GPU parity: the fused path against the torch path on the same weights and batch (skipped without CUDA).
 
-Pass criteria (the issue's): loss relative difference < 2e-3 and, for every parameter, gradient cosine
+Pass criteria: loss relative difference < 2e-3 and, for every parameter, gradient cosine
 similarity > 0.999. The torch path here is nanochat's math run eagerly under bf16 autocast; the fused
 path is what training runs (compiled blocks, fused chunked loss). Also: lean mode against fast mode,
 and bitsandbytes AdamW8bit's state surviving a save / load.
@@ -133,7 +133,7 @@ needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
 @needs_fp8
 def test_fp8_path_tracks_torch_path(state, torch_path):
     """`--fp8` is a different precision (8-bit operands for the block GEMMs), not the same math: its
-    gradients agree with the bf16 path's to FP8 rounding, hence looser bounds than the issue's 0.999
+    gradients agree with the bf16 path's to FP8 rounding, hence looser bounds than the bf16 criteria's 0.999
     (equal loss is shown by the 300-step curves in docs/PERF.md). Without autograd it is the bf16 fused path."""
     model = build("fused", state=state, fp8=True)
     assert model.ops.fp8 and model.ops.label == "fused+fp8"

@@ -173,7 +173,7 @@ def test_undecodable_rows_are_skipped_and_a_source_without_text_is_refused(tmp_p
     no_text = tmp_path / "no_text"
     write_parquet_files(no_text, [raw_string_array(broken * 3), docs[:5]])
     refused(no_text, r"no text in its train split \(9 rows, all null, non-text or not valid UTF-8\)")
-    binary = tmp_path / "binary"  # the case: it trained on 0 documents and exited 0
+    binary = tmp_path / "binary"  # once it trained on 0 documents and exited 0
     write_parquet_files(binary, [[d.encode() for d in docs], [d.encode() for d in docs[:5]]])
     refused(binary, r"shard_00000\.parquet: its 'text' column holds binary, not strings")
 
