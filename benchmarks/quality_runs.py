@@ -130,7 +130,7 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
 
 def variant_stats(out: dict, variants: list[str]) -> None:
     """Each variant's mean final bpb and spread from `out["runs"]`, and for every variant but the exact path
-    its distance from the exact path (the issue's criterion) and its time-to-equal-bpb figures."""
+    its distance from the exact path (the equal-quality criterion) and its time-to-equal-bpb figures."""
     for variant in variants:
         finals = [r["final_val_bpb"] for r in out["runs"].values() if r["variant"] == variant and r["final_val_bpb"]]
         if finals:
@@ -141,7 +141,7 @@ def variant_stats(out: dict, variants: list[str]) -> None:
         if variant == EXACT or exact is None:
             continue
         v["delta_vs_exact"] = v["mean"] - exact["mean"]
-        # the issue's test: the exact path's own seed-to-seed spread (a noisier variant must not widen it)
+        # the equal-quality test: the exact path's own seed-to-seed spread (a noisier variant must not widen it)
         v["within_exact_spread"] = abs(v["delta_vs_exact"]) <= exact["spread"]
         reach = [seconds_to_reach(r, exact["mean"]) for r in out["runs"].values() if r["variant"] == variant]
         v["train_s_to_exact_final"] = reach
