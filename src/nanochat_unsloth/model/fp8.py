@@ -17,7 +17,8 @@ for a reduction over the tensor (see the section below; `--fp8_scaling auto|dela
 
 Which of the three GEMMs read FP8 operands is a per-layer `Fp8Recipe` (`--fp8_recipe`; all three by
 default), which can change once, at the LR warm-down (`--fp8_warmdown`), and be bf16 for the blocks at the
-ends of the stack (`--fp8_bf16_ends`): the knobs of the search for where FP8 loses quality (docs/PERF.md).
+ends of the stack (`--fp8_bf16_ends`): the knobs of the search for where FP8 loses quality (docs/PERF.md,
+"FP8 at equal quality: the recipe ablation").
 The `torchao_*` recipes hand the block Linears to torchao's float8 training instead, for a side-by-side.
 
 One converter, `convert_to_fp8(model, scaling, rows, recipe, bf16_ends)`, is the only way in: a model goes in,
