@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_unsloth.cli import normalize_flags, run_main
-from nanochat_unsloth.common import EXIT_STOPPED, EXIT_USER_ERROR, UserError
+from nanochat_unsloth.cli import run_main
+from nanochat_unsloth.common import EXIT_STOPPED, UserError
 from nanochat_unsloth.checkpoint import store as ckpt
-from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.loop import train
 
-from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
-from run_helpers import flip_bytes
+from run_helpers import flip_bytes, one_line_error, run_train, train_cli
+from train_fixtures import make_train_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,23 +33,6 @@ def no_model(monkeypatch):
     from nanochat_unsloth.train import loop
 
     monkeypatch.setattr(loop, "build_model", refuse)
-
-
-def run_train(base: Path, *extra: str) -> dict:
-    return train(parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra])))
-
-
-def train_cli(base: Path, *extra: str) -> int:
-    from nanochat_unsloth.train.__main__ import main
-
-    return run_main(main, TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra])
-
-
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == EXIT_USER_ERROR, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 # ---- checksums are verified when a checkpoint is loaded -------------------------------------------

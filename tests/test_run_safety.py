@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.cli import normalize_flags, run_main
-from nanochat_unsloth.common import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USER_ERROR, UserError,
-                                     sha256_file)
+from nanochat_unsloth.cli import run_main
+from nanochat_unsloth.common import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED, UserError, sha256_file
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.loop import train
 
+from run_helpers import one_line_error, run_train, train_cli
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,23 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return make_train_base_dir(tmp_path_factory.mktemp("safety_base"))
-
-
-def run_train(base: Path, *extra: str) -> dict:
-    return train(parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra])))
-
-
-def train_cli(base: Path, *extra: str) -> int:
-    from nanochat_unsloth.train.__main__ import main
-
-    return run_main(main, TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra])
-
-
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == EXIT_USER_ERROR, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def steps_of(run_dir: Path) -> list[int]:
