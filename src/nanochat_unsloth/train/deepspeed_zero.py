@@ -22,7 +22,7 @@ deepspeed 0.19.8 and accelerate 1.16):
 
 What we do ourselves, because DeepSpeed's version differs from nanochat's step:
 - clipping: DeepSpeed's `gradient_clipping` clips the norm of what the ZeRO optimizer holds at `step`, which
-  for the Muon groups is the orthogonalised update (deepspeedai/DeepSpeed issue 8439). nanochat clips the raw
+  for the Muon groups is the orthogonalised update (deepspeedai/DeepSpeed#8439 on GitHub). nanochat clips the raw
   gradient before Muon's momentum. So DeepSpeed's is kept at 0 and `clip_raw_gradients` scales the averaged raw
   gradient shards DeepSpeed holds between the last backward and the Muon update (see `_raw_gradient_shards`).
 - schedules: LR and Muon momentum are set on the client optimizer's groups every step (`optim.apply_schedules`);
@@ -132,7 +132,7 @@ def check_config(config: dict, source: str, *, optimizer: str = "muon", fp8: boo
     clip = config.get("gradient_clipping", 0.0)
     if clip not in ("auto", None) and float(clip) != 0.0:
         refuse(f"gradient_clipping: {clip}", "clips the orthogonalised Muon update, not the raw gradient as nanochat "
-                                             "(deepspeedai/DeepSpeed issue 8439)",
+                                             "(deepspeedai/DeepSpeed#8439 on GitHub)",
                "set it to 0 and use --grad_clip (the run clips the raw gradient itself)")
     stage = _get(config, "zero_optimization.stage", 0)
     if stage not in SUPPORTED_STAGES:
