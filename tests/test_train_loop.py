@@ -172,8 +172,13 @@ def test_existing_run_is_refused_then_set_aside_with_force(base):
     run_train(base, "--num-iterations", "2", "--model-tag", "again")
     with pytest.raises(UserError, match="already holds checkpoints"):
         run_train(base, "--num-iterations", "1", "--model-tag", "again")
+    (base / "runs" / "again" / "logs" / "nanochat").mkdir(parents=True)  # the old run's tracker files
+    (base / "runs" / "again" / "logs" / "nanochat" / "events.old").write_text("old curves")
     run_train(base, "--num-iterations", "1", "--model-tag", "again", "--force")
     run_dir = base / "runs" / "again"
+    # its tracker logs go aside with it, so the new run's curves do not mix with the old one's
+    assert (run_dir / "previous_0" / "logs" / "nanochat" / "events.old").read_text() == "old curves"
+    assert not (run_dir / "logs").exists()
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1], "the new run's checkpoint only"
     assert [s for s, _ in ckpt.list_checkpoints(run_dir / "previous_0")] == [2], "the old run kept, aside"
     assert [m["step"] for m in metrics(base, "again")] == [0]

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from nanochat_unsloth.checkpoint.logs import LOG_NAMES, rewrite_logs, split_logs
+from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
                                      hold_lock, is_disk_failure, sha256_file)
@@ -217,7 +217,8 @@ def start_branch(run_dir: Path, step: int, log=print) -> Path | None:
 
 
 def set_aside(run_dir: Path) -> Path:
-    """Move a run's checkpoints and metrics into `run_dir/previous_<n>/` (a run started over with --force)."""
+    """Move a run's checkpoints, metrics and tracker logs into `run_dir/previous_<n>/` (a run started over with
+    --force): the new run's curves must not mix with the old one's."""
     run_dir = Path(run_dir)
     n = 0
     while (run_dir / f"previous_{n}").exists():
@@ -225,7 +226,7 @@ def set_aside(run_dir: Path) -> Path:
     aside = run_dir / f"previous_{n}"
     aside.mkdir()
     for child in run_dir.iterdir():
-        if STEP_DIR_RE.match(child.name) or child.name in LOG_NAMES:
+        if STEP_DIR_RE.match(child.name) or child.name in (*LOG_NAMES, TRACKER_DIR):
             child.rename(aside / child.name)
     return aside
 

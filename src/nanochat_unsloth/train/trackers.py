@@ -14,10 +14,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+from nanochat_unsloth.checkpoint.logs import TRACKER_DIR
 from nanochat_unsloth.common import UserError
 
 PROJECT = "nanochat"  # the wandb/trackio project and tensorboard's subdirectory, as nanochat's wandb project
-LOGS_DIR = "logs"
+LOGS_DIR = TRACKER_DIR  # moved aside with the run's checkpoints by --force
 # tracker -> the package it needs (PyPI name = import name for all three)
 PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio"}
 SPECIAL = ("all", "none")
