@@ -355,7 +355,9 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             break
 
         # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
-        if raw_model.ops.fp8 and step >= warmdown_from and fp8.enter_warmdown(raw_model, cfg.fp8_warmdown):
+        # once: at the warm-down's first step, or at the first step of a run resumed inside it
+        switch = raw_model.ops.fp8 and step == max(warmdown_from, start_step)
+        if switch and fp8.enter_warmdown(raw_model, cfg.fp8_warmdown):
             print0(f"step {step}: the LR warm-down starts; --fp8_warmdown {cfg.fp8_warmdown}: block GEMMs "
                    + ("in bf16" if cfg.fp8_warmdown == "bf16" else "with a bf16 forward") + " from here on")
         if device_type == "cuda":
