@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from interpreter import interpreter_runs_loops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,22 +99,6 @@ def test_softcap_ce_micro_runs_its_torch_side_on_cpu(tmp_path):
     assert r["dz_max_rel_err_vs_fp64"] < 2**-8 and r["loss_rel_err_vs_fp64"] < 1e-6
 
 
-def test_kernel_micro_times_every_piece_on_cpu(tmp_path):
-    """benchmarks/kernel_micro.py's CPU smoke test: every piece runs forward + backward through our model's
-    own modules and lands in the JSON; an unknown --modes entry is refused by name."""
-    out = tmp_path / "km.json"
-    script = str(REPO / "benchmarks" / "kernel_micro.py")
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
-    assert list(r["pieces"]) == ["mlp [eager]", "mlp-linear [eager]", "attention-op [default]", "block [eager]"]
-    assert r["rows"] == 2 * 32 and all(p["ms"] > 0 for p in r["pieces"].values())
-    bad = subprocess.run([sys.executable, script, "--modes", "default,fastest"], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
-    assert bad.returncode == 2 and "--modes: unknown ['fastest']" in bad.stderr
-
-
 def test_activation_memory_lists_what_a_block_saves_on_cpu(tmp_path):
     """CPU smoke test (no allocator figures there): the saved-tensor listing of block 0 shows the MLP's
     4*n_embd-wide tensors under fast mode and none under selective."""
@@ -193,23 +176,6 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     missing = subprocess.run(cmd[:3] + [str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120,
                              cwd=REPO)
     assert missing.returncode == 2 and "none.json: no such file" in missing.stderr
-
-
-@pytest.mark.skipif(not interpreter_runs_loops(), reason="needs Triton, and numpy < 2 for its interpreter")
-def test_mlp_epilogue_micro_kernels_agree_under_the_interpreter(tmp_path):
-    """benchmarks/mlp_epilogue_micro.py's Triton GEMMs (pointer tiles, and persistent over TMA descriptors),
-    plain and with the ReLU^2 epilogues, against torch under Triton's CPU interpreter (fp32, shapes that leave
-    partial tiles). Bound 1e-5 of the largest magnitude: measured <= 3.0e-7 (fp32 summation order only)."""
-    out = tmp_path / "mlp.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mlp_epilogue_micro.py"), "--device", "cpu",
-                           "--rows", "192", "--n-embd", "40", "--iters", "1", "--warmup", "0", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    errors = json.loads(out.read_text())["max_rel_err_vs_torch"]
-    assert set(errors) == {"c_fc forward h", "c_fc forward r", "c_proj dgrad da", "plain c_fc",
-                           "tma c_fc forward h", "tma c_fc forward r", "tma c_proj dgrad da"}
-    assert all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_quality_runs_cpu_smoke(tmp_path):
