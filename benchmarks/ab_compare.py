@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY = "torch:fast,torch:lean,torch:selective,unsloth:fast,unsloth:lean,unsloth:selective," \
-         "unsloth+fp8:fast,unsloth+fp8:lean,unsloth+fp8:selective"
+PARITY = "torch:fast,torch:lean,torch:selective,fused:fast,fused:lean,fused:selective," \
+         "fused+fp8:fast,fused+fp8:lean,fused+fp8:selective"
 SPEED = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"]}
 
 

@@ -1,6 +1,6 @@
 """What each block keeps for backward, per memory mode: measured on the allocator, not estimated.
 
-    python benchmarks/activation_memory.py --depth 20 --batch-size 8 --kernels unsloth-fp8 \\
+    python benchmarks/activation_memory.py --depth 20 --batch-size 8 --kernels fused-fp8 \\
         --memory fast,selective-14,lean-7 --out act.json
 
 For each --memory variant (each in its own subprocess, like train_throughput.py) this builds the model
@@ -135,7 +135,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--kernels", default="unsloth-fp8", choices=sorted(KERNEL_VARIANTS))
+    p.add_argument("--kernels", default="fused-fp8", choices=sorted(KERNEL_VARIANTS))
     p.add_argument("--memory", default="fast,selective", help="comma list: fast, lean, lean-K, selective, selective-K")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", default="")

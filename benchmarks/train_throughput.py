@@ -1,6 +1,6 @@
 """Training throughput on the GPU: tok/s, MFU and peak memory of nanochat's step, per configuration.
 
-    python benchmarks/train_throughput.py --depth 20 --kernels torch,unsloth --batch-sizes 32,16,8,4 \\
+    python benchmarks/train_throughput.py --depth 20 --kernels torch,fused --batch-sizes 32,16,8,4 \\
         --memory fast,lean --out bench.json --plot frontier.png
 
 Each configuration runs in its own subprocess (a clean CUDA allocator, so peaks do not leak between
@@ -349,7 +349,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--total-batch", type=int, default=524288)
-    p.add_argument("--kernels", default="torch,unsloth", help="comma list of: " + ", ".join(KERNEL_VARIANTS))
+    p.add_argument("--kernels", default="torch,fused", help="comma list of: " + ", ".join(KERNEL_VARIANTS))
     p.add_argument("--batch-sizes", default="32,16,8,4")
     p.add_argument("--memory", default="fast",
                    help="comma list of: " + ", ".join(MEMORY_VARIANTS) + ", lean-K / selective-K (only the first K blocks)")
