@@ -3,7 +3,7 @@
     python benchmarks/activation_memory.py --depth 20 --batch-size 8 --kernels fused-fp8 \\
         --memory fast,selective-14,lean-7 --out act.json
 
-For each --memory variant (each in its own subprocess, like train_throughput.py) this builds the model
+For each --memory variant (each in its own subprocess, like train_throughput.py; the names are common.py's) this builds the model
 as training does (`build.build_model`, `compile.compile_for_training`, bf16 autocast; with --fp8 every delayed
 scaling state switched on, as after the first steps), runs one warm-up micro-step (compilation), then
 one measured micro-step forward:
@@ -26,10 +26,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_throughput import KERNEL_VARIANTS, memory_variant, model_options, run_configuration  # noqa: E402
+from common import KERNEL_VARIANTS, memory_variant, model_options, run_configuration, write_json  # noqa: E402
 
 MIB = 2**20
 
@@ -161,7 +160,7 @@ def main() -> int:
         results.append(result)
         print(format_result(result), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            write_json(args.out, results)
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -10,33 +10,14 @@ the tokens a training step sees. The training loop needs far less than this: a G
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import make_shard_dir
 
-from nanochat_unsloth.shards.format import write_shard
 from nanochat_unsloth.shards.loader import TokenShardLoader
-from nanochat_unsloth.shards.manifest import ShardEntry, ShardManifest, TokenizerFingerprint
-
-VOCAB, BOS = 65536, 65527
-
-
-def make_shard_dir(root: Path, tokens: int, shard_tokens: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    entries, i, left = [], 0, tokens
-    while left > 0:
-        n = min(shard_tokens, left)
-        info = write_shard(root / f"train_{i:06d}.bin", rng.integers(0, VOCAB, n, dtype=np.uint16), VOCAB, BOS)
-        entries.append(ShardEntry(file=info.file, split="train", tokens=n, documents=0, sha256=info.sha256))
-        i, left = i + 1, left - n
-    fp = TokenizerFingerprint(sha256="0" * 64, vocab_size=VOCAB, bos_id=BOS)
-    ShardManifest(tokenizer=fp, source={"kind": "benchmark"}, shard_tokens=shard_tokens, shards=entries).save(root)
-    os.sync()  # let writeback finish now rather than during the timing
-    for path in root.glob("*.bin"):  # warm the page cache
-        path.read_bytes()
 
 
 def bench(root: Path, B: int, T: int, world_size: int, repeats: int) -> list[float]:

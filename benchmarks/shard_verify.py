@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loader_throughput import make_shard_dir
+from common import make_shard_dir
 
 from nanochat_unsloth.shards.manifest import ShardManifest
 

@@ -11,7 +11,8 @@ whole optimizer steps with the same `optimizer_step` the loop runs. Warm-up step
 (compilation) are excluded; the figure is the median of the timed steps. MFU uses nanochat's formula
 on the 989 TFLOP/s H100 bf16 basis.
 
-Configuration names (comma lists, crossed with --batch-sizes):
+Configuration names (comma lists, crossed with --batch-sizes; the options each sets: common.KERNEL_VARIANTS and
+common.MEMORY_VARIANTS):
     --kernels   torch | fused (`--kernels fused`) | torch-blocks (torch kernels, `--compile blocks`)
                 | torch-fp8 | fused-fp8 (`--fp8`: block GEMMs in FP8)
                 | fused-fp8-dynamic | fused-fp8-delayed (`--fp8_scaling dynamic|delayed`)
@@ -42,59 +43,12 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from multi_gpu import GpuSampler  # a sibling script (its directory is on sys.path for every importer here)
-
-KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
-    "torch": {"kernels": "torch"},
-    "torch-blocks": {"kernels": "torch", "compile": "blocks"},
-    "torch-fp8": {"kernels": "torch", "fp8": True},
-    "fused": {"kernels": "fused"},
-    "fused-fp8": {"kernels": "fused", "fp8": True},
-    "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
-    "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
-    "fused-model": {"kernels": "fused", "compile": "model", "cuda_graphs": "off"},
-    "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "off"},
-    "fused-cg": {"kernels": "fused", "compile": "model", "cuda_graphs": "on"},
-    "fused-fp8-cg": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "on"},
-    "torch-cg": {"kernels": "torch", "cuda_graphs": "on"},
-    "torch-nocg": {"kernels": "torch", "cuda_graphs": "off"},
-}
-# every --fp8_recipe on the fused set: fused-fp8-<recipe> (e.g. fused-fp8-bf16_wgrad, fused-fp8-torchao_rowwise)
-KERNEL_VARIANTS.update({f"fused-fp8-{r}": {"kernels": "fused", "fp8": True, "fp8_recipe": r}
-                        for r in ("bf16_wgrad", "full_accum", "forward_only", "backward_only", "torchao_tensorwise",
-                                  "torchao_rowwise")})
-# the fused set's former name, as the older records in docs/perf-log/ spell it
-KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})
-MEMORY_VARIANTS = {
-    "fast": {"memory": "fast"},
-    "lean": {"memory": "lean"},
-    "lean-offload": {"memory": "lean", "lean_checkpoint": "offload"},
-    "lean-torch": {"memory": "lean", "lean_checkpoint": "torch"},
-    "selective": {"memory": "selective"},
-}
-
-
-def memory_variant(name: str) -> dict:
-    """The ModelOptions of a --memory name; "lean-K" / "selective-K" only the first K blocks (`--lean_blocks K`)."""
-    if name in MEMORY_VARIANTS:
-        return MEMORY_VARIANTS[name]
-    prefix, _, k = name.rpartition("-")
-    if prefix in ("lean", "selective") and k.isdigit():
-        return {**MEMORY_VARIANTS[prefix], "lean_blocks": int(k)}
-    raise KeyError(name)
-
-
-def model_options(kernels: str, memory: str, batch_size: int, seq: int):
-    """The ModelOptions of a configuration, with the micro-batch's rows (as the loop passes them)."""
-    from nanochat_unsloth.model.build import ModelOptions
-
-    return ModelOptions(**KERNEL_VARIANTS[kernels], **memory_variant(memory), fp8_rows=batch_size * seq)
-
+from common import (KERNEL_VARIANTS, MEMORY_VARIANTS, format_row, memory_variant, model_options, run_configuration,
+                    write_json)
 
 # -----------------------------------------------------------------------------
 # One configuration (in its own process)
@@ -379,7 +333,7 @@ def main() -> int:
         args.batch_size = int(args.batch_sizes.split(",")[0])
         results = run_micro(args)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            write_json(args.out, results)
         return 0
 
     kernel_list, memory_list = args.kernels.split(","), args.memory.split(",")
@@ -408,37 +362,9 @@ def main() -> int:
         if result.get("profile"):
             print(format_profile(result["profile"]), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            write_json(args.out, results)
 
     return report(results, args.plot)
-
-
-def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> dict:
-    """Run one configuration's subprocess (`cmd` prints `RESULT <json>`); its result, or `head` with an error
-    (OOM, timeout, the last stderr line). Also used by activation_memory.py and vs_nanochat.py.
-
-    Each GPU's SM clock and power are sampled meanwhile (`gpu_health`): an H100 under a bf16 step sits at its
-    power cap with its clock under the maximum (docs/perf-log/2026-11-28.md, "Several GPUs, continued"), and how
-    far depends on its temperature, so configurations compared in one invocation should show similar clocks."""
-    t0 = time.time()
-    try:
-        with GpuSampler() as gpus:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        err = proc.stderr.strip().splitlines()
-        if lines:
-            result = json.loads(lines[-1][len("RESULT "):])
-            result["notices"] = [ln for ln in err if ln.startswith("notice:")]
-        else:
-            oom = any("OutOfMemory" in ln or "out of memory" in ln for ln in err)
-            result = dict(head, error="OOM" if oom else (err[-1][:300] if err else f"exit {proc.returncode}"),
-                          stderr_tail="\n".join(err[-25:]))
-    except subprocess.TimeoutExpired as e:
-        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()
-        result = dict(head, error=f"timeout {timeout}s", stderr_tail="\n".join(err[-25:]))
-    result["wall_s"] = time.time() - t0
-    result["gpu_health"] = {str(i): h for i, h in gpus.summary().items() if h["busy"]}
-    return result
 
 
 def report(results: list[dict], plot_path: str) -> int:
@@ -450,18 +376,6 @@ def report(results: list[dict], plot_path: str) -> int:
         except ImportError as e:
             print(f"no plot: {e}")
     return 0
-
-
-def format_row(r: dict) -> str:
-    head = f"d{r['depth']} kernels={r['kernels']:<12} B={r['batch_size']:<3} memory={r['memory']:<12}"
-    if "error" in r:
-        return f"{head} | {r['error']} ({r.get('wall_s', 0):.0f}s)"
-    clocks = " ".join(f"GPU{i} {h['sm_mhz_mean']} MHz {h['power_w_mean']} W" for i, h in r.get("gpu_health", {}).items())
-    # CUDA graphs keep their pool reserved beside the allocator's peak: print both
-    return (f"{head} | {r['tok_per_s']:>9,.0f} tok/s | MFU {r['mfu']:5.1f}% | peak {r['peak_alloc_gib']:5.1f} GiB "
-            f"(reserved {r.get('peak_reserved_gib', 0):.1f}) | step {r['median_step_s'] * 1000:6.0f} ms "
-            f"| loss {r['losses'][-1]:.4f} | compile={r['compile']}{'+cuda_graphs' if r.get('cuda_graphs') else ''} | "
-            f"{r.get('wall_s', 0):.0f}s" + (f" | {clocks}" if clocks else ""))
 
 
 def format_profile(prof: dict) -> str:

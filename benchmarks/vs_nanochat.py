@@ -34,9 +34,9 @@ import time
 import types
 from pathlib import Path
 
+from common import KERNEL_VARIANTS, MEMORY_VARIANTS, format_row, run_configuration, write_json
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import train_throughput as tt  # noqa: E402  (a sibling script: ours is timed exactly as it times it)
 
 
 def import_nanochat(src: str):
@@ -213,8 +213,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--total-batch", type=int, default=524288)
     p.add_argument("--batch-sizes", default="32,16,8,4")
-    p.add_argument("--kernels", default="torch,fused,fused-fp8", help="ours: comma list of " + ", ".join(tt.KERNEL_VARIANTS))
-    p.add_argument("--memory", default="fast", help="ours: comma list of " + ", ".join(tt.MEMORY_VARIANTS))
+    p.add_argument("--kernels", default="torch,fused,fused-fp8", help="ours: comma list of " + ", ".join(KERNEL_VARIANTS))
+    p.add_argument("--memory", default="fast", help="ours: comma list of " + ", ".join(MEMORY_VARIANTS))
     p.add_argument("--budgets", default="80,40,24,16", help="GiB, for the memory frontier")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=4)
@@ -237,7 +237,7 @@ def main() -> int:
             results += json.loads(Path(path).read_text())["results"]
         rows = report(results, budgets)
         if args.out:
-            Path(args.out).write_text(json.dumps({"results": results, "frontier": rows, "from": args.from_}, indent=1))
+            write_json(args.out, {"results": results, "frontier": rows, "from": args.from_})
         return 0
     checkout_ok = bool(args.nanochat_src) and (Path(args.nanochat_src) / "nanochat" / "gpt.py").exists()
     if not checkout_ok and not (args.skip_nanochat and not args.nanochat_src):
@@ -262,14 +262,14 @@ def main() -> int:
             else:
                 cmd = [sys.executable, str(HERE / "train_throughput.py"), "--one", "--kernels", kernels,
                        "--memory", memory, "--batch-size", str(batch_size), *common]
-            result = {**tt.run_configuration(cmd, None, args.timeout, head), "side": side}
+            result = {**run_configuration(cmd, None, args.timeout, head), "side": side}
             results.append(result)
-            print(tt.format_row(result), flush=True)
+            print(format_row(result), flush=True)
             if args.out:
-                Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+                write_json(args.out, {"results": results})
     rows = report(results, budgets)
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results, "frontier": rows}, indent=1))
+        write_json(args.out, {"results": results, "frontier": rows})
     return 0
 
 

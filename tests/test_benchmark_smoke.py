@@ -1,12 +1,14 @@
-"""benchmarks/train_throughput.py (and vs_nanochat.py, opt-in) on the CPU: every configuration runs end to end
-and reports its figures.
+"""The benchmark scripts on the CPU: train_throughput.py (and vs_nanochat.py, opt-in), activation_memory.py,
+project_run.py, runs.py's subcommands and the helpers they share (common.py) run end to end and report.
 
-The GPU figures themselves come from the device (docs/PERF.md); this only keeps the script's code paths
+The GPU figures themselves come from the device (docs/PERF.md); this only keeps the scripts' code paths
 (subprocess per configuration, kernel/memory variants, --fp8 wiring, JSON and table) from rotting.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import math
 import os
@@ -17,11 +19,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+RUNS = [sys.executable, str(BENCHMARKS / "runs.py")]
+
+
+def benchmark_module(name: str):
+    """A module of benchmarks/, imported as a script there sees it (benchmarks/ first on sys.path)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def test_train_throughput_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
+    cmd = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--device", "cpu", "--depth", "2",
            "--seq", "32", "--vocab", "256", "--total-batch", "128", "--batch-sizes", "2",
            "--kernels", "torch,fused-fp8", "--memory", "fast,lean", "--warmup", "1", "--steps", "1",
            "--out", str(out)]
@@ -46,7 +59,7 @@ def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_pat
     step is in the final mode. With --fp8_scaling delayed (fused-fp8-delayed) the layers start dynamic and switch once
     every amax history is positive (after step 2 from nanochat's init). Warm-up must last until then, and
     timing must start."""
-    base = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--depth", "2",
+    base = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--device", "cpu", "--depth", "2",
             "--seq", "32", "--vocab", "256", "--total-batch", "64", "--batch-sizes", "2",
             "--warmup", "1", "--steps", "1", "--fp8-anywhere"]
     for variant, dynamic_steps in (("fused-fp8", 0), ("fused-fp8-delayed", 3)):
@@ -62,11 +75,7 @@ def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_pat
 
 
 def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from train_throughput import categorize
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    categorize = benchmark_module("train_throughput").categorize
     assert categorize("nvjet_sm90_qqtst_192x192_128x4_1x2_h_bz_coopB_TNN") == "matmul"  # cuBLAS FP8 GEMM
     assert categorize("triton_tem_fused_mm_0") == "matmul"  # an Inductor GEMM template
     assert categorize("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_add_clamp_clone_mul_pow") == "elementwise"
@@ -78,7 +87,7 @@ def test_activation_memory_lists_what_a_block_saves_on_cpu(tmp_path):
     """CPU smoke test (no allocator figures there): the saved-tensor listing of block 0 shows the MLP's
     4*n_embd-wide tensors under fast mode and none under selective."""
     out = tmp_path / "act.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "activation_memory.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "activation_memory.py"), "--device", "cpu",
                            "--depth", "2", "--seq", "32", "--vocab", "256", "--batch-size", "2",
                            "--kernels", "fused-fp8", "--fp8-anywhere", "--memory", "fast,selective",
                            "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -100,7 +109,7 @@ def test_vs_nanochat_cpu_smoke(tmp_path):
     the memory frontier. Both sides seed 0 and draw the same random batch, and nanochat's init is ours
     (test_nanochat_parity), so the first losses agree: measured equal to 7 digits on this CPU, fp32."""
     out = tmp_path / "vs.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "vs_nanochat.py"), "--device", "cpu", "--depth", "2",
+    cmd = [sys.executable, str(BENCHMARKS / "vs_nanochat.py"), "--device", "cpu", "--depth", "2",
            "--seq", "32", "--vocab", "256", "--total-batch", "128", "--batch-sizes", "2", "--kernels", "torch",
            "--warmup", "1", "--steps", "1", "--budgets", "80", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -131,7 +140,7 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     b.write_text(json.dumps({"results": [row("nanochat", "nanochat", 44, 2, 10.0, 70.0),
                                          row("ours", "fused-fp8", 44, 2, 13.0, 60.0)]}))
     out = tmp_path / "merged.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "vs_nanochat.py"), "--from", f"{a},{b}", "--budgets", "80,16",
+    cmd = [sys.executable, str(BENCHMARKS / "vs_nanochat.py"), "--from", f"{a},{b}", "--budgets", "80,16",
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -140,7 +149,7 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     assert rows[20, 16.0]["ratio"] == 1.2 and rows[44, 16.0]["ratio"] is None  # d44 fits no 16 GiB budget
     assert "| fused-fp8 | 2 | fast | 13 | 1.300 |" in proc.stdout
     ours = tmp_path / "ours.json"
-    alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_nanochat.py"), "--skip-nanochat",
+    alone = subprocess.run([sys.executable, str(BENCHMARKS / "vs_nanochat.py"), "--skip-nanochat",
                             "--nanochat-src", "", "--device", "cpu", "--depth", "2", "--seq", "32", "--vocab", "256",
                             "--total-batch", "128", "--batch-sizes", "2", "--kernels", "torch", "--warmup", "1",
                             "--steps", "1", "--budgets", "80", "--out", str(ours)],
@@ -153,18 +162,17 @@ def test_vs_nanochat_from_reports_several_invocations_per_depth(tmp_path):
     assert missing.returncode == 2 and "none.json: no such file" in missing.stderr
 
 
-def test_quality_runs_cpu_smoke(tmp_path):
-    """benchmarks/quality_runs.py: every (variant, seed) run trains the whole schedule on never-repeated tokens
+def test_runs_quality_cpu_smoke(tmp_path):
+    """`runs.py quality`: every (variant, seed) run trains the whole schedule on never-repeated tokens
     and is summarised; the same command again skips finished runs; too few train tokens is refused."""
     sys.path.insert(0, str(REPO / "tests"))
     from train_fixtures import make_train_base_dir
 
     base = make_train_base_dir(tmp_path / "base")
     out = tmp_path / "q.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--base-dir", str(base), "--depth", "2",
-           "--tokens", "1280", "--device-batch-size", "2", "--total-batch", "128", "--variants", "torch,fp8",
-           "--seeds", "1,2", "--eval-every", "5", "--eval-tokens", "512", "--save-every", "5",
-           "--extra", "--max_seq_len 32", "--out", str(out)]
+    cmd = [*RUNS, "quality", "--base-dir", str(base), "--depth", "2", "--tokens", "1280", "--device-batch-size", "2",
+           "--total-batch", "128", "--variants", "torch,fp8", "--seeds", "1,2", "--eval-every", "5",
+           "--eval-tokens", "512", "--save-every", "5", "--extra", "--max_seq_len 32", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(out.read_text())
@@ -186,12 +194,12 @@ def test_quality_runs_cpu_smoke(tmp_path):
         part.write_text(json.dumps({"runs": {k: r for k, r in summary["runs"].items() if r["variant"] == variant}}))
         parts.append(str(part))
     merged_out = tmp_path / "merged.json"
-    merged = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--from", ",".join(parts),
-                             "--out", str(merged_out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    merged = subprocess.run([*RUNS, "quality", "--from", ",".join(parts), "--out", str(merged_out)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert json.loads(merged_out.read_text())["variants"] == summary["variants"]
-    twice = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--from",
-                            f"{parts[0]},{parts[0]}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    twice = subprocess.run([*RUNS, "quality", "--from", f"{parts[0]},{parts[0]}"], capture_output=True, text=True,
+                           timeout=120, cwd=REPO)
     assert twice.returncode == 2 and "is in two files" in twice.stderr
 
     refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
@@ -201,15 +209,13 @@ def test_quality_runs_cpu_smoke(tmp_path):
     assert counted.returncode == 0 and "60,000 train tokens" in counted.stdout, counted.stdout[-1000:]
 
 
-def test_quality_runs_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
+def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     """The test of equal quality: the other variant's mean within the exact path's seed-to-seed spread.
     A noisy variant must not pass on its own wide spread; the time to the exact path's final bpb is the step
     seconds up to the first evaluation at or below it."""
     import types
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import quality_runs
-
+    quality = benchmark_module("real_runs.quality")
     finals = {("torch", 1): 1.750, ("torch", 2): 1.745, ("fp8", 1): 1.800, ("fp8", 2): 1.720}
     for (variant, seed), final in finals.items():
         run = tmp_path / "runs" / f"q_{variant}_s{seed}"
@@ -219,7 +225,7 @@ def test_quality_runs_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
         evals = [(0, 4.0), (2, 1.740 if final < 1.74 else 1.9), (4, final)]
         (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "val_bpb": b}) + "\n" for s, b in evals))
     args = types.SimpleNamespace(base_dir=tmp_path, variants="torch,fp8")
-    summary = quality_runs.summarize(args, list(finals))
+    summary = quality.summarize(args, list(finals))
     fp8 = summary["variants"]["fp8"]
     assert math.isclose(summary["variants"]["torch"]["spread"], 0.005) and math.isclose(fp8["spread"], 0.08)
     assert math.isclose(fp8["delta_vs_exact"], 0.0125)  # inside fp8's own spread, outside the exact path's
@@ -233,10 +239,9 @@ def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tm
     """benchmarks/project_run.py on a real (tiny) run: every gap between two step records is attributed to the
     evaluation, checkpoint or samples the loop ran there, counted exactly; the projection's arithmetic too."""
     sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
-    import project_run
+    project_run = benchmark_module("project_run")
 
     base = make_train_base_dir(tmp_path / "base")
     args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "30", "--model-tag", "p"]
@@ -258,13 +263,15 @@ def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tm
 
 
 def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(tmp_path):
-    """benchmarks/multi_gpu.py's corpus (also quality_runs'): each distinct text once, in the order of their
-    hashes (a fixed shuffle, not path order: one kind of text must not fill the warm-down), the val split a
-    hash-chosen one in `shards` of the documents (so every directory is in it) written as the last parquet."""
+    """common.write_source_corpus (`runs.py scaling --make-data`, `runs.py quality --make-data`): each distinct
+    text once, in the order of their hashes (a fixed shuffle, not path order: one kind of text must not fill the
+    warm-down), the val split a hash-chosen one in `shards` of the documents (so every directory is in it)
+    written as the last parquet."""
+    import hashlib
+
     import pyarrow.parquet as pq
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import multi_gpu
+    common = benchmark_module("common")
 
     src = tmp_path / "src"
     for i in range(240):
@@ -275,13 +282,13 @@ def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(
     (src / "tiny.py").write_text("x = 1\n")  # under 200 characters: skipped
     (src / "notes.bin").write_text("y" * 500)  # not a text suffix
     out = tmp_path / "parquet"
-    chars = multi_gpu.write_source_corpus(out, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
+    chars = common.write_source_corpus(out, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
     files = sorted(out.glob("*.parquet"))
     texts = [pq.read_table(f).column("text").to_pylist() for f in files]
     assert sum(len(t) for t in texts) == 240 and chars == sum(len(x) for t in texts for x in t)
     val = texts[-1]
     assert 0 < len(val) < 240 // 4  # about 1 in 12 (20 expected)
-    digest = lambda text: multi_gpu.hashlib.sha1(text.encode()).digest()  # noqa: E731
+    digest = lambda text: hashlib.sha1(text.encode()).digest()  # noqa: E731
     assert all(digest(x)[-1] % 12 == 0 for x in val)
     train = [x for t in texts[:-1] for x in t]
     assert not any(digest(x)[-1] % 12 == 0 for x in train)
@@ -289,23 +296,22 @@ def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(
     modules = [int(x.split()[2]) for x in train]
     assert modules != sorted(modules)  # ...not in path order
     again = tmp_path / "again"
-    multi_gpu.write_source_corpus(again, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
+    common.write_source_corpus(again, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
     assert [pq.read_table(f).column("text").to_pylist() for f in sorted(again.glob("*.parquet"))] == texts
 
 
 def test_gpu_sampler_parses_nvidia_smi_lines_and_summarises_busy_gpus():
-    """multi_gpu.GpuSampler (used by multi_gpu.py and every train_throughput configuration): nvidia-smi's CSV
+    """common.GpuSampler (used by `runs.py scaling` and every train_throughput configuration): nvidia-smi's CSV
     lines become per-GPU samples; the summary covers the samples where a GPU was busy (utilisation >= 50%)."""
     import io
     import types
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import multi_gpu
+    common = benchmark_module("common")
 
     lines = ["0, 97, 1755, 690.5, 61, 0x0000000000000004", "0, 99, 1605, 699.0, 63, 0x0000000000000004",
              "0, 10, 1980, 120.0, 40, 0x0000000000000000", "1, 0, 345, 70.0, 31, 0x0000000000000001",
              "1, 0, 345, 71.0, 31, 0x0000000000000001", "garbage line", "0, [N/A], 1980, 100, 40, 0x0"]
-    sampler = multi_gpu.GpuSampler()
+    sampler = common.GpuSampler()
     sampler._proc = types.SimpleNamespace(stdout=io.StringIO("\n".join(lines) + "\n"))
     sampler._read(6)
     assert [len(sampler.samples[i]) for i in (0, 1)] == [3, 2]  # the unparsable lines are skipped
@@ -316,7 +322,7 @@ def test_gpu_sampler_parses_nvidia_smi_lines_and_summarises_busy_gpus():
     assert sampler.mean() == {0: round((97 + 99 + 10) / 3, 1), 1: 0.0}
 
 
-def test_quality_runs_branch_from_starts_every_variant_at_one_checkpoint(tmp_path):
+def test_runs_quality_branch_from_starts_every_variant_at_one_checkpoint(tmp_path):
     """--branch-from RUN:STEP: each variant's run begins as a copy of RUN's checkpoint at STEP (and its logs up
     to it), then trains only the steps after it with its own flags; --per-gpu is accepted on the CPU too."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -329,10 +335,10 @@ def test_quality_runs_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
                               "--stop_after", "8", "--eval_every", "5"], capture_output=True, text=True, timeout=300,
                              cwd=REPO)
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_runs.py"), "--base-dir", str(base), "--depth", "2",
-           "--tokens", "1280", "--device-batch-size", "2", "--total-batch", "128", "--variants", "torch,fp8-wd-bf16",
-           "--seeds", "1", "--eval-every", "5", "--eval-tokens", "512", "--save-every", "5", "--per-gpu", "2",
-           "--branch-from", "trunk:8", "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
+    cmd = [*RUNS, "quality", "--base-dir", str(base), "--depth", "2", "--tokens", "1280", "--device-batch-size", "2",
+           "--total-batch", "128", "--variants", "torch,fp8-wd-bf16", "--seeds", "1", "--eval-every", "5",
+           "--eval-tokens", "512", "--save-every", "5", "--per-gpu", "2", "--branch-from", "trunk:8",
+           "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     trunk = [json.loads(line) for line in (base / "runs" / "trunk" / "metrics.jsonl").read_text().splitlines()]
@@ -345,3 +351,72 @@ def test_quality_runs_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
     bad = subprocess.run(cmd[:cmd.index("--variants") + 1] + ["fp9"] + cmd[cmd.index("--variants") + 2:],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
+
+
+def test_runs_help_lists_every_subcommand_and_each_subcommand_has_help():
+    """runs.py is the one entry point for real runs: its --help names every subcommand, and each subcommand's
+    --help works on the CPU (no torch, no GPU, no base dir) and lists an option of its own."""
+    own_option = {"scaling": "--profile-step", "curve": "--configs", "resume": "--cut", "quality": "--branch-from",
+                  "ab": "--parity", "deepspeed": "--gpus"}
+    assert list(benchmark_module("runs").SUBCOMMANDS) == list(own_option)
+    top = subprocess.run([*RUNS, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert top.returncode == 0, top.stderr[-2000:]
+    listed = top.stdout[top.stdout.index("positional arguments"):]
+    for name in own_option:
+        assert f"\n    {name}" in listed, (name, listed)
+    for name, option in own_option.items():
+        sub = subprocess.run([*RUNS, name, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert sub.returncode == 0 and f"usage: runs.py {name}" in sub.stdout and option in sub.stdout, sub.stderr
+    none = subprocess.run(RUNS, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert none.returncode == 2 and "SUBCOMMAND" in none.stderr
+
+
+def test_no_benchmark_script_imports_another():
+    """Scripts share code through common.py (and runs.py through real_runs/) only: a script imported by another
+    would run its own top-level code there and tie the two scripts' command lines together."""
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"common"}
+    for path in [*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("real_runs/*.py")]:
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert not imported & scripts, (path.name, imported & scripts)
+
+
+def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_at_a_failure(tmp_path, monkeypatch):
+    """`runs.py deepspeed`: the d12 curves of the three ZeRO configs against one 1-GPU pair, then the d20 speed of
+    DDP and each ZeRO config, with multicast off for every launch; the corpus only when the base dir has none."""
+    deepspeed = benchmark_module("real_runs.deepspeed")
+    for key in deepspeed.NO_MULTICAST:  # restored after the test: the subcommand sets them for its launches
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+
+    def record(name, rc):
+        def run(args, p):
+            calls.append((name, args))
+            return rc(len(calls))
+        return run
+
+    monkeypatch.setattr(deepspeed, "make_data", lambda base, *a: calls.append(("make_data", base)))
+    monkeypatch.setattr(deepspeed.curve, "run", record("curve", lambda n: 0))
+    monkeypatch.setattr(deepspeed.scaling, "run", record("scaling", lambda n: 0))
+    args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "4"])
+    assert deepspeed.run(args, parser) == 0
+    assert [c[0] for c in calls] == ["make_data", "curve"] + ["scaling"] * 4
+    curve_args = calls[1][1]
+    assert (curve_args.gpus, curve_args.depth, curve_args.steps, curve_args.eval_every) == (4, 12, 100, 25)
+    assert [Path(c).stem for c in curve_args.configs.split(",")] == list(deepspeed.ZERO_CONFIGS)
+    assert curve_args.extra == "--kernels torch" and curve_args.out == tmp_path / "deepspeed_curves_d12_4gpu.json"
+    speeds = [c[1] for c in calls[2:]]
+    assert [Path(s.config).stem for s in speeds] == ["multi_gpu", *deepspeed.ZERO_CONFIGS]
+    assert all((s.gpus, s.variants, s.depth, s.steps) == ("4", "torch", 20, 12) for s in speeds)
+    assert speeds[1].out == tmp_path / "speed_d20_deepspeed_zero2_4gpu.json"
+    assert all(os.environ[k] == v for k, v in deepspeed.NO_MULTICAST.items())
+
+    calls.clear()  # shards present: no corpus; the second speed run fails: nothing after it
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    monkeypatch.setattr(deepspeed.scaling, "run", record("scaling", lambda n: 1 if n == 3 else 0))
+    assert deepspeed.run(args, parser) == 1
+    assert [c[0] for c in calls] == ["curve", "scaling", "scaling"]

@@ -1,7 +1,7 @@
 """Does a cut + `--resume auto` continue a run as if it had never stopped? Measured against the GPU's own
 run-to-run noise.
 
-    python benchmarks/resume_check.py --base-dir /tmp/mg --depth 12 --steps 6 --cut 3 --extra "--fp8" \\
+    python benchmarks/runs.py resume --base-dir /tmp/mg --depth 12 --steps 6 --cut 3 --extra "--fp8" \\
         --out resume_check.json
 
 Runs, each as one process on one GPU with the real loop (`python -m nanochat_unsloth.train`):
@@ -11,7 +11,7 @@ Runs, each as one process on one GPU with the real loop (`python -m nanochat_uns
           continued with `--resume auto`.
 It prints every step's loss and smoothed loss for A, B and C, the largest relative differences A-B and
 A-C, and C's step times (a resumed run that rebuilt its FP8 scaling or recompiled shows it there).
---base-dir must hold tokenizer/ and shards/ (benchmarks/multi_gpu.py --make-data writes them).
+--base-dir must hold tokenizer/ and shards/ (`runs.py scaling --make-data` writes them).
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import torch
-
-from multi_gpu import run_log, start_training  # a sibling script
+from common import args_record, gpu_count, run_log, start_training, write_json
 
 
 def train(args, tag: str, gpu: int, *extra: str) -> subprocess.Popen:
@@ -45,8 +42,7 @@ def max_rel(a: list[dict], b: list[dict], key: str, first: int = 0) -> float:
     return max(abs(x[key] - y[key]) / abs(x[key]) for x, y in zip(a[first:], b[first:]))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path, required=True)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--device-batch-size", type=int, default=32)
@@ -56,8 +52,12 @@ def main() -> int:
     p.add_argument("--extra", default="--fp8", help="more training flags for every run")
     p.add_argument("--tag", default="resume_check")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    two = torch.cuda.device_count() >= 2
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
+    import torch
+
+    two = gpu_count() >= 2
     a = train(args, f"{args.tag}_a", 0, "--force")
     b = train(args, f"{args.tag}_b", 1 if two else 0, "--force") if two else None
     wait(a, "A")
@@ -69,7 +69,7 @@ def main() -> int:
 
     ma, mb, mc = (run_log(args.base_dir, f"{args.tag}_{x}", "metrics.jsonl") for x in "abc")
     result = {
-        "args": {k: str(v) for k, v in vars(args).items()}, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "args": args_record(args), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "loss": {x: [m["loss"] for m in ms] for x, ms in zip("abc", (ma, mb, mc))},
         "smooth_loss": {x: [m["smooth_loss"] for m in ms] for x, ms in zip("abc", (ma, mb, mc))},
         "dt_c": [round(m["dt"], 3) for m in mc],
@@ -80,9 +80,6 @@ def main() -> int:
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Two checkouts of this package, A and B, on the same GPUs in one invocation: the same losses, and the speed.
 
-    python benchmarks/ab_compare.py --a /tmp/old/src --b src --base-dir /tmp/mg --out ab.json
+    python benchmarks/runs.py ab --a /tmp/old/src --b src --base-dir /tmp/mg --out ab.json
 
 Meant for a change that must not change behaviour (a refactor): A is the code before, B after. Each run is
 the real loop (`python -m nanochat_unsloth.train`) with PYTHONPATH pointing at one checkout's `src`:
@@ -11,7 +11,7 @@ the real loop (`python -m nanochat_unsloth.train`) with PYTHONPATH pointing at o
 - speed: for every variant in --speed, the d20 step of A and then of B on the SAME GPU (variants run on
   different GPUs at once), median tok/s of the steps after --warmup.
 
---base-dir must hold tokenizer/ and shards/ (benchmarks/multi_gpu.py --make-data writes them).
+--base-dir must hold tokenizer/ and shards/ (`runs.py scaling --make-data` writes them).
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import sys
 import threading
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import args_record, write_json
+
 PARITY = "torch:fast,torch:lean,torch:selective,fused:fast,fused:lean,fused:selective," \
          "fused+fp8:fast,fused+fp8:lean,fused+fp8:selective"
 SPEED = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"]}
 
 
-def run(args, src: Path, gpu: int, tag: str, flags: list[str]) -> list[dict]:
+def train_one(args, src: Path, gpu: int, tag: str, flags: list[str]) -> list[dict]:
+    """One run of checkout `src`'s loop on GPU `gpu`: its metrics records, or one record with its exit code and log tail."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(src.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "nanochat_unsloth.train", "--base_dir", str(args.base_dir), "--model_tag", tag,
@@ -67,8 +69,7 @@ def in_parallel(*jobs):
     return results
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a", type=Path, required=True, help="checkout A's src/ (before)")
     p.add_argument("--b", type=Path, required=True, help="checkout B's src/ (after)")
     p.add_argument("--base-dir", type=Path, required=True)
@@ -82,7 +83,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
     args.base_dir = args.base_dir.resolve()
     ga, gb = (int(g) for g in args.parity_gpus.split(","))
     speed_gpus = [int(g) for g in args.speed_gpus.split(",")]
@@ -92,8 +95,8 @@ def main() -> int:
         out = {}
         for spec in filter(None, args.parity.split(",")):
             name = spec.replace(":", "_").replace("+", "_")
-            a, b = in_parallel(lambda: run(args, args.a, ga, f"ab_a_{name}", parity_flags(args, spec)),
-                               lambda: run(args, args.b, gb, f"ab_b_{name}", parity_flags(args, spec)))
+            a, b = in_parallel(lambda: train_one(args, args.a, ga, f"ab_a_{name}", parity_flags(args, spec)),
+                               lambda: train_one(args, args.b, gb, f"ab_b_{name}", parity_flags(args, spec)))
             ok = "loss" in a[0] and "loss" in b[0]
             out[spec] = {"a_loss": [m.get("loss") for m in a], "b_loss": [m.get("loss") for m in b],
                          "a_grad_norm": [m.get("grad_norm") for m in a], "b_grad_norm": [m.get("grad_norm") for m in b],
@@ -108,7 +111,7 @@ def main() -> int:
                  "--num_iterations", str(args.steps), *SPEED[variant]]
         out = {}
         for side, src in (("a", args.a), ("b", args.b)):
-            ms = run(args, src, gpu, f"ab_{side}_speed_{variant}", flags)
+            ms = train_one(args, src, gpu, f"ab_{side}_speed_{variant}", flags)
             steady = [m["tok_per_sec"] for m in ms if m.get("step", -1) >= args.warmup]
             out[side] = {"tok_s": statistics.median(steady) if steady else None,
                          "peak_mem_gib": max((m.get("peak_mem_gib", 0) for m in ms), default=None),
@@ -120,7 +123,7 @@ def main() -> int:
 
     jobs = [parity_job] + [lambda v=v, g=g: speed_job(v, g) for v, g in zip(variants, speed_gpus)]
     parity, *speeds = in_parallel(*jobs)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "parity": parity,
+    result = {"args": args_record(args), "parity": parity,
               "speed": dict(zip(variants, speeds))}
     print("\nparity (step 0 loss, relative A-B):")
     for spec, r in parity.items():
@@ -130,10 +133,7 @@ def main() -> int:
         print(f"  {v:6} A {r['a']['tok_s']}  B {r['b']['tok_s']}  B/A {r.get('b_over_a')}  "
               f"peak GiB A {r['a']['peak_mem_gib']} B {r['b']['peak_mem_gib']}")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     bad = [s for s, r in parity.items() if r["step0_rel"] is None or r["step0_rel"] > args.tolerance]
     return 1 if bad else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,27 @@
 """Is a run on N GPUs the same run as on one GPU? A loss curve of N GPUs against two of one GPU.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    python benchmarks/curve_check.py --base-dir /tmp/mg --gpus 4 --depth 12 --steps 200 --out curve.json
+    python benchmarks/runs.py curve --base-dir /tmp/mg --gpus 4 --depth 12 --steps 200 --out curve.json
 
 Three runs of the real loop on the same shards and settings (one step = --total-batch tokens, so 1 GPU
 accumulates N times as many micro-batches as each of N GPUs):
     A, B: one GPU each, at the same time on GPUs 0 and 1: their difference is this GPU's run-to-run noise
           (attention's backward accumulates with atomics), which grows as training amplifies it;
     N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml, or with each of --configs
-          in turn (e.g. the DeepSpeed ones: benchmarks/deepspeed_curves.sh).
+          in turn (e.g. the DeepSpeed ones: `runs.py deepspeed`).
 It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
 (evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
-(benchmarks/multi_gpu.py --make-data writes them).
+(`runs.py scaling --make-data` writes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
 from pathlib import Path
 
-from multi_gpu import run_log, start_training  # a sibling script
+from common import args_record, run_log, start_training, write_json
+
 
 def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> subprocess.Popen:
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
@@ -33,8 +32,7 @@ def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> su
                           config=config)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path, required=True)
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--configs", default="",
@@ -48,7 +46,9 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=524288)
     p.add_argument("--extra", default="--kernels torch", help="more training flags for every run")
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
     configs = [c for c in args.configs.split(",") if c] or [None]
 
     tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b"}
@@ -72,7 +72,7 @@ def main() -> int:
 
     others = [k for k in tags if k not in ("a", "b")]
     result = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "windows": [f"{lo}-{hi - 1}" for lo, hi in windows],
         "a_vs_b_max_rel": [rel("a", "b", lo, hi) for lo, hi in windows],
         **{f"a_vs_{k}_max_rel": [rel("a", k, lo, hi) for lo, hi in windows] for k in others},
@@ -91,9 +91,6 @@ def main() -> int:
     for k in tags:
         print(f"{k}: median tok/s {result['tok_per_sec_median'][k]:,.0f}, peak memory {result['peak_mem_gib'][k]:.1f} GiB")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

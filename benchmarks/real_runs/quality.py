@@ -1,6 +1,6 @@
 """Equal quality on data the model cannot memorise: the exact path against --fp8, several seeds, one GPU each.
 
-    python benchmarks/quality_runs.py --base-dir /tmp/q --make-data --depth 12 --tokens 150000000 \\
+    python benchmarks/runs.py quality --base-dir /tmp/q --make-data --depth 12 --tokens 150000000 \\
         --variants torch,fp8 --seeds 42,43 --out quality.json
 
 Every (variant, seed) is one run of the real loop (`python -m nanochat_unsloth.train`), on a GPU of its own
@@ -9,8 +9,8 @@ tokens (a whole schedule, warm-down included: `--num_iterations` = tokens / tota
 every --eval-every steps, checkpoints every --save-every steps and starts with `--resume auto`: when a device
 call's time runs out, the same command continues every run where its last checkpoint left it.
 
-The corpus is never repeated: the script refuses to start when the train split holds fewer than --tokens
-tokens. --make-data writes one from this Python installation's own text (benchmarks/multi_gpu.py).
+The corpus is never repeated: `quality` refuses to start when the train split holds fewer than --tokens
+tokens. --make-data writes one from this Python installation's own text (common.make_data).
 
 Reported, per run: the final val bpb and the training seconds (sum of step times). Per variant: the mean
 final val bpb and its seed-to-seed spread (max - min). Then whether --fp8's mean lies within the spread of
@@ -27,14 +27,11 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import multi_gpu  # a sibling script: the corpus builder and the launcher
-from multi_gpu import run_log, start_training
+from common import args_record, gpu_count, make_data, run_log, start_training, write_json
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
             "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
             **{f"fp8-{r.replace('_', '-')}": ["--fp8", "--fp8_recipe", r]
@@ -54,15 +51,6 @@ TEXT_SUFFIXES = (".py", ".pyi", ".md", ".rst", ".txt", ".h", ".hpp", ".hxx", ".c
 def train_tokens(base_dir: Path) -> int:
     manifest = json.loads((base_dir / "shards" / "manifest.json").read_text())
     return sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
-
-
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
 
 
 def branch(args, tag: str) -> list[str]:
@@ -194,7 +182,7 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
     runs = {}
     for path in args.from_.split(","):
         if not Path(path).is_file():
-            p.error(f"--from {path}: no such file; pass the --out files of earlier quality_runs invocations")
+            p.error(f"--from {path}: no such file; pass the --out files of earlier `runs.py quality` invocations")
         for name, run in json.loads(Path(path).read_text())["runs"].items():
             if name in runs:
                 p.error(f"--from {path}: run {name} is in two files; pass each run once")
@@ -209,7 +197,7 @@ def report(summary: dict, args) -> None:
     """Print the summary, and write it to --out and its curves to --plot when given."""
     print_summary(summary)
     if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
+        write_json(args.out, summary)
     if args.plot:
         try:
             plot(summary, args.plot)
@@ -230,8 +218,7 @@ def print_summary(summary: dict) -> None:
         print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path)
     p.add_argument("--make-data", action="store_true", help="write the corpus, tokenizer and shards first")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="with --make-data: at most this much text")
@@ -258,7 +245,9 @@ def main() -> int:
     p.add_argument("--plot", default="", help="PNG of the curves")
     p.add_argument("--from", dest="from_", default="", help="comma list of --out files of earlier invocations (e.g. "
                    "the exact path's seeds from one call, a variant's from another): summarise and plot them together")
-    args = p.parse_args()
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
     if args.from_:
         return report_from(p, args)
     if args.base_dir is None:
@@ -267,8 +256,8 @@ def main() -> int:
     if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.make_data:
-        multi_gpu.make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
-                            suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars)
+        make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
+                  suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars)
     available = train_tokens(args.base_dir)
     num_iterations = math.ceil(args.tokens / args.total_batch)
     if args.data_only:
@@ -302,11 +291,8 @@ def main() -> int:
                     failed.append(run)
 
     summary = summarize(args, runs)
-    summary["args"] = {k: str(v) for k, v in vars(args).items()}
+    summary["args"] = args_record(args)
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
     report(summary, args)
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

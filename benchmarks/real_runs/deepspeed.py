@@ -1,0 +1,58 @@
+"""What DeepSpeed ZeRO still has to prove on GPUs (docs/MULTI_GPU.md, "DeepSpeed ZeRO"): curves, then speed.
+
+    python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 2
+
+Run on a machine with 2 or more GPUs, with the deepspeed extra installed (pip install -e '.[deepspeed]'):
+1. Curves (`curve`): 100-step d12 loss curves of ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on --gpus GPUs against
+   the same pair of 1-GPU runs (their gap is the GPU's own run-to-run spread), val bpb every 25 steps. Within
+   that spread at every window = the same step math on GPUs; offload outside it = refuse offload with the figure.
+   d12 at total batch 65,536 = N GPUs x 8 x 2048 x (4/N) accumulation steps: divisible for N = 1, 2, 4, 8.
+2. Speed and memory at d20 (`scaling`, the torch path): DDP against ZeRO-2 (target: >= 0.90x DDP's tok/s with
+   less memory per GPU), and ZeRO-3 / ZeRO-3 + offload for the memory they save.
+The corpus, tokenizer and shards of `scaling --make-data` are built first when --base-dir has no shards. NVLink
+multicast is switched off for every launch (this workplace's machines). Both steps write JSON next to the logs
+in --base-dir; the figures go to docs/PERF.md. Stops at the first step that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from common import NO_MULTICAST, REPO, make_data
+
+from real_runs import curve, scaling
+
+CONFIGS = REPO / "configs" / "accelerate"
+ZERO_CONFIGS = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-dir", type=Path, default=Path("/tmp/ds"))
+    p.add_argument("--gpus", type=int, default=2, help="GPUs for the N-GPU curves and the speed runs")
+
+
+def subcommand_args(module, argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """`argv` parsed as `module`'s own command line would be (its defaults for everything not named)."""
+    p = argparse.ArgumentParser(prog=f"runs.py {module.__name__.rsplit('.', 1)[-1]}")
+    module.add_arguments(p)
+    return p.parse_args(argv), p
+
+
+def run(args, p: argparse.ArgumentParser) -> int:
+    os.environ.update(NO_MULTICAST)
+    base, gpus = args.base_dir, str(args.gpus)
+    if not (base / "shards" / "manifest.json").is_file():
+        make_data(base, 150_000_000, 65536)
+    rc = curve.run(*subcommand_args(curve, [
+        "--base-dir", str(base), "--gpus", gpus, "--depth", "12", "--steps", "100", "--eval-every", "25",
+        "--configs", ",".join(str(CONFIGS / f"{name}.yaml") for name in ZERO_CONFIGS),
+        "--out", str(base / f"deepspeed_curves_d12_{gpus}gpu.json")]))
+    for config in ("multi_gpu", *ZERO_CONFIGS):
+        if rc:
+            return rc
+        rc = scaling.run(*subcommand_args(scaling, [
+            "--base-dir", str(base), "--gpus", gpus, "--variants", "torch", "--depth", "20", "--steps", "12",
+            "--config", str(CONFIGS / f"{config}.yaml"), "--out", str(base / f"speed_d20_{config}_{gpus}gpu.json")]))
+    return rc
