@@ -83,6 +83,31 @@ def test_profile_categories_do_not_count_fused_fp8_casts_as_matmuls():
     assert categorize("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
 
 
+def test_rope_norm_micro_runs_its_torch_side_on_cpu(tmp_path):
+    out = tmp_path / "micro.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rope_norm_micro.py"), "--device", "cpu",
+                           "--batch", "2", "--seq", "32", "--heads", "2", "--head-dim", "16", "--warmup", "0",
+                           "--iters", "1", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["variant"] == "torch (eager)" and r["shape"] == [2, 32, 2, 16]
+    assert r["min_gb_moved"] == 10 * 2 * (2 * 32 * 2 * 16) / 1e9
+
+
+def test_softcap_ce_micro_runs_its_torch_side_on_cpu(tmp_path):
+    """The loss-chunk micro-benchmark on the CPU: the torch math against float64 (bf16 logits: dz within one
+    bf16 rounding, 2^-8, of the largest; the loss sum in fp32, 1e-6 relative; measured 1.9e-3 and 1.1e-8)."""
+    out = tmp_path / "ce.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "softcap_ce_micro.py"), "--device", "cpu",
+                           "--rows", "16", "--vocab", "500", "--warmup", "0", "--iters", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["variant"] == "torch (eager)" and (r["rows"], r["vocab"]) == (16, 500)
+    assert r["min_gb_moved"] == 3 * 2 * 16 * 500 / 1e9
+    assert r["dz_max_rel_err_vs_fp64"] < 2**-8 and r["loss_rel_err_vs_fp64"] < 1e-6
+
+
 def test_activation_memory_lists_what_a_block_saves_on_cpu(tmp_path):
     """CPU smoke test (no allocator figures there): the saved-tensor listing of block 0 shows the MLP's
     4*n_embd-wide tensors under fast mode and none under selective."""

@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - GPU images have it
     triton = None
 
 # The launch shape: rows of head_dim values per Triton program, and warps per program. Fixed rather than
-# autotuned, so that every process of a run reduces each row in the same order (the alternatives' timings:
-# docs/perf-log/2026-11-28.md, "The prologue kernel's A/B").
+# autotuned, so that every process of a run reduces each row in the same order (benchmarks/rope_norm_micro.py
+# --sweep times the alternatives).
 ROWS_PER_PROGRAM = 16
 NUM_WARPS = 2
 
