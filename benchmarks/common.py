@@ -16,6 +16,7 @@ Nothing here imports torch or the package at module level: `runs.py --help` stay
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -361,3 +362,29 @@ def run_log(base_dir: Path, tag: str, name: str, missing_ok: bool = False) -> li
     path = base_dir / "runs" / tag / name
     return [] if missing_ok and not path.exists() else read_jsonl_records(path)
 
+
+# ---- micro-benchmarks ----------------------------------------------------------------------------
+
+def micro_device(name: str):
+    """`--device`'s torch.device; exits 2 with one line when CUDA is asked for and there is none."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU (use --device cpu for a smoke test)", file=sys.stderr)
+        raise SystemExit(2)
+    return torch.device(name)
+
+
+def launch_shapes(module, **choices):
+    """Every combination of a kernel module's launch constants (e.g. NUM_WARPS=(2, 4, 8)), set on the module
+    in turn and yielded as a tuple; the module's own values come back afterwards."""
+    names = list(choices)
+    default = [getattr(module, n) for n in names]
+    try:
+        for values in itertools.product(*choices.values()):
+            for n, v in zip(names, values):
+                setattr(module, n, v)
+            yield values
+    finally:
+        for n, v in zip(names, default):
+            setattr(module, n, v)

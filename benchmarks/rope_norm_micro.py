@@ -16,7 +16,6 @@ same tensors (median of --iters CUDA-event timings after warm-up) and checks tha
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ from nanochat_unsloth.model.ops import torch_rotary_norm  # noqa: E402
 from nanochat_unsloth.model.gpt import rotary_tables  # noqa: E402
 from nanochat_unsloth.model import rotary_norm as R  # noqa: E402
 from nanochat_unsloth.model.rotary_norm import rotary_norm  # noqa: E402
+from common import launch_shapes, micro_device  # noqa: E402
 
 
 def torch_qk(q, k, cos, sin):
@@ -56,29 +56,6 @@ def unsloth_qk_fn(head_dim: int, device):
         return (norm.Fast_RMS_Layernorm.apply(q, ones, eps, False), norm.Fast_RMS_Layernorm.apply(k, ones, eps, False))
 
     return unsloth_qk
-
-
-def micro_device(name: str) -> torch.device:
-    """`--device`'s device; exits 2 with one line when CUDA is asked for and there is none."""
-    if name == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU (use --device cpu for a smoke test)", file=sys.stderr)
-        raise SystemExit(2)
-    return torch.device(name)
-
-
-def launch_shapes(module, **choices):
-    """Every combination of a kernel module's launch constants (e.g. NUM_WARPS=(2, 4, 8)), set on the module
-    in turn and yielded as a tuple; the module's own values come back afterwards."""
-    names = list(choices)
-    default = [getattr(module, n) for n in names]
-    try:
-        for values in itertools.product(*choices.values()):
-            for n, v in zip(names, values):
-                setattr(module, n, v)
-            yield values
-    finally:
-        for n, v in zip(names, default):
-            setattr(module, n, v)
 
 
 def time_fwd_bwd(fn, q0, k0, cos, sin, grads, warmup: int, iters: int, on_cuda: bool) -> tuple[float, tuple]:

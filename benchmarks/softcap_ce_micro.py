@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nanochat_unsloth.model import lm_head_loss as L  # noqa: E402
 from nanochat_unsloth.model import softcap_ce as S  # noqa: E402
-from rope_norm_micro import launch_shapes, micro_device  # noqa: E402  (a sibling script: its directory is on sys.path)
+from common import launch_shapes, micro_device  # noqa: E402
 
 
 def time_chunk(fn, z0, targets, scale, warmup: int, iters: int, on_cuda: bool) -> tuple[float, tuple]:
