@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from real_runs import ab, curve, deepspeed, quality, resume, scaling
+from real_runs import ab, capacity, curve, deepspeed, quality, resume, scaling
 
 SUBCOMMANDS = {"scaling": scaling, "curve": curve, "resume": resume, "quality": quality, "ab": ab,
-               "deepspeed": deepspeed}
+               "deepspeed": deepspeed, "capacity": capacity}
 
 
 def build_parser() -> argparse.ArgumentParser:

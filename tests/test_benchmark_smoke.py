@@ -378,11 +378,36 @@ def test_runs_quality_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
     assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
 
 
+def test_runs_capacity_reports_each_depth_that_trains_and_stops_at_the_first_that_does_not(tmp_path):
+    """`runs.py capacity`: depths in the order given per launch until one fails; each that trains reports its
+    steady tok/s and peak memory, is killed after --steps steps (no checkpoint), and the deepest is summarised."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    out = tmp_path / "cap.json"
+    proc = subprocess.run([*RUNS, "capacity", "--base-dir", str(base), "--depths", "1,2,0,3", "--launches", "fast,lean",
+                           "--device-batch-size", "2", "--seq", "32", "--steps", "3", "--warmup", "1",
+                           "--timeout", "240", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    tried = [(r["launch"], r["depth"]) for r in result["rows"]]
+    assert tried == [("fast", 1), ("fast", 2), ("fast", 0), ("lean", 1), ("lean", 2), ("lean", 0)]  # d3 never
+    for r in result["rows"]:
+        if r["depth"]:
+            assert r["rc"] == 0 and r["steps"] >= 3 and r["tok_per_sec"] > 0 and "peak_mem_gib" in r, r
+        else:  # depth 0 is refused by the loop: it counts as not fitting
+            assert r["rc"] == 2 and "tok_per_sec" not in r, r
+    assert result["deepest"] == {"fast": 2, "lean": 2}
+    assert not list((base / "runs" / "capacity_fast_d1").glob("step_*"))  # killed before any checkpoint
+    assert "deepest, lean: d2" in proc.stdout
+
+
 def test_runs_help_lists_every_subcommand_and_each_subcommand_has_help():
     """runs.py is the one entry point for real runs: its --help names every subcommand, and each subcommand's
     --help works on the CPU (no torch, no GPU, no base dir) and lists an option of its own."""
     own_option = {"scaling": "--profile-step", "curve": "--configs", "resume": "--cut", "quality": "--branch-from",
-                  "ab": "--parity", "deepspeed": "--gpus"}
+                  "ab": "--parity", "deepspeed": "--gpus", "capacity": "--launches"}
     assert list(benchmark_module("runs").SUBCOMMANDS) == list(own_option)
     top = subprocess.run([*RUNS, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert top.returncode == 0, top.stderr[-2000:]
