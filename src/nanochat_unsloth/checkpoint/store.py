@@ -1,7 +1,10 @@
 """Run checkpoints: `<base>/runs/<tag>/step_000123/`, complete or absent.
 
 A checkpoint is Accelerate's `save_state` output (model, optimizers, RNG, the loader's position)
-plus our `meta.json` (meta.py). It is written under a hidden temporary name and renamed into place only
+plus our `meta.json` (meta.py). Single-process and DDP runs write nanochat-readable whole files
+(`model.safetensors`, `optimizer.bin`, ...); the states no rank holds whole are written sharded, each rank
+its own shards: an FSDP2 run's model and optimizers with torch.distributed.checkpoint (sharded.py), a
+DeepSpeed run's by DeepSpeed itself (`pytorch_model/`). It is written under a hidden temporary name and renamed into place only
 once every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
 `meta.json` records every file's size and sha256; loading checks both, so a truncated or bit-flipped
 checkpoint is refused with one line instead of resuming into NaNs (and `--resume auto` falls back to
@@ -24,6 +27,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from nanochat_unsloth.checkpoint import sharded
 from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
@@ -122,7 +126,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
 
     `models` (default: Accelerate's prepared models) are checked for finite weights; `write_state(dir)`
     (default: Accelerate's save_state) writes the training state, collectively: an FSDP2 run passes its
-    own whole-state save (train/checkpoint.py).
+    sharded save (train/checkpoint.py).
 
     Weights holding NaN or inf raise NonFiniteWeights before anything is written. A failed write is one
     UserError naming the path; its partial directory is removed and the earlier checkpoints stay."""
@@ -238,7 +242,9 @@ def verify_checkpoint(step_dir: Path) -> RunMeta:
 
     meta = load_meta(step_dir)
     path = Path(step_dir) / MODEL_FILE
-    if path.exists():  # an imported or older layout may keep its weights elsewhere; load_meta checked the files
+    # Sharded (FSDP2) and DeepSpeed checkpoints keep their weights in shards, which no rank should read
+    # whole to resume; they were checked finite before they were written (no version saved them unchecked)
+    if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:
                 check_finite_weights(((key, f.get_tensor(key)) for key in f.keys()), path)
@@ -315,11 +321,14 @@ def load_model_state_dict(step_dir: Path, verify: bool = True) -> dict[str, torc
     if verify:
         load_meta(step_dir)
     path = step_dir / MODEL_FILE
-    if not path.exists() and is_deepspeed_checkpoint(step_dir):
-        return load_deepspeed_weights(step_dir)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: cannot read the model weights ({e}); the checkpoint is corrupt") from None
+    if sharded.is_sharded_checkpoint(step_dir):
+        path, state = step_dir / sharded.SHARDED_DIR, sharded.load_weights(step_dir)
+    elif not path.exists() and is_deepspeed_checkpoint(step_dir):
+        path, state = step_dir / DEEPSPEED_TAG, load_deepspeed_weights(step_dir)
+    else:
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: cannot read the model weights ({e}); the checkpoint is corrupt") from None
     check_finite_weights(state.items(), path)
     return strip_wrapper_prefixes(state)

@@ -120,7 +120,7 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     state = layout.to_nanochat_state_dict(loaded.state_dict, loaded.model_config, str(step_dir),
                                           layout.nanochat_embedding_dtype(meta, loaded.state_dict))
     nano_meta = layout.nanochat_meta(meta, tag)
-    optim_states = layout.nanochat_optim_from_run(step_dir) if with_optim else None
+    optim_states = layout.nanochat_optim_from_run(step_dir, meta) if with_optim else None
 
     out_dir = dst_base / layouts.NANOCHAT_CHECKPOINTS / tag
     s = loaded.step

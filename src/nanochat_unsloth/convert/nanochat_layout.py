@@ -25,6 +25,7 @@ import torch
 
 from nanochat_unsloth.checkpoint.layouts import check_state_dict, load_torch_file, model_config_kwargs
 from nanochat_unsloth.checkpoint.meta import RunMeta
+from nanochat_unsloth.checkpoint.sharded import SHARDED_DIR, is_sharded_checkpoint, load_state
 from nanochat_unsloth.checkpoint.store import strip_wrapper_prefixes
 from nanochat_unsloth.common import UserError
 
@@ -150,13 +151,16 @@ def nanochat_meta_bytes(meta: dict) -> bytes:
 # Optimizer state
 
 
-def nanochat_optim_from_run(step_dir: Path) -> list[dict]:
-    """[adamw.state_dict(), muon.state_dict()] from Accelerate's optimizer.bin / optimizer_1.bin.
+def nanochat_optim_from_run(step_dir: Path, meta: RunMeta | None = None) -> list[dict]:
+    """[adamw.state_dict(), muon.state_dict()] from Accelerate's optimizer.bin / optimizer_1.bin, or from the
+    shards of a sharded checkpoint (`meta`: its meta.json).
 
     Our build_optimizers returns [adamw, muon] like nanochat's setup_optimizers, and Accelerate saves them
     in that order. Muon's groups are sorted by shape, as nanochat's DistMuon (its multi-GPU Muon) groups them.
     """
     step_dir = Path(step_dir)
+    if is_sharded_checkpoint(step_dir):
+        return optim_from_sharded(step_dir, meta)
     states = []
     for name in ("optimizer.bin", "optimizer_1.bin"):
         path = step_dir / name
@@ -170,3 +174,22 @@ def nanochat_optim_from_run(step_dir: Path) -> list[dict]:
         raise UserError(f"{step_dir / 'optimizer.bin'}: expected AdamW's 2 groups (lm_head, wte), "
                         f"found {len(states[0]['param_groups'])}")
     return states
+
+
+def optim_from_sharded(step_dir: Path, meta: RunMeta) -> list[dict]:
+    """The optimizer states of a sharded (FSDP2) checkpoint, whole, in torch's format: the run's model and
+    optimizers are rebuilt on the CPU of this one process and the checkpoint loaded into them (the saved
+    param groups, LRs included, replace the ones built here), as a resume on one process would."""
+    from nanochat_unsloth.model.build import build_model
+    from nanochat_unsloth.model.gpt import GPTConfig
+    from nanochat_unsloth.train import optim
+
+    where = Path(step_dir) / SHARDED_DIR
+    name = meta.train_config.get("optimizer", "muon")
+    if name != "muon":
+        raise UserError(f"{where}: --with-optim exports nanochat's AdamW + Muon state, and this run trained with "
+                        f"--optimizer {name}; drop --with-optim")
+    model = build_model(GPTConfig(**model_config_kwargs(meta.model_config, str(where))), device="cpu")
+    optimizers = optim.build_optimizers(model)
+    load_state(step_dir, model, optimizers)
+    return [opt.state_dict() for opt in optimizers]

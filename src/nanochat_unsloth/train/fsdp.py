@@ -7,10 +7,12 @@ Newton-Schulz does not, so Muon gathers the whole matrix first and adds back onl
 the result. Gathering is a collective: every rank must call these in the same order. The plain-tensor
 branch of each helper is the identity, so DDP / single-GPU code paths stay bitwise the same.
 
-Checkpoints of an FSDP2 run are written whole, in the layout of an unsharded run (`model.safetensors`,
-`optimizer.bin`, `optimizer_1.bin`; train/checkpoint.py): Accelerate's FSDP save pairs optimizer i with
-model i, and nanochat trains one model with two optimizers (AdamW and Muon), and its sharded format is
-one that `convert` and `eval` cannot read. Whole states also resume on another GPU count, or under DDP.
+Checkpoints of an FSDP2 run are written sharded by us, with torch.distributed.checkpoint (checkpoint/sharded.py,
+called from train/checkpoint.py), not by Accelerate's save_state: Accelerate's FSDP save pairs optimizer i with
+model i, and nanochat trains one model with two optimizers (AdamW and Muon). Each rank writes its own shards,
+so no rank ever holds a whole state; the checkpoint resumes on another GPU count, or under DDP, and `convert`
+and `eval` read it in one process. A checkpoint of an unsharded run (DDP, one process) resumes under FSDP2
+through the helpers at the end of this file.
 """
 
 from __future__ import annotations
@@ -57,25 +59,7 @@ def apply_full_update(p: Tensor, update: Tensor, alpha: float) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: FSDP2 runs are saved whole, in the layout of an unsharded run
-
-
-def gathered_state_dict(state, keep: bool):
-    """`state` (a model or optimizer state dict, nested dicts / lists) with every DTensor gathered whole.
-
-    A collective: every rank calls it on the same structure. The rank that `keep`s the result gets host
-    copies (one whole tensor on the device at a time); the others get None in their place.
-    """
-    if isinstance(state, DTensor):
-        whole = state.full_tensor()
-        return whole.cpu() if keep else None
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu() if keep else None
-    if isinstance(state, dict):
-        return {k: gathered_state_dict(v, keep) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(gathered_state_dict(v, keep) for v in state)
-    return state
+# An unsharded run's checkpoint (whole tensors) resumed under FSDP2
 
 
 def shard_like(whole: Tensor, like: Tensor) -> Tensor:

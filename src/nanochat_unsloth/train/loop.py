@@ -221,8 +221,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     if device_type == "cuda":
         print0(f"compile: {prepared.compile}" + (" with CUDA graphs" if prepared.cuda_graphs else ""))
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
-    # FSDP2: checkpoints are saved and loaded whole by us, not by Accelerate (train/fsdp.py says why)
-    sharded_run = ckpt.ShardedRun(raw_model, optimizers, train_loader) if sharded_weights else None
+    # FSDP2: checkpoints are saved sharded and loaded by us, not by Accelerate (train/fsdp.py says why)
+    train_state = ckpt.TrainState(raw_model, optimizers, train_loader, fsdp2=sharded_weights)
     # FSDP2 and ZeRO-3: no rank holds whole weights, so any forward of the raw model is a collective
     whole_weights_nowhere = sharded_weights or bool(zero and zero.partitioned_weights)
     accelerator.register_for_checkpointing(train_loader)
@@ -251,7 +251,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
         # checkpoint's only when --force allowed it)
         initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
-        ckpt.load_training_state(accelerator, resume_dir, sharded_run)
+        ckpt.load_training_state(accelerator, resume_dir, train_state)
         for opt, lrs in zip(optimizers, initial_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["initial_lr"] = lr
@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
         try:
             return ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
-                                        sharded_run)
+                                        train_state)
         except Diverged as e:
             print0(diverged_notice(e, run_dir))
             raise

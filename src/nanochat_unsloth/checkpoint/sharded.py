@@ -1,0 +1,124 @@
+"""The sharded layout of an FSDP2 run's checkpoint, written with torch.distributed.checkpoint (DCP):
+
+    step_000123/
+        dcp/.metadata           every tensor's name, shape, dtype and where its pieces lie (written by rank 0)
+        dcp/__<rank>_0.distcp   each rank's own shards of the weights and optimizer states
+        random_states_<rank>.pkl, custom_checkpoint_0.pkl, meta.json   as in every run's checkpoint
+
+No rank gathers a whole weight or optimizer state to save it: each writes the shards it holds. The state is
+DCP's `get_state_dict` of the unwrapped model and its optimizers, `{"model": ..., "optim": ...}`, keyed by
+parameter name (nanochat's names), never by position, so it loads into any layout of the same model: FSDP2
+shards on any number of ranks (DCP reads the overlapping pieces of each saved shard), or whole tensors under
+DDP or in one process. `convert` and `eval` read the weights alone (`load_weights`), whole, in one process
+without a process group.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from nanochat_unsloth.common import UserError
+
+SHARDED_DIR = "dcp"
+MODEL_KEY, OPTIM_KEY = "model", "optim"
+
+
+def is_sharded_checkpoint(step_dir: Path) -> bool:
+    return (Path(step_dir) / SHARDED_DIR / ".metadata").is_file()
+
+
+def _unwrapped(optimizer):
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer: DCP steps a fresh one (below), and the
+    wrapper's step is skipped outside a gradient-accumulation boundary."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _load(state: dict, path: Path, no_dist: bool) -> None:
+    """dcp.load; in one process without its warning that it assumes one process (that is the intent here)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+
+
+def training_state(model, optimizers) -> dict:
+    """{"model", "optim"}: the state dicts of the unwrapped model and its optimizers, as DCP names them, each
+    tensor laid out as the parameter it belongs to is (an FSDP2 shard or whole). Collective under FSDP2.
+
+    An optimizer with no state yet (a resume's fresh one) is given its state first by DCP itself: one step
+    with lr 0 on zero gradients, which leaves every weight as it was; the load then replaces that state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, [_unwrapped(o) for o in optimizers])
+    return {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+
+
+def _first_failure(e: Exception) -> BaseException:
+    """DCP reports what failed on any rank as one CheckpointException on every rank; its first cause (a full
+    disk is an OSError) is what the store turns into one line."""
+    failures = getattr(e, "failures", None) or {}
+    for failure in failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, BaseException):
+            return cause
+    return e
+
+
+def save_state(out_dir: Path, model, optimizers) -> None:
+    """Collective: every rank writes its own shards of the model and optimizer states into out_dir/dcp/."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(training_state(model, optimizers), checkpoint_id=Path(out_dir) / SHARDED_DIR,
+                 no_dist=not _distributed())
+    except CheckpointException as e:
+        raise _first_failure(e) from None
+
+
+def load_state(step_dir: Path, model, optimizers) -> None:
+    """Collective under a process group: a sharded checkpoint's model and optimizer states into `model` and
+    `optimizers`, whatever their layout (FSDP2 on any number of ranks, DDP, one process)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = training_state(model, optimizers)
+    path = Path(step_dir) / SHARDED_DIR
+    try:
+        _load(state, path, no_dist=not _distributed())
+    except CheckpointException as e:  # what the run holds is not what was saved (--force past another optimizer)
+        cause = _first_failure(e)
+        raise UserError(f"{path}: cannot load the sharded state ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}); resume with the run's own "
+                        "--depth and --optimizer") from None
+    set_state_dict(model, [_unwrapped(o) for o in optimizers], model_state_dict=state[MODEL_KEY],
+                   optim_state_dict=state[OPTIM_KEY])
+
+
+def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of a sharded checkpoint, whole, on the CPU of this one process (no process group): only
+    the model's entries are read, every rank's pieces of each."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(step_dir) / SHARDED_DIR
+    prefix = MODEL_KEY + "."
+    try:
+        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        weights = {name[len(prefix):]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                   for name, md in entries.items()
+                   if name.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+        _load({MODEL_KEY: weights}, path, no_dist=True)
+    except Exception as e:
+        cause = _first_failure(e)
+        raise UserError(f"{path}: cannot read the sharded weights ({type(cause).__name__}: {cause}); "
+                        "the checkpoint is corrupt") from None
+    return weights
