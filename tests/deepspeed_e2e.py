@@ -9,16 +9,20 @@ first steps would give most matrices no gradient, and Muon nothing to orthogonal
 steps on the same windows: ours through `setup.prepare_for_training` + `step.optimizer_step` (Muon + AdamW, Muon's
 bf16 Newton-Schulz native), DeepSpeed's through the same set-up under Accelerate's DeepSpeed and
 `deepspeed_zero.ZeroRun.optimizer_step`, once per --grad_clip value (a fresh model each time). Writes OUT/result.pt:
-per value, the whole weights after every step, the losses and grad norms; and what ran.
+per value, the whole weights after every step, the losses and grad norms; and what ran. Under DeepSpeed the first
+value's run is then saved as the loop saves one, into OUT/runs/zero/step_00000<STEPS>/ (each rank its shards).
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from nanochat_unsloth.checkpoint import store
+from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.model.build import ModelOptions
 from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train import bf16_gemm, deepspeed_zero
@@ -88,6 +92,13 @@ def main(out: Path, grad_clips: list[float]):
             norms.append(float(res.grad_norm) if res.grad_norm is not None else None)
             weights.append(whole_weights(raw))
         runs[grad_clip] = dict(weights=weights, losses=losses, grad_norms=norms)
+        if zero and len(runs) == 1:  # the first engine (Accelerate saves every engine it has prepared)
+            run_dir = out / "runs" / "zero"
+            if accelerator.is_main_process:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            meta = RunMeta(model_config=dataclasses.asdict(CONFIG), train_config=cfg.to_dict(), world_size=world,
+                           grad_accum=accum, device_type="cpu", num_iterations=100, deepspeed=zero.describe())
+            store.save_checkpoint(accelerator, run_dir, STEPS, meta, 0)
     if accelerator.is_main_process:
         torch.save(dict(runs=runs, world_size=world, zero=zero.describe() if zero else None), out / "result.pt")
     accelerator.wait_for_everyone()

@@ -5,7 +5,9 @@ configs/accelerate/deepspeed_*.yaml as they are (`accelerate launch`; DeepSpeed'
   model is built;
 - the step: DeepSpeed's ZeRO-2 and ZeRO-3-with-offload steps against our single-process step
   (tests/deepspeed_e2e.py), with the raw-gradient clipping engaged;
-- checkpoints: saved on --save_every and on SIGTERM, and `--resume auto` continues a ZeRO-3 run bit-exactly.
+- checkpoints: DeepSpeed's own, each rank writing its partition (no rank gathers a ZeRO-3 weight); saved on
+  --save_every and on SIGTERM, `--resume auto` continues a ZeRO-3 run bit-exactly, a run without DeepSpeed refuses
+  it in one line, and what `convert` and `eval` read of it (zero-to-fp32) is the gathered weights.
 
 What a CPU cannot show: bf16 autocast, fused AdamW and compiled blocks (CUDA only), NCCL, speed and memory.
 """
@@ -21,12 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat_unsloth.cli import run_main
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.train import deepspeed_zero, optim
+from nanochat_unsloth.train.__main__ import main as train_main
 
 from cpu_launch import REPO, is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
+from run_helpers import one_line_error
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 ZERO2, ZERO3, ZERO3_OFFLOAD = (f"configs/accelerate/deepspeed_{n}.yaml" for n in ("zero2", "zero3", "zero3_offload"))
@@ -83,13 +88,20 @@ def test_our_configs_pass_and_the_run_fills_what_it_owns():
 
 def test_a_checkpoint_resumes_only_under_its_own_zero_stage_and_process_count():
     zero3 = deepspeed_zero.ZeroRun(stage=3, offload_optimizer=False, offload_param=False, world_size=2)
-    deepspeed_zero.check_resume(RunMeta(deepspeed=zero3.describe()), zero3)
-    deepspeed_zero.check_resume(RunMeta(deepspeed=None), None)
+    deepspeed_zero.check_resume(RunMeta(deepspeed=zero3.describe()), zero3, "ckpt")
+    deepspeed_zero.check_resume(RunMeta(deepspeed=None), None, "ckpt")
+    move = "`nanochat-unsloth convert` and `convert --from-nanochat`"
     for meta, run, says in ((RunMeta(deepspeed=zero3.describe()), None, "DeepSpeed ZeRO-3's on 2 processes"),
                             (RunMeta(), zero3, "not written by a DeepSpeed run"),
                             (RunMeta(deepspeed=zero3.describe() | {"world_size": 4}), zero3, "ZeRO-3 on 4 processes")):
-        with pytest.raises(UserError, match=says):
-            deepspeed_zero.check_resume(meta, run)
+        with pytest.raises(UserError, match=says) as e:
+            deepspeed_zero.check_resume(meta, run, "runs/d2/step_000002")
+        message = str(e.value)
+        assert message.startswith("--resume: cannot resume runs/d2/step_000002: ") and "\n" not in message, message
+        # the fix: the checkpoint's own DeepSpeed config and process count, or its weights carried over by convert
+        assert (move in message) == (meta.deepspeed is not None), message
+        if meta.deepspeed is not None:
+            assert "deepspeed_zero3*.yaml) and --num_processes " + str(meta.deepspeed["world_size"]) in message
 
 
 def test_muon_momentum_warms_up_through_accelerates_optimizer_wrapper():
@@ -161,10 +173,34 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
         for step in range(1, 4):
             assert all(torch.equal(run["weights"][step][k], w) for k, w in ref[1.0]["weights"][step].items()), \
                 (config, step)
+        _check_saved_shards(tmp_path / Path(config).stem / "runs" / "zero" / ckpt.step_dir_name(3), run["weights"][3],
+                            config)
         run = result["runs"][0.5]
         assert run["grad_norms"][0] == pytest.approx(ref[0.5]["grad_norms"][0], rel=1e-6), config
         assert _largest_gap(run, ref[0.5], 1, adamw) <= 1e-5, config
         assert _largest_gap(run, ref[0.5], 2, everything) <= 0.1, config
+
+
+def _check_saved_shards(step_dir: Path, gathered: dict, config: str) -> None:
+    """A ZeRO run's checkpoint (DeepSpeed's own save, each rank its partition): under ZeRO-3 no file holds a whole
+    weight; what `convert` and `eval` read from it (zero-to-fp32, one process) is bitwise the weights gathered in
+    the run (GatheredParameters)."""
+    files = sorted((step_dir / ckpt.DEEPSPEED_TAG).glob("*_states.pt"))
+    # each rank's optimizer partition; model states: rank 0's whole weights under ZeRO-2 (every rank holds them
+    # whole there), each rank's under ZeRO-3
+    assert len([f for f in files if "optim_states" in f.name]) == 2, files
+    assert len([f for f in files if "model_states" in f.name]) == (2 if "zero3" in config else 1), files
+    if "zero3" in config:
+        numel = sum(w.numel() for w in gathered.values())
+        for path in files:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            if "model_states" in path.name:  # placeholders of the partitioned weights
+                assert all(t.numel() == 0 for t in saved["module"].values()), path
+            else:  # this rank's fp32 partition: half the weights, padded
+                part = sum(t.numel() for t in saved["optimizer_state_dict"]["fp32_flat_groups"])
+                assert numel / 2 <= part < numel, (path, part, numel)
+    weights = ckpt.load_model_state_dict(step_dir)
+    assert weights.keys() == gathered.keys() and all(torch.equal(weights[k], w) for k, w in gathered.items()), config
 
 
 def _train(base: Path, tag: str, *extra: str) -> list[str]:
@@ -180,7 +216,7 @@ def _losses(base: Path, tag: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly(base):
+def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refuses_other_strategies(base, capsys):
     # A: 5 steps, saved at 2 and 4 (--save_every) and at 5 (--stop_after)
     out = launch_cpu_processes(2, *_train(base, "a", "--stop-after", "5"), accelerate_config=ZERO3)
     assert out.returncode == 1 and "exitcode  : 3" in out.stderr, out.stderr[-3000:]  # torchrun's view of exit 3
@@ -189,6 +225,12 @@ def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly(base):
     # B: A's step-2 checkpoint, resumed; SIGTERM to the launcher once step 4 is logged
     (base / "runs" / "b").mkdir(parents=True)
     shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(2), base / "runs" / "b" / ckpt.step_dir_name(2))
+    # one process without DeepSpeed (as DDP) is refused in one line, before any state is loaded
+    (base / "runs" / "plain").mkdir(parents=True)
+    shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(2), base / "runs" / "plain" / ckpt.step_dir_name(2))
+    code = run_main(train_main, _train(base, "plain", "--resume", "auto")[2:])
+    err = one_line_error(capsys, code)
+    assert f"cannot resume {base / 'runs' / 'plain' / ckpt.step_dir_name(2)}: it is DeepSpeed ZeRO-3's on 2" in err
     launcher = start_cpu_processes(2, *_train(base, "b", "--resume", "auto"), accelerate_config=ZERO3)
     out, err, elapsed, workers = signal_after_line(launcher, "step 00004/", signal.SIGTERM, timeout=120)
     assert elapsed < 60, elapsed

@@ -305,7 +305,8 @@ def load_deepspeed_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     except ImportError as e:
         raise UserError(f"{step_dir}: a DeepSpeed checkpoint; reading it needs DeepSpeed ({e}): "
                         "pip install 'nanochat-unsloth[deepspeed]'") from None
-    with contextlib.redirect_stdout(io.StringIO()):  # it reports its progress with print
+    # it reports its progress with print and progress bars; what goes wrong, it raises
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
     return {k: v.contiguous() for k, v in state.items()}
 

@@ -403,19 +403,27 @@ def _cpu_only_settings() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def check_resume(meta: RunMeta, run: ZeroRun | None) -> None:
-    """A DeepSpeed checkpoint resumes under the same ZeRO stage and process count only, and a run's checkpoint
-    of another kind (DDP, FSDP2, one process) does not resume under DeepSpeed: their layouts differ."""
+def check_resume(meta: RunMeta, run: ZeroRun | None, resume_dir) -> None:
+    """A DeepSpeed checkpoint resumes under the same ZeRO stage and process count only, and a checkpoint of
+    another kind (DDP, FSDP2, one process) does not resume under DeepSpeed: DeepSpeed's files hold its own flat
+    partitions of the weights and of MuonWithAuxAdam's states, per rank, which only a DeepSpeed engine of the
+    same shape loads. Its weights leave through `convert` (zero-to-fp32, then `--from-nanochat` with a fresh
+    optimizer state), which each refusal names."""
     saved = meta.deepspeed
     if saved is None and run is None:
         return
+    where = f"--resume: cannot resume {resume_dir}"
     if saved is None:
-        raise UserError("cannot resume: the checkpoint was not written by a DeepSpeed run and this run uses "
-                        "DeepSpeed; resume it with the accelerate config it was trained with")
+        raise UserError(f"{where}: it was not written by a DeepSpeed run and this run uses DeepSpeed; resume it "
+                        "with the accelerate config it was trained with (not a DeepSpeed one)")
+    same = (f"launch with a ZeRO-{saved['stage']} config (configs/accelerate/deepspeed_zero{saved['stage']}*.yaml) "
+            f"and --num_processes {saved['world_size']}")
+    move = ("or take its weights elsewhere with `nanochat-unsloth convert` and `convert --from-nanochat` "
+            "(a fresh optimizer state)")
     if run is None:
-        raise UserError(f"cannot resume: the checkpoint is DeepSpeed ZeRO-{saved['stage']}'s on {saved['world_size']} "
-                        "processes; resume it with that DeepSpeed config and process count")
+        raise UserError(f"{where}: it is DeepSpeed ZeRO-{saved['stage']}'s on {saved['world_size']} processes and "
+                        f"this run does not use DeepSpeed; {same}, {move}")
     now = run.describe()
     if (saved["stage"], saved["world_size"]) != (now["stage"], now["world_size"]):
-        raise UserError(f"cannot resume: the checkpoint is ZeRO-{saved['stage']} on {saved['world_size']} processes, "
-                        f"this run ZeRO-{now['stage']} on {now['world_size']}; use the checkpoint's settings")
+        raise UserError(f"{where}: it is ZeRO-{saved['stage']} on {saved['world_size']} processes, this run "
+                        f"ZeRO-{now['stage']} on {now['world_size']}; {same}, {move}")

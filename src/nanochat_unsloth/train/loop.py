@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                    "nothing to do")
             return {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir),
                     "val_bpb": [], "already_complete": True, "final_step": start_step}
-        deepspeed_zero.check_resume(meta, zero)
+        deepspeed_zero.check_resume(meta, zero, resume_dir)
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
         # checkpoint's only when --force allowed it)
         initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
