@@ -403,7 +403,7 @@ def _cpu_only_settings() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def check_resume(meta: RunMeta, run: ZeroRun | None, resume_dir) -> None:
+def check_resume(meta: RunMeta, run: ZeroRun | None, resume_dir: "os.PathLike | str") -> None:
     """A DeepSpeed checkpoint resumes under the same ZeRO stage and process count only, and a checkpoint of
     another kind (DDP, FSDP2, one process) does not resume under DeepSpeed: DeepSpeed's files hold its own flat
     partitions of the weights and of MuonWithAuxAdam's states, per rank, which only a DeepSpeed engine of the
