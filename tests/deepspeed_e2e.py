@@ -10,7 +10,8 @@ steps on the same windows: ours through `setup.prepare_for_training` + `step.opt
 bf16 Newton-Schulz native), DeepSpeed's through the same set-up under Accelerate's DeepSpeed and
 `deepspeed_zero.ZeroRun.optimizer_step`, once per --grad_clip value (a fresh model each time). Writes OUT/result.pt:
 per value, the whole weights after every step, the losses and grad norms; and what ran. Under DeepSpeed the first
-value's run is then saved as the loop saves one, into OUT/runs/zero/step_00000<STEPS>/ (each rank its shards).
+value's run is then saved as the loop saves one, into OUT/runs/zero/step_00000<STEPS>/ (each rank its shards), and
+saved again after a NaN is written into rank 1's part of one weight (which must be refused).
 """
 
 import argparse
@@ -99,8 +100,20 @@ def main(out: Path, grad_clips: list[float]):
             meta = RunMeta(model_config=dataclasses.asdict(CONFIG), train_config=cfg.to_dict(), world_size=world,
                            grad_accum=accum, device_type="cpu", num_iterations=100, deepspeed=zero.describe())
             store.save_checkpoint(accelerator, run_dir, STEPS, meta, 0)
+            # a NaN in rank 1's part of the weights only: every rank refuses the next save
+            params = list(raw.parameters())
+            with torch.no_grad():
+                if rank == 1:
+                    local = params[0].ds_tensor if hasattr(params[0], "ds_tensor") else params[0]
+                    local.view(-1)[0] = float("nan")
+            try:
+                store.save_checkpoint(accelerator, run_dir, STEPS + 1, meta, 0)
+                nan_refused = None
+            except store.NonFiniteWeights as e:
+                nan_refused = str(e)
     if accelerator.is_main_process:
-        torch.save(dict(runs=runs, world_size=world, zero=zero.describe() if zero else None), out / "result.pt")
+        torch.save(dict(runs=runs, world_size=world, zero=zero.describe() if zero else None,
+                        nan_refused=nan_refused if zero else None), out / "result.pt")
     accelerator.wait_for_everyone()
 
 

@@ -175,6 +175,10 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
                 (config, step)
         _check_saved_shards(tmp_path / Path(config).stem / "runs" / "zero" / ckpt.step_dir_name(3), run["weights"][3],
                             config)
+        # a NaN in rank 1's partition only (ZeRO-3: its `ds_tensor`; the parameter is an empty placeholder): rank 0,
+        # whose result this is, refuses the save too, and nothing is written
+        assert "the weights hold NaN or inf (on another rank); not saved" in (result["nan_refused"] or ""), config
+        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / Path(config).stem / "runs" / "zero")] == [3], config
         run = result["runs"][0.5]
         assert run["grad_norms"][0] == pytest.approx(ref[0.5]["grad_norms"][0], rel=1e-6), config
         assert _largest_gap(run, ref[0.5], 1, adamw) <= 1e-5, config

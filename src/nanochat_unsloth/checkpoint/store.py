@@ -99,10 +99,17 @@ def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], where: str |
                         "saved; use an earlier checkpoint")
 
 
+def _local_part(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds: an FSDP2 DTensor's local shard; a ZeRO-3 parameter's partition
+    (`ds_tensor`: the parameter itself is an empty placeholder between forwards); else the parameter."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def _check_weights_before_save(accelerator, models, step: int) -> None:
     """Collective: every rank checks its (shard of the) weights; one bad tensor anywhere refuses the save."""
-    # an FSDP2 parameter is a DTensor: each rank checks the shard it holds
-    local = [(name, p.to_local() if hasattr(p, "to_local") else p) for m in models for name, p in m.named_parameters()]
+    local = [(name, _local_part(p)) for m in models for name, p in m.named_parameters()]
     bad = nonfinite_tensors(local)
     count = torch.tensor(float(len(bad)), device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -242,8 +249,9 @@ def verify_checkpoint(step_dir: Path) -> RunMeta:
 
     meta = load_meta(step_dir)
     path = Path(step_dir) / MODEL_FILE
-    # Sharded (FSDP2) and DeepSpeed checkpoints keep their weights in shards, which no rank should read
-    # whole to resume; they were checked finite before they were written (no version saved them unchecked)
+    # Sharded (FSDP2) and DeepSpeed checkpoints keep their weights in shards, which no rank should read whole
+    # to resume: every rank checks its part before each save instead (a ZeRO-3 save checked only the empty
+    # placeholders of its parameters before 2026-12-06); convert and eval check the whole weights they read
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:
