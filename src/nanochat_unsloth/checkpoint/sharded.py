@@ -61,15 +61,22 @@ def training_state(model, optimizers) -> dict:
     return {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
 
 
-def _first_failure(e: Exception) -> BaseException:
-    """DCP reports what failed on any rank as one CheckpointException on every rank; its first cause (a full
-    disk is an OSError) is what the store turns into one line."""
+def _first_failure(e: BaseException) -> BaseException:
+    """DCP reports what failed on any rank as one CheckpointException (a BaseException, not an Exception) on
+    every rank; its first cause (a full disk is an OSError) is what the store turns into one line."""
     failures = getattr(e, "failures", None) or {}
     for failure in failures.values():
         cause = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(cause, BaseException):
             return cause
     return e
+
+
+def _why(e: BaseException) -> str:
+    """The first cause of a failed load, on one line."""
+    cause = _first_failure(e)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 def save_state(out_dir: Path, model, optimizers) -> None:
@@ -95,10 +102,8 @@ def load_state(step_dir: Path, model, optimizers) -> None:
     try:
         _load(state, path, no_dist=not _distributed())
     except CheckpointException as e:  # what the run holds is not what was saved (--force past another optimizer)
-        cause = _first_failure(e)
-        raise UserError(f"{path}: cannot load the sharded state ({type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''}); resume with the run's own "
-                        "--depth and --optimizer") from None
+        raise UserError(f"{path}: cannot load the sharded state ({_why(e)}); resume with the run's own --depth "
+                        "and --optimizer") from None
     set_state_dict(model, [_unwrapped(o) for o in optimizers], model_state_dict=state[MODEL_KEY],
                    optim_state_dict=state[OPTIM_KEY])
 
@@ -107,6 +112,7 @@ def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """The weights of a sharded checkpoint, whole, on the CPU of this one process (no process group): only
     the model's entries are read, every rank's pieces of each."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(step_dir) / SHARDED_DIR
@@ -117,8 +123,7 @@ def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
                    for name, md in entries.items()
                    if name.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
         _load({MODEL_KEY: weights}, path, no_dist=True)
-    except Exception as e:
-        cause = _first_failure(e)
-        raise UserError(f"{path}: cannot read the sharded weights ({type(cause).__name__}: {cause}); "
-                        "the checkpoint is corrupt") from None
+    # a missing or unreadable file: DCP's CheckpointException (a BaseException), or OSError and pickle's errors
+    except (CheckpointException, Exception) as e:
+        raise UserError(f"{path}: cannot read the sharded weights ({_why(e)}); the checkpoint is corrupt") from None
     return weights
