@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.checkpoint import layouts, sharded, store
+from nanochat_unsloth.common import UserError
 from nanochat_unsloth.convert import nanochat_layout
 from nanochat_unsloth.convert.cli import export_to_nanochat
 from nanochat_unsloth.eval.cli import evaluate_checkpoint
@@ -104,7 +105,7 @@ def test_ddp_and_one_process_restore_the_exact_state_and_fsdp2_resumes_a_ddp_che
 
 
 @pytest.mark.slow
-def test_a_damaged_shard_is_skipped_by_resume_auto(run, tmp_path):
+def test_a_damaged_shard_is_skipped_by_resume_auto_and_a_missing_one_is_one_line(run, tmp_path):
     run_dir = tmp_path / "runs" / "fsdp"
     shutil.copytree(run["step_dir"], run_dir / run["step_dir"].name)
     shard = run_dir / run["step_dir"].name / sharded.SHARDED_DIR / "__1_0.distcp"
@@ -114,6 +115,10 @@ def test_a_damaged_shard_is_skipped_by_resume_auto(run, tmp_path):
     notices = []
     assert store.find_resume(run_dir, "auto", notices.append) is None
     assert len(notices) == 1 and "__1_0.distcp: sha256 does not match" in notices[0], notices
+    # read without the meta's check (as after a file went missing since): one line, not DCP's traceback
+    shard.unlink()
+    with pytest.raises(UserError, match=r"dcp: cannot read the sharded weights \(FileNotFoundError: .*__1_0\.distcp"):
+        store.load_model_state_dict(shard.parent.parent, verify=False)
 
 
 def _names_by_id(model_config: dict) -> list[dict]:
