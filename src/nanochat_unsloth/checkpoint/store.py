@@ -1,11 +1,11 @@
 """Run checkpoints: `<base>/runs/<tag>/step_000123/`, complete or absent.
 
 A checkpoint is Accelerate's `save_state` output (model, optimizers, RNG, the loader's position)
-plus our `meta.json` (meta.py). Single-process and DDP runs write nanochat-readable whole files
-(`model.safetensors`, `optimizer.bin`, ...); the states no rank holds whole are written sharded, each rank
-its own shards: an FSDP2 run's model and optimizers with torch.distributed.checkpoint (sharded.py), a
-DeepSpeed run's by DeepSpeed itself (`pytorch_model/`). It is written under a hidden temporary name and renamed into place only
-once every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
+plus our `meta.json` (meta.py). Single-process and DDP runs write whole files (`model.safetensors`,
+`optimizer.bin`, ...); the states no rank holds whole are written sharded, each rank its own shards: an
+FSDP2 run's model and optimizers with torch.distributed.checkpoint (sharded.py), a DeepSpeed run's by
+DeepSpeed itself (`pytorch_model/`). It is written under a hidden temporary name and renamed into place
+only once every file is on disk, so a crash mid-save never leaves a directory that `--resume auto` would pick.
 `meta.json` records every file's size and sha256; loading checks both, so a truncated or bit-flipped
 checkpoint is refused with one line instead of resuming into NaNs (and `--resume auto` falls back to
 the newest checkpoint that verifies). Weights that are not finite are never written, and refused when read.
