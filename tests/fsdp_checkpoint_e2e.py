@@ -18,8 +18,9 @@ optimizers, step and checkpoint functions. On 2 ranks:
 5. a fresh FSDP2 model loads that DDP checkpoint and takes the step; then, with a NaN in one rank's shard,
    its save is refused.
 
-On one process: the plain model and optimizers load it and take the step as 2 micro-steps. Writes
-OUT/result_<world size>.pt (rank 0).
+On one process: the plain model and optimizers load it without a process group and take the step as 2
+micro-steps; then, in a process group of one, an FSDP2 model loads it too (DCP reshards 2 ranks' pieces into one
+rank's) and takes that step. Writes OUT/result_<world size>.pt (rank 0).
 """
 
 import argparse
@@ -41,7 +42,7 @@ from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import TrainConfig
 from nanochat_unsloth.train.fsdp import full_tensor
 from nanochat_unsloth.train.step import optimizer_step
-from cpu_launch import exit_without_finalization  # tests/ is sys.path[0] when run as a script
+from cpu_launch import exit_without_finalization, free_port  # tests/ is sys.path[0] when run as a script
 
 TAG = "fsdp"
 B, T, DEPTH = 2, 32, 2
@@ -193,6 +194,13 @@ def main(base: Path, out: Path):
                             "optim": whole_optim_state(raw, opts)}
         result["loss"] = step_with(raw, raw, opts, SAVE_STEP)
         result["weights"] = {k: v.detach().clone() for k, v in raw.named_parameters()}
+
+        # FSDP2 on one rank: DCP reshards the 2 ranks' pieces into this rank's (whole) DTensor shards
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+        raw, opts = fresh(sharded=True)
+        ckpt.load_training_state(accelerator, step_dir, ckpt.TrainState(raw, opts, Position(), fsdp2=True))
+        result["fsdp2_one_rank_loaded"] = whole_state(raw, opts)
+        result["fsdp2_one_rank_loss"] = step_with(raw, raw, opts, SAVE_STEP)
     if accelerator.is_main_process:
         torch.save(result, out / f"result_{world}.pt")
     accelerator.wait_for_everyone()

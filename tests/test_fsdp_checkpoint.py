@@ -1,6 +1,7 @@
 """FSDP2 checkpoints are written sharded with torch.distributed.checkpoint, each rank its own shards, and every
 strategy reads them: FSDP2 resumes them bit-exactly, DDP and one process restore the exact state, an FSDP2 run
-resumes a DDP checkpoint, and `convert` and `eval` read them as the whole weights they hold.
+resumes a DDP checkpoint, FSDP2 on another rank count reshards them, and `convert` and `eval` read them as the whole
+weights they hold.
 
 2 gloo ranks with `fully_shard` (tests/fsdp_checkpoint_e2e.py: Accelerate runs FSDP only on GPUs, so the tiny GPT
 is sharded there by hand, and trained with the loop's optimizers, step and checkpoint functions), then one process.
@@ -88,7 +89,7 @@ def test_fsdp2_resumes_bit_exactly_and_refuses_to_save_a_nan_in_one_shard(run):
 
 
 @pytest.mark.slow
-def test_ddp_and_one_process_restore_the_exact_state_and_fsdp2_resumes_a_ddp_checkpoint(run):
+def test_ddp_one_process_and_fsdp2_on_one_rank_restore_the_exact_state_and_fsdp2_resumes_a_ddp_checkpoint(run):
     two, one = run["two"], run["one"]
     saved = two["saved"]
     # DDP (2 ranks, ShardedAdamW keeping rows of the moments) and one process (no process group): DCP reads
@@ -99,6 +100,9 @@ def test_ddp_and_one_process_restore_the_exact_state_and_fsdp2_resumes_a_ddp_che
     # the first step after resuming: the same weights on the same batches give the same loss. (The weights after
     # it are not compared: DDP clips with a norm summed in another order than FSDP2's sharded one.)
     assert two["ddp_loss"] == one["loss"] == two["straight_loss"]
+    # FSDP2 on another rank count (one): DCP reshards the 2 ranks' pieces, bitwise as well
+    assert _equal(one["fsdp2_one_rank_loaded"], saved)
+    assert one["fsdp2_one_rank_loss"] == two["straight_loss"]
     # and back: the DDP run's own (unsharded) checkpoint of that state, resumed under FSDP2, bit-exactly
     assert two["from_ddp_loss"] == two["straight_loss"]
     assert _equal(two["from_ddp"], two["straight"])
