@@ -141,7 +141,7 @@ def main(base: Path, out: Path):
         meta = RunMeta(model_config=dataclasses.asdict(config), train_config=train_config,
                        tokenizer_sha256=manifest.tokenizer.sha256, shards_sha256=manifest.fingerprint(),
                        world_size=world, grad_accum=accum, device_type="cpu", num_iterations=NUM_ITERATIONS)
-        state = ckpt.TrainState(model, optimizers, Position(SAVE_STEP), fsdp2=True)
+        state = ckpt.Checkpointed(model, optimizers, Position(SAVE_STEP), fsdp2=True)
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.save_checkpoint(accelerator, run_dir, SAVE_STEP, meta, 2, state)
@@ -151,7 +151,7 @@ def main(base: Path, out: Path):
 
         raw, opts = fresh(sharded=True)
         position = Position()
-        ckpt.load_training_state(accelerator, step_dir, ckpt.TrainState(raw, opts, position, fsdp2=True))
+        ckpt.load_training_state(accelerator, step_dir, ckpt.Checkpointed(raw, opts, position, fsdp2=True))
         result["fsdp2_position"] = position.value
         result["fsdp2_loss"] = step_with(raw, raw, opts, SAVE_STEP)
         result["fsdp2"] = whole_state(raw, opts)["weights"]
@@ -160,7 +160,7 @@ def main(base: Path, out: Path):
         ddp, *opts = accelerator.prepare(raw, *opts)
         position = Position()
         accelerator.register_for_checkpointing(position)
-        ckpt.load_training_state(accelerator, step_dir, ckpt.TrainState(raw, opts, position))
+        ckpt.load_training_state(accelerator, step_dir, ckpt.Checkpointed(raw, opts, position))
         result["ddp_position"] = position.value
         result["ddp_loaded"] = {"weights": {k: v.detach().clone() for k, v in raw.named_parameters()},
                                 "optim": whole_optim_state(raw, opts)}
@@ -173,7 +173,7 @@ def main(base: Path, out: Path):
 
         raw, opts = fresh(sharded=True)
         ckpt.load_training_state(accelerator, ddp_dir / store.step_dir_name(SAVE_STEP),
-                                 ckpt.TrainState(raw, opts, Position(), fsdp2=True))
+                                 ckpt.Checkpointed(raw, opts, Position(), fsdp2=True))
         result["from_ddp_loss"] = step_with(raw, raw, opts, SAVE_STEP)
         result["from_ddp"] = whole_state(raw, opts)["weights"]
 
@@ -183,13 +183,13 @@ def main(base: Path, out: Path):
                 raw.transformer.wte.weight.to_local()[0, 0] = float("nan")
         try:
             ckpt.save_checkpoint(accelerator, run_dir, SAVE_STEP + 1, meta, 2,
-                                 ckpt.TrainState(raw, opts, Position(), fsdp2=True))
+                                 ckpt.Checkpointed(raw, opts, Position(), fsdp2=True))
             result["nan_refused"] = None
         except NonFiniteWeights as e:
             result["nan_refused"] = str(e)
     else:
         raw, opts = fresh(sharded=False)
-        ckpt.load_training_state(accelerator, step_dir, ckpt.TrainState(raw, opts, Position()))
+        ckpt.load_training_state(accelerator, step_dir, ckpt.Checkpointed(raw, opts, Position()))
         result["loaded"] = {"weights": {k: v.detach().clone() for k, v in raw.named_parameters()},
                             "optim": whole_optim_state(raw, opts)}
         result["loss"] = step_with(raw, raw, opts, SAVE_STEP)
@@ -198,7 +198,7 @@ def main(base: Path, out: Path):
         # FSDP2 on one rank: DCP reshards the 2 ranks' pieces into this rank's (whole) DTensor shards
         torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
         raw, opts = fresh(sharded=True)
-        ckpt.load_training_state(accelerator, step_dir, ckpt.TrainState(raw, opts, Position(), fsdp2=True))
+        ckpt.load_training_state(accelerator, step_dir, ckpt.Checkpointed(raw, opts, Position(), fsdp2=True))
         result["fsdp2_one_rank_loaded"] = whole_state(raw, opts)
         result["fsdp2_one_rank_loss"] = step_with(raw, raw, opts, SAVE_STEP)
     if accelerator.is_main_process:

@@ -1,7 +1,7 @@
 """What a resume must agree with, checked before any state is loaded, each refusal one line: the model
 shape and the settings that make it the same run (or --force), the tokenizer and the shards it trained on
-(or --force), and a horizon ahead of the checkpoint's step. And the state a checkpoint carries in its meta
-beside Accelerate's files: the loss EMA and every rank's FP8 scaling history.
+(or --force), and a horizon ahead of the checkpoint's step. The loop's own state that a resume restores
+(its step, loss EMA and FP8 scaling histories) is train_state.py's.
 
 `cfg` is the run's TrainConfig (train/config.py, a floor above): read by attribute, its defaults by
 `type(cfg)()`."""
@@ -12,7 +12,6 @@ from pathlib import Path
 
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.common import UserError
-from nanochat_unsloth.model import fp8
 from nanochat_unsloth.shards.manifest import ShardManifest
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
@@ -87,25 +86,3 @@ def check_resume(meta: RunMeta, cfg, resume_dir: Path, manifest: ShardManifest, 
         return True
     check_horizon_ahead(step, num_iterations, cfg, resume_dir)
     return False
-
-
-def restore_train_state(meta: RunMeta, raw_model, rank: int, step: int, log=print) -> tuple[float, int]:
-    """The loss EMA and this rank's FP8 scaling history from a checkpoint's meta. -> (EMA value, its start
-    step); a checkpoint without them (older, or imported) starts the EMA afresh at `step`."""
-    histories = meta.fp8_scaling
-    if histories and fp8.delayed_scalings(raw_model):
-        # another number of processes: each rank takes a saved rank's history (same layer shapes, close amaxes)
-        if not fp8.load_scaling_state(raw_model, histories[rank % len(histories)]):
-            log("FP8 scaling history not restored (the checkpoint's FP8 layers differ); it rebuilds in the first step")
-    ema = meta.loss_ema
-    return (float(ema["value"]), int(ema["start_step"])) if ema else (0.0, step)
-
-
-def gather_fp8_scaling(accelerator, raw_model) -> list[list[float]] | None:
-    """Every rank's FP8 delayed-scaling state (ranks see different data, so different amaxes). Collective."""
-    state = fp8.scaling_state(raw_model)
-    if state is None:
-        return None
-    if accelerator.num_processes > 1:
-        state = accelerator.gather(state.unsqueeze(0))  # (world_size, n)
-    return state.reshape(accelerator.num_processes, -1).cpu().tolist()

@@ -19,7 +19,8 @@ import torch
 
 from nanochat_unsloth.checkpoint import store
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.checkpoint.resume import check_resume, gather_fp8_scaling, restore_train_state
+from nanochat_unsloth.checkpoint.resume import check_resume
+from nanochat_unsloth.checkpoint.train_state import TrainState
 from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
 from nanochat_unsloth.model import fp8
@@ -39,8 +40,6 @@ from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_laun
 from nanochat_unsloth.train.phase_timer import profiled_step
 from nanochat_unsloth.train.setup import prepare_for_training
 from nanochat_unsloth.train.step import optimizer_step
-
-EMA_BETA = 0.9
 
 
 class StopRequest:
@@ -221,8 +220,9 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     if device_type == "cuda":
         print0(f"compile: {prepared.compile}" + (" with CUDA graphs" if prepared.cuda_graphs else ""))
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
+    train_state = TrainState(raw_model, accelerator)  # the step, the loss EMA, the FP8 scaling histories
     # FSDP2: checkpoints are saved sharded and loaded by us, not by Accelerate (train/fsdp.py says why)
-    train_state = ckpt.TrainState(raw_model, optimizers, train_loader, fsdp2=sharded_weights)
+    checkpointed = ckpt.Checkpointed(raw_model, optimizers, train_loader, train_state, fsdp2=sharded_weights)
     # FSDP2 and ZeRO-3: no rank holds whole weights, so any forward of the raw model is a collective
     whole_weights_nowhere = sharded_weights or bool(zero and zero.partitioned_weights)
     accelerator.register_for_checkpointing(train_loader)
@@ -231,7 +231,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     eval_path = run_dir / "eval.jsonl"
     start_step = 0
-    smooth_loss, ema_start = 0.0, 0  # the loss EMA and the step it started at (debiasing)
     resume = store.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
     if cfg.resume and resume is None:
         if store.list_checkpoints(run_dir) and not cfg.force:
@@ -251,13 +250,14 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
         # checkpoint's only when --force allowed it)
         initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
-        ckpt.load_training_state(accelerator, resume_dir, train_state)
+        ckpt.load_training_state(accelerator, resume_dir, checkpointed, meta)
         for opt, lrs in zip(optimizers, initial_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["initial_lr"] = lr
         if train_loader.notice:
             print0(train_loader.notice)
-        smooth_loss, ema_start = restore_train_state(meta, raw_model, rank, start_step, print0)
+        if train_state.notice:
+            print0(train_state.notice)
         if meta.fresh_optimizer:
             print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
         print0(f"resumed from {resume_dir} at step {start_step}")
@@ -276,7 +276,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     trackers.start_trackers(accelerator, tracker_names, cfg.run, run_dir, cfg.to_dict())
 
     def meta_for(step, val_bpb):
-        """Collective (the FP8 histories of every rank are gathered): every process calls it."""
         return RunMeta(
             model_config=dataclasses.asdict(model_config),
             train_config=cfg.to_dict(),
@@ -288,8 +287,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             device_type=device_type,
             num_iterations=num_iterations,
             cpu_bf16=bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
-            loss_ema={"value": smooth_loss, "start_step": ema_start},
-            fp8_scaling=gather_fp8_scaling(accelerator, raw_model),
             deepspeed=zero.describe() if zero else None,
         )
 
@@ -305,7 +302,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
         try:
             return ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
-                                        train_state)
+                                        checkpointed)
         except Diverged as e:
             print0(diverged_notice(e, run_dir))
             raise
@@ -316,9 +313,9 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     val_bpb, min_val_bpb = None, float("inf")
     total_time = 0.0
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
-    step = start_step
     warmdown_from = optim.warmdown_start(num_iterations, cfg.warmdown_ratio)
     while True:
+        step = train_state.step  # optimizer steps complete so far
         last_step = step == num_iterations
 
         # once in a while: val bits per byte (all ranks take part)
@@ -384,11 +381,11 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        step += 1  # `step` optimizer steps are now complete
+        train_state.step += 1
+        step = train_state.step  # `step` optimizer steps are now complete
 
         # ---- logging ------------------------------------------------------------------------------
-        smooth_loss = EMA_BETA * smooth_loss + (1 - EMA_BETA) * step_loss
-        debiased = smooth_loss / (1 - EMA_BETA ** (step - ema_start))
+        debiased = train_state.record_loss(step_loss)
         tok_per_sec = cfg.total_batch_size / dt
         mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * world_size)
         if step - start_step > 10:
@@ -426,6 +423,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     # tearing gloo down while another still talks to it aborts or hangs that one)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result["final_step"] = step
+    result["final_step"] = train_state.step
     return result
 
