@@ -161,3 +161,21 @@ def test_convert_and_eval_read_the_sharded_checkpoint_as_its_gathered_weights(ru
     for key in ("train_bpb", "val_bpb", "samples", "step"):
         assert ours[key] == nanochat[key], key
     assert ours["kind"] == "run" and nanochat["kind"] == "nanochat"
+
+
+@pytest.mark.slow
+def test_convert_reads_the_sharded_optimizer_states_as_the_runs_optimizers_would_hold_them(run):
+    """convert builds no optimizer to read a sharded checkpoint's optimizer states (checkpoint/sharded.py rebuilds
+    them from DCP's metadata): what it exports is what one process's [AdamW, Muon] hold after loading the
+    checkpoint, groups, numbering and order included, so optim_N.pt is the same file byte for byte."""
+    import io
+
+    meta = store.load_meta(run["step_dir"])
+    model = build_model(GPTConfig(**layouts.model_config_kwargs(meta.model_config)), device="cpu")
+    optimizers = optim.build_optimizers(model)
+    sharded.load_state(run["step_dir"], model, optimizers)
+    files = []
+    for states in (nanochat_layout.optim_from_sharded(run["step_dir"], meta), [o.state_dict() for o in optimizers]):
+        files.append(io.BytesIO())
+        torch.save(states, files[-1])
+    assert files[0].getvalue() == files[1].getvalue()

@@ -9,8 +9,8 @@ No rank gathers a whole weight or optimizer state to save it: each writes the sh
 DCP's `get_state_dict` of the unwrapped model and its optimizers, `{"model": ..., "optim": ...}`, keyed by
 parameter name (nanochat's names), never by position, so it loads into any layout of the same model: FSDP2
 shards on any number of ranks (DCP reads the overlapping pieces of each saved shard), or whole tensors under
-DDP or in one process. `convert` and `eval` read the weights alone (`load_weights`), whole, in one process
-without a process group.
+DDP or in one process. `convert` and `eval` read the weights alone (`load_weights`), and `convert` the optimizer
+states (`load_optimizer_state`), whole, in one process without a process group.
 """
 
 from __future__ import annotations
@@ -127,3 +127,52 @@ def load_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     except (CheckpointException, Exception) as e:
         raise UserError(f"{path}: cannot read the sharded weights ({_why(e)}); the checkpoint is corrupt") from None
     return weights
+
+
+def load_optimizer_state(step_dir: Path) -> dict:
+    """The optimizer states of a sharded checkpoint, whole, on the CPU of this one process (no process group),
+    as DCP's `get_state_dict` named them: `{"state": {parameter name: {key: value}}, "param_groups": [{...,
+    "params": [parameter names]}]}`, the groups of every optimizer one after another in the run's order.
+
+    Nothing is built to load them into: the metadata records how DCP flattened the saved state (each entry's
+    path, in the saved order), and the state is rebuilt along those paths with a placeholder for each entry,
+    which the load fills in (an empty tensor of the saved shape and dtype, or None for a value saved as bytes)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(step_dir) / SHARDED_DIR
+    state: dict = {}
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        for name, where in (metadata.planner_data or {}).items():
+            if where[0] == OPTIM_KEY:
+                md = metadata.state_dict_metadata[name]
+                tensor = isinstance(md, TensorStorageMetadata)
+                _put(state, where, torch.empty(tuple(md.size), dtype=md.properties.dtype) if tensor else None)
+        if OPTIM_KEY in state:
+            _load(state, path, no_dist=True)
+    # a missing or unreadable file: DCP's CheckpointException (a BaseException), or OSError and pickle's errors
+    except (CheckpointException, Exception) as e:
+        raise UserError(f"{path}: cannot read the sharded optimizer states ({_why(e)}); the checkpoint is "
+                        "corrupt") from None
+    if OPTIM_KEY not in state:
+        raise UserError(f"{path}: holds no optimizer state (the run saved its weights alone)")
+    return state[OPTIM_KEY]
+
+
+def _put(root: dict, where: tuple, value) -> None:
+    """`value` at the path `where` (a str names a dict's key, an int a list's index), making the containers."""
+    node = root
+    for key, inner in zip(where, where[1:]):
+        empty = [] if isinstance(inner, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+            if node[key] is None:
+                node[key] = empty
+            node = node[key]
+        else:
+            node = node.setdefault(key, empty)
+    if isinstance(node, list):
+        node.extend([None] * (where[-1] + 1 - len(node)))
+    node[where[-1]] = value

@@ -162,6 +162,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     from nanochat_unsloth.model.build import build_model
     from nanochat_unsloth.model.gpt import GPTConfig
     from nanochat_unsloth.train import optim
+    from nanochat_unsloth.train.config import TrainConfig
 
     loaded = layouts.load_nanochat_checkpoint(source, step)
     s, model_config = loaded.step, loaded.model_config
@@ -176,7 +177,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     encoding, tokenizer_sha = load_checked_tokenizer(src_tok, loaded.path.name, vocab_size=model_config["vocab_size"],
                                                      fix="this is not the tokenizer it was trained with")
     n_vocab = encoding.n_vocab
-    train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name)
+    train_config = layout.train_config_from_nanochat_meta(loaded.meta, run_dir.name, TrainConfig().to_dict())
     derived = GPTConfig.from_depth(train_config["depth"], train_config["max_seq_len"], n_vocab)
     if layouts.model_config_kwargs(vars(derived)) != model_config:
         raise UserError(f"{loaded.path.parent / layouts.meta_file(s)}: model_config {model_config} is not what depth "

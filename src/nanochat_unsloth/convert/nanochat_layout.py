@@ -16,7 +16,6 @@ such rule lives here; the CLIs only move files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from nanochat_unsloth.checkpoint.layouts import check_state_dict, load_torch_file, model_config_kwargs
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.checkpoint.sharded import SHARDED_DIR, is_sharded_checkpoint, load_state
+from nanochat_unsloth.checkpoint.sharded import SHARDED_DIR, is_sharded_checkpoint, load_optimizer_state
 from nanochat_unsloth.checkpoint.store import strip_wrapper_prefixes
 from nanochat_unsloth.common import UserError
 
@@ -104,13 +103,11 @@ def user_config_from_train_config(train_config: dict) -> dict:
     return {k: train_config.get(k, default) for k, default in NANOCHAT_USER_CONFIG_DEFAULTS.items()}
 
 
-def train_config_from_nanochat_meta(meta: dict, model_tag: str) -> dict:
-    """Our TrainConfig dict from a nanochat meta: user_config shares our names; ours-only fields keep our defaults."""
-    from nanochat_unsloth.train.config import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def train_config_from_nanochat_meta(meta: dict, model_tag: str, defaults: dict) -> dict:
+    """Our TrainConfig dict from a nanochat meta: user_config shares our names; ours-only fields keep our
+    `defaults` (`TrainConfig().to_dict()`, every field in its order)."""
     user_config = meta.get("user_config") or {}
-    known = {k: v for k, v in user_config.items() if k in names and k not in ("base_dir", "shards", "resume")}
+    known = {k: v for k, v in user_config.items() if k in defaults and k not in ("base_dir", "shards", "resume")}
     # the model shape comes from model_config and the batch from the top-level keys nanochat's scripts read
     model_config = model_config_kwargs(meta.get("model_config"))
     known["depth"] = model_config["n_layer"]
@@ -118,10 +115,7 @@ def train_config_from_nanochat_meta(meta: dict, model_tag: str) -> dict:
     if "device_batch_size" in meta:
         known["device_batch_size"] = int(meta["device_batch_size"])
     known["model_tag"] = model_tag
-    try:
-        return TrainConfig(**known).to_dict()
-    except TypeError as e:
-        raise UserError(f"nanochat user_config does not fit our TrainConfig: {e}") from None
+    return {**defaults, **known}
 
 
 def nanochat_meta(run_meta: RunMeta, model_tag: str) -> dict:
@@ -177,19 +171,28 @@ def nanochat_optim_from_run(step_dir: Path, meta: RunMeta | None = None) -> list
 
 
 def optim_from_sharded(step_dir: Path, meta: RunMeta) -> list[dict]:
-    """The optimizer states of a sharded (FSDP2) checkpoint, whole, in torch's format: the run's model and
-    optimizers are rebuilt on the CPU of this one process and the checkpoint loaded into them (the saved
-    param groups, LRs included, replace the ones built here), as a resume on one process would."""
-    from nanochat_unsloth.model.build import build_model
-    from nanochat_unsloth.model.gpt import GPTConfig
-    from nanochat_unsloth.train import optim
-
+    """[adamw.state_dict(), muon.state_dict()] from a sharded (FSDP2) checkpoint, whole. DCP keeps the
+    optimizers' states keyed by parameter name and their groups one after another (AdamW's 2, then Muon's);
+    torch's layout numbers each parameter by its place in its own optimizer's groups."""
     where = Path(step_dir) / SHARDED_DIR
     name = meta.train_config.get("optimizer", "muon")
     if name != "muon":
         raise UserError(f"{where}: --with-optim exports nanochat's AdamW + Muon state, and this run trained with "
                         f"--optimizer {name}; drop --with-optim")
-    model = build_model(GPTConfig(**model_config_kwargs(meta.model_config, str(where))), device="cpu")
-    optimizers = optim.build_optimizers(model)
-    load_state(step_dir, model, optimizers)
-    return [opt.state_dict() for opt in optimizers]
+    saved = load_optimizer_state(step_dir)
+    groups = saved["param_groups"]
+    adamw, muon = groups[:2], groups[2:]
+    if [group["params"] for group in adamw] != [["lm_head.weight"], [EMBEDDING_KEY]] or not muon:
+        raise UserError(f"{where}: expected AdamW's 2 groups (lm_head, wte) and then Muon's, found groups of "
+                        f"{[group['params'][:1] for group in groups]}")
+    return [numbered_optimizer_state(saved["state"], adamw), numbered_optimizer_state(saved["state"], muon)]
+
+
+def numbered_optimizer_state(states: dict[str, dict], groups: list[dict]) -> dict:
+    """One optimizer's state_dict() from its parameters' states by name and its groups (params by name):
+    each parameter is numbered by its place in the groups, as torch's Optimizer.state_dict numbers them."""
+    names = [name for group in groups for name in group["params"]]
+    number = {name: i for i, name in enumerate(names)}
+    return {"state": {number[name]: states[name] for name in names if name in states},
+            "param_groups": [{**{k: v for k, v in group.items() if k != "params"},
+                              "params": [number[name] for name in group["params"]]} for group in groups]}
