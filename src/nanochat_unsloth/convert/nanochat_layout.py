@@ -173,7 +173,8 @@ def nanochat_optim_from_run(step_dir: Path, meta: RunMeta | None = None) -> list
 def optim_from_sharded(step_dir: Path, meta: RunMeta) -> list[dict]:
     """[adamw.state_dict(), muon.state_dict()] from a sharded (FSDP2) checkpoint, whole. DCP keeps the
     optimizers' states keyed by parameter name and their groups one after another (AdamW's 2, then Muon's);
-    torch's layout numbers each parameter by its place in its own optimizer's groups."""
+    torch's layout numbers each parameter by its place in its own optimizer's groups. The values stay as saved:
+    an FSDP2 run's parameters, and so their moments, are fp32, as a one-process resume would hold them."""
     where = Path(step_dir) / SHARDED_DIR
     name = meta.train_config.get("optimizer", "muon")
     if name != "muon":
