@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import sys
@@ -38,21 +39,24 @@ def measure(args) -> dict:
 
     from nanochat_unsloth.model import fp8 as fp8_ops
     from nanochat_unsloth.model.build import build_model
-    from nanochat_unsloth.model.compile import compile_for_training, compile_mode
+    from nanochat_unsloth.model.compile import compile_for_training
     from nanochat_unsloth.model.gpt import GPTConfig
 
     on_cuda = args.device == "cuda"
     if args.fp8_anywhere:  # tests: torch._scaled_mm also runs on the CPU (slowly), enough for toy sizes
         fp8_ops.fp8_supported = lambda device: (True, "")
     device = torch.device(args.device)
-    options = model_options(args.kernels, args.memory, args.batch_size, args.seq)
+    options = model_options(args.kernels, args.memory, args.batch_size, args.seq, device)
+    if options.compile == "model" and options.kernels == "fused" and "compile" not in KERNEL_VARIANTS[args.kernels]:
+        # per-block accounting needs the blocks compiled one by one, also where `auto` compiles the fused
+        # set's small-batch FP8 step whole
+        options = dataclasses.replace(options, compile="blocks", cuda_graphs=False)
     model = build_model(GPTConfig.from_depth(args.depth, args.seq, args.vocab), options, device, seed=0)
     for s in fp8_ops.delayed_scalings(model):  # the steady state: delayed scaling on, a plausible history
         s.x_amax.fill_(1.0)
         s.grad_amax.fill_(1e-3)
         s.active = True
-    # per-block accounting needs the blocks compiled one by one: without fp8/rows, `auto` keeps the fused set per block
-    mode = compile_mode(model.ops.name, options.memory, options.compile) if on_cuda else "none"
+    mode = options.compile
     compiled = compile_for_training(model, model, mode)
 
     allocated = torch.cuda.memory_allocated if on_cuda else (lambda: 0)

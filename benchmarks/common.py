@@ -190,11 +190,15 @@ def memory_variant(name: str) -> dict:
     raise KeyError(name)
 
 
-def model_options(kernels: str, memory: str, batch_size: int, seq: int):
-    """The ModelOptions of a configuration, with the micro-batch's rows (as the loop passes them)."""
-    from nanochat_unsloth.model.build import ModelOptions
+def model_options(kernels: str, memory: str, batch_size: int, seq: int, device):
+    """The ModelOptions of a configuration on `device`, its `auto`s resolved as the loop resolves a run's."""
+    from nanochat_unsloth.train.config import TrainConfig
+    from nanochat_unsloth.train.resolve import model_options as options_of, resolve
 
-    return ModelOptions(**KERNEL_VARIANTS[kernels], **memory_variant(memory), fp8_rows=batch_size * seq)
+    cfg = TrainConfig(**KERNEL_VARIANTS[kernels], **memory_variant(memory), device_batch_size=batch_size,
+                      max_seq_len=seq)
+    cfg.validate()
+    return options_of(cfg, resolve(cfg, device))
 
 
 def run_configuration(cmd: list[str], env: dict, timeout: int, head: dict) -> dict:

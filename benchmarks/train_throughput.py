@@ -70,7 +70,7 @@ def setup(args):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     accelerator = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
     device = accelerator.device
-    options = model_options(args.kernels, args.memory, args.batch_size, args.seq)
+    options = model_options(args.kernels, args.memory, args.batch_size, args.seq, device)
     raw_model = build_model(GPTConfig.from_depth(args.depth, args.seq, args.vocab), options, device, seed=0)
     prepared = prepare_for_training(accelerator, raw_model, options, args.optimizer)
     model, optimizers, mode = prepared.model, prepared.optimizers, prepared.compile

@@ -55,7 +55,7 @@ def test_train_throughput_cpu_smoke(tmp_path):
 
 
 def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_path):
-    """Below 16,384 rows "auto" builds no delayed-scaling state (the benchmark passes the rows): every
+    """Below 16,384 rows "auto" builds no delayed-scaling state (the benchmark resolves as a run does): every
     step is in the final mode. With --fp8_scaling delayed (fused-fp8-delayed) the layers start dynamic and switch once
     every amax history is positive (after step 2 from nanochat's init). Warm-up must last until then, and
     timing must start."""

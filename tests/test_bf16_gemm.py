@@ -1,5 +1,5 @@
 """bf16 GEMMs on any CPU: the emulated path computes a bf16 GEMM, Newton-Schulz on it stays within bf16
-noise of nanochat's, and `auto` decides the same way in every process."""
+noise of nanochat's; what `--cpu_bf16 auto` decides: tests/test_resolve.py."""
 
 import pytest
 import torch
@@ -37,8 +37,8 @@ def rel(x, ref):
 @pytest.fixture
 def fresh_choice(monkeypatch):
     monkeypatch.setattr(bf16_gemm, "_cpu_choice", None)
-    monkeypatch.setattr(bf16_gemm, "_cpu_probe", None)
-    monkeypatch.setattr(bf16_gemm, "_cpu_refusal", None)
+    monkeypatch.setattr(cpu_probe, "_bf16_timing", None)
+    monkeypatch.setattr(cpu_probe, "_bf16_refusal", None)
 
 
 @pytest.mark.parametrize("math", [EMULATED, NATIVE], ids=lambda m: m.name)
@@ -79,35 +79,18 @@ def test_emulated_newton_schulz_is_within_bf16_noise_of_nanochats(shape, seed):
     assert rel(theirs, exact) < 5e-2
 
 
-def test_auto_emulates_without_bf16_instructions_and_times_nothing(fresh_choice, monkeypatch):
-    monkeypatch.setattr(bf16_gemm, "cpu_has_bf16_instructions", lambda: False)
-    monkeypatch.setattr(bf16_gemm, "probe_cpu_bf16", lambda: pytest.fail("probed a CPU without bf16"))
-    assert bf16_gemm.configure_cpu_bf16("auto") is EMULATED
-    assert bf16_gemm.cpu_math() is EMULATED
-    assert "no AVX-512-BF16/AMX" in bf16_gemm.cpu_bf16_summary()
-
-
-@pytest.mark.parametrize("slowdown, expected", [(0.4, NATIVE), (3.0, EMULATED)])
-def test_auto_with_bf16_instructions_follows_the_probe(fresh_choice, monkeypatch, slowdown, expected):
-    monkeypatch.setattr(bf16_gemm, "cpu_has_bf16_instructions", lambda: True)
-    monkeypatch.setattr(bf16_gemm, "probe_cpu_bf16",
-                        lambda: {"fp32_gflops": 100.0, "bf16_gflops": 100.0 / slowdown, "bf16_slowdown": slowdown})
-    assert bf16_gemm.configure_cpu_bf16("auto") is expected
-    assert f"{expected.name} (probe: bf16" in bf16_gemm.cpu_bf16_summary()
-
-
 def test_explicit_choices_and_cpu_tensors_use_them(fresh_choice):
     G = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(3))
     bf16_gemm.configure_cpu_bf16("native")
     assert torch.equal(zeropower_via_newtonschulz5(G), nanochat_newtonschulz5(G))
     bf16_gemm.configure_cpu_bf16("emulated")
     assert torch.equal(zeropower_via_newtonschulz5(G), zeropower_via_newtonschulz5(G, 5, EMULATED))
-    with pytest.raises(ValueError, match="--cpu_bf16 'fast' is not one of"):
+    with pytest.raises(ValueError, match="--cpu_bf16 'fast' is not one of: native, emulated"):
         bf16_gemm.configure_cpu_bf16("fast")
 
 
 def test_probe_times_both_dtypes():
-    probe = bf16_gemm.probe_cpu_bf16(size=64, repeats=2)
+    probe = cpu_probe.probe_cpu_bf16(size=64, repeats=2)
     assert probe["fp32_gflops"] > 0 and probe["bf16_gflops"] > 0
     assert probe["bf16_slowdown"] == pytest.approx(probe["fp32_gflops"] / probe["bf16_gflops"])
 
@@ -126,18 +109,17 @@ def test_training_refuses_an_unknown_choice(tmp_path):
         train(cfg)
 
 
-def test_auto_emulates_where_onednn_refuses_bf16_and_native_is_refused(fresh_choice, monkeypatch):
+def test_native_is_refused_where_onednn_refuses_bf16(fresh_choice, monkeypatch):
     """A CPU whose flags list bf16 instructions but whose oneDNN is held to fewer (ONEDNN_MAX_CPU_ISA) may
-    refuse a bf16 matmul outright: the probe runs one on a tiny tensor first and times nothing after a refusal."""
+    refuse a bf16 matmul outright: the probe runs one on a tiny tensor (`--cpu_bf16 auto` then emulates:
+    tests/test_resolve.py)."""
     refusal = "could not create a primitive descriptor for the matmul primitive"
 
     def refuse():
         raise RuntimeError(refusal)
 
-    monkeypatch.setattr(bf16_gemm, "cpu_has_bf16_instructions", lambda: True)
-    monkeypatch.setattr(bf16_gemm, "op_runs", lambda op: cpu_probe.op_runs(refuse))
-    monkeypatch.setattr(bf16_gemm, "probe_cpu_bf16", lambda: pytest.fail("timed an op oneDNN refuses"))
-    assert bf16_gemm.configure_cpu_bf16("auto") is EMULATED
-    assert f"emulated (oneDNN refuses bf16 matmuls here: {refusal})" in bf16_gemm.cpu_bf16_summary()
+    real_op_runs = cpu_probe.op_runs
+    monkeypatch.setattr(cpu_probe, "op_runs", lambda op: real_op_runs(refuse))
+    assert cpu_probe.bf16_refusal() == refusal
     with pytest.raises(UserError, match="--cpu_bf16 native: this CPU's oneDNN refuses bf16 matmuls"):
         bf16_gemm.configure_cpu_bf16("native")

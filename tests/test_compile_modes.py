@@ -1,5 +1,5 @@
-"""--compile and --cuda_graphs (model/compile.py): which graph is compiled, state-dict names kept, CUDA
-graphs only where they replay safely, compiled blocks in training only.
+"""--compile and --cuda_graphs (model/compile.py): what each compile mode does, state-dict names kept, CUDA
+graphs only on the whole-model graph, compiled blocks in training only. What `auto` picks: tests/test_resolve.py.
 """
 
 from __future__ import annotations
@@ -19,52 +19,21 @@ from tiny_gpt import TINY, build_tiny, tiny_batch
 pytestmark = pytest.mark.usefixtures("fresh_notices")
 
 
-def test_compile_modes_and_blocks_keep_state_dict_names():
-    assert C.compile_mode("torch", "fast") == "model"
-    assert C.compile_mode("fused", "fast") == "blocks"
-    assert C.compile_mode("torch", "lean") == "blocks"
-    assert C.compile_mode("fused", "lean", "none") == "none"
-    assert C.compile_mode("torch", "fast", "blocks") == "blocks"
-    assert C.compile_mode("fused", "fast", "model") == "model"  # one graph, the fused loss outside it
-    # auto: the whole model for the FP8 fused set on small micro-batches in fast mode only
-    small, large = C.SMALL_MICRO_BATCH_ROWS - 16, C.SMALL_MICRO_BATCH_ROWS
-    assert C.compile_mode("fused", "fast", fp8=True, rows=small) == "model"
-    assert C.compile_mode("fused", "fast", fp8=True, rows=large) == "blocks"
-    assert C.compile_mode("fused", "fast", fp8=True) == "blocks"  # rows unknown
-    assert C.compile_mode("fused", "fast", fp8=False, rows=small) == "blocks"
-    assert C.compile_mode("fused", "selective", fp8=True, rows=small) == "blocks"
-    assert C.compile_mode("fused", "lean", fp8=True, rows=small) == "blocks"
-    assert C.compile_mode("fused", "fast", "blocks", fp8=True, rows=small) == "blocks"
-    with pytest.raises(ValueError, match="--compile 'fastest'"):
-        C.compile_mode("torch", "fast", "fastest")
+def test_blocks_keep_state_dict_names():
+    """Which mode a run compiles in is train/resolve.py's (tests/test_resolve.py); here what each mode does."""
     model = build_tiny()
     names = list(model.state_dict())
+    assert C.compile_for_training(model, model, "none") is model and model.compiled_blocks is None
     assert C.compile_for_training(model, model, "blocks") is model  # compiles lazily, on first call
     assert len(model.compiled_blocks) == TINY.n_layer
     assert list(model.state_dict()) == names and len(list(model.parameters())) == len(names)
     with pytest.raises(ValueError):
         C.compile_for_training(model, model, "fastest")
+    with pytest.raises(ValueError, match="compile mode 'auto'"):
+        C.compile_for_training(model, model, "auto")
 
 
-def test_cuda_graphs_only_replay_the_whole_model_graph_in_one_process():
-    small, large = C.SMALL_MICRO_BATCH_ROWS - 16, C.SMALL_MICRO_BATCH_ROWS
-    # auto: where it was measured to pay, the fused FP8 whole-model graph on small micro-batches, one process
-    assert C.use_cuda_graphs("auto", "model", "fused", True, small) is True
-    assert C.use_cuda_graphs("auto", "model", "fused", True, large) is False
-    assert C.use_cuda_graphs("auto", "model", "fused", True, None) is False  # rows unknown
-    assert C.use_cuda_graphs("auto", "blocks", "fused", True, small) is False
-    assert C.use_cuda_graphs("auto", "model", "fused", True, small, processes=2) is False
-    assert C.use_cuda_graphs("auto", "model", "fused", False, small) is False
-    assert C.use_cuda_graphs("auto", "model", "torch", False, small) is False
-    assert C.use_cuda_graphs("auto", "model", "torch", True, small) is False
-    assert C.use_cuda_graphs("off", "model", "fused", True, small) is False
-    assert C.use_cuda_graphs("on", "model", "torch", False, large) is True
-    with pytest.raises(ValueError, match="--cuda_graphs on .*'blocks': add --compile model"):
-        C.use_cuda_graphs("on", "blocks", "fused", True, small)
-    with pytest.raises(ValueError, match="--cuda_graphs on runs in one process only"):
-        C.use_cuda_graphs("on", "model", "fused", True, small, processes=8)
-    with pytest.raises(ValueError, match="--cuda_graphs 'yes'"):
-        C.use_cuda_graphs("yes", "model")
+def test_cuda_graphs_only_replay_the_whole_model_graph():
     model = build_tiny()
     with pytest.raises(ValueError, match="not compile mode 'blocks'"):
         C.compile_for_training(model, model, "blocks", cuda_graphs=True)

@@ -78,7 +78,10 @@ def test_fp8_and_bf16_run_with_onednn_held_to_avx2():
     script = textwrap.dedent("""
         import torch
         from nanochat_unsloth.model import fp8 as F8
+        from nanochat_unsloth.model import cpu_probe
         from nanochat_unsloth.train import bf16_gemm
+        from nanochat_unsloth.train.config import TrainConfig
+        from nanochat_unsloth.train.resolve import resolve
         g = torch.Generator().manual_seed(0)
         x = torch.randn(32, 64, generator=g).requires_grad_()
         w = torch.randn(48, 64, generator=g).requires_grad_()
@@ -88,8 +91,8 @@ def test_fp8_and_bf16_run_with_onednn_held_to_avx2():
         w8, w_inv = F8.quantize_tensorwise(w.detach(), F8.E4M3)
         assert torch.equal(y, F8._scaled_mm_reference(x8, x_inv, w8.t(), w_inv, torch.float32)), "forward"
         assert x.grad is not None and w.grad is not None and bool(torch.isfinite(w.grad).all())
-        bf16_gemm.configure_cpu_bf16("auto")
-        print(bf16_gemm.cpu_bf16_summary())
+        bf16_gemm.configure_cpu_bf16(resolve(TrainConfig(), "cpu").cpu_bf16)
+        print(cpu_probe.bf16_summary(bf16_gemm.cpu_math().name))
         print("fp8 probe:", sorted(str(v) for v in F8._CPU_SCALED_MM.values()))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -326,23 +326,21 @@ def test_delayed_scaling_saturates_values_above_the_predicted_range():
     assert x8.float().abs().max().item() == torch.finfo(F8.E4M3).max
 
 
-@pytest.mark.parametrize("mode, rows, expect_state", [("auto", None, False),
-                                                       ("auto", F8.DELAYED_SCALING_MIN_ROWS - 16, False),
-                                                       ("auto", F8.DELAYED_SCALING_MIN_ROWS, True),
-                                                       ("delayed", 16, True), ("delayed", None, True),
-                                                       ("dynamic", F8.DELAYED_SCALING_MIN_ROWS, False)])
-def test_fp8_scaling_and_the_micro_batch_rows_settle_the_state_at_build(monkeypatch, mode, rows, expect_state):
-    """`auto` gives delayed-scaling state only to a micro-batch known to have DELAYED_SCALING_MIN_ROWS rows or
-    more (below, the graph of dynamic scaling from the first step); `delayed` always, `dynamic` never."""
+@pytest.mark.parametrize("mode, expect_state", [("delayed", True), ("dynamic", False)])
+def test_fp8_scaling_settles_the_state_at_build(monkeypatch, mode, expect_state):
+    """`delayed` gives every block Linear delayed-scaling state, `dynamic` none (which a run's `auto` picks:
+    tests/test_resolve.py)."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    scalings = F8.delayed_scalings(fp8_model(fp8_scaling=mode, fp8_rows=rows))
+    scalings = F8.delayed_scalings(fp8_model(fp8_scaling=mode))
     assert len(scalings) == (6 * TINY.n_layer if expect_state else 0)
 
 
 def test_unknown_scaling_mode(monkeypatch):
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    with pytest.raises(ValueError, match=r"--fp8_scaling 'sometimes': choose one of auto, delayed, dynamic"):
+    with pytest.raises(ValueError, match=r"--fp8_scaling 'sometimes': choose one of delayed, dynamic"):
         fp8_model(fp8_scaling="sometimes")
+    with pytest.raises(ValueError, match=r"--fp8_scaling 'auto'.*train/resolve.py decides auto"):
+        fp8_model(fp8_scaling="auto")
 
 
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():

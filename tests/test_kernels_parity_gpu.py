@@ -28,8 +28,9 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 DEPTH, SEQ, VOCAB, B = 4, 1024, 65536, 4
 
 
-def build(kernels="torch", memory="fast", state=None, fp8=False, lean_checkpoint="auto") -> GPT:
-    options = ModelOptions(kernels=kernels, memory=memory, fp8=fp8, fp8_rows=B * SEQ, lean_checkpoint=lean_checkpoint)
+def build(kernels="torch", memory="fast", state=None, fp8=False, lean_checkpoint="torch") -> GPT:
+    # B * SEQ rows: FP8's dynamic scaling, as a run of this micro-batch resolves `--fp8_scaling auto`
+    options = ModelOptions(kernels=kernels, memory=memory, fp8=fp8, lean_checkpoint=lean_checkpoint)
     model = build_model(GPTConfig.from_depth(DEPTH, SEQ, VOCAB), options, "cuda", seed=0)
     if state is not None:
         model.load_state_dict(state)
@@ -88,7 +89,7 @@ def torch_path(state):
 def test_fused_path_matches_torch_path(state, torch_path):
     model = build("fused", state=state)
     assert model.ops.name == "fused"
-    call = C.compile_for_training(model, model, C.compile_mode("fused", "fast"))
+    call = C.compile_for_training(model, model, "blocks")
     compare("fused vs torch", torch_path, loss_and_grads(model, call))
 
 
@@ -137,7 +138,7 @@ def test_fp8_path_tracks_torch_path(state, torch_path):
     (equal loss is shown by the 300-step curves in docs/PERF.md). Without autograd it is the bf16 fused path."""
     model = build("fused", state=state, fp8=True)
     assert model.ops.fp8 and model.ops.label == "fused+fp8"
-    call = C.compile_for_training(model, model, C.compile_mode("fused", "fast"))
+    call = C.compile_for_training(model, model, "blocks")
     compare("fused+fp8 vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
     x, _ = data()  # inference mode: the plain (uncompiled) blocks, as GPT.generate and evaluation run them
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -152,10 +153,10 @@ def test_fp8_recipes_compile_and_track_torch_path(state, torch_path, recipe):
     of its FP8 GEMMs, or torchao's). The torchao recipes need torchao (the GPU site's packages carry it)."""
     if recipe.startswith("torchao") and importlib.util.find_spec("torchao") is None:
         pytest.skip("needs torchao")
-    options = ModelOptions(kernels="fused", fp8=True, fp8_rows=B * SEQ, fp8_recipe=recipe)
+    options = ModelOptions(kernels="fused", fp8=True, fp8_recipe=recipe)
     model = build_model(GPTConfig.from_depth(DEPTH, SEQ, VOCAB), options, "cuda", seed=0)
     model.load_state_dict(state)
-    call = C.compile_for_training(model, model, C.compile_mode("fused", "fast"))
+    call = C.compile_for_training(model, model, "blocks")
     compare(f"fused+fp8 {recipe} vs torch", torch_path, loss_and_grads(model, call), loss_tol=1e-2, cos_min=0.98)
 
 
@@ -165,7 +166,7 @@ def test_lean_matches_fast(state, torch_path, lean_impl, monkeypatch):
         pytest.skip("needs unsloth_zoo")
     monkeypatch.setattr(M, "_LEAN_IMPLS", {})
     model = build("torch", memory="lean", state=state, lean_checkpoint=lean_impl)
-    call = C.compile_for_training(model, model, C.compile_mode("torch", "lean"))
+    call = C.compile_for_training(model, model, "blocks")
     assert M.lean_checkpoint_impl(torch.device("cuda"), lean_impl) is (M._torch_checkpoint if lean_impl == "torch"
                                                                else M._offload_checkpoint)
     compare(f"lean/{lean_impl} vs torch path", torch_path, loss_and_grads(model, call))
@@ -176,7 +177,7 @@ def test_selective_matches_fast(state, torch_path, kernels):
     """--memory selective re-runs each MLP's c_fc and ReLU^2 in backward: the same math, compiled."""
     model = build(kernels, memory="selective", state=state)
     assert model.block_memory == ["selective"] * DEPTH
-    call = C.compile_for_training(model, model, C.compile_mode(kernels, "selective"))
+    call = C.compile_for_training(model, model, "blocks" if kernels == "fused" else "model")
     compare(f"selective/{kernels} vs torch path", torch_path, loss_and_grads(model, call))
 
 

@@ -162,24 +162,27 @@ def test_fp8_delayed_scaling_only_in_blocks_that_are_not_checkpointed(monkeypatc
     assert [len(with_state(b)) for b in model.transformer.h] == [4, 4, 6]
 
 
-@pytest.mark.parametrize("choice", [None, "auto", "offload"])  # the default is Unsloth's offloading
-def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys, choice):
+def test_memory_lean_offload_falls_back_on_cpu_with_one_notice(capsys):
+    """`--lean_checkpoint offload` where it cannot run; the library default is torch's (a run's `auto`, offload
+    where it runs, is train/resolve.py's: tests/test_resolve.py)."""
     model = build_tiny(memory="lean")
-    if choice:
-        model.lean_checkpoint = choice
+    assert model.lean_checkpoint == "torch"
+    model.lean_checkpoint = "offload"
     x, y = tiny_batch()
     loss_and_grads(model, x, y)
     loss_and_grads(model, x, y)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("notice: --memory lean") and "torch.utils.checkpoint" in err
-    assert M.lean_checkpoint_impl(torch.device("cpu"), choice or "auto") is M._torch_checkpoint
+    assert M.lean_checkpoint_impl(torch.device("cpu"), "offload") is M._torch_checkpoint
 
 
 def test_unknown_memory_mode_and_lean_checkpoint():
     with pytest.raises(ValueError, match=r"--memory.*fast, lean"):
         GPT(TINY, memory="tiny")
-    with pytest.raises(ValueError, match=r"--lean_checkpoint 'disk'.*auto, offload, torch"):
+    with pytest.raises(ValueError, match=r"--lean_checkpoint 'disk'.*offload, torch"):
         build_model(TINY, ModelOptions(memory="lean", lean_checkpoint="disk"))
+    with pytest.raises(ValueError, match=r"--lean_checkpoint 'auto'.*train/resolve.py decides auto"):
+        build_model(TINY, ModelOptions(memory="lean", lean_checkpoint="auto"))
 
 
 def test_out_of_memory_advice_names_the_flags_cheapest_first():

@@ -31,6 +31,7 @@ class RunMeta:
     device_type: str | None = None  # convert writes wte as nanochat would on this device
     num_iterations: int | None = None  # the horizon it was saved with
     cpu_bf16: str | None = None  # how a CPU run's bf16 GEMMs ran (bf16_gemm.cpu_math), "native" elsewhere
+    resolved: dict | None = None  # every `auto` setting as the run resolved it (train/resolve.py); older: None
     loss_ema: dict | None = None  # {"value", "start_step"}: the smoothed loss continues across a resume
     fp8_scaling: list | None = None  # every rank's FP8 delayed-scaling history (fp8.scaling_state)
     deepspeed: dict | None = None  # {"stage", "offload_optimizer", "offload_param", "world_size"}

@@ -12,9 +12,9 @@ Kernel sets (`--kernels`):
             each way (`rotary_norm.py`); the blocks' input norms and attention stay torch ops, which
             Inductor fuses inside each compiled block. Needs CUDA; elsewhere it falls back to torch with
             a one-line notice. `unsloth` is its former name, still accepted (it never used Unsloth).
-    auto    fused on CUDA, torch elsewhere.
-To add a kernel: write the op next to its reference in `ops.py` (or a module of its own) and put it
-into a set in `get_kernels` below.
+A run's `--kernels auto` (fused on CUDA, torch elsewhere) is decided in train/resolve.py, as every `auto`
+is: the options here are concrete. To add a kernel: write the op next to its reference in `ops.py` (or a
+module of its own) and put it into a set in `get_kernels` below.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from nanochat_unsloth.model.memory import check_lean_checkpoint
 from nanochat_unsloth.model.ops import TORCH_KERNELS, Kernels
 from nanochat_unsloth.model.rotary_norm import rotary_norm
 
-KERNEL_CHOICES = ("auto", "torch", "fused")
+KERNEL_CHOICES = ("torch", "fused")
 KERNEL_ALIASES = {"unsloth": "fused"}  # older name of the fused set (CLI and checkpoints' meta)
 
 
@@ -40,58 +40,39 @@ def canonical_kernels(name: str) -> str:
     """The set's current name (`unsloth` -> `fused`); ValueError naming `--kernels` for an unknown one."""
     name = KERNEL_ALIASES.get(name, name)
     if name not in KERNEL_CHOICES:
-        raise ValueError(f"--kernels {name!r} is not a kernel set; choose one of: {', '.join(KERNEL_CHOICES)}")
-    return name
-
-
-def resolve_kernels(name: str, device_type: str) -> str:
-    """`auto` -> fused on CUDA, torch elsewhere; other names as they are (aliases resolved)."""
-    name = canonical_kernels(name)
-    if name == "auto":
-        return "fused" if device_type == "cuda" else "torch"
+        raise ValueError(f"--kernels {name!r} is not a kernel set; choose one of: {', '.join(KERNEL_CHOICES)} "
+                         "(train/resolve.py decides auto)")
     return name
 
 
 def get_kernels(name: str = "torch", loss_chunk_mb: float = DEFAULT_CHUNK_MB) -> Kernels:
-    """The kernel set behind `--kernels NAME` (resolved: not `auto`)."""
-    name = canonical_kernels(name)
-    if name == "torch":
+    """The kernel set behind `--kernels NAME`."""
+    if canonical_kernels(name) == "torch":
         return TORCH_KERNELS
-    if name == "fused":
-        if not torch.cuda.is_available():
-            notice_once("--kernels fused: the fused kernels need a CUDA GPU and none is available; "
-                        "falling back to --kernels torch")
-            return TORCH_KERNELS
-        return dataclasses.replace(TORCH_KERNELS, name="fused", lm_head_loss=ChunkedLMHeadLoss(loss_chunk_mb),
-                                   rotary_norm=rotary_norm)
-    raise ValueError(f"--kernels {name!r}: resolve `auto` with resolve_kernels first")
+    if not torch.cuda.is_available():
+        notice_once("--kernels fused: the fused kernels need a CUDA GPU and none is available; "
+                    "falling back to --kernels torch")
+        return TORCH_KERNELS
+    return dataclasses.replace(TORCH_KERNELS, name="fused", lm_head_loss=ChunkedLMHeadLoss(loss_chunk_mb),
+                               rotary_norm=rotary_norm)
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How a model runs: everything `build_model` needs besides its shape (the TrainConfig fields of the
-    same names)."""
+    """How a model runs: everything `build_model` and `setup.prepare_for_training` need besides its shape (the
+    TrainConfig fields of the same names), in concrete values: a run's come from `train.resolve.model_options`."""
 
-    kernels: str = "torch"  # auto | torch | fused
+    kernels: str = "torch"  # torch | fused
     memory: str = "fast"  # fast | lean | selective
     lean_blocks: int = -1  # with lean / selective: only the first N blocks (-1 = all)
-    lean_checkpoint: str = "auto"  # auto | offload | torch: how lean blocks are checkpointed
+    lean_checkpoint: str = "torch"  # offload | torch: how lean blocks are checkpointed
     fp8: bool = False
-    fp8_scaling: str = "auto"  # auto | delayed | dynamic
+    fp8_scaling: str = "dynamic"  # delayed | dynamic
     fp8_recipe: str = "tensorwise"  # fp8.RECIPE_CHOICES
     fp8_bf16_ends: int = 0  # blocks at each end of the stack that keep bf16 GEMMs
-    fp8_rows: int | None = None  # B*T of a training micro-batch, when known (lets fp8_scaling=auto choose)
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
-    compile: str = "auto"  # auto | model | blocks | none (compile.compile_mode)
-    cuda_graphs: str = "auto"  # auto | on | off (compile.use_cuda_graphs)
-
-    @classmethod
-    def from_config(cls, cfg, **overrides) -> "ModelOptions":
-        """The options of a TrainConfig-like object (any object with these attributes)."""
-        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
-        if "fp8_rows" not in overrides and hasattr(cfg, "device_batch_size") and hasattr(cfg, "max_seq_len"):
-            values["fp8_rows"] = cfg.device_batch_size * cfg.max_seq_len
-        return cls(**{**values, **overrides})
+    compile: str = "none"  # model | blocks | none (compile.compile_for_training)
+    cuda_graphs: bool = False  # replay the whole-model graph (compile "model") as CUDA graphs
 
 
 def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), device="cpu",
@@ -100,7 +81,7 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
     (under `torch.manual_seed(seed)` unless seed is None: a checkpoint's weights are loaded next), then FP8.
     ValueError names the flag of a bad option."""
     device = torch.device(device)
-    ops = get_kernels(resolve_kernels(options.kernels, device.type), options.loss_chunk_mb)
+    ops = get_kernels(options.kernels, options.loss_chunk_mb)
     check_lean_checkpoint(options.lean_checkpoint)
     if options.fp8:
         fp8.check_scaling_mode(options.fp8_scaling)
@@ -113,6 +94,5 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
         torch.manual_seed(seed)
     model.init_weights()
     if options.fp8:
-        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_rows, options.fp8_recipe,
-                                   options.fp8_bf16_ends)
+        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_recipe, options.fp8_bf16_ends)
     return model

@@ -10,10 +10,11 @@ With `--fp8` each of them reads its operands in 8-bit floating point (`torch._sc
 GEMM: about twice the bf16 rate on an H100) and writes its result in bf16 / fp32. Activations and
 weights use e4m3 (3 mantissa bits), gradients e5m2 (more range, 2 mantissa bits), the usual split.
 Scaling is "tensorwise": one fp32 scale per tensor per call, chosen so that the tensor's largest
-magnitude lands on the format's largest value. Weights always use their own amax ("dynamic"). For
-activations and gradients of large micro-batches `convert_to_fp8` attaches a `DelayedScaling` state:
+magnitude lands on the format's largest value. Weights always use their own amax ("dynamic"). Under
+delayed scaling (`--fp8_scaling delayed|dynamic`; its `auto`, delayed for large micro-batches, is decided in
+train/resolve.py) `convert_to_fp8` attaches a `DelayedScaling` state to activations and gradients:
 the scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
-for a reduction over the tensor (see the section below; `--fp8_scaling auto|delayed|dynamic`).
+for a reduction over the tensor (see the section below).
 
 Which of the three GEMMs read FP8 operands is a per-layer `Fp8Recipe` (`--fp8_recipe`; all three by
 default), which can change once, at the LR warm-down (`--fp8_warmdown`), and be bf16 for the blocks at the
@@ -21,7 +22,7 @@ ends of the stack (`--fp8_bf16_ends`): the knobs of the search for where FP8 los
 "FP8 at equal quality: the recipe ablation").
 The `torchao_*` recipes hand the block Linears to torchao's float8 training instead, for a side-by-side.
 
-One converter, `convert_to_fp8(model, scaling, rows, recipe, bf16_ends)`, is the only way in: a model goes in,
+One converter, `convert_to_fp8(model, scaling, recipe, bf16_ends)`, is the only way in: a model goes in,
 the FP8 model comes out (its kernel set's `linear` replaced, the recipe and scaling state attached). Evaluation turns FP8 off by
 running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
 `F.linear`, so val bpb and samples are nanochat's math.
@@ -196,18 +197,14 @@ def check_recipe(recipe: str, warmdown: str = "fp8", bf16_ends: int = 0) -> None
 # micro-step earlier, times MARGIN (activations and gradients change little between micro-steps;
 # a value above the predicted range saturates at the format's max instead of overflowing).
 
-SCALING_CHOICES = ("auto", "delayed", "dynamic")
-# `auto` uses delayed scaling from this many rows (B*T) per micro-batch up: below it the pass it saves is
-# smaller than its per-layer bookkeeping (docs/perf-log/2026-11-24.md, "Delayed FP8 scaling, partial lean,
-# FP8 lm_head").
-DELAYED_SCALING_MIN_ROWS = 16384
+SCALING_CHOICES = ("delayed", "dynamic")
 
 
 def check_scaling_mode(mode: str) -> str:
-    """`--fp8_scaling`: auto (delayed from DELAYED_SCALING_MIN_ROWS rows up), delayed (always), dynamic
-    (never: every tensor from its own amax)."""
+    """`--fp8_scaling`: delayed, or dynamic (every tensor from its own amax); train/resolve.py decides auto."""
     if mode not in SCALING_CHOICES:
-        raise ValueError(f"--fp8_scaling {mode!r}: choose one of {', '.join(SCALING_CHOICES)}")
+        raise ValueError(f"--fp8_scaling {mode!r}: choose one of {', '.join(SCALING_CHOICES)} "
+                         "(train/resolve.py decides auto)")
     return mode
 
 
@@ -434,14 +431,13 @@ def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = None, recipe: str = "tensorwise",
+def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise",
                    bf16_ends: int = 0) -> nn.Module:
     """`--fp8`: the model with its block Linears' GEMMs in FP8 as `recipe` says, or unchanged (and a
     notice) where FP8 cannot run fast.
 
-    `rows` (B*T of a training micro-batch) lets `auto` choose: delayed scaling from
-    DELAYED_SCALING_MIN_ROWS rows up, dynamic below or when unknown. The state goes only where a block's
-    forward is not re-run in backward (not in checkpointed blocks, nor the MLP of selective ones): the
+    `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not re-run in
+    backward (not in checkpointed blocks, nor the MLP of selective ones): the
     re-run would quantise with a newer scale than the one it replays. `bf16_ends` blocks at each end of
     the stack keep bf16 GEMMs. Call it after `init_weights`.
     """
@@ -454,8 +450,6 @@ def convert_to_fp8(model: nn.Module, scaling: str = "auto", rows: int | None = N
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
-    if scaling == "auto":
-        scaling = "delayed" if rows is not None and rows >= DELAYED_SCALING_MIN_ROWS else "dynamic"
     n = len(model.transformer.h)
     for i, (block, mode) in enumerate(zip(model.transformer.h, model.block_memory)):
         in_fp8 = bf16_ends <= i < n - bf16_ends

@@ -137,7 +137,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, ops: Kernels = TORCH_KERNELS, memory: str = "fast",
-                 lean_blocks: int = -1, lean_checkpoint: str = "auto"):
+                 lean_blocks: int = -1, lean_checkpoint: str = "torch"):
         super().__init__()
         self.config = config
         self.ops = ops

@@ -10,7 +10,8 @@
                     hidden activation, the largest tensor a block keeps, is not stored, for one c_fc GEMM per
                     block instead of lean's whole block forward. `--lean_blocks K` limits it to K blocks too.
 
-Lean has two implementations (`--lean_checkpoint auto|offload|torch`; auto = offload where it can run):
+Lean has two implementations (`--lean_checkpoint offload|torch`; its `auto`, offload where it can run, is
+decided in train/resolve.py with `offload_checkpoint_runs`):
     offload   Unsloth's offloaded checkpointing (unsloth_zoo, LGPL-3.0): the saved block inputs go to
               pinned CPU memory, so the GPU keeps even less. CUDA + unsloth_zoo only; elsewhere lean falls
               back to torch's with a one-line notice.
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from nanochat_unsloth.common import notice_once
 
 MEMORY_CHOICES = ("fast", "lean", "selective")
-LEAN_CHOICES = ("auto", "offload", "torch")
+LEAN_CHOICES = ("offload", "torch")
 
 
 def check_memory_mode(memory: str) -> str:
@@ -135,31 +136,37 @@ _LEAN_IMPLS: dict[tuple[str, str], Callable] = {}
 
 def check_lean_checkpoint(want: str) -> str:
     if want not in LEAN_CHOICES:
-        raise ValueError(f"--lean_checkpoint {want!r}: choose one of {', '.join(LEAN_CHOICES)}")
+        raise ValueError(f"--lean_checkpoint {want!r}: choose one of {', '.join(LEAN_CHOICES)} "
+                         "(train/resolve.py decides auto)")
     return want
 
 
-def lean_checkpoint_impl(device: torch.device, want: str = "auto") -> Callable:
+def offload_checkpoint_runs(device: torch.device) -> bool:
+    """Whether Unsloth's offloaded checkpointing runs on `device` (CUDA, and unsloth_zoo imports). When it does
+    not, a one-line notice says so (once) and lean mode checkpoints with torch.utils.checkpoint."""
+    try:
+        if device.type != "cuda":
+            raise ImportError("offloaded checkpointing needs a CUDA GPU")
+        import_unsloth_module("unsloth_zoo.gradient_checkpointing")
+    except ImportError as e:
+        notice_once(f"--memory lean: Unsloth's offloaded checkpointing is unavailable ({e}); "
+                    "using torch.utils.checkpoint")
+        return False
+    return True
+
+
+def lean_checkpoint_impl(device: torch.device, want: str = "torch") -> Callable:
     """The checkpointing function lean mode uses on `device` (resolved once per device type and choice)."""
     key = (device.type, want)
     if key not in _LEAN_IMPLS:
         check_lean_checkpoint(want)
-        impl = _torch_checkpoint
-        if want in ("auto", "offload"):
-            try:
-                if device.type != "cuda":
-                    raise ImportError("offloaded checkpointing needs a CUDA GPU")
-                import_unsloth_module("unsloth_zoo.gradient_checkpointing")
-                impl = _offload_checkpoint
-            except ImportError as e:
-                notice_once(f"--memory lean: Unsloth's offloaded checkpointing is unavailable ({e}); "
-                            "using torch.utils.checkpoint")
-        _LEAN_IMPLS[key] = impl
+        offload = want == "offload" and offload_checkpoint_runs(device)
+        _LEAN_IMPLS[key] = _offload_checkpoint if offload else _torch_checkpoint
     return _LEAN_IMPLS[key]
 
 
 def run_block(memory: str, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor,
-              compiled: Callable | None = None, lean_checkpoint: str = "auto") -> Tensor:
+              compiled: Callable | None = None, lean_checkpoint: str = "torch") -> Tensor:
     """One block's forward under the memory mode (checkpointed only when training with grad).
 
     `compiled` is the block's compiled twin (`compile.compile_for_training(..., "blocks")`); it is skipped under

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 from nanochat_unsloth.common import FlagParser, UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
-from nanochat_unsloth.model.compile import COMPILE_CHOICES, CUDA_GRAPH_CHOICES
+from nanochat_unsloth.model.compile import COMPILE_CHOICES
 from nanochat_unsloth.model.gpt import GPTConfig
 from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES, WARMDOWN_CHOICES, check_recipe
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
@@ -157,12 +157,14 @@ class TrainConfig:
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
 
 
-# (field, allowed values): every string field with a fixed set of values
+# (field, allowed values): every string field with a fixed set of values, checked here only. The modules take
+# concrete values; "auto" exists only as a flag value, which train/resolve.py replaces.
 _CHOICES = (
-    ("kernels", KERNEL_CHOICES), ("memory", MEMORY_CHOICES), ("lean_checkpoint", LEAN_CHOICES),
-    ("fp8_scaling", SCALING_CHOICES), ("fp8_recipe", RECIPE_CHOICES), ("fp8_warmdown", WARMDOWN_CHOICES),
-    ("compile", COMPILE_CHOICES), ("optimizer", OPTIMIZER_CHOICES),
-    ("cpu_bf16", CPU_BF16_CHOICES), ("cuda_graphs", CUDA_GRAPH_CHOICES), ("device_type", DEVICE_TYPE_CHOICES),
+    ("kernels", ("auto", *KERNEL_CHOICES)), ("memory", MEMORY_CHOICES), ("lean_checkpoint", ("auto", *LEAN_CHOICES)),
+    ("fp8_scaling", ("auto", *SCALING_CHOICES)), ("fp8_recipe", RECIPE_CHOICES), ("fp8_warmdown", WARMDOWN_CHOICES),
+    ("compile", ("auto", *COMPILE_CHOICES)), ("optimizer", OPTIMIZER_CHOICES),
+    ("cpu_bf16", ("auto", *CPU_BF16_CHOICES)), ("cuda_graphs", ("auto", "on", "off")),
+    ("device_type", DEVICE_TYPE_CHOICES),
 )
 
 

@@ -229,20 +229,11 @@ def build_client_optimizer(model, *, embedding_lr: float = 0.2, unembedding_lr: 
     return opt
 
 
-def client_optimizer_for(accelerator, model, **optimizer_kwargs) -> tuple[int, torch.optim.Optimizer]:
-    """(ZeRO stage, `build_client_optimizer` for this run): fused AdamW where its slices live on the GPU."""
+def client_optimizer_for(accelerator, model, **optimizer_kwargs) -> torch.optim.Optimizer:
+    """`build_client_optimizer` for this run: fused AdamW where its slices live on the GPU."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     on_gpu = accelerator.device.type == "cuda" and _offload_device(config, "offload_optimizer") == "none"
-    return int(_get(config, "zero_optimization.stage")), build_client_optimizer(model, fused=on_gpu, **optimizer_kwargs)
-
-
-def compile_mode(mode: str, stage: int) -> str:
-    """How the model is compiled under DeepSpeed (CUDA): the engine is never compiled whole (its hooks and
-    Python bookkeeping run around the forward), so ZeRO-2 compiles block by block; ZeRO-3 gathers each block's
-    weights in module hooks and is not compiled. Neither is measured on GPUs yet."""
-    if stage == 3 or mode == "none":
-        return "none"
-    return "blocks"
+    return build_client_optimizer(model, fused=on_gpu, **optimizer_kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +363,16 @@ class ZeroRun:
         engine.step()
         timer.mark("optimizer_MuonWithAuxAdam")
         return StepResult(loss=mean_loss, grad_norm=grad_norm, lrm=lrm, global_loss=global_loss)
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage a DeepSpeed run's config names (None without DeepSpeed), which train/resolve.py's compile
+    mode follows; `configure` refuses an unsupported one."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(_get(accelerator.state.deepspeed_plugin.deepspeed_config, "zero_optimization.stage", 0))
 
 
 def configure(accelerator, cfg, grad_accum: int) -> ZeroRun | None:

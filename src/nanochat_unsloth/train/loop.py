@@ -23,8 +23,8 @@ from nanochat_unsloth.checkpoint.resume import check_resume
 from nanochat_unsloth.checkpoint.train_state import TrainState
 from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
-from nanochat_unsloth.model import fp8
-from nanochat_unsloth.model.build import ModelOptions, build_model
+from nanochat_unsloth.model import cpu_probe, fp8
+from nanochat_unsloth.model.build import build_model
 from nanochat_unsloth.model.gpt import PROMISED_FLOPS_H100, GPTConfig
 from nanochat_unsloth.model.memory import out_of_memory_advice
 from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
@@ -38,6 +38,7 @@ from nanochat_unsloth.train.data_budget import data_budget_line
 from nanochat_unsloth.train.device import resolve_device_type
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.phase_timer import profiled_step
+from nanochat_unsloth.train.resolve import model_options, resolve
 from nanochat_unsloth.train.setup import prepare_for_training
 from nanochat_unsloth.train.step import optimizer_step
 
@@ -140,9 +141,12 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     master = accelerator.is_main_process
     print0 = accelerator.print
     set_seed(cfg.seed)
-    if device_type == "cpu":  # decided before the model exists: the probe times clean matmuls
-        bf16_gemm.configure_cpu_bf16(cfg.cpu_bf16)
-        print0(bf16_gemm.cpu_bf16_summary())
+    # every `auto` decided once, before the model exists (the CPU bf16 probe times clean matmuls)
+    resolved = resolve(cfg, device, world_size, deepspeed_zero.zero_stage(accelerator))
+    print0(resolved.line())
+    if device_type == "cpu":
+        bf16_gemm.configure_cpu_bf16(resolved.cpu_bf16)
+        print0(cpu_probe.bf16_summary(resolved.cpu_bf16))
 
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
@@ -178,14 +182,11 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
 
     # ---- model -----------------------------------------------------------------------------------
     model_config = GPTConfig.from_depth(cfg.depth, cfg.max_seq_len, vocab_size)
-    options = ModelOptions.from_config(cfg)
-    try:  # flag values the model itself checks against its shape: --lean_blocks
+    options = model_options(cfg, resolved)
+    try:  # what only the build can tell: --lean_blocks against the model's depth, torchao for its recipes
         model = build_model(model_config, options, device, cfg.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if model.ops.fp8 and (cfg.device_batch_size * cfg.max_seq_len) % fp8.ROW_MULTIPLE:
-        raise UserError(f"--fp8 needs --device_batch_size x --max_seq_len to be a multiple of {fp8.ROW_MULTIPLE} "
-                        f"(FP8 GEMM shapes), not {cfg.device_batch_size} x {cfg.max_seq_len}; change one of them")
     raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
     n_lean = model.block_memory.count(cfg.memory)
     what = "checkpointed" if cfg.memory == "lean" else "recomputing their MLP"
@@ -208,17 +209,12 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                             manifest.totals()["train"]["tokens"], shards_dir, cfg.no_repeat_data))
 
     # ---- optimizers, accelerate, compile ----------------------------------------------------------
-    try:
-        prepared = prepare_for_training(
-            accelerator, raw_model, options, cfg.optimizer, embedding_lr=cfg.embedding_lr,
-            unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-            warmup_ratio=cfg.warmup_ratio,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    prepared = prepare_for_training(
+        accelerator, raw_model, options, cfg.optimizer, embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+    )
     model, optimizers = prepared.model, prepared.optimizers
-    if device_type == "cuda":
-        print0(f"compile: {prepared.compile}" + (" with CUDA graphs" if prepared.cuda_graphs else ""))
     sharded_weights = accelerator.distributed_type == DistributedType.FSDP
     train_state = TrainState(raw_model, accelerator)  # the step, the loss EMA, the FP8 scaling histories
     # FSDP2: checkpoints are saved sharded and loaded by us, not by Accelerate (train/fsdp.py says why)
@@ -286,7 +282,8 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             grad_accum=grad_accum,
             device_type=device_type,
             num_iterations=num_iterations,
-            cpu_bf16=bf16_gemm.cpu_math().name if device_type == "cpu" else "native",
+            cpu_bf16=resolved.cpu_bf16,
+            resolved=resolved.to_dict(),
             deepspeed=zero.describe() if zero else None,
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from nanochat_unsloth.model.build import ModelOptions
-from nanochat_unsloth.model.compile import compile_for_training, compile_mode, use_cuda_graphs
+from nanochat_unsloth.model.compile import compile_for_training
 from nanochat_unsloth.model.gpt import GPT
 from nanochat_unsloth.train import optim
 
@@ -28,26 +28,20 @@ class TrainingModel:
 def prepare_for_training(accelerator, raw_model: GPT, options: ModelOptions, optimizer: str = "muon",
                          **optimizer_kwargs) -> TrainingModel:
     """`--optimizer`'s optimizers for the model `build_model` built (on the accelerator's device),
-    `accelerator.prepare`, then compile (CUDA only) as `options.compile` says. ValueError names a bad flag."""
+    `accelerator.prepare`, then compile as `options.compile` and `options.cuda_graphs` say (a run's come from
+    train/resolve.py: "none" off CUDA)."""
     from accelerate import DistributedType
 
-    zero_stage = None
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # one client optimizer (deepspeed_zero.py says why)
         from nanochat_unsloth.train import deepspeed_zero
 
-        zero_stage, client = deepspeed_zero.client_optimizer_for(accelerator, raw_model, **optimizer_kwargs)
-        optimizers = [client]
+        optimizers = [deepspeed_zero.client_optimizer_for(accelerator, raw_model, **optimizer_kwargs)]
     else:
         optimizers = optim.build_optimizers_for(optimizer, raw_model, **optimizer_kwargs)
     model, *optimizers = accelerator.prepare(raw_model, *optimizers)
-    mode, cuda_graphs = "none", False
-    if accelerator.device.type == "cuda":  # whole model (nanochat's) for torch kernels, block by block for fused / lean
-        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        mode = compile_mode(raw_model.ops.name, options.memory, options.compile, raw_model.ops.fp8, options.fp8_rows)
-        if zero_stage is not None:
-            mode = deepspeed_zero.compile_mode(mode, zero_stage)
-        cuda_graphs = use_cuda_graphs(options.cuda_graphs, mode, raw_model.ops.name, raw_model.ops.fp8,
-                                      options.fp8_rows, accelerator.num_processes)
-        model = compile_for_training(model, raw_model, mode, data_parallel=accelerator.num_processes > 1 and not sharded,
-                                     cuda_graphs=cuda_graphs)
-    return TrainingModel(model, raw_model, optimizers, mode, cuda_graphs)
+    if options.compile != "none":
+        model = compile_for_training(model, raw_model, options.compile,
+                                     data_parallel=accelerator.num_processes > 1 and not sharded,
+                                     cuda_graphs=options.cuda_graphs)
+    return TrainingModel(model, raw_model, optimizers, options.compile, options.cuda_graphs)
