@@ -6,7 +6,7 @@ import dataclasses
 import subprocess
 import sys
 
-from nanochat_unsloth.train.config import TrainConfig, parse_train_args
+from nanochat_unsloth.train.config import SECTIONS, TrainConfig, build_parser, parse_train_args
 
 
 def test_help_exits_0_and_names_every_field():
@@ -23,3 +23,17 @@ def test_kernels_unsloth_is_accepted_as_the_fused_sets_former_name():
     cfg.validate()
     assert cfg.kernels == "fused"
     assert parse_train_args([]).kernels == "auto"
+
+
+def test_help_lists_each_flag_under_its_section():
+    """TrainConfig stays flat (nanochat's flag names, config files, checkpoints' train_config); its fields are
+    ordered by section, and --help prints each section's flags under its title, in TrainConfig's order."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    starts = [names.index(first) for _, first in SECTIONS]
+    assert starts[0] == 0 and starts == sorted(starts)
+    text = build_parser().format_help()
+    headers = [text.index(f"\n{title}:\n") for title, _ in SECTIONS] + [len(text)]
+    for i, name in enumerate(names):
+        section = sum(start <= i for start in starts) - 1
+        at = text.index("  --" + name.replace("_", "-"))
+        assert headers[section] < at < headers[section + 1], (name, SECTIONS[section][0])

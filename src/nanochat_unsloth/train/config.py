@@ -28,9 +28,15 @@ DEVICE_TYPE_CHOICES = ("", "cuda", "cpu", "mps")  # nanochat's --device_type; ""
 
 @dataclass
 class TrainConfig:
+    """Every knob of a run, flat (nanochat's flag names, the config file's and checkpoints' keys), ordered in
+    the sections of `SECTIONS`, which --help follows: the model, its speed and memory (kernels, memory modes,
+    FP8, compilation), the optimizer (horizon, batch, step math), evaluation, and the run itself. The fields
+    defaulting to "auto" are decided once per run by train/resolve.py."""
+
     # ---- model ------------------------------------------------------------------------------
     depth: int = field(default=20, metadata={"help": "transformer depth; n_embd = 64*depth, heads = ceil(n_embd/128)"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
+    # ---- speed and memory -------------------------------------------------------------------
     kernels: str = field(default="auto", metadata={"help": "auto|torch|fused: the model's kernel set; fused = our chunked "
                                                           "lm_head loss + per-block compile (CUDA); auto = fused on "
                                                           "CUDA, torch elsewhere; unsloth = fused (its former name)"})
@@ -69,17 +75,14 @@ class TrainConfig:
                                                                 "same math, fewer host launches); auto = on for the "
                                                                 "fused set's --fp8 whole-model graph below 16,384 rows "
                                                                 "per micro-batch"})
-    device_type: str = field(default="", metadata={"help": "cuda|cpu|mps: where to train (nanochat's flag); empty = "
-                                                           "autodetect, CUDA > MPS > CPU"})
     cpu_bf16: str = field(default="auto", metadata={"help": "auto|native|emulated: how a CPU run computes the bf16 GEMMs of "
                                                             "Muon's Newton-Schulz; emulated = bf16-rounded inputs and result "
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
                                                             "once (GPUs are always native)"})
-    # ---- horizon (first one set wins, in this order) ----------------------------------------
+    # ---- optimizer: the horizon (first one set wins, in this order), the batch, the step math ----
     num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})
     target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 = off)"})
     target_param_data_ratio: float = field(default=20, metadata={"help": "tokens:params ratio (Chinchilla=20)"})
-    # ---- optimization -----------------------------------------------------------------------
     device_batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch per process"})
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, all processes"})
     embedding_lr: float = 0.2
@@ -93,7 +96,7 @@ class TrainConfig:
     optimizer: str = field(default="muon", metadata={"help": "muon (nanochat's Muon+AdamW) | adamw8bit (bitsandbytes AdamW8bit, "
                                                               "LR 3e-4*(n_embd/768)^-0.5, cosine, 2% warmup)"})
     seed: int = 42
-    # ---- evaluation / sampling --------------------------------------------------------------
+    # ---- evaluation and sampling ------------------------------------------------------------
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end; "
                                                               "nanochat's -1 is every step, here --eval_every=1)"})
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "val tokens per evaluation (0 = no val evaluation)"})
@@ -103,7 +106,9 @@ class TrainConfig:
                                                                   "<base>/eval_bundle (-1 = off; nanochat's default is "
                                                                   "2000, which needs the bundle)"})
     core_metric_max_per_task: int = field(default=500, metadata={"help": "examples per CORE task (-1 = all of them)"})
-    # ---- io ---------------------------------------------------------------------------------
+    # ---- run: where, on what, under which name, checkpoints and stops -----------------------
+    device_type: str = field(default="", metadata={"help": "cuda|cpu|mps: where to train (nanochat's flag); empty = "
+                                                           "autodetect, CUDA > MPS > CPU"})
     base_dir: str = field(default="", metadata={"help": "base dir (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"})
     shards: str = field(default="", metadata={"help": "token shard dir (default <base>/shards)"})
     model_tag: str = field(default="", metadata={"help": "run name under <base>/runs/ (default d<depth>)"})
@@ -156,6 +161,10 @@ class TrainConfig:
             raise UserError(f"--warmup_ratio {self.warmup_ratio} + --warmdown_ratio {self.warmdown_ratio} = "
                             f"{self.warmup_ratio + self.warmdown_ratio}: the two phases must fit in the run (sum <= 1)")
 
+
+# --help's sections, in TrainConfig's field order: (title, the section's first field)
+SECTIONS = (("model", "depth"), ("speed and memory", "kernels"), ("optimizer", "num_iterations"),
+            ("evaluation", "eval_every"), ("run", "device_type"))
 
 # (field, allowed values): every string field with a fixed set of values, checked here only. The modules take
 # concrete values; "auto" exists only as a flag value, which train/resolve.py replaces.
@@ -218,15 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config_file", nargs="?", metavar="CONFIG.py",
                         help="nanochat's config file: Python assignments to TrainConfig's names (depth = 12); "
                              "the flags override it")
+    starts = {first: title for title, first in SECTIONS}
+    group = parser
     for f in fields(TrainConfig):
+        if f.name in starts:
+            group = parser.add_argument_group(starts[f.name])
         flag = "--" + f.name.replace("_", "-")
         # argparse %-formats help strings: a literal % must be doubled
         help_text = (f.metadata.get("help", "") + f" (default: {f.default!r})").replace("%", "%%")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=help_text)
+            group.add_argument(flag, action="store_true", help=help_text)
         else:
             py_type = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, type=py_type, default=f.default, help=help_text)
+            group.add_argument(flag, type=py_type, default=f.default, help=help_text)
     return parser
 
 
