@@ -165,10 +165,9 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "torch-cg": {"kernels": "torch", "cuda_graphs": "on"},
     "torch-nocg": {"kernels": "torch", "cuda_graphs": "off"},
 }
-# every --fp8_recipe on the fused set: fused-fp8-<recipe> (e.g. fused-fp8-bf16_wgrad, fused-fp8-torchao_rowwise)
+# torchao's float8 recipes on the fused set: fused-fp8-torchao_tensorwise, fused-fp8-torchao_rowwise
 KERNEL_VARIANTS.update({f"fused-fp8-{r}": {"kernels": "fused", "fp8": True, "fp8_recipe": r}
-                        for r in ("bf16_wgrad", "full_accum", "forward_only", "backward_only", "torchao_tensorwise",
-                                  "torchao_rowwise")})
+                        for r in ("torchao_tensorwise", "torchao_rowwise")})
 # the fused set's former name, as the older records in docs/perf-log/ spell it
 KERNEL_VARIANTS.update({k.replace("fused", "unsloth"): v for k, v in list(KERNEL_VARIANTS.items()) if "fused" in k})
 MEMORY_VARIANTS = {

@@ -361,7 +361,7 @@ def test_runs_quality_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
                              cwd=REPO)
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     cmd = [*RUNS, "quality", "--base-dir", str(base), "--depth", "2", "--tokens", "1280", "--device-batch-size", "2",
-           "--total-batch", "128", "--variants", "torch,fp8-wd-bf16", "--seeds", "1", "--eval-every", "5",
+           "--total-batch", "128", "--variants", "torch,fp8-delayed", "--seeds", "1", "--eval-every", "5",
            "--eval-tokens", "512", "--save-every", "5", "--per-gpu", "2", "--branch-from", "trunk:8",
            "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -1,7 +1,8 @@
-"""--fp8_recipe, --fp8_bf16_ends and --fp8_warmdown: which GEMMs of a block Linear read FP8 operands.
+"""--fp8_recipe and the FP8 scaling settings a resume must keep.
 
-Each recipe is checked GEMM by GEMM against the reference it claims: an FP8 GEMM equals the GEMM of its
-quantized operands (test_fp8.py's bound), a bf16 one equals the exact path's bf16 GEMM bit for bit.
+Our tensorwise recipe is checked GEMM by GEMM (which operands are FP8, which accumulation each GEMM takes);
+the GEMMs' values against their quantized operands are test_fp8.py's. The torchao recipes run on the GPU
+only (test_kernels_parity_gpu.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import dataclasses
 import pytest
 import torch
 
+from nanochat_unsloth.checkpoint.meta import RunMeta
+from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS, check_resume_compatible, former_fp8_scaling
+from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model import fp8 as F8
-from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.config import TrainConfig, parse_train_args
-from nanochat_unsloth.common import UserError
-from tiny_gpt import TINY
 
 pytestmark = pytest.mark.usefixtures("fresh_notices")
 
@@ -25,8 +26,7 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def recorded_gemms(monkeypatch):
-    """Record each FP8 GEMM's (a dtype, b dtype, out dtype, fast_accum) and run the real one."""
+def test_tensorwise_runs_three_fp8_gemms_with_fast_accumulation_in_the_forward_only(monkeypatch):
     real, calls = F8._scaled_mm, []
 
     def record(a, a_inv, b, b_inv, out_dtype, fast_accum):
@@ -34,78 +34,28 @@ def recorded_gemms(monkeypatch):
         return real(a, a_inv, b, b_inv, out_dtype, fast_accum)
 
     monkeypatch.setattr(F8, "_scaled_mm", record)
-    return calls
-
-
-def linear_grads(recipe: F8.Fp8Recipe | None):
-    """y, dx, dW of one Linear under bf16 autocast: `recipe`'s GEMMs, or F.linear's (None)."""
     x = torch.randn(32, 64, generator=gen(1)).requires_grad_()
     w = (torch.randn(48, 64, generator=gen(2)) * 0.1).requires_grad_()
-    g = torch.randn(32, 48, generator=gen(3)).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = torch.nn.functional.linear(x, w) if recipe is None else F8.fp8_matmul(x, w, recipe=recipe)
-    y.backward(g)
-    return y.detach(), x.grad, w.grad
+        y = F8.fp8_matmul(x, w)
+    y.backward(torch.randn(32, 48, generator=gen(3)).to(torch.bfloat16))
+    e4, e5, bf, f32 = F8.E4M3, F8.E5M2, torch.bfloat16, torch.float32
+    # forward y (e4m3 x, e4m3 W), then dx (e5m2 dy, e4m3 W) and dW (e5m2 dy, e4m3 x) straight into fp32
+    assert calls == [(e4, e4, bf, True), (e5, e4, bf, False), (e5, e4, f32, False)]
+    assert x.grad is not None and w.grad.dtype == torch.float32
 
 
-E4, E5, BF, F32 = F8.E4M3, F8.E5M2, torch.bfloat16, torch.float32
-EXPECTED_GEMMS = {  # recipe -> the FP8 GEMMs it runs, in order (forward, dx, dW)
-    "tensorwise": [(E4, E4, BF, True), (E5, E4, BF, False), (E5, E4, F32, False)],
-    "bf16_wgrad": [(E4, E4, BF, True), (E5, E4, BF, False)],
-    "full_accum": [(E4, E4, BF, False), (E5, E4, BF, False), (E5, E4, F32, False)],
-    "forward_only": [(E4, E4, BF, True)],
-    "backward_only": [(E5, E4, BF, False), (E5, E4, F32, False)],
-}
-
-
-@pytest.mark.parametrize("name", list(F8.RECIPES))
-def test_each_recipe_runs_its_fp8_gemms_and_leaves_the_others_exact(name, monkeypatch):
-    assert set(EXPECTED_GEMMS) == set(F8.RECIPES)
-    y_ref, dx_ref, dw_ref = linear_grads(None)
-    calls = recorded_gemms(monkeypatch)
-    recipe = F8.RECIPES[name]
-    y, dx, dw = linear_grads(recipe)
-    assert calls == EXPECTED_GEMMS[name]
-    # a bf16 GEMM is the exact path's bit for bit; an FP8 one differs (e4m3/e5m2 rounding of its operands)
-    for fp8_gemm, got, ref in ((recipe.forward, y, y_ref), (recipe.wgrad, dw, dw_ref)):
-        assert torch.equal(got, ref) != fp8_gemm, (name, (got - ref).abs().max())
-    if not (recipe.forward or recipe.dgrad):
-        assert torch.equal(dx, dx_ref)
-
-
-def test_the_bf16_recipe_is_f_linear_itself(monkeypatch):
-    monkeypatch.setattr(F8, "_scaled_mm", lambda *a, **k: pytest.fail("no FP8 GEMM in the bf16 recipe"))
-    for got, ref in zip(linear_grads(F8.BF16), linear_grads(None)):
-        assert torch.equal(got, ref)
-
-
-def fp8_model(monkeypatch, config=TINY, **options):
-    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    options = {"fp8_scaling": "delayed", **options}  # what `auto` resolves for micro-batches of 32K rows
-    return build_model(config, ModelOptions(fp8=True, **options), "cpu", seed=0)
-
-
-def test_bf16_ends_keep_the_first_and_last_blocks_bf16_without_scaling_state(monkeypatch):
-    model = fp8_model(monkeypatch, dataclasses.replace(TINY, n_layer=3), fp8_bf16_ends=1, fp8_scaling="delayed")
-    n = len(model.transformer.h)
-    assert n == 3
-    for i, block in enumerate(model.transformer.h):
-        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-        end = i in (0, n - 1)
-        assert all(layer.fp8_recipe == (F8.BF16 if end else F8.RECIPES["tensorwise"]) for layer in linears)
-        # a bf16 layer records no amax: a scaling state there would keep delayed scaling from ever starting
-        assert all(hasattr(layer, "fp8_scaling") != end for layer in linears)
-    assert model.lm_head.__dict__.get("fp8_recipe") is None
-
-
-@pytest.mark.parametrize("mode, expect", [("bf16", F8.BF16), ("bf16_forward", F8.RECIPES["backward_only"])])
-def test_enter_warmdown_switches_every_block_linear_once(mode, expect, monkeypatch):
-    model = fp8_model(monkeypatch)
-    assert not F8.enter_warmdown(model, "fp8")
-    assert F8.enter_warmdown(model, mode)
-    recipes = {m.fp8_recipe for m in model.modules() if hasattr(m, "fp8_recipe")}
-    assert recipes == {expect}
-    assert not F8.enter_warmdown(model, mode)  # a second call changes nothing (the loop calls it every step)
+def test_recipe_flag_parses_validates_and_is_guarded_on_resume():
+    cfg = parse_train_args(["--fp8", "--fp8-recipe", "torchao_rowwise"])
+    assert cfg.fp8_recipe == "torchao_rowwise"
+    cfg.validate()
+    assert {"fp8_recipe", "fp8_scaling"} <= set(RESUME_GUARDED_FIELDS)
+    # the recipes of the 2026-12-06 ablation that measured no gain are gone: one line naming the flag
+    for gone in ("bf16_wgrad", "forward_only", "backward_only", "full_accum"):
+        with pytest.raises(UserError, match=f"--fp8_recipe '{gone}' is not one of: tensorwise, torchao_tensorwise"):
+            dataclasses.replace(TrainConfig(), fp8_recipe=gone).validate()
+    with pytest.raises(UserError, match="unknown flag --fp8-warmdown"):
+        parse_train_args(["--fp8", "--fp8-warmdown", "bf16"])
 
 
 def test_warmdown_starts_where_the_lr_starts_to_decay():
@@ -116,53 +66,46 @@ def test_warmdown_starts_where_the_lr_starts_to_decay():
             assert optim.lr_multiplier(start + 1, n, 0.0, ratio) < 1.0
 
 
-def test_recipe_flags_parse_validate_and_are_guarded_on_resume():
-    from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS
-
-    cfg = parse_train_args(["--fp8", "--fp8-recipe", "bf16_wgrad", "--fp8-warmdown", "bf16", "--fp8-bf16-ends", "1"])
-    assert (cfg.fp8_recipe, cfg.fp8_warmdown, cfg.fp8_bf16_ends) == ("bf16_wgrad", "bf16", 1)
-    cfg.validate()
-    assert {"fp8_recipe", "fp8_warmdown", "fp8_bf16_ends"} <= set(RESUME_GUARDED_FIELDS)
-    for bad, flag in (({"fp8_recipe": "rowwise"}, "--fp8_recipe"), ({"fp8_warmdown": "off"}, "--fp8_warmdown"),
-                      ({"fp8_bf16_ends": -1}, "--fp8_bf16_ends"),
-                      ({"fp8_recipe": "torchao_rowwise", "fp8_warmdown": "bf16"}, "--fp8_recipe")):
-        with pytest.raises(UserError, match=flag):
-            dataclasses.replace(TrainConfig(), **bad).validate()
-
-
 # -----------------------------------------------------------------------------
-# --fp8_warmdown in the real loop: the switch happens at the warm-down's first step, and resumes across it
+# --fp8_scaling auto meant delayed scaling at >= 16,384 rows before 2026-12-06, dynamic since
 
 
-def test_fp8_warmdown_switch_resumes_bit_exactly_across_it(tmp_path, monkeypatch, capsys):
-    from nanochat_unsloth.cli import normalize_flags
-    from nanochat_unsloth.checkpoint import store as ckpt
-    from nanochat_unsloth.train.loop import train
-    from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+def meta_of(resolved=None, **config) -> RunMeta:
+    return RunMeta(step=10, train_config={"depth": 2, "max_seq_len": 2048, **config}, resolved=resolved)
 
-    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))  # the FP8 math runs on the CPU too
-    base = make_train_base_dir(tmp_path / "base")
 
-    def run(tag, *extra):
-        args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--fp8", "--num-iterations", "6", "--warmdown-ratio", "0.5",
-                                  "--model-tag", tag, *extra]
-        return train(parse_train_args(normalize_flags(args)))
+def cfg_of(**flags) -> TrainConfig:
+    return dataclasses.replace(TrainConfig(), depth=2, max_seq_len=2048, **flags)
 
-    def losses(tag):
-        import json
-        lines = (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
 
-    run("kept")  # FP8 throughout
-    run("straight", "--fp8-warmdown", "bf16")
-    assert "step 3: the LR warm-down starts; --fp8_warmdown bf16" in capsys.readouterr().out
-    run("resumed", "--fp8-warmdown", "bf16", "--stop-after", "4")
-    run("resumed", "--fp8-warmdown", "bf16", "--resume", "auto")
-    assert "step 4: the LR warm-down starts" in capsys.readouterr().out  # the resumed run switches at once
-    kept, straight, resumed = losses("kept"), losses("straight"), losses("resumed")
-    assert straight == resumed
-    # the switch changes the step math from the warm-down's first step (3) on, not before
-    assert straight[:3] == kept[:3] and all(s != k for s, k in zip(straight[3:], kept[3:]))
-    a = ckpt.load_model_state_dict(base / "runs" / "straight" / ckpt.step_dir_name(6))
-    b = ckpt.load_model_state_dict(base / "runs" / "resumed" / ckpt.step_dir_name(6))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+@pytest.mark.parametrize("config, resolved, expect", [
+    ({"fp8": True, "device_batch_size": 32}, None, "delayed"),  # 65,536 rows, before the record existed
+    ({"fp8": True, "device_batch_size": 4}, None, "dynamic"),  # 8,192 rows
+    ({"fp8": True, "device_batch_size": 32}, {"fp8_scaling": "dynamic"}, "dynamic"),  # as the run resolved it
+    ({"fp8": True, "device_batch_size": 4, "fp8_scaling": "delayed"}, None, "delayed"),  # named
+])
+def test_former_fp8_scaling_reads_the_record_or_the_former_auto_rule(config, resolved, expect):
+    assert former_fp8_scaling(meta_of(resolved, **config)) == expect
+
+
+def test_a_run_that_auto_scaled_delayed_resumes_dynamic_with_a_notice_or_keeps_delayed_when_named(capsys):
+    old = meta_of(fp8=True, device_batch_size=32, fp8_scaling="auto")
+    check_resume_compatible(old, cfg_of(fp8=True, device_batch_size=32))
+    assert "continues with dynamic scaling" in capsys.readouterr().err
+    check_resume_compatible(old, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="delayed"))  # not refused
+    with pytest.raises(UserError, match="--fp8_scaling=auto"):  # another named scaling is still guarded
+        check_resume_compatible(meta_of(fp8=True, device_batch_size=4, fp8_scaling="auto"),
+                                cfg_of(fp8=True, device_batch_size=4, fp8_scaling="delayed"))
+    check_resume_compatible(meta_of(fp8=True, device_batch_size=4, fp8_scaling="auto"), cfg_of(fp8=True,
+                                                                                             device_batch_size=4))
+    assert "continues with dynamic" not in capsys.readouterr().err  # it was dynamic already
+
+
+@pytest.mark.parametrize("removed", [{"fp8_warmdown": "bf16"}, {"fp8_bf16_ends": 1}])
+def test_a_run_started_with_a_removed_fp8_setting_is_refused_on_resume_unless_forced(removed):
+    meta = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", **removed)
+    with pytest.raises(UserError, match="removed on 2026-12-06"):
+        check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic"))
+    check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", force=True))
+    off = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", fp8_warmdown="fp8", fp8_bf16_ends=0)
+    check_resume_compatible(off, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic"))

@@ -14,7 +14,7 @@ from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model import cpu_probe, memory
 from nanochat_unsloth.train import bf16_gemm
 from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.resolve import DELAYED_SCALING_MIN_ROWS, ResolvedOptions, model_options, resolve
+from nanochat_unsloth.train.resolve import ResolvedOptions, model_options, resolve
 
 pytestmark = pytest.mark.usefixtures("fresh_notices")
 
@@ -79,14 +79,10 @@ TABLE = {
     "kernels torch on cuda": (["--kernels=torch"], CUDA, 1, None, {}, {"kernels": "torch"}),
     "kernels fused on cpu": (["--kernels=fused"], CPU, 1, None, NO_BF16, {"kernels": "fused"}),  # build falls back
     "kernels unsloth": (["--kernels=unsloth"], CPU, 1, None, NO_BF16, {"kernels": "fused"}),
-    # --fp8_scaling: delayed from 16,384 rows (device_batch_size x max_seq_len) up, FP8 or not
-    "scaling below": (["--device_batch_size=1", f"--max_seq_len={DELAYED_SCALING_MIN_ROWS - 16}"], CPU, 1, None,
-                      NO_BF16, {"fp8_scaling": "dynamic"}),
-    "scaling at": (["--device_batch_size=1", f"--max_seq_len={DELAYED_SCALING_MIN_ROWS}"], CPU, 1, None, NO_BF16,
-                   {"fp8_scaling": "delayed"}),
-    "scaling default": ([], CUDA, 1, None, {}, {"fp8_scaling": "delayed"}),  # 32 x 2048
+    # --fp8_scaling: dynamic at every size, FP8 or not (delayed only when asked for)
+    "scaling default": ([], CUDA, 1, None, {}, {"fp8_scaling": "dynamic"}),  # 32 x 2048
     "scaling fp8 small": (["--fp8", *SMALL], CUDA, 1, None, H100, {"fp8_scaling": "dynamic"}),
-    "scaling fp8 large": (["--fp8", *LARGE], CUDA, 1, None, H100, {"fp8_scaling": "delayed"}),
+    "scaling fp8 large": (["--fp8", *LARGE], CUDA, 1, None, H100, {"fp8_scaling": "dynamic"}),
     "scaling delayed": (["--fp8_scaling=delayed", *SMALL], CPU, 1, None, NO_BF16, {"fp8_scaling": "delayed"}),
     "scaling dynamic": (["--fp8_scaling=dynamic", *LARGE], CPU, 1, None, NO_BF16, {"fp8_scaling": "dynamic"}),
     # --compile (CUDA only): whole for torch, by blocks for fused or lean, whole for the fused small FP8 step
@@ -152,11 +148,11 @@ def test_every_auto_rule(machine, case):
 
 def test_what_the_builders_receive_is_concrete(machine):
     machine(**H100)
-    cfg = config(["--fp8", *SMALL, "--fp8_recipe=bf16_wgrad", "--lean_blocks=0", "--memory=lean"])
+    cfg = config(["--fp8", *SMALL, "--fp8_recipe=torchao_rowwise", "--lean_blocks=0", "--memory=lean"])
     options = model_options(cfg, resolve(cfg, CUDA))
     assert (options.kernels, options.fp8_scaling, options.compile, options.cuda_graphs, options.lean_checkpoint) == \
         ("fused", "dynamic", "blocks", False, "torch")
-    assert (options.fp8, options.fp8_recipe, options.memory, options.lean_blocks) == (True, "bf16_wgrad", "lean", 0)
+    assert (options.fp8, options.fp8_recipe, options.memory, options.lean_blocks) == (True, "torchao_rowwise", "lean", 0)
 
 
 def test_refusals_name_the_flag(machine):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import UserError, notice_once
 from nanochat_unsloth.shards.manifest import ShardManifest
 
 # Fields whose change on --resume would make the run no longer the same run (refused unless --force).
@@ -22,8 +22,13 @@ RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
-    "fp8_scaling", "fp8_recipe", "fp8_warmdown", "fp8_bf16_ends", "loss_chunk_mb", "compile", "lean_checkpoint",
+    "fp8_scaling", "fp8_recipe", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
+# FP8 settings removed on 2026-12-06 (they measured no gain), with the value that meant "off": a run that
+# used one cannot continue the same step math
+REMOVED_FIELDS = {"fp8_warmdown": "fp8", "fp8_bf16_ends": 0}
+# rows per micro-batch from which `--fp8_scaling auto` meant delayed scaling before 2026-12-06
+FORMER_DELAYED_MIN_ROWS = 16384
 
 
 def check_resume_compatible(meta: RunMeta, cfg) -> None:
@@ -36,13 +41,44 @@ def check_resume_compatible(meta: RunMeta, cfg) -> None:
         raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
     if not saved:
         return
+    removed = [f"--{f} {saved[f]}" for f, off in REMOVED_FIELDS.items() if saved.get(f, off) != off]
+    if removed and not cfg.force:
+        raise UserError(f"cannot resume: the run was started with {', '.join(removed)}, a setting removed on "
+                        "2026-12-06; continue it with the release that started it, or pass --force to go on without")
+    notice_fp8_scaling_change(meta, cfg)
     # a field the checkpoint lacks (it predates the field) was the field's default then
     defaults = type(cfg)().to_dict()
     was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
     guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
+    if "fp8_scaling" in guarded and was["fp8_scaling"] == "auto" and cfg.fp8_scaling == former_fp8_scaling(meta):
+        guarded.remove("fp8_scaling")  # naming what `auto` chose for this run is the same run
     if guarded and not cfg.force:
         desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
+
+
+def former_fp8_scaling(meta: RunMeta) -> str:
+    """The FP8 scaling the checkpoint's run used: as it resolved it, or, for a checkpoint that predates the
+    record, `auto`'s rule of before 2026-12-06 (delayed for micro-batches of 16,384 rows and more)."""
+    saved = meta.train_config
+    if saved.get("fp8_scaling", "auto") != "auto":
+        return saved["fp8_scaling"]
+    if meta.resolved and meta.resolved.get("fp8_scaling"):
+        return meta.resolved["fp8_scaling"]
+    rows = saved.get("device_batch_size", 0) * saved.get("max_seq_len", 0)
+    return "delayed" if rows >= FORMER_DELAYED_MIN_ROWS else "dynamic"
+
+
+def notice_fp8_scaling_change(meta: RunMeta, cfg) -> None:
+    """`--fp8_scaling auto` meant delayed scaling for micro-batches of 16,384 rows and more before 2026-12-06,
+    and dynamic since: such a run resumed with `auto` goes on with dynamic scaling, which it is told."""
+    saved = meta.train_config
+    if not (cfg.fp8 and saved.get("fp8") and cfg.fp8_scaling == "auto" and saved.get("fp8_scaling", "auto") == "auto"):
+        return
+    if former_fp8_scaling(meta) == "delayed":
+        notice_once("--fp8_scaling auto: this run started with delayed FP8 scaling, and continues with dynamic "
+                    "scaling (auto's choice since 2026-12-06: delayed scaling's loss drifts from bf16's); pass "
+                    "--fp8_scaling delayed to keep the old scaling")
 
 
 def check_resume_data(meta: RunMeta, resume_dir: Path, manifest: ShardManifest, shards_dir: Path, force: bool,

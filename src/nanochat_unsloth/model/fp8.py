@@ -10,20 +10,17 @@ With `--fp8` each of them reads its operands in 8-bit floating point (`torch._sc
 GEMM: about twice the bf16 rate on an H100) and writes its result in bf16 / fp32. Activations and
 weights use e4m3 (3 mantissa bits), gradients e5m2 (more range, 2 mantissa bits), the usual split.
 Scaling is "tensorwise": one fp32 scale per tensor per call, chosen so that the tensor's largest
-magnitude lands on the format's largest value. Weights always use their own amax ("dynamic"). Under
-delayed scaling (`--fp8_scaling delayed|dynamic`; its `auto`, delayed for large micro-batches, is decided in
-train/resolve.py) `convert_to_fp8` attaches a `DelayedScaling` state to activations and gradients:
-the scale then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait
-for a reduction over the tensor (see the section below).
+magnitude lands on the format's largest value, from the tensor's own amax ("dynamic", the default).
+`--fp8_scaling delayed` attaches a `DelayedScaling` state to activations and gradients instead: the scale
+then comes from the amax the same layer saw one micro-step earlier, so the cast need not wait for a
+reduction over the tensor (see the section below). It is faster per step, but its loss drifts away from
+bf16's over a run (docs/PERF.md, "FP8 at equal quality"), so it is opt-in.
 
-Which of the three GEMMs read FP8 operands is a per-layer `Fp8Recipe` (`--fp8_recipe`; all three by
-default), which can change once, at the LR warm-down (`--fp8_warmdown`), and be bf16 for the blocks at the
-ends of the stack (`--fp8_bf16_ends`): the knobs of the search for where FP8 loses quality (docs/PERF.md,
-"FP8 at equal quality: the recipe ablation").
-The `torchao_*` recipes hand the block Linears to torchao's float8 training instead, for a side-by-side.
+`--fp8_recipe` picks whose FP8 it is: ours (`tensorwise`, below), or torchao's float8 training
+(`torchao_tensorwise`, `torchao_rowwise`), kept for a side-by-side (docs/PERF.md).
 
-One converter, `convert_to_fp8(model, scaling, recipe, bf16_ends)`, is the only way in: a model goes in,
-the FP8 model comes out (its kernel set's `linear` replaced, the recipe and scaling state attached). Evaluation turns FP8 off by
+One converter, `convert_to_fp8(model, scaling, recipe)`, is the only way in: a model goes in,
+the FP8 model comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
 running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
 `F.linear`, so val bpb and samples are nanochat's math.
 
@@ -139,51 +136,14 @@ def cpu_scaled_mm_runs(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: to
     return _CPU_SCALED_MM[key]
 
 
-# -----------------------------------------------------------------------------
-# Recipes: which of a Linear's three GEMMs read FP8 operands
-
-
-@dataclasses.dataclass(frozen=True)
-class Fp8Recipe:
-    """The GEMMs of one Linear that run in FP8; the others run in bf16 as the exact path's do.
-
-    `forward` y = x @ W.T, `dgrad` dx = dy @ W, `wgrad` dW = dy.T @ x. `fast_accum`: cuBLAS's fast
-    (less precise) accumulation in the forward GEMM; the backward's always keeps full accumulation.
-    """
-
-    forward: bool = True
-    dgrad: bool = True
-    wgrad: bool = True
-    fast_accum: bool = True
-
-    @property
-    def any(self) -> bool:
-        return self.forward or self.dgrad or self.wgrad
-
-
-BF16 = Fp8Recipe(forward=False, dgrad=False, wgrad=False)
-# `--fp8_recipe`: the whole-model choices. The torchao_* recipes hand the block Linears to torchao's
-# float8 training instead of our GEMMs (`convert_to_fp8` says how).
-RECIPES = {
-    "tensorwise": Fp8Recipe(),
-    "bf16_wgrad": Fp8Recipe(wgrad=False),
-    "full_accum": Fp8Recipe(fast_accum=False),
-    "forward_only": Fp8Recipe(dgrad=False, wgrad=False),
-    "backward_only": Fp8Recipe(forward=False),
-}
+# `--fp8_recipe`: our tensorwise GEMMs, or torchao's float8 training of the block Linears (its recipe names)
 TORCHAO_RECIPES = {"torchao_tensorwise": "tensorwise", "torchao_rowwise": "rowwise"}
-RECIPE_CHOICES = (*RECIPES, *TORCHAO_RECIPES)
-# `--fp8_warmdown`: what the block GEMMs do from the first step of the LR warm-down on
-WARMDOWN_CHOICES = ("fp8", "bf16", "bf16_forward")
+RECIPE_CHOICES = ("tensorwise", *TORCHAO_RECIPES)
 
 
-def check_recipe(recipe: str, warmdown: str = "fp8", bf16_ends: int = 0) -> None:
+def check_recipe(recipe: str) -> None:
     if recipe not in RECIPE_CHOICES:
         raise ValueError(f"--fp8_recipe {recipe!r}: choose one of {', '.join(RECIPE_CHOICES)}")
-    if warmdown not in WARMDOWN_CHOICES:
-        raise ValueError(f"--fp8_warmdown {warmdown!r}: choose one of {', '.join(WARMDOWN_CHOICES)}")
-    if recipe in TORCHAO_RECIPES and (warmdown != "fp8" or bf16_ends):
-        raise ValueError(f"--fp8_recipe {recipe}: --fp8_warmdown and --fp8_bf16_ends apply to our recipes only")
 
 
 # -----------------------------------------------------------------------------
@@ -323,89 +283,62 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x @ W.T with the GEMMs that `recipe` names in FP8, the others in bf16. x: (M, K) in the
-    compute dtype, W: (N, K) parameter.
+    """y = x @ W.T with all three GEMMs in FP8. x: (M, K) in the compute dtype, W: (N, K) parameter.
 
     `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
     DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale when
-    `delayed`, overwritten with this backward's amax either way.
+    `delayed`, overwritten with this backward's amax either way. Fast accumulation in the forward GEMM
+    only: the backward's GEMMs keep full accumulation (nanochat's FP8 does the same).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
-                delayed: bool, recipe: Fp8Recipe) -> Tensor:
+                delayed: bool) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
-        need_x8 = recipe.forward or recipe.wgrad
-        need_w8 = recipe.forward or recipe.dgrad
-        x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3) if need_x8 else (None, None)
+        x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
         # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
-        w8, w_inv = quantize_tensorwise(weight, E4M3) if need_w8 else (None, None)
-        if recipe.forward:
-            # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
-            y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=recipe.fast_accum)
-        else:
-            y = x @ weight.to(x.dtype).t()
-        # what the backward's GEMMs read: 1 byte per element for the FP8 ones instead of x's 2
-        x_saved, x_inv_saved = (x8, x_inv) if recipe.wgrad else (x, None)
-        w_saved, w_inv_saved = (w8, w_inv) if recipe.dgrad else (weight, None)
-        saved = (x_saved, w_saved) + tuple(t for t in (x_inv_saved, w_inv_saved, grad_amax) if t is not None)
-        ctx.save_for_backward(*saved)
+        w8, w_inv = quantize_tensorwise(weight, E4M3)
+        # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
+        y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
+        # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2
+        ctx.save_for_backward(x8, w8, x_inv, w_inv, *(() if grad_amax is None else (grad_amax,)))
         ctx.weight_dtype = weight.dtype
         ctx.delayed = delayed
-        ctx.recipe = recipe
         ctx.has_history = grad_amax is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        recipe = ctx.recipe
         saved = ctx.saved_tensors  # indexed, not popped: Dynamo traces list.pop on it as a tuple method
-        x_saved, w_saved, i = saved[0], saved[1], 2
-        x_inv = w_inv = history = None
-        if recipe.wgrad:
-            x_inv, i = saved[i], i + 1
-        if recipe.dgrad:
-            w_inv, i = saved[i], i + 1
-        if ctx.has_history:
-            history = saved[i]
+        x8, w8, x_inv, w_inv = saved[0], saved[1], saved[2], saved[3]
+        history = saved[4] if ctx.has_history else None
         grad_y = grad_y.contiguous()
-        g8 = g_inv = None
-        if recipe.dgrad or recipe.wgrad:
-            if ctx.delayed:
-                g8, g_inv = quantize_with_amax(grad_y, history * MARGIN, E5M2)
-                history.copy_(row_first_amax(grad_y))  # the next micro-step's scale
-            else:
-                amax = tensor_amax(grad_y)
-                g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
-                if history is not None:
-                    history.copy_(amax)
-        elif history is not None:  # keeps the history live for `start_delayed_scaling`
-            history.copy_(row_first_amax(grad_y))
+        if ctx.delayed:
+            g8, g_inv = quantize_with_amax(grad_y, history * MARGIN, E5M2)
+            history.copy_(row_first_amax(grad_y))  # the next micro-step's scale
+        else:
+            amax = tensor_amax(grad_y)
+            g8, g_inv = quantize_with_amax(grad_y, amax, E5M2)
+            if history is not None:
+                history.copy_(amax)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            if recipe.dgrad:
-                grad_x = _scaled_mm(g8, g_inv, _column_major(w_saved), w_inv, grad_y.dtype, fast_accum=False)
-            else:
-                grad_x = grad_y @ w_saved.to(grad_y.dtype)
+            grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_y.dtype, fast_accum=False)
         if ctx.needs_input_grad[1]:
-            if recipe.wgrad:
-                # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
-                grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x_saved), x_inv, ctx.weight_dtype,
-                                    fast_accum=False)
-            else:  # the exact path's bf16 weight gradient (autocast's), then the parameter's dtype
-                grad_w = (grad_y.t() @ x_saved).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None, None
+            # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
+            grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x8), x_inv, ctx.weight_dtype,
+                                fast_accum=False)
+        return grad_x, grad_w, None, None, None
 
 
-def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
-               recipe: Fp8Recipe = RECIPES["tensorwise"]) -> Tensor:
-    """`F.linear(x, weight)` (no bias) with `recipe`'s GEMMs in FP8 while training; plain `F.linear`
-    without autograd or when the recipe has no FP8 GEMM.
+def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None) -> Tensor:
+    """`F.linear(x, weight)` (no bias) with its GEMMs in FP8 while training; plain `F.linear` without
+    autograd.
 
     With a `scaling` state the layer records its amaxes, and scales from them once the state is active.
     """
-    if not recipe.any or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     delayed = scaling is not None and scaling.active
@@ -414,7 +347,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
-    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed, recipe)
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
     if scaling is not None and scaling.records_input:
         with torch.no_grad():
             scaling.input_scaling.x_amax.copy_(new_x_amax)
@@ -422,27 +355,24 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
 
 
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, recipe and delayed scaling."""
-    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None),
-                      getattr(layer, "fp8_recipe", RECIPES["tensorwise"]))
+    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight and delayed scaling."""
+    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
 
 
 # -----------------------------------------------------------------------------
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise",
-                   bf16_ends: int = 0) -> nn.Module:
-    """`--fp8`: the model with its block Linears' GEMMs in FP8 as `recipe` says, or unchanged (and a
-    notice) where FP8 cannot run fast.
+def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise") -> nn.Module:
+    """`--fp8`: the model with its block Linears' GEMMs in FP8 (ours, or torchao's for its `recipe`), or
+    unchanged (and a notice) where FP8 cannot run fast.
 
     `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not re-run in
     backward (not in checkpointed blocks, nor the MLP of selective ones): the
-    re-run would quantise with a newer scale than the one it replays. `bf16_ends` blocks at each end of
-    the stack keep bf16 GEMMs. Call it after `init_weights`.
+    re-run would quantise with a newer scale than the one it replays. Call it after `init_weights`.
     """
     check_scaling_mode(scaling)
-    check_recipe(recipe, bf16_ends=bf16_ends)
+    check_recipe(recipe)
     ok, why = fp8_supported(model.get_device())
     if not ok:
         notice_once(f"--fp8: {why}; training in bf16")
@@ -450,34 +380,12 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
-    n = len(model.transformer.h)
-    for i, (block, mode) in enumerate(zip(model.transformer.h, model.block_memory)):
-        in_fp8 = bf16_ends <= i < n - bf16_ends
-        for layer in block.modules():
-            if isinstance(layer, nn.Linear):
-                layer.fp8_recipe = RECIPES[recipe] if in_fp8 else BF16
-        if scaling == "delayed" and in_fp8 and mode != "lean":
-            attach_delayed_scaling(block if mode == "fast" else block.attn)
-            share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
+    if scaling == "delayed":
+        for block, mode in zip(model.transformer.h, model.block_memory):
+            if mode != "lean":
+                attach_delayed_scaling(block if mode == "fast" else block.attn)
+                share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
     return model
-
-
-def enter_warmdown(model: nn.Module, mode: str) -> bool:
-    """`--fp8_warmdown`: from the warm-down's first step, the block GEMMs in bf16 (`bf16`) or only their
-    forward (`bf16_forward`). A function of the step, so a resumed run switches where the uninterrupted
-    one did. Returns True when a layer changed (its block then recompiles once)."""
-    if mode == "fp8":
-        return False
-    changed = False
-    for layer in model.modules():
-        recipe = getattr(layer, "fp8_recipe", None)
-        if recipe is None:
-            continue
-        new = BF16 if mode == "bf16" else dataclasses.replace(recipe, forward=False)
-        if new != recipe:
-            layer.fp8_recipe = new
-            changed = True
-    return changed
 
 
 def _torchao_linear(x: Tensor, layer: nn.Module) -> Tensor:

@@ -16,7 +16,7 @@ from nanochat_unsloth.common import FlagParser, UserError
 from nanochat_unsloth.model.build import KERNEL_ALIASES, KERNEL_CHOICES
 from nanochat_unsloth.model.compile import COMPILE_CHOICES
 from nanochat_unsloth.model.gpt import GPTConfig
-from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES, WARMDOWN_CHOICES, check_recipe
+from nanochat_unsloth.model.fp8 import RECIPE_CHOICES, SCALING_CHOICES
 from nanochat_unsloth.model.lm_head_loss import DEFAULT_CHUNK_MB
 from nanochat_unsloth.model.memory import LEAN_CHOICES, MEMORY_CHOICES
 from nanochat_unsloth.train.bf16_gemm import CHOICES as CPU_BF16_CHOICES
@@ -47,23 +47,15 @@ class TrainConfig:
                                                                     "block; offload = Unsloth's offloaded checkpointing "
                                                                     "(CUDA + unsloth_zoo), auto = offload where it runs"})
     fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval "
-                                                      "stay bf16): a faster, lower-precision step that costs val bpb "
-                                                      "(docs/PERF.md)"})
+                                                      "stay bf16): a faster step, at bf16's val bpb with dynamic "
+                                                      "scaling (docs/PERF.md)"})
     fp8_scaling: str = field(default="auto", metadata={"help": "auto|delayed|dynamic: FP8 scales of activations and "
                                                                 "gradients from the previous micro-step's amax (delayed) "
-                                                                "or their own (dynamic); auto = delayed from 16384 rows "
-                                                                "(device_batch_size x max_seq_len) up"})
-    fp8_recipe: str = field(default="tensorwise", metadata={"help": "which GEMMs of a block Linear run in FP8: "
-                                                                    "tensorwise (all three), bf16_wgrad (not the "
-                                                                    "weight gradient), full_accum (no fast "
-                                                                    "accumulation), forward_only, backward_only; "
-                                                                    "torchao_tensorwise|torchao_rowwise = torchao's "
+                                                                "or their own (dynamic); auto = dynamic (delayed is "
+                                                                "faster per step, but its loss drifts from bf16's)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "tensorwise|torchao_tensorwise|torchao_rowwise: "
+                                                                    "whose FP8 GEMMs, ours (tensorwise) or torchao's "
                                                                     "float8 training"})
-    fp8_warmdown: str = field(default="fp8", metadata={"help": "fp8|bf16|bf16_forward: the block GEMMs from the LR "
-                                                                "warm-down's first step on: unchanged, all bf16, or "
-                                                                "bf16 forward"})
-    fp8_bf16_ends: int = field(default=0, metadata={"help": "--fp8: this many blocks at each end of the stack keep "
-                                                            "bf16 GEMMs"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
@@ -147,10 +139,6 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 shown = ", ".join(c or repr(c) for c in choices)  # "" (autodetect) must show
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
-        try:
-            check_recipe(self.fp8_recipe, self.fp8_warmdown, self.fp8_bf16_ends)
-        except ValueError as e:
-            raise UserError(str(e)) from None
         if self.cuda_graphs == "on" and self.compile not in ("auto", "model"):
             raise UserError(f"--cuda_graphs on replays the whole-model graph, not --compile {self.compile}: "
                             "use --compile model")
@@ -170,7 +158,7 @@ SECTIONS = (("model", "depth"), ("speed and memory", "kernels"), ("optimizer", "
 # concrete values; "auto" exists only as a flag value, which train/resolve.py replaces.
 _CHOICES = (
     ("kernels", ("auto", *KERNEL_CHOICES)), ("memory", MEMORY_CHOICES), ("lean_checkpoint", ("auto", *LEAN_CHOICES)),
-    ("fp8_scaling", ("auto", *SCALING_CHOICES)), ("fp8_recipe", RECIPE_CHOICES), ("fp8_warmdown", WARMDOWN_CHOICES),
+    ("fp8_scaling", ("auto", *SCALING_CHOICES)), ("fp8_recipe", RECIPE_CHOICES),
     ("compile", ("auto", *COMPILE_CHOICES)), ("optimizer", OPTIMIZER_CHOICES),
     ("cpu_bf16", ("auto", *CPU_BF16_CHOICES)), ("cuda_graphs", ("auto", "on", "off")),
     ("device_type", DEVICE_TYPE_CHOICES),
@@ -187,7 +175,6 @@ _BOUNDS = (
     ("depth", lambda v: v >= 1, "at least 1"),
     ("max_seq_len", lambda v: v >= 1, "at least 1"),
     ("lean_blocks", _off_or(lambda v: v >= 0), "-1 (all blocks) or 0 or more"),
-    ("fp8_bf16_ends", lambda v: v >= 0, "0 or more"),
     ("loss_chunk_mb", lambda v: v > 0, "positive"),
     ("num_iterations", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
     ("target_flops", _off_or(lambda v: v > 0), "-1 (off) or positive"),

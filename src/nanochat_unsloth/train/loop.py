@@ -310,7 +310,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     val_bpb, min_val_bpb = None, float("inf")
     total_time = 0.0
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
-    warmdown_from = optim.warmdown_start(num_iterations, cfg.warmdown_ratio)
     while True:
         step = train_state.step  # optimizer steps complete so far
         last_step = step == num_iterations
@@ -349,11 +348,6 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
             break
 
         # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
-        # once: at the warm-down's first step, or at the first step of a run resumed inside it
-        switch = raw_model.ops.fp8 and step == max(warmdown_from, start_step)
-        if switch and fp8.enter_warmdown(raw_model, cfg.fp8_warmdown):
-            print0(f"step {step}: the LR warm-down starts; --fp8_warmdown {cfg.fp8_warmdown}: block GEMMs "
-                   + ("in bf16" if cfg.fp8_warmdown == "bf16" else "with a bf16 forward") + " from here on")
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()

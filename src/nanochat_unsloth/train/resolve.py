@@ -11,8 +11,7 @@ memory.py, train/setup.py, train/bf16_gemm.py) takes concrete values only.
 Each resolved value is a value its flag accepts: passing the logged values as flags repeats this run's choices
 on another machine.
 
-The measurements behind the rules: docs/perf-log/2026-11-24.md, "Delayed FP8 scaling, partial lean, FP8
-lm_head" (--fp8_scaling); docs/perf-log/2026-11-28.md, "An FP8 MLP glue kernel (no gain, removed), B=4's host
+The measurements behind the rules: docs/PERF.md, "FP8 at equal quality" (--fp8_scaling); docs/perf-log/2026-11-28.md, "An FP8 MLP glue kernel (no gain, removed), B=4's host
 bound, `--compile model`" and "CUDA graphs for the small-batch FP8 step (`--cuda_graphs`), `--compile auto` at
 B=32 and 8" (--compile, --cuda_graphs), and "CPU: bf16 GEMMs on CPUs without bf16 instructions" (--cpu_bf16).
 """
@@ -29,14 +28,11 @@ from nanochat_unsloth.model import cpu_probe, fp8
 from nanochat_unsloth.model import memory as memory_modes
 from nanochat_unsloth.model.build import ModelOptions
 
-# --fp8_scaling auto: delayed scaling from this many rows (B*T) per micro-batch up; below it the pass over
-# each tensor that it saves is smaller than its per-layer bookkeeping.
-DELAYED_SCALING_MIN_ROWS = 16384
 # Below this many rows per micro-batch the fused set's FP8 step is bound by the host's launches: --compile
 # auto compiles that model whole (one graph per micro-step instead of one per block) and --cuda_graphs auto
-# replays the graph. It is FP8's dynamic-scaling regime, where both were measured; at larger batches the
+# replays the graph (measured under dynamic FP8 scaling); at larger batches the
 # whole-model graph does not pay for its longer compile.
-SMALL_MICRO_BATCH_ROWS = DELAYED_SCALING_MIN_ROWS
+SMALL_MICRO_BATCH_ROWS = 16384
 # --cpu_bf16 auto: on a CPU with bf16 instructions it still emulates when a bf16 matmul is this many times
 # slower than an fp32 one: oneDNN then is not using them (bf16 instructions do twice the work of fp32 ones
 # per cycle).
@@ -79,9 +75,9 @@ def resolve(cfg, device, world_size: int = 1, zero_stage: int | None = None) -> 
     kernels = cfg.kernels
     if kernels == "auto":
         kernels = "fused" if on_cuda else "torch"  # the fused set is the CUDA one
-    fp8_scaling = cfg.fp8_scaling
-    if fp8_scaling == "auto":
-        fp8_scaling = "delayed" if rows >= DELAYED_SCALING_MIN_ROWS else "dynamic"
+    # --fp8_scaling auto: dynamic at every size. Delayed scaling is faster per step at large micro-batches,
+    # but the loss drifts away from bf16's over a run (docs/PERF.md, "FP8 at equal quality").
+    fp8_scaling = "dynamic" if cfg.fp8_scaling == "auto" else cfg.fp8_scaling
     # the fused set's FP8 step on small micro-batches, bound by the host's kernel launches
     host_bound = kernels == "fused" and fp8_runs and rows < SMALL_MICRO_BATCH_ROWS
     compile_mode = _compile(cfg.compile, kernels, cfg.memory, host_bound, on_cuda, zero_stage)
