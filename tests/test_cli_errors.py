@@ -103,3 +103,14 @@ def test_read_only_target_in_convert_is_one_line(base, tmp_path, monkeypatch, ca
         assert str(target) in err and "not writable" in err
     finally:
         target.chmod(0o755)
+
+
+def test_convert_module_run_alone_refuses_the_import_in_one_line(tmp_path, capsys):
+    """convert/ sits below train/, where the import from nanochat lives: its own `main`, without the import the
+    top-level CLI hands it, checks the flags and then names the command that runs the import."""
+    from nanochat_unsloth.convert.cli import main as convert_main
+
+    code = run_main(convert_main, ["--from-nanochat", str(tmp_path / "nc"), "--out", str(tmp_path / "runs" / "x")])
+    err = one_line_error(capsys, code)
+    assert "run it as `nanochat-unsloth convert --from-nanochat DIR --out RUN_DIR`" in err, err
+    assert not (tmp_path / "runs").exists()

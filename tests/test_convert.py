@@ -22,7 +22,8 @@ from conftest import killed_at, watch_file_ops
 from nanochat_unsloth.cli import main as cli_main
 from nanochat_unsloth.common import UserError, sha256_file
 from nanochat_unsloth.convert import nanochat_layout as layout
-from nanochat_unsloth.convert.cli import export_to_nanochat, import_from_nanochat
+from nanochat_unsloth.convert.cli import export_to_nanochat
+from nanochat_unsloth.train.import_nanochat import import_from_nanochat
 from nanochat_unsloth.checkpoint import layouts, store as ckpt
 from nanochat_unsloth.checkpoint.meta import RunMeta
 

@@ -194,7 +194,7 @@ def test_a_mixed_tokenizer_pair_is_refused_by_eval_train_and_convert(base, tmp_p
 def test_a_linked_runs_dir_keeps_the_base_dir_the_user_named(base, run_result, tmp_path):
     """<base>/runs and <base>/base_checkpoints as links to another disk: eval and convert find tokenizer/ and
     shards/ in the base dir named, not beside the links' targets; the tag is the name of the run dir given."""
-    from nanochat_unsloth.convert.cli import import_from_nanochat
+    from nanochat_unsloth.train.import_nanochat import import_from_nanochat
 
     own = tmp_path / "base"
     shutil.copytree(base, own)

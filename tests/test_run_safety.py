@@ -97,7 +97,7 @@ def test_non_finite_weights_are_never_saved_nor_prune(tmp_path):
 
 
 def test_eval_convert_and_resume_refuse_non_finite_weights(base, tmp_path, capsys):
-    from nanochat_unsloth.convert.cli import main as convert_main
+    from nanochat_unsloth.cli import convert as convert_main
     from nanochat_unsloth.eval.cli import main as eval_main
 
     run_train(base, "--num-iterations", "4", "--model-tag", "nanw", "--save-every", "1", "--stop-after", "2")
