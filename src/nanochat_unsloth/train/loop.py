@@ -1,9 +1,10 @@
 """The training loop: nanochat's base_train, with Accelerate owning devices, precision and processes.
 
-Read top to bottom: setup -> data -> model -> optimizers -> resume -> the step loop. The step math
-(schedules, Muon, AdamW, clipping) lives in `optim.py`; this file only sequences it. Everything that
-can be refused (flags, trackers, the run lock, shards, the val split, the CORE eval bundle) is checked
-before the model is built; --no_repeat_data, which needs the horizon, right after it.
+`_train` reads as its stages, each a helper below it in order: setup -> inputs -> model -> horizon ->
+optimizers -> resume -> the step loop -> the summary. The step math (schedules, Muon, AdamW, clipping)
+lives in `optim.py` and `step.py`; this file only sequences it. Everything that can be refused (flags,
+trackers, the run lock, shards, the val split, the CORE eval bundle) is checked before the model is
+built; --no_repeat_data, which needs the horizon, right after it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -24,8 +27,8 @@ from nanochat_unsloth.checkpoint.train_state import TrainState
 from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
 from nanochat_unsloth.model import cpu_probe, fp8
-from nanochat_unsloth.model.build import build_model
-from nanochat_unsloth.model.gpt import PROMISED_FLOPS_H100, GPTConfig
+from nanochat_unsloth.model.build import ModelOptions, build_model
+from nanochat_unsloth.model.gpt import GPT, PROMISED_FLOPS_H100, GPTConfig
 from nanochat_unsloth.model.memory import out_of_memory_advice
 from nanochat_unsloth.tokenizer import load_checked_tokenizer, load_token_bytes
 from nanochat_unsloth.shards.loader import TokenShardLoader
@@ -38,7 +41,7 @@ from nanochat_unsloth.train.data_budget import data_budget_line
 from nanochat_unsloth.train.device import resolve_device_type
 from nanochat_unsloth.train.launcher import exit_when_orphaned, launched_by_launcher, stop_with_parent
 from nanochat_unsloth.train.phase_timer import profiled_step
-from nanochat_unsloth.train.resolve import model_options, resolve
+from nanochat_unsloth.train.resolve import ResolvedOptions, model_options, resolve
 from nanochat_unsloth.train.setup import prepare_for_training
 from nanochat_unsloth.train.step import optimizer_step
 
@@ -118,11 +121,147 @@ def train(cfg: TrainConfig) -> dict:
             lock.release()
 
 
+@dataclass
+class _Session:
+    """What setup decides once and every later stage reads: Accelerate's processes and device, the run's
+    directory, the resolved `auto` flags and the trackers asked for."""
+
+    accelerator: Any
+    device: torch.device
+    device_type: str
+    rank: int
+    world_size: int
+    master: bool
+    print0: Callable[..., None]
+    base_dir: Path
+    run_dir: Path
+    resolved: ResolvedOptions
+    tracker_names: list
+
+    def log_jsonl(self, path: Path, record: dict) -> None:
+        """The run's records are written by the main process alone, so each line appears once."""
+        if self.master:
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk, a size limit: one line (a torn line is dropped on resume)
+                raise UserError(disk_failure_message(path, e)) from None
+
+
+@dataclass
+class _Inputs:
+    """The run's verified inputs: the shards and their tokenizer, the loaders, the CORE bundle, ZeRO's set-up."""
+
+    shards_dir: Path
+    manifest: ShardManifest
+    encoding: Any
+    token_bytes: torch.Tensor
+    core_bundle: Any
+    grad_accum: int
+    train_loader: TokenShardLoader
+    val_loader: TokenShardLoader
+    eval_steps: int
+    zero: deepspeed_zero.ZeroRun | None
+
+
+@dataclass
+class _Built:
+    """The model as built, before Accelerate: what it was built from and its size."""
+
+    raw_model: GPT
+    model_config: GPTConfig
+    options: ModelOptions
+    num_params: int
+    flops_per_token: int
+
+
+@dataclass
+class _Trainee:
+    """The model as built and as prepared, its optimizers and what a checkpoint saves of them."""
+
+    model_config: GPTConfig
+    raw_model: GPT  # uncompiled, unwrapped: sampling and checkpoint naming use it
+    model: Any  # what the step calls: Accelerate's wrapper, compiled or not
+    optimizers: list
+    cuda_graphs: bool
+    train_state: TrainState
+    checkpointed: ckpt.Checkpointed
+    whole_weights_nowhere: bool  # FSDP2 and ZeRO-3: any forward of the raw model is a collective
+    flops_per_token: int
+    num_iterations: int
+
+
+@dataclass
+class _Run:
+    """Everything the step loop reads, and what it carries from step to step (the latest val bpb goes into
+    each checkpoint's meta; the summary reports the best one)."""
+
+    cfg: TrainConfig
+    s: _Session
+    data: _Inputs
+    t: _Trainee
+    start_step: int
+    result: dict
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+    total_time: float = 0.0
+
+    def meta(self) -> RunMeta:
+        """What a resume checks this run against: its configs, inputs, layout and resolved flags."""
+        cfg, s, data, t = self.cfg, self.s, self.data, self.t
+        return RunMeta(
+            model_config=dataclasses.asdict(t.model_config),
+            train_config=cfg.to_dict(),
+            tokenizer_sha256=data.manifest.tokenizer.sha256,
+            shards_sha256=data.manifest.fingerprint(),
+            val_bpb=self.val_bpb,
+            world_size=s.world_size,
+            grad_accum=data.grad_accum,
+            device_type=s.device_type,
+            num_iterations=t.num_iterations,
+            cpu_bf16=s.resolved.cpu_bf16,
+            resolved=s.resolved.to_dict(),
+            deepspeed=data.zero.describe() if data.zero else None,
+        )
+
+    def save(self, step: int) -> Path:
+        """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
+        try:
+            return ckpt.save_checkpoint(self.s.accelerator, self.s.run_dir, step, self.meta(), self.cfg.keep_last,
+                                        self.t.checkpointed)
+        except Diverged as e:
+            self.s.print0(diverged_notice(e, self.s.run_dir))
+            raise
+
+
 def _train(cfg: TrainConfig, locks: list) -> dict:
-    from accelerate import Accelerator, DistributedType
+    """nanochat's base_train as stages: set up, open the inputs, build, resume, train, sum up. Everything that
+    can be refused is refused before the model is built, so a bad flag or input costs seconds."""
+    s = _start_session(cfg, locks)
+    data = _open_inputs(cfg, s)
+    built = _build_model(cfg, s, data)
+    num_iterations = _plan_horizon(cfg, s, data, built)
+    t = _prepare_trainee(cfg, s, data, built, num_iterations)
+    start_step, complete = _resume(cfg, s, data, t)
+    if complete:
+        return {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(s.run_dir),
+                "val_bpb": [], "already_complete": True, "final_step": start_step}
+    trackers.start_trackers(s.accelerator, s.tracker_names, cfg.run, s.run_dir, cfg.to_dict())
+    result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(s.run_dir), "val_bpb": []}
+    run = _Run(cfg, s, data, t, start_step, result)
+    _step_loop(run)
+    return _finish(run)
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def _start_session(cfg: TrainConfig, locks: list) -> _Session:
+    """Flags, trackers and the device first, then Accelerate and every `auto` decided once; the main process
+    takes the run's lock here, before anything is built, so a second run on the same tag is refused at once."""
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    # ---- setup -----------------------------------------------------------------------------------
     cfg.validate()  # flags first: nothing is built for a run that cannot start
     tracker_names = trackers.resolve_trackers(cfg.run, cfg.tracker)  # an unknown or uninstalled one: refused now
     device_type = resolve_device_type(cfg.device_type)
@@ -137,8 +276,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
                               **deepspeed_zero.accelerator_kwargs(device_type),  # cpu=..., and what DeepSpeed needs
                               **trackers.accelerator_kwargs(tracker_names, run_dir))
     device, device_type = accelerator.device, accelerator.device.type
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    master = accelerator.is_main_process
+    world_size = accelerator.num_processes
     print0 = accelerator.print
     set_seed(cfg.seed)
     # every `auto` decided once, before the model exists (the CPU bf16 probe times clean matmuls)
@@ -150,270 +288,307 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
 
     # the main process holds the lock for the run's life; a refused rank 0 takes the other ranks down
     # with it (the launcher stops every worker when one fails)
-    if master:
+    if accelerator.is_main_process:
         locks.append(store.lock_run(run_dir))
-    shards_dir = Path(cfg.shards) if cfg.shards else base_dir / "shards"
-    tokenizer_dir = base_dir / "tokenizer"
+    return _Session(accelerator, device, device_type, accelerator.process_index, world_size,
+                    accelerator.is_main_process, print0, base_dir, run_dir, resolved, tracker_names)
+
+
+def _open_inputs(cfg: TrainConfig, s: _Session) -> _Inputs:
+    """The tokenizer, shards and CORE bundle before the model, so shards too short for --max_seq_len, a val
+    split too small for one evaluation or a missing eval bundle are refused in seconds; each shard's sha256
+    and token ids are checked here once."""
+    shards_dir = Path(cfg.shards) if cfg.shards else s.base_dir / "shards"
+    tokenizer_dir = s.base_dir / "tokenizer"
     manifest = ShardManifest.load(shards_dir)
     vocab_size = manifest.tokenizer.vocab_size
     encoding, _ = load_checked_tokenizer(
         tokenizer_dir, f"the shards in {shards_dir}", manifest.tokenizer.sha256, vocab_size,
         fix="re-run prep with it, or point --base-dir at the matching tokenizer")
-    token_bytes = load_token_bytes(tokenizer_dir, device)
-    core_bundle = core_bundle_for(cfg.core_metric_every, base_dir)  # a missing eval bundle: refused now
+    token_bytes = load_token_bytes(tokenizer_dir, s.device)
+    core_bundle = core_bundle_for(cfg.core_metric_every, s.base_dir)  # a missing eval bundle: refused now
 
-    # ---- data: before the model, so shards too short for --max_seq_len or a val split too small for
-    # one evaluation are refused in seconds; each shard's sha256 and token ids are checked here once ----
-    grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, s.world_size)
     t_verify = time.time()
     train_loader = TokenShardLoader(
-        shards_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
-        grad_accum=grad_accum, device=device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
+        shards_dir, "train", cfg.device_batch_size, cfg.max_seq_len, rank=s.rank, world_size=s.world_size,
+        grad_accum=grad_accum, device=s.device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
     )
     val_loader = TokenShardLoader(
-        shards_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=rank, world_size=world_size,
-        device=device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
+        shards_dir, "val", cfg.device_batch_size, cfg.max_seq_len, rank=s.rank, world_size=s.world_size,
+        device=s.device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
     )
-    eval_steps = eval_steps_for(cfg, world_size, val_loader)
-    print0(f"shards: {manifest.totals()['train']['tokens']:,} train / {manifest.totals()['val']['tokens']:,} val "
-           f"tokens, checksums verified in {time.time() - t_verify:.1f}s")
+    eval_steps = eval_steps_for(cfg, s.world_size, val_loader)
+    s.print0(f"shards: {manifest.totals()['train']['tokens']:,} train / {manifest.totals()['val']['tokens']:,} val "
+             f"tokens, checksums verified in {time.time() - t_verify:.1f}s")
     train_loader.allow_new_layout = cfg.force
-    zero = deepspeed_zero.configure(accelerator, cfg, grad_accum)  # None unless DeepSpeed; refusals here
+    zero = deepspeed_zero.configure(s.accelerator, cfg, grad_accum)  # None unless DeepSpeed; refusals here
+    return _Inputs(shards_dir, manifest, encoding, token_bytes, core_bundle, grad_accum, train_loader, val_loader,
+                   eval_steps, zero)
 
-    # ---- model -----------------------------------------------------------------------------------
-    model_config = GPTConfig.from_depth(cfg.depth, cfg.max_seq_len, vocab_size)
-    options = model_options(cfg, resolved)
+
+# ---- model, horizon, optimizers ------------------------------------------------------------------
+
+
+def _build_model(cfg: TrainConfig, s: _Session, data: _Inputs) -> _Built:
+    """The model on the device, and the line that describes it. Its size is counted here, before
+    Accelerate may shard or partition its parameters."""
+    model_config = GPTConfig.from_depth(cfg.depth, cfg.max_seq_len, data.manifest.tokenizer.vocab_size)
+    options = model_options(cfg, s.resolved)
     try:  # what only the build can tell: --lean_blocks against the model's depth, torchao for its recipes
-        model = build_model(model_config, options, device, cfg.seed)
+        model = build_model(model_config, options, s.device, cfg.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    raw_model = model  # uncompiled, unwrapped: sampling and checkpoint naming use it
     n_lean = model.block_memory.count(cfg.memory)
     what = "checkpointed" if cfg.memory == "lean" else "recomputing their MLP"
     partial_lean = f" ({n_lean} of {cfg.depth} blocks {what})" if 0 < n_lean < cfg.depth else ""
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
-    print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "
-           f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={model.ops.label}, memory={cfg.memory}"
-           f"{partial_lean}, "
-           f"optimizer={cfg.optimizer}")
+    s.print0(f"model: depth {cfg.depth}, n_embd {model_config.n_embd}, heads {model_config.n_head}, "
+             f"{num_params:,} params, {flops_per_token:e} FLOPs/token, kernels={model.ops.label}, memory={cfg.memory}"
+             f"{partial_lean}, "
+             f"optimizer={cfg.optimizer}")
+    return _Built(model, model_config, options, num_params, flops_per_token)
 
-    # ---- horizon and batch -----------------------------------------------------------------------
+
+def _plan_horizon(cfg: TrainConfig, s: _Session, data: _Inputs, built: _Built) -> int:
+    """The number of steps (which may come from a FLOPs or data:param target, so it needs the built model),
+    and the batch and data-budget lines; --no_repeat_data is refused here when the shards are too few."""
     num_iterations = optim.resolve_num_iterations(
-        cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params, flops_per_token,
+        cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, built.num_params, built.flops_per_token,
         cfg.total_batch_size,
     )
-    print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} procs x {grad_accum} accum "
-           f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
-    print0(data_budget_line(num_iterations, cfg.total_batch_size, grad_accum * world_size, train_loader.num_windows,
-                            manifest.totals()["train"]["tokens"], shards_dir, cfg.no_repeat_data))
+    s.print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {s.world_size} procs x {data.grad_accum} accum "
+             f"= {cfg.total_batch_size:,} tokens/step; {num_iterations:,} steps")
+    s.print0(data_budget_line(num_iterations, cfg.total_batch_size, data.grad_accum * s.world_size,
+                              data.train_loader.num_windows, data.manifest.totals()["train"]["tokens"],
+                              data.shards_dir, cfg.no_repeat_data))
+    return num_iterations
 
-    # ---- optimizers, accelerate, compile ----------------------------------------------------------
+
+def _prepare_trainee(cfg: TrainConfig, s: _Session, data: _Inputs, built: _Built, num_iterations: int) -> _Trainee:
+    """Optimizers, Accelerate's wrapping and compilation (train/setup.py, shared with the throughput
+    benchmark), and what a checkpoint saves and loads of them."""
+    from accelerate import DistributedType
+
+    raw_model = built.raw_model
     prepared = prepare_for_training(
-        accelerator, raw_model, options, cfg.optimizer, embedding_lr=cfg.embedding_lr,
+        s.accelerator, raw_model, built.options, cfg.optimizer, embedding_lr=cfg.embedding_lr,
         unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
     )
-    model, optimizers = prepared.model, prepared.optimizers
-    sharded_weights = accelerator.distributed_type == DistributedType.FSDP
-    train_state = TrainState(raw_model, accelerator)  # the step, the loss EMA, the FP8 scaling histories
+    sharded_weights = s.accelerator.distributed_type == DistributedType.FSDP
+    train_state = TrainState(raw_model, s.accelerator)  # the step, the loss EMA, the FP8 scaling histories
     # FSDP2: checkpoints are saved sharded and loaded by us, not by Accelerate (train/fsdp.py says why)
-    checkpointed = ckpt.Checkpointed(raw_model, optimizers, train_loader, train_state, fsdp2=sharded_weights)
+    checkpointed = ckpt.Checkpointed(raw_model, prepared.optimizers, data.train_loader, train_state,
+                                     fsdp2=sharded_weights)
     # FSDP2 and ZeRO-3: no rank holds whole weights, so any forward of the raw model is a collective
-    whole_weights_nowhere = sharded_weights or bool(zero and zero.partitioned_weights)
-    accelerator.register_for_checkpointing(train_loader)
+    whole_weights_nowhere = sharded_weights or bool(data.zero and data.zero.partitioned_weights)
+    s.accelerator.register_for_checkpointing(data.train_loader)
+    return _Trainee(built.model_config, raw_model, prepared.model, prepared.optimizers, prepared.cuda_graphs,
+                    train_state, checkpointed, whole_weights_nowhere, built.flops_per_token, num_iterations)
 
-    # ---- resume ----------------------------------------------------------------------------------
-    metrics_path = run_dir / "metrics.jsonl"
-    eval_path = run_dir / "eval.jsonl"
-    start_step = 0
-    resume = store.find_resume(run_dir, cfg.resume, print0)  # verifies sha256; --resume auto skips damaged ones
+
+# ---- resume --------------------------------------------------------------------------------------
+
+
+def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[int, bool]:
+    """Continue from a verified checkpoint (--resume), or start at step 0 after setting any earlier run aside
+    (--force). Nothing is ever deleted: what a run leaves behind moves to previous_N/ or to a branch.
+    -> (the step to start from, whether the run's own final checkpoint was found: then nothing is to be done)."""
+    resume = store.find_resume(s.run_dir, cfg.resume, s.print0)  # verifies sha256; --resume auto skips damaged ones
     if cfg.resume and resume is None:
-        if store.list_checkpoints(run_dir) and not cfg.force:
-            raise UserError(f"--resume {cfg.resume}: no checkpoint in {run_dir} verifies (each is named above); pass "
-                            "--force to start over (they are moved to previous_N/, not deleted)")
-        print0(f"--resume {cfg.resume}: no checkpoint in {run_dir} yet, starting from step 0")
+        if store.list_checkpoints(s.run_dir) and not cfg.force:
+            raise UserError(f"--resume {cfg.resume}: no checkpoint in {s.run_dir} verifies (each is named above); "
+                            "pass --force to start over (they are moved to previous_N/, not deleted)")
+        s.print0(f"--resume {cfg.resume}: no checkpoint in {s.run_dir} yet, starting from step 0")
+    start_step = 0
     if resume is not None:
         resume_dir, meta = resume
         start_step = meta.step
-        if check_resume(meta, cfg, resume_dir, manifest, shards_dir, num_iterations, print0):
+        if check_resume(meta, cfg, resume_dir, data.manifest, data.shards_dir, t.num_iterations, s.print0):
             # the run's own final checkpoint: load nothing, evaluate nothing, write nothing
-            print0(f"{resume_dir}: the run is already complete (step {start_step} of {num_iterations}); "
-                   "nothing to do")
-            return {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir),
-                    "val_bpb": [], "already_complete": True, "final_step": start_step}
-        deepspeed_zero.check_resume(meta, zero, resume_dir)
-        # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
-        # checkpoint's only when --force allowed it)
-        initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
-        ckpt.load_training_state(accelerator, resume_dir, checkpointed, meta)
-        for opt, lrs in zip(optimizers, initial_lrs):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["initial_lr"] = lr
-        if train_loader.notice:
-            print0(train_loader.notice)
-        if train_state.notice:
-            print0(train_state.notice)
-        if meta.fresh_optimizer:
-            print0(f"resuming from imported weights at step {start_step} with a fresh optimizer state")
-        print0(f"resumed from {resume_dir} at step {start_step}")
-        if master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside
-            store.start_branch(run_dir, start_step, print0)
-    elif store.list_checkpoints(run_dir):  # every rank checks, so every rank raises (none is left waiting)
+            s.print0(f"{resume_dir}: the run is already complete (step {start_step} of {t.num_iterations}); "
+                     "nothing to do")
+            return start_step, True
+        _load_checkpoint(s, data, t, resume_dir, meta)
+        if s.master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside
+            store.start_branch(s.run_dir, start_step, s.print0)
+    elif store.list_checkpoints(s.run_dir):  # every rank checks, so every rank raises (none is left waiting)
         if not cfg.force:
-            raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
+            raise UserError(f"{s.run_dir} already holds checkpoints; pass --resume auto to continue it, "
                             "--model_tag to start another run, or --force to start over")
-        if master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
-            aside = store.set_aside(run_dir)
-            print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
-    if master and resume is None:  # records of a run that never saved are another branch's: aside too
-        store.start_branch(run_dir, 0, print0)
-    accelerator.wait_for_everyone()
-    trackers.start_trackers(accelerator, tracker_names, cfg.run, run_dir, cfg.to_dict())
+        if s.master:  # starting over: set the old run aside (never delete it), so --resume auto cannot pick it
+            aside = store.set_aside(s.run_dir)
+            s.print0(f"--force: moved the previous run's checkpoints and metrics to {aside}")
+    if s.master and resume is None:  # records of a run that never saved are another branch's: aside too
+        store.start_branch(s.run_dir, 0, s.print0)
+    s.accelerator.wait_for_everyone()
+    return start_step, False
 
-    def meta_for(step, val_bpb):
-        return RunMeta(
-            model_config=dataclasses.asdict(model_config),
-            train_config=cfg.to_dict(),
-            tokenizer_sha256=manifest.tokenizer.sha256,
-            shards_sha256=manifest.fingerprint(),
-            val_bpb=val_bpb,
-            world_size=world_size,
-            grad_accum=grad_accum,
-            device_type=device_type,
-            num_iterations=num_iterations,
-            cpu_bf16=resolved.cpu_bf16,
-            resolved=resolved.to_dict(),
-            deepspeed=zero.describe() if zero else None,
-        )
 
-    def log_jsonl(path: Path, record: dict):
-        if master:
-            try:
-                with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:  # a full disk, a size limit: one line (a torn line is dropped on resume)
-                raise UserError(disk_failure_message(path, e)) from None
+def _load_checkpoint(s: _Session, data: _Inputs, t: _Trainee, resume_dir: Path, meta: RunMeta) -> None:
+    """Weights, optimizer states, the loader's position and the train state, keeping this run's LRs; then
+    whatever the loader and the train state had to adapt is said."""
+    deepspeed_zero.check_resume(meta, data.zero, resume_dir)
+    # load_state restores the optimizers' param_groups too; keep this run's LRs (they differ from the
+    # checkpoint's only when --force allowed it)
+    initial_lrs = [[group["initial_lr"] for group in opt.param_groups] for opt in t.optimizers]
+    ckpt.load_training_state(s.accelerator, resume_dir, t.checkpointed, meta)
+    for opt, lrs in zip(t.optimizers, initial_lrs):
+        for group, lr in zip(opt.param_groups, lrs):
+            group["initial_lr"] = lr
+    if data.train_loader.notice:
+        s.print0(data.train_loader.notice)
+    if t.train_state.notice:
+        s.print0(t.train_state.notice)
+    if meta.fresh_optimizer:
+        s.print0(f"resuming from imported weights at step {meta.step} with a fresh optimizer state")
+    s.print0(f"resumed from {resume_dir} at step {meta.step}")
 
-    def save(step: int) -> Path:
-        """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
-        try:
-            return ckpt.save_checkpoint(accelerator, run_dir, step, meta_for(step, val_bpb), cfg.keep_last,
-                                        checkpointed)
-        except Diverged as e:
-            print0(diverged_notice(e, run_dir))
-            raise
 
-    # ---- the step loop ---------------------------------------------------------------------------
+# ---- the step loop -------------------------------------------------------------------------------
+
+
+def _step_loop(run: _Run) -> None:
+    """Evaluate when due, then one optimizer step, its log line, and a save or a stop when due. The final
+    step evaluates and saves without stepping; a stop (a signal, --stop_after) saves, then leaves the loop."""
     stop = StopRequest()
     stop.install()
-    val_bpb, min_val_bpb = None, float("inf")
-    total_time = 0.0
-    result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(run_dir), "val_bpb": []}
     while True:
-        step = train_state.step  # optimizer steps complete so far
-        last_step = step == num_iterations
-
-        # once in a while: val bits per byte (all ranks take part)
-        if eval_steps and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            model.eval()
-            with accelerator.autocast():
-                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # iter() restarts the val split
-            model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
-            log_jsonl(eval_path, {"step": step, "val_bpb": val_bpb})
-            result["val_bpb"].append((step, val_bpb))
-            accelerator.log({"val/bpb": val_bpb}, step=step)
-
-        # once in a while: nanochat's CORE metric (all ranks take part; the uncompiled model, as shapes vary)
-        if core_bundle is not None and core_due(cfg.core_metric_every, step, last_step):
-            core = run_core_metric(raw_model, encoding, core_bundle, device, cfg.core_metric_max_per_task,
-                                   accelerator.autocast, not whole_weights_nowhere, step, print0)
-            log_jsonl(eval_path, core)
-            accelerator.log(tracker_values(core), step=step)
-
-        # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP and ZeRO-3 every
-        # rank holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
-        if (master or whole_weights_nowhere) and (
-                last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
-            raw_model.eval()
-            with accelerator.autocast():
-                for text in greedy_completions(raw_model, encoding):
-                    print0(f"  sample: {text!r}")
-            raw_model.train()
-
+        step = run.t.train_state.step  # optimizer steps complete so far
+        last_step = step == run.t.num_iterations
+        _evaluate_when_due(run, step, last_step)
         if last_step:
-            save(step)
+            run.save(step)
             break
-
-        # ---- one optimizer step: grad_accum micro-batches on every process -----------------------
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
-        try:
-            with profiled_step(run_dir / "profile", rank, step, device, step == cfg.profile_step) as timer:
-                out = (zero.optimizer_step if zero else optimizer_step)(
-                    accelerator, model, raw_model, optimizers, lambda: next(train_loader), grad_accum, step,
-                    num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
-                    warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
-                    global_mean=lambda t: accelerator.reduce(t, reduction="mean").item(), timer=timer,
-                    cuda_graphs=prepared.cuda_graphs,
-                )
-        except Diverged as e:
-            print0(diverged_notice(e, run_dir))
-            raise
-        except torch.OutOfMemoryError:
-            total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device_type == "cuda" else 0.0
-            suggest_fp8 = not raw_model.ops.fp8 and fp8.fp8_supported(device)[0]
-            raise UserError(out_of_memory_advice(cfg.device_batch_size, cfg.memory, cfg.lean_blocks, suggest_fp8,
-                                                 peak_memory_gib(device_type), total)) from None
-        step_loss, lrm, grad_norm = out.global_loss, out.lrm, out.global_grad_norm
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        train_state.step += 1
-        step = train_state.step  # `step` optimizer steps are now complete
-
-        # ---- logging ------------------------------------------------------------------------------
-        debiased = train_state.record_loss(step_loss)
-        tok_per_sec = cfg.total_batch_size / dt
-        mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * world_size)
-        if step - start_step > 10:
-            total_time += dt
-        mem = peak_memory_gib(device_type)
-        gn = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
-        print0(f"step {step - 1:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
-               f"loss: {debiased:.6f} (raw {step_loss:.4f}) |{gn} lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
-               f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | mem: {mem:.1f}GiB | total time: {total_time / 60:.2f}m")
-        record = {"step": step - 1, "loss": step_loss, "smooth_loss": debiased, "lrm": lrm, "grad_norm": grad_norm,
-                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "peak_mem_gib": mem, "time": time.time()}
-        if device_type == "cuda":  # cumulative; a retry frees cached blocks and synchronizes: a slow step's sign
-            record["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
-        log_jsonl(metrics_path, record)
-        accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time") and v is not None},
-                        step=step - 1)
-
-        # ---- checkpoints and stops ----------------------------------------------------------------
-        stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after)
-        if world_size > 1:  # every rank must agree, or the collective save would hang
-            flag = torch.tensor(float(stop_now), device=device)
-            stop_now = accelerator.reduce(flag, reduction="sum").item() > 0
-        if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < num_iterations):
-            print0(f"saved {save(step)}")
-        if stop_now:
-            print0(f"stopped after step {step} of {num_iterations}; continue with --resume auto "
-                   f"(exit code {EXIT_STOPPED})")
-            result["stopped_at"] = step
+        out, dt = _timed_step(run, step)
+        run.t.train_state.step += 1
+        step = run.t.train_state.step  # `step` optimizer steps are now complete
+        _log_step(run, step, out, dt)
+        if _save_or_stop(run, stop, step):
             break
     stop.settle()
 
-    print0(f"peak memory: {peak_memory_gib(device_type):.2f}GiB | training time: {total_time / 60:.2f}m | "
-           f"min val bpb: {min_val_bpb:.4f}")
+
+def _evaluate_when_due(run: _Run, step: int, last_step: bool) -> None:
+    """Val bits per byte, nanochat's CORE metric and greedy samples, each at its own interval and at the end."""
+    cfg, s, data, t = run.cfg, run.s, run.data, run.t
+    # once in a while: val bits per byte (all ranks take part)
+    if data.eval_steps and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+        t.model.eval()
+        with s.accelerator.autocast():
+            val_bpb = evaluate_bpb(t.model, data.val_loader, data.eval_steps, data.token_bytes)  # restarts val
+        t.model.train()
+        run.val_bpb = val_bpb
+        run.min_val_bpb = min(run.min_val_bpb, val_bpb)
+        s.print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
+        s.log_jsonl(s.run_dir / "eval.jsonl", {"step": step, "val_bpb": val_bpb})
+        run.result["val_bpb"].append((step, val_bpb))
+        s.accelerator.log({"val/bpb": val_bpb}, step=step)
+
+    # once in a while: nanochat's CORE metric (all ranks take part; the uncompiled model, as shapes vary)
+    if data.core_bundle is not None and core_due(cfg.core_metric_every, step, last_step):
+        core = run_core_metric(t.raw_model, data.encoding, data.core_bundle, s.device, cfg.core_metric_max_per_task,
+                               s.accelerator.autocast, not t.whole_weights_nowhere, step, s.print0)
+        s.log_jsonl(s.run_dir / "eval.jsonl", core)
+        s.accelerator.log(tracker_values(core), step=step)
+
+    # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP and ZeRO-3 every
+    # rank holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
+    if (s.master or t.whole_weights_nowhere) and (
+            last_step or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+        t.raw_model.eval()
+        with s.accelerator.autocast():
+            for text in greedy_completions(t.raw_model, data.encoding):
+                s.print0(f"  sample: {text!r}")
+        t.raw_model.train()
+
+
+def _timed_step(run: _Run, step: int):
+    """One optimizer step (grad_accum micro-batches on every process), timed between device syncs. A diverged
+    step or an out-of-memory error ends the run with one line that says what to do.
+    -> (step.StepResult, seconds)."""
+    cfg, s, data, t = run.cfg, run.s, run.data, run.t
+    if s.device_type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    try:
+        with profiled_step(s.run_dir / "profile", s.rank, step, s.device, step == cfg.profile_step) as timer:
+            out = (data.zero.optimizer_step if data.zero else optimizer_step)(
+                s.accelerator, t.model, t.raw_model, t.optimizers, lambda: next(data.train_loader), data.grad_accum,
+                step, t.num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
+                warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac,
+                global_mean=lambda x: s.accelerator.reduce(x, reduction="mean").item(), timer=timer,
+                cuda_graphs=t.cuda_graphs,
+            )
+    except Diverged as e:
+        s.print0(diverged_notice(e, s.run_dir))
+        raise
+    except torch.OutOfMemoryError:
+        total = torch.cuda.get_device_properties(s.device).total_memory / 2**30 if s.device_type == "cuda" else 0.0
+        suggest_fp8 = not t.raw_model.ops.fp8 and fp8.fp8_supported(s.device)[0]
+        raise UserError(out_of_memory_advice(cfg.device_batch_size, cfg.memory, cfg.lean_blocks, suggest_fp8,
+                                             peak_memory_gib(s.device_type), total)) from None
+    if s.device_type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.time() - t0
+
+
+def _log_step(run: _Run, step: int, out, dt: float) -> None:
+    """nanochat's step line, and the same numbers to metrics.jsonl and the trackers. `step` optimizer steps
+    are complete; the line and the record name the step just taken (`step - 1`)."""
+    cfg, s, t = run.cfg, run.s, run.t
+    step_loss, lrm, grad_norm = out.global_loss, out.lrm, out.global_grad_norm
+    num_iterations = t.num_iterations
+    debiased = t.train_state.record_loss(step_loss)
+    tok_per_sec = cfg.total_batch_size / dt
+    mfu = 100 * t.flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * s.world_size)
+    if step - run.start_step > 10:  # the first steps compile and warm up: left out of the training time
+        run.total_time += dt
+    mem = peak_memory_gib(s.device_type)
+    gn = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
+    s.print0(f"step {step - 1:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
+             f"loss: {debiased:.6f} (raw {step_loss:.4f}) |{gn} lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
+             f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | mem: {mem:.1f}GiB | "
+             f"total time: {run.total_time / 60:.2f}m")
+    record = {"step": step - 1, "loss": step_loss, "smooth_loss": debiased, "lrm": lrm, "grad_norm": grad_norm,
+              "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "peak_mem_gib": mem, "time": time.time()}
+    if s.device_type == "cuda":  # cumulative; a retry frees cached blocks and synchronizes: a slow step's sign
+        record["alloc_retries"] = torch.cuda.memory_stats(s.device).get("num_alloc_retries", 0)
+    s.log_jsonl(s.run_dir / "metrics.jsonl", record)
+    s.accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time") and v is not None},
+                      step=step - 1)
+
+
+def _save_or_stop(run: _Run, stop: StopRequest, step: int) -> bool:
+    """Save every --save_every steps; on a signal or at --stop_after, save and stop. Every rank must agree on
+    a stop, or the collective save would hang. -> whether to leave the loop."""
+    cfg, s = run.cfg, run.s
+    stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after)
+    if s.world_size > 1:
+        flag = torch.tensor(float(stop_now), device=s.device)
+        stop_now = s.accelerator.reduce(flag, reduction="sum").item() > 0
+    if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < run.t.num_iterations):
+        s.print0(f"saved {run.save(step)}")
+    if stop_now:
+        s.print0(f"stopped after step {step} of {run.t.num_iterations}; continue with --resume auto "
+                 f"(exit code {EXIT_STOPPED})")
+        run.result["stopped_at"] = step
+    return stop_now
+
+
+# ---- the end-of-run summary ----------------------------------------------------------------------
+
+
+def _finish(run: _Run) -> dict:
+    """The summary line, then Accelerate's end of training (trackers closed, the process group destroyed)."""
+    s = run.s
+    s.print0(f"peak memory: {peak_memory_gib(s.device_type):.2f}GiB | training time: {run.total_time / 60:.2f}m | "
+             f"min val bpb: {run.min_val_bpb:.4f}")
     # end_training destroys the process group: let every rank finish its last collective first (a rank
     # tearing gloo down while another still talks to it aborts or hangs that one)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    result["final_step"] = train_state.step
-    return result
-
+    s.accelerator.wait_for_everyone()
+    s.accelerator.end_training()
+    run.result["final_step"] = run.t.train_state.step
+    return run.result
