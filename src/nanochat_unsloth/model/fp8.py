@@ -136,6 +136,13 @@ def cpu_scaled_mm_runs(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: to
     return _CPU_SCALED_MM[key]
 
 
+def forward_gemm(x8: Tensor, x_inv: Tensor, w8: Tensor, w_inv: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """y = x @ W.T from the e4m3 copies of x (M, K) and W (N, K), both row-major: the forward GEMM of an FP8
+    Linear (and of the lm_head with `--fp8_lm_head`), with fast accumulation as in every forward here."""
+    # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
+    return _scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype, fast_accum=True)
+
+
 # `--fp8_recipe`: our tensorwise GEMMs, or torchao's float8 training of the block Linears (its recipe names)
 TORCHAO_RECIPES = {"torchao_tensorwise": "tensorwise", "torchao_rowwise": "rowwise"}
 RECIPE_CHOICES = ("tensorwise", *TORCHAO_RECIPES)
@@ -299,8 +306,7 @@ class _Fp8Matmul(torch.autograd.Function):
         x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
         # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
         w8, w_inv = quantize_tensorwise(weight, E4M3)
-        # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
-        y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
+        y = forward_gemm(x8, x_inv, w8, w_inv, x.dtype)
         # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2
         ctx.save_for_backward(x8, w8, x_inv, w_inv, *(() if grad_amax is None else (grad_amax,)))
         ctx.weight_dtype = weight.dtype
@@ -363,9 +369,11 @@ def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise") -> nn.Module:
+def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise",
+                   lm_head: bool = False) -> nn.Module:
     """`--fp8`: the model with its block Linears' GEMMs in FP8 (ours, or torchao's for its `recipe`), or
-    unchanged (and a notice) where FP8 cannot run fast.
+    unchanged (and a notice) where FP8 cannot run fast. `lm_head` (`--fp8_lm_head`): the lm_head's forward
+    GEMM in FP8 too, inside the fused set's chunked loss (`check_lm_head` says where it applies).
 
     `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not re-run in
     backward (not in checkpointed blocks, nor the MLP of selective ones): the
@@ -377,6 +385,10 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     if not ok:
         notice_once(f"--fp8: {why}; training in bf16")
         return model
+    if lm_head and hasattr(model.ops.lm_head_loss, "fp8_forward"):  # the fused set's ChunkedLMHeadLoss
+        set_ops(model, lm_head_loss=dataclasses.replace(model.ops.lm_head_loss, fp8_forward=True))
+    elif lm_head:  # the fused set fell back to the torch one (its notice said why)
+        notice_once("--fp8_lm_head: the fused kernels are not in use; the lm_head stays bf16")
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
@@ -409,7 +421,20 @@ def _convert_with_torchao(model: nn.Module, recipe_name: str) -> nn.Module:
 
 def set_linear(model: nn.Module, linear) -> None:
     """Give the model and every module that shares its kernel set the set with `linear` replaced."""
-    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear in (fp8_linear, _torchao_linear))
+    set_ops(model, linear=linear, fp8=linear in (fp8_linear, _torchao_linear))
+
+
+def set_ops(model: nn.Module, **changes) -> None:
+    """Give the model and every module that shares its kernel set the set with `changes` made."""
+    ops = dataclasses.replace(model.ops, **changes)
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
+
+
+def check_lm_head(lm_head: bool, fp8: bool, kernels: str) -> None:
+    """`--fp8_lm_head` acts on the fused set's chunked loss, and only with `--fp8`."""
+    if lm_head and not fp8:
+        raise ValueError("--fp8_lm_head: needs --fp8 (it adds the lm_head to the FP8 GEMMs)")
+    if lm_head and kernels != "fused":
+        raise ValueError(f"--fp8_lm_head: needs --kernels fused (its chunked lm_head loss), not {kernels}")
