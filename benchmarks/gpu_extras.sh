@@ -18,30 +18,35 @@
 # (a few seconds; check with `python -c "import deepspeed, accelerate; print(deepspeed.__version__)"`).
 #
 # The DeepSpeed proofs on a 1-GPU machine, one device call each (at most 600 s), with the prefix above; the
-# seconds are estimates (H100), machine start and unpacking not counted. /tmp survives between calls only
-# while the machine stays warm, so the data call goes first and the rest follow without a pause.
+# seconds are estimates for an H100 (80 GB) with a 128 GiB host, machine start and unpacking not counted.
+# /tmp survives between calls only while the machine stays warm: the data call first, the rest without a pause.
+# All together ~1,300-1,700 s: with a 30-minute device budget, the curves (4) before the capacity probes (2, 3).
 #  1. corpus, tokenizer and shards (~60-120 s: 150M characters of the image's own source text and headers, a
 #     65,536-token BPE trained on them, prep; a 719M-character build took 59 s on the 4-GPU machine):
 #       python benchmarks/runs.py quality --base-dir /tmp/ds --make-data --max-chars 150000000 \
 #         --tokenizer-chars 150000000 --data-only
-#  2. capacity, our lean memory mode (~60-150 s per depth: build and initialise the model, compile, 4 steps of
-#     2 x 2048 tokens; the first depth that does not fit ends the launch):
+#  2. capacity, our lean memory mode (~150-250 s in all): d48 trains (docs/PERF.md: 69.8 GiB at B=2, ~0.4 s a
+#     step of 4,096 tokens; ~100-150 s with start, initialisation and compilation), d52 runs out of GPU memory
+#     (weights, gradients and Muon momentum at ~12 bytes a parameter), which ends the launch:
 #       python benchmarks/runs.py capacity --base-dir /tmp/ds --depths 48,52,56,64 --launches lean \
-#         --timeout 240 --out /tmp/ds/capacity_lean.json
-#  3. capacity, ZeRO-3 + CPU offload (~150-300 s per depth: the fp32 weights, gradients and Muon momentum live in
-#     the host's pinned memory, about 16 bytes per parameter, so the 128 GiB host bounds it near d52; Muon itself
-#     runs on the GPU, AdamW and the update on the CPU):
-#       python benchmarks/runs.py capacity --base-dir /tmp/ds --depths 48,52 --launches zero3_offload \
-#         --steps 3 --warmup 1 --timeout 280 --out /tmp/ds/capacity_zero3_offload.json
-#  4. d12 curves, 100 steps of 65,536 tokens (8 x 2048 x 4 accumulation), val bpb every 25 steps; each run
-#     ~130-200 s (compile ~60 s), ZeRO-3 runs uncompiled and offload updates on the CPU (~250-400 s each):
+#         --timeout 270 --out /tmp/ds/capacity_lean.json
+#  3. capacity, ZeRO-3 + CPU offload (~200-270 s a depth; give it its own call): the fp32 weights (twice: the
+#     offloaded parameters and the master copy), gradients and Muon momentum live in pinned host memory, ~16
+#     bytes a parameter: d48 (5.8B) ~95 GB fits the 128 GiB host, d52 (7.4B) ~120 GB likely does not (out of
+#     host memory: the run is killed, or pinning fails). Muon runs on the GPU, AdamW and the updates on the CPU,
+#     each step moving the weights over PCIe several times (~15-25 s a step at d48):
+#       python benchmarks/runs.py capacity --base-dir /tmp/ds --depths 48,52,56,64 --launches zero3_offload \
+#         --steps 3 --warmup 1 --timeout 270 --out /tmp/ds/capacity_zero3_offload.json
+#  4. d12 curves, 100 steps of 65,536 tokens (8 x 2048 x 4 accumulation), val bpb every 25 steps, each run
+#     against the 1-GPU pair a, b (DDP's path on one process, one after the other). Per run ~90-130 s (start,
+#     ~60 s compile, 6.6M tokens); ZeRO-3 runs uncompiled (~100-150 s); offload ~150-250 s. Three calls:
 #       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves --runs a,b
-#       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves --runs deepspeed_zero2
-#       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves --runs deepspeed_zero3
+#       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves --runs deepspeed_zero2,deepspeed_zero3
 #       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves --runs deepspeed_zero3_offload
-#     then the comparison, which reuses every finished run (seconds):
-#       python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 1 --part curves
-#     and copy /tmp/ds/*.json (and the *.log of anything that failed) to $OUT.
+#     A finished run (same settings) is not run again; once all five have finished, the invocation prints the
+#     comparison and writes /tmp/ds/deepspeed_curves_d12_1gpu.json. End every call with
+#       cp /tmp/ds/*.json $OUT/ ; cp /tmp/ds/*.log $OUT/    (the logs: what failed, and the step times)
+# No DeepSpeed op is JIT-built on these paths (the build note above), so nvcc/ninja time is not in the estimates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
