@@ -470,3 +470,82 @@ def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_
     monkeypatch.setattr(deepspeed.scaling, "run", record("scaling", lambda n: 1 if n == 3 else 0))
     assert deepspeed.run(args, parser) == 1
     assert [c[0] for c in calls] == ["curve", "scaling", "scaling"]
+
+
+def test_runs_curve_on_one_gpu_runs_the_pair_in_turn_and_spreads_the_runs_over_invocations(tmp_path, monkeypatch):
+    """`runs.py curve` on a 1-GPU machine: the 1-GPU pair one after the other on GPU 0, each config's run on
+    one process; --runs starts only the runs named, a finished run started with the same settings is reused,
+    and the comparison comes once every run has finished. Runs are faked (a log of --steps steps each)."""
+    curve = benchmark_module("real_runs.curve")
+    monkeypatch.setattr(curve, "gpu_count", lambda: 1)
+    started, running = [], []
+
+    class FakeRun:
+        def __init__(self, base_dir, tag, train_args, gpu=None, processes=1, config=None):
+            assert not running, f"{tag} started while {running} runs"  # one at a time on the one GPU
+            started.append((tag, gpu, processes, config and Path(config).stem))
+            running.append(tag)
+            run_dir = base_dir / "runs" / tag
+            run_dir.mkdir(parents=True, exist_ok=True)
+            steps = int(train_args[train_args.index("--num_iterations") + 1])
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "loss": 5.0 - s / 10, "tok_per_sec": 1000.0, "peak_mem_gib": 1.0}) + "\n"
+                for s in range(steps)))
+            (run_dir / "eval.jsonl").write_text(json.dumps({"step": steps, "val_bpb": 1.5}) + "\n")
+
+        def wait(self):
+            running.clear()
+            return 0
+
+    monkeypatch.setattr(curve, "start_training", FakeRun)
+    configs = ",".join(str(REPO / "configs" / "accelerate" / f"deepspeed_zero{s}.yaml") for s in (2, 3))
+    out = tmp_path / "curves.json"
+
+    def invoke(*extra):
+        args, p = benchmark_module("real_runs.deepspeed").subcommand_args(curve, [
+            "--base-dir", str(tmp_path), "--gpus", "1", "--steps", "12", "--configs", configs, "--out", str(out),
+            *extra])
+        return curve.run(args, p)
+
+    assert invoke("--runs", "a,b") == 0 and not out.exists()
+    assert started == [("curve_1gpu_a", 0, 1, None), ("curve_1gpu_b", 0, 1, None)]
+    started.clear()
+    assert invoke("--runs", "a,deepspeed_zero2") == 0 and not out.exists()  # a: finished, reused
+    assert started == [("curve_deepspeed_zero2_1gpu", None, 1, "deepspeed_zero2")]
+    started.clear()
+    assert invoke() == 0  # only zero3 is left; then the comparison of all four
+    assert started == [("curve_deepspeed_zero3_1gpu", None, 1, "deepspeed_zero3")]
+    result = json.loads(out.read_text())
+    assert result["a_vs_deepspeed_zero3_max_rel"] == [0.0, 0.0] and result["windows"] == ["0-9", "10-11"]
+    started.clear()
+    assert invoke("--extra", "--kernels fused", "--runs", "b") == 0  # other settings: not the same run, run again
+    assert started == [("curve_1gpu_b", 0, 1, None)]
+    with pytest.raises(SystemExit):
+        invoke("--runs", "zero9")
+
+
+def test_runs_deepspeed_on_one_gpu_runs_the_curves_alone_and_passes_runs_on(tmp_path, monkeypatch):
+    """`runs.py deepspeed --gpus 1`: ZeRO on one process for the curves, no speed runs (`scaling` would launch
+    one GPU without the DeepSpeed config), --runs handed to `curve`; --part speed with one GPU is refused."""
+    deepspeed = benchmark_module("real_runs.deepspeed")
+    for key in deepspeed.NO_MULTICAST:
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(deepspeed.curve, "run", lambda args, p: calls.append(("curve", args)) or 0)
+    monkeypatch.setattr(deepspeed.scaling, "run", lambda args, p: calls.append(("scaling", args)) or 0)
+    args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "1",
+                                                         "--runs", "a,b"])
+    assert deepspeed.run(args, parser) == 0
+    assert [c[0] for c in calls] == ["curve"]
+    assert (calls[0][1].gpus, calls[0][1].runs) == (1, "a,b")
+    assert calls[0][1].out == tmp_path / "deepspeed_curves_d12_1gpu.json"
+    args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "1",
+                                                         "--part", "speed"])
+    with pytest.raises(SystemExit):
+        deepspeed.run(args, parser)
+    calls.clear()
+    args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "2",
+                                                         "--part", "speed"])
+    assert deepspeed.run(args, parser) == 0 and [c[0] for c in calls] == ["scaling"] * 4

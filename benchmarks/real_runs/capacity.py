@@ -11,7 +11,9 @@ Launches (--launches, comma list):
 Every run: --steps optimizer steps of device batch x seq tokens (no accumulation) and no evaluation; it is killed
 once its log holds --steps steps, so no checkpoint of a multi-billion-parameter model is written. The median step
 time leaves out the first --warmup steps (compilation, DeepSpeed's first partitioning).
---base-dir must hold tokenizer/ and shards/ (`runs.py scaling --base-dir DIR --make-data` writes them).
+--base-dir must hold tokenizer/ and shards/ (`runs.py quality --base-dir DIR --make-data --data-only` writes
+them). Each launch runs on GPU 0 alone. --timeout bounds one depth: on a machine lent for calls of a few
+minutes, give each launch its own call with a --timeout that fits it (benchmarks/gpu_extras.sh).
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path)
 
 
+def kill_run(proc: subprocess.Popen, tag: str, wait_s: float = 120) -> None:
+    """SIGKILL, not SIGTERM (which saves), to the training process, then to its launcher: `accelerate launch`
+    runs the training as a child, which outlives a killed launcher, and whose launcher's death sends it a SIGTERM
+    (it would start saving). Waits until the training process is gone, so the next depth does not start beside
+    its GPU memory and pinned host memory. The pattern follows `--`: pkill would read a pattern that starts with
+    a dash as an option of its own."""
+    pattern = f"--model_tag {tag}( |$)"
+    deadline = time.time() + wait_s
+    while subprocess.run(["pkill", "-KILL", "-f", "--", pattern], check=False).returncode == 0:
+        if time.time() > deadline:
+            print(f"warning: a process of {tag} survived SIGKILL for {wait_s:.0f}s", flush=True)
+            break
+        time.sleep(1)
+    proc.kill()
+    proc.wait()
+
+
 def one(args, launch: str, depth: int) -> dict:
     config, flags = LAUNCHES[launch]
     tag = f"capacity_{launch}_d{depth}"
@@ -65,10 +84,7 @@ def one(args, launch: str, depth: int) -> dict:
         time.sleep(2)
         metrics = run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)
         if len(metrics) >= args.steps or time.time() - t0 > args.timeout:
-            # SIGKILL, not SIGTERM (which saves): the launcher and the training process it started
-            proc.kill()
-            subprocess.run(["pkill", "-KILL", "-f", f"--model_tag {tag}"], check=False)
-            proc.wait()
+            kill_run(proc, tag)
             rc = 0 if len(metrics) >= args.steps else "timeout"
         elif proc.poll() is not None:
             rc = proc.returncode  # it ended before --steps steps: out of memory, or another error in its log
@@ -89,7 +105,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
             p.error(f"--launches: unknown {name!r}; choose from {', '.join(LAUNCHES)}")
     if not (args.base_dir / "shards" / "manifest.json").is_file():
         p.error(f"--base-dir {args.base_dir}: no shards/manifest.json; build it with "
-                f"`runs.py scaling --base-dir {args.base_dir} --make-data`")
+                f"`runs.py quality --base-dir {args.base_dir} --make-data --data-only`")
     rows, deepest = [], {}
     for launch in launches:
         for depth in (int(d) for d in args.depths.split(",")):

@@ -5,31 +5,52 @@
 
 Three runs of the real loop on the same shards and settings (one step = --total-batch tokens, so 1 GPU
 accumulates N times as many micro-batches as each of N GPUs):
-    A, B: one GPU each, at the same time on GPUs 0 and 1: their difference is this GPU's run-to-run noise
-          (attention's backward accumulates with atomics), which grows as training amplifies it;
+    A, B: one GPU each, at the same time on GPUs 0 and 1 (one after the other on GPU 0 of a 1-GPU machine):
+          their difference is this GPU's run-to-run noise (attention's backward accumulates with atomics), which
+          grows as training amplifies it;
     N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml, or with each of --configs
-          in turn (e.g. the DeepSpeed ones: `runs.py deepspeed`).
+          in turn (e.g. the DeepSpeed ones: `runs.py deepspeed`; with --gpus 1, ZeRO on one process).
 It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
 (evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
-(`runs.py scaling --make-data` writes them).
+(`runs.py quality --base-dir DIR --make-data --data-only` writes them).
+
+A run whose metrics.jsonl already holds --steps steps is not run again, so the runs can be spread over several
+invocations (one device call each) with --runs, and a last invocation without --runs compares them all. The
+comparison is made once every run has finished; until then the runs still missing are named.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 from pathlib import Path
 
-from common import args_record, run_log, start_training, write_json
+from common import args_record, gpu_count, run_log, start_training, write_json
 
 
-def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> subprocess.Popen:
+def launch_record(args, tag: str, n: int, config: str | None) -> dict:
+    """What a run was started with: its training flags, process count and accelerate config."""
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
              str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
              "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
-    return start_training(args.base_dir, tag, train, gpu=gpu if n == 1 and not config else None, processes=n,
-                          config=config)
+    return {"train": train, "processes": n, "config": config}
+
+
+def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> subprocess.Popen:
+    record = launch_record(args, tag, n, config)
+    write_json(args.base_dir / f"{tag}.launch.json", record)  # what `finished` compares a later invocation with
+    return start_training(args.base_dir, tag, record["train"], gpu=gpu if n == 1 and not config else None,
+                          processes=n, config=config)
+
+
+def finished(args, tag: str, n: int, config: str | None) -> bool:
+    """The run was started with this invocation's settings and its log holds all --steps steps (a run cut off
+    midway starts again from step 0: `start` passes --force)."""
+    launched = args.base_dir / f"{tag}.launch.json"
+    return (launched.is_file() and json.loads(launched.read_text()) == launch_record(args, tag, n, config)
+            and len(run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)) >= args.steps)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,21 +66,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=524288)
     p.add_argument("--extra", default="--kernels torch", help="more training flags for every run")
+    p.add_argument("--runs", default="", help="comma list of the runs to start in this invocation: a, b, and n "
+                   "(or each --configs file's name, e.g. deepspeed_zero2); default all that have not finished")
     p.add_argument("--out", type=Path)
 
 
 def run(args, p: argparse.ArgumentParser) -> int:
-    configs = [c for c in args.configs.split(",") if c] or [None]
-
+    configs = {"n": None} if not args.configs else {Path(c).stem: c for c in args.configs.split(",") if c}
     tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b"}
-    runs = {"a": start(args, tags["a"], 1, 0), "b": start(args, tags["b"], 1, 1)}
-    rcs = {k: proc.wait() for k, proc in runs.items()}
-    for config in configs:  # one after another: each uses all --gpus GPUs
-        name = "n" if config is None else Path(config).stem
-        tags[name] = f"curve_{args.gpus}gpu" if config is None else f"curve_{name}_{args.gpus}gpu"
-        rcs[name] = start(args, tags[name], args.gpus, config=config).wait()
+    tags.update({name: f"curve_{args.gpus}gpu" if config is None else f"curve_{name}_{args.gpus}gpu"
+                 for name, config in configs.items()})
+    wanted = [r for r in args.runs.split(",") if r] or list(tags)
+    if unknown := [r for r in wanted if r not in tags]:
+        p.error(f"--runs: unknown {unknown}; choose from {', '.join(tags)}")
+    launches = {"a": (1, None), "b": (1, None), **{name: (args.gpus, config) for name, config in configs.items()}}
+    todo = [k for k in wanted if not finished(args, tags[k], *launches[k])]
+
+    rcs = {}
+    pair = [k for k in ("a", "b") if k in todo]
+    if gpu_count() == 1:  # one GPU: the pair one after the other (sharing it, each would run at half speed)
+        rcs.update({k: start(args, tags[k], 1, 0).wait() for k in pair})
+    else:
+        runs = {k: start(args, tags[k], 1, gpu) for gpu, k in enumerate(pair)}
+        rcs.update({k: proc.wait() for k, proc in runs.items()})
+    for name in (k for k in todo if k not in ("a", "b")):  # one after another: each uses all --gpus GPUs
+        rcs[name] = start(args, tags[name], args.gpus, config=configs[name]).wait()
     if any(rcs.values()):
         raise SystemExit(f"exit codes {rcs}; see the logs in {args.base_dir}")
+    if missing := [k for k, t in tags.items() if not finished(args, t, *launches[k])]:
+        print(f"not finished yet: {', '.join(missing)}; run them (--runs), then compare with no --runs")
+        return 0
 
     metrics = {k: run_log(args.base_dir, t, "metrics.jsonl") for k, t in tags.items()}
     loss = {k: [m["loss"] for m in records] for k, records in metrics.items()}

@@ -2,14 +2,20 @@
 
     python benchmarks/runs.py deepspeed --base-dir /tmp/ds --gpus 2
 
-Run on a machine with 2 or more GPUs, with the deepspeed extra installed (pip install -e '.[deepspeed]'):
+With the deepspeed extra installed (pip install -e '.[deepspeed]'; on a machine without internet, the archive
+of benchmarks/gpu_extras.sh):
 1. Curves (`curve`): 100-step d12 loss curves of ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on --gpus GPUs against
    the same pair of 1-GPU runs (their gap is the GPU's own run-to-run spread), val bpb every 25 steps. Within
    that spread at every window = the same step math on GPUs; offload outside it = refuse offload with the figure.
    d12 at total batch 65,536 = N GPUs x 8 x 2048 x (4/N) accumulation steps: divisible for N = 1, 2, 4, 8.
+   --gpus 1 runs ZeRO on one process (still DeepSpeed's partitioned step, accumulation boundary and offload,
+   without the collectives between ranks), and the 1-GPU pair one after the other.
 2. Speed and memory at d20 (`scaling`, the torch path): DDP against ZeRO-2 (target: >= 0.90x DDP's tok/s with
-   less memory per GPU), and ZeRO-3 / ZeRO-3 + offload for the memory they save.
-The corpus, tokenizer and shards of `scaling --make-data` are built first when --base-dir has no shards. NVLink
+   less memory per GPU), and ZeRO-3 / ZeRO-3 + offload for the memory they save. Needs --gpus 2 or more
+   (`scaling` launches one GPU without an accelerate config).
+--part picks one of the two; --runs (curves only) starts only the named runs, so that they can be spread over
+several device calls: a finished run is reused, and the comparison is printed once all have finished.
+The corpus, tokenizer and shards of `quality --make-data` are built first when --base-dir has no shards. NVLink
 multicast is switched off for every launch (this workplace's machines). Both steps write JSON next to the logs
 in --base-dir; the figures go to docs/PERF.md. Stops at the first step that fails.
 """
@@ -31,6 +37,10 @@ ZERO_CONFIGS = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path, default=Path("/tmp/ds"))
     p.add_argument("--gpus", type=int, default=2, help="GPUs for the N-GPU curves and the speed runs")
+    p.add_argument("--part", choices=("all", "curves", "speed"), default="all",
+                   help="all: the curves, then the speed runs (with --gpus 1, the curves alone)")
+    p.add_argument("--runs", default="", help="curves: comma list of the runs to start now, of a, b (the 1-GPU "
+                   "pair) and " + ", ".join(ZERO_CONFIGS) + "; default every one not yet finished")
 
 
 def subcommand_args(module, argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -41,14 +51,20 @@ def subcommand_args(module, argv: list[str]) -> tuple[argparse.Namespace, argpar
 
 
 def run(args, p: argparse.ArgumentParser) -> int:
+    if args.part == "speed" and args.gpus < 2:
+        p.error("--part speed needs --gpus 2 or more: `scaling` runs one GPU without an accelerate config")
     os.environ.update(NO_MULTICAST)
     base, gpus = args.base_dir, str(args.gpus)
     if not (base / "shards" / "manifest.json").is_file():
         make_data(base, 150_000_000, 65536)
-    rc = curve.run(*subcommand_args(curve, [
-        "--base-dir", str(base), "--gpus", gpus, "--depth", "12", "--steps", "100", "--eval-every", "25",
-        "--configs", ",".join(str(CONFIGS / f"{name}.yaml") for name in ZERO_CONFIGS),
-        "--out", str(base / f"deepspeed_curves_d12_{gpus}gpu.json")]))
+    rc = 0
+    if args.part in ("all", "curves"):
+        rc = curve.run(*subcommand_args(curve, [
+            "--base-dir", str(base), "--gpus", gpus, "--depth", "12", "--steps", "100", "--eval-every", "25",
+            "--configs", ",".join(str(CONFIGS / f"{name}.yaml") for name in ZERO_CONFIGS), "--runs", args.runs,
+            "--out", str(base / f"deepspeed_curves_d12_{gpus}gpu.json")]))
+    if args.part == "curves" or args.gpus < 2:
+        return rc
     for config in ("multi_gpu", *ZERO_CONFIGS):
         if rc:
             return rc
