@@ -254,7 +254,13 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     fp8 = summary["variants"]["fp8"]
     assert math.isclose(summary["variants"]["torch"]["spread"], 0.005) and math.isclose(fp8["spread"], 0.08)
     assert math.isclose(fp8["delta_vs_exact"], 0.0125)  # inside fp8's own spread, outside the exact path's
-    assert fp8["within_exact_spread"] is False
+    assert fp8["within_exact_spread"] is False and fp8["no_worse_than_exact"] is False
+    # better than the exact path by more than its spread: outside the spread, yet no worse
+    better = {"runs": {k: dict(v, final_val_bpb=v["final_val_bpb"] - (0.1 if v["variant"] == "fp8" else 0))
+                       for k, v in summary["runs"].items()}, "variants": {}}
+    quality.variant_stats(better, ["torch", "fp8"])
+    assert better["variants"]["fp8"]["within_exact_spread"] is False
+    assert better["variants"]["fp8"]["no_worse_than_exact"] is True
     assert fp8["train_s_to_exact_final"] == [None, 4.0]  # seed 2: its step-2 evaluation, after 2 steps of 2 s
     # the exact runs reach fp8's mean (1.760) at their step-4 evaluation (8 s) against fp8's 8 s of steps
     assert fp8["exact_s_to_this_final"] == [8.0, 8.0] and fp8["equal_bpb_speedup_at_most"] == 1.0

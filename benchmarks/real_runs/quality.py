@@ -129,6 +129,9 @@ def variant_stats(out: dict, variants: list[str]) -> None:
         v["delta_vs_exact"] = v["mean"] - exact["mean"]
         # the equal-quality test: the exact path's own seed-to-seed spread (a noisier variant must not widen it)
         v["within_exact_spread"] = abs(v["delta_vs_exact"]) <= exact["spread"]
+        # what a user pays for: not worse than the exact path by more than its spread (a variant that is
+        # better by more is outside the spread, yet no quality is lost)
+        v["no_worse_than_exact"] = v["delta_vs_exact"] <= exact["spread"]
         reach = [seconds_to_reach(r, exact["mean"]) for r in out["runs"].values() if r["variant"] == variant]
         v["train_s_to_exact_final"] = reach
         exact_s = statistics.fmean(r["train_s"] for r in out["runs"].values() if r["variant"] == EXACT)
@@ -209,7 +212,8 @@ def print_summary(summary: dict) -> None:
     for variant, v in summary["variants"].items():
         extra = ""
         if "delta_vs_exact" in v:
-            extra = (f" | vs {EXACT}: {v['delta_vs_exact']:+.4f}, within the spread: {v['within_exact_spread']} | "
+            extra = (f" | vs {EXACT}: {v['delta_vs_exact']:+.4f}, within the spread: {v['within_exact_spread']}, no worse: "
+                     f"{v['no_worse_than_exact']} | "
                      f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']} | {EXACT}'s seconds to "
                      f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
                      f"{v['equal_bpb_speedup_at_most']}")
