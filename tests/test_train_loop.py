@@ -165,7 +165,7 @@ def test_resume_from_partial_or_corrupt_checkpoint(base):
     (step_dir / "meta.json").unlink()
     with pytest.raises(UserError, match="partial"):
         run_train(base, "--num-iterations", "3", "--model-tag", "corrupt", "--resume", str(step_dir))
-    assert ckpt.resolve_resume(base / "runs" / "corrupt", "auto") is None
+    assert ckpt.find_resume(base / "runs" / "corrupt", "auto") is None
 
 
 def test_existing_run_is_refused_then_set_aside_with_force(base):

@@ -70,11 +70,6 @@ def auto_fp8_scaling(meta: RunMeta) -> str | None:
     return "delayed" if rows >= FORMER_DELAYED_MIN_ROWS else "dynamic"
 
 
-def former_fp8_scaling(meta: RunMeta) -> str:
-    """The FP8 scaling the checkpoint's run used: the one it named, or what `auto` chose for it."""
-    return auto_fp8_scaling(meta) or meta.train_config["fp8_scaling"]
-
-
 def notice_fp8_scaling_change(meta: RunMeta, cfg) -> None:
     """A run that `auto` scaled delayed, resumed with `auto`, goes on with dynamic scaling (auto's choice since
     2026-12-06), which it is told."""

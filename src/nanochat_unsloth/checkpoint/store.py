@@ -279,12 +279,6 @@ def find_resume(run_dir: Path, resume: str, log=print) -> tuple[Path, RunMeta] |
     return path, verify_checkpoint(path)  # validates, raises a clear error
 
 
-def resolve_resume(run_dir: Path, resume: str, log=print) -> Path | None:
-    """The checkpoint directory `find_resume` picks."""
-    found = find_resume(run_dir, resume, log)
-    return found[0] if found else None
-
-
 def plain_name(key: str) -> str:
     """A parameter's name without the prefixes of the wrappers around the model."""
     changed = True
