@@ -4,8 +4,8 @@ nanochat's files per saved step (`<base>/base_checkpoints/<tag>/model_*.pt`, `op
 are described, and read, in `checkpoint/layouts.py`; our run checkpoint `<base>/runs/<tag>/step_000123/`
 (Accelerate's save_state + meta.json) in `checkpoint/store.py`. The parameter names are already nanochat's
 (our GPT mirrors its module tree), so converting the weights is only: strip wrapper prefixes, check
-names/shapes against the config, order like nanochat's module tree, and set dtypes. Like torchtitan's `state_dict_adapter.py`, every
-such rule lives here; the CLIs only move files.
+names/shapes against the config, order like nanochat's module tree, and set dtypes. Like torchtitan's
+`state_dict_adapter.py`, every such rule lives here; the CLIs only move files.
 """
 
 from __future__ import annotations
