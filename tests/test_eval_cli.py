@@ -153,7 +153,7 @@ def test_cuda_eval_under_bf16_autocast_is_close_to_cpu(base, run_result):
     assert (ours["train_bpb"], ours["val_bpb"]) == (theirs["train_bpb"], theirs["val_bpb"])
     assert ours["samples"] == theirs["samples"] and len(ours["samples"]) == 7
     # bf16 autocast on CUDA vs fp32 on CPU: bf16 logits and activations (2^-8 relative rounding). The 2e-2 bound
-    # was not measured in this pass (it needs a GPU; the CPU measurements do not cover it).
+    # is about five times that rounding, for its growth through the layers; no GPU run has measured it yet.
     for split in ("train", "val"):
         assert ours[f"{split}_bpb"] == pytest.approx(run_result[f"{split}_bpb"], rel=2e-2)
 

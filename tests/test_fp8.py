@@ -18,7 +18,7 @@ from nanochat_unsloth.model import fp8 as F8
 from nanochat_unsloth.model import ops as K
 from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.train.config import parse_train_args
-from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
+from tiny_gpt import TINY, assert_same_step, build_tiny, loss_and_grads, tiny_batch
 
 
 # Round-to-nearest error bounds, in units of the scaled value: relative for normal values (half an ulp:
@@ -595,9 +595,7 @@ def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step():
     loss_lean, g_lean = loss_and_grads(lean, x, y)
     # Bitwise: the recomputed forward quantises the same values, so the same FP8 operands and GEMMs.
     # Measured equal on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2).
-    torch.testing.assert_close(loss_lean, loss_fast, rtol=0, atol=0)
-    for name in g_fast:
-        torch.testing.assert_close(g_lean[name], g_fast[name], rtol=0, atol=0, msg=name)
+    assert_same_step(loss_lean, g_lean, loss_fast, g_fast)
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS, check_resume_compatible, former_fp8_scaling
+from nanochat_unsloth.checkpoint.resume import RESUME_GUARDED_FIELDS, auto_fp8_scaling, check_resume_compatible
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model import fp8 as F8
 from nanochat_unsloth.train import optim
@@ -82,10 +82,10 @@ def cfg_of(**flags) -> TrainConfig:
     ({"fp8": True, "device_batch_size": 32}, None, "delayed"),  # 65,536 rows, before the record existed
     ({"fp8": True, "device_batch_size": 4}, None, "dynamic"),  # 8,192 rows
     ({"fp8": True, "device_batch_size": 32}, {"fp8_scaling": "dynamic"}, "dynamic"),  # as the run resolved it
-    ({"fp8": True, "device_batch_size": 4, "fp8_scaling": "delayed"}, None, "delayed"),  # named
+    ({"fp8": True, "device_batch_size": 4, "fp8_scaling": "delayed"}, None, None),  # named: not auto's choice
 ])
-def test_former_fp8_scaling_reads_the_record_or_the_former_auto_rule(config, resolved, expect):
-    assert former_fp8_scaling(meta_of(resolved, **config)) == expect
+def test_auto_fp8_scaling_reads_the_record_or_the_former_auto_rule(config, resolved, expect):
+    assert auto_fp8_scaling(meta_of(resolved, **config)) == expect
 
 
 def test_a_run_that_auto_scaled_delayed_resumes_dynamic_with_a_notice_or_keeps_delayed_when_named(capsys):

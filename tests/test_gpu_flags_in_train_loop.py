@@ -13,7 +13,8 @@ from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.train.config import parse_train_args
 
-from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+from run_helpers import run_train
+from train_fixtures import make_train_base_dir
 
 
 pytestmark = pytest.mark.usefixtures("fresh_notices")
@@ -22,13 +23,6 @@ pytestmark = pytest.mark.usefixtures("fresh_notices")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_train_base_dir(tmp_path_factory.mktemp("fallback_base"))
-
-
-def run_train(base, *extra):
-    from nanochat_unsloth.train.loop import train
-
-    cfg = parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra]))
-    return train(cfg)
 
 
 def test_train_loop_with_every_gpu_flag_falls_back_and_resumes_exactly(base, capsys):

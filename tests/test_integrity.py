@@ -25,16 +25,6 @@ def base(tmp_path_factory) -> Path:
     return make_train_base_dir(tmp_path_factory.mktemp("integrity_base"))
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the model gets built: the refusal must come before it."""
-    def refuse(*a, **k):
-        raise AssertionError("the model was built before the refusal")
-    from nanochat_unsloth.train import loop
-
-    monkeypatch.setattr(loop, "build_model", refuse)
-
-
 # ---- checksums are verified when a checkpoint is loaded -------------------------------------------
 
 

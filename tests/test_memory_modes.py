@@ -16,7 +16,7 @@ from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.model.gpt import GPT, GPTConfig
 from nanochat_unsloth.train.config import parse_train_args
 
-from tiny_gpt import TINY, build_tiny, loss_and_grads, tiny_batch
+from tiny_gpt import TINY, assert_same_step, build_tiny, loss_and_grads, tiny_batch
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 
@@ -35,9 +35,7 @@ def test_memory_lean_matches_fast_and_checkpoints_every_block(monkeypatch):
     assert len(calls) == TINY.n_layer
     # Bitwise: lean recomputes each block's forward with the same operations on the same values, and its
     # backward is fast mode's. Measured equal on AVX-512 and AVX2 (ONEDNN_MAX_CPU_ISA=AVX2).
-    torch.testing.assert_close(loss_lean, loss_fast, rtol=0, atol=0)
-    for name in g_fast:
-        torch.testing.assert_close(g_lean[name], g_fast[name], rtol=0, atol=0, msg=name)
+    assert_same_step(loss_lean, g_lean, loss_fast, g_fast)
     calls.clear()
     with torch.no_grad():  # evaluation never checkpoints
         lean(x, y)
@@ -69,9 +67,7 @@ def test_lean_blocks_limits_the_memory_mode_to_the_first_k_blocks_and_matches_fa
     # once each: the blocks (lean) or only their MLPs (selective)
     assert checkpointed == (first_three if memory == "lean" else [b.mlp._mlp for b in first_three])
     # bitwise, as in the test above (measured equal on AVX-512 and AVX2)
-    torch.testing.assert_close(loss_partial, loss_fast, rtol=0, atol=0)
-    for name in g_fast:
-        torch.testing.assert_close(g_partial[name], g_fast[name], rtol=0, atol=0, msg=name)
+    assert_same_step(loss_partial, g_partial, loss_fast, g_fast)
     checkpointed.clear()
     with torch.no_grad():
         partial(x, y)

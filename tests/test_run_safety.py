@@ -78,7 +78,7 @@ def test_a_non_finite_gradient_stops_before_the_update_and_the_good_checkpoints_
         assert all_finite(step_dir), f"step {step} holds NaN or inf"
     newest = saved[-1][1]
     assert f"the update was not applied. Stopping: the last good checkpoint, {newest}, is kept" in out, out[-2000:]
-    assert ckpt.resolve_resume(run_dir, "auto", log=lambda _: None) == newest
+    assert ckpt.find_resume(run_dir, "auto", log=lambda _: None)[0] == newest
 
 
 def test_non_finite_weights_are_never_saved_nor_prune(tmp_path):

@@ -8,24 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.checkpoint import store as ckpt
-from nanochat_unsloth.train.config import parse_train_args
-from nanochat_unsloth.train.loop import train
 from nanochat_unsloth.train.step import NonFiniteLoss
 
 from cpu_launch import launch_cpu_processes
+from run_helpers import run_train
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return make_train_base_dir(tmp_path_factory.mktemp("train_base"))
-
-
-def run_train(base: Path, *extra: str) -> dict:
-    cfg = parse_train_args(normalize_flags(TINY_TRAIN_ARGS + ["--base-dir", str(base), *extra]))
-    return train(cfg)
 
 
 def metrics(base: Path, tag: str) -> list[dict]:
@@ -165,7 +158,7 @@ def test_resume_from_partial_or_corrupt_checkpoint(base):
     (step_dir / "meta.json").unlink()
     with pytest.raises(UserError, match="partial"):
         run_train(base, "--num-iterations", "3", "--model-tag", "corrupt", "--resume", str(step_dir))
-    assert ckpt.resolve_resume(base / "runs" / "corrupt", "auto") is None
+    assert ckpt.find_resume(base / "runs" / "corrupt", "auto") is None
 
 
 def test_existing_run_is_refused_then_set_aside_with_force(base):

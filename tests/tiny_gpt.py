@@ -34,3 +34,10 @@ def loss_and_grads(model, x, y):
     loss = model(x, y)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_step(loss, grads, loss_ref, grads_ref):
+    """`loss_and_grads` of two models equal bit for bit: the loss and every parameter's gradient."""
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)

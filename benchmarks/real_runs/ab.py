@@ -17,7 +17,6 @@ the real loop (`python -m nanochat_unsloth.train`) with PYTHONPATH pointing at o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from common import args_record, write_json
+from common import args_record, run_log, write_json
 
 PARITY = "torch:fast,torch:lean,torch:selective,fused:fast,fused:lean,fused:selective," \
          "fused+fp8:fast,fused+fp8:lean,fused+fp8:selective"
@@ -44,7 +43,7 @@ def train_one(args, src: Path, gpu: int, tag: str, flags: list[str]) -> list[dic
     path = args.base_dir / "runs" / tag / "metrics.jsonl"
     if rc != 0 or not path.exists():
         return [{"rc": rc, "log_tail": (args.base_dir / f"{tag}.log").read_text()[-1500:]}]
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return run_log(args.base_dir, tag, "metrics.jsonl")
 
 
 def parity_flags(args, spec: str) -> list[str]:

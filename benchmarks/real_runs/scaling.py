@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import NO_MULTICAST, REPO, GpuSampler, make_data, write_json
+from common import NO_MULTICAST, REPO, GpuSampler, make_data, run_log, write_json
 
 VARIANT_FLAGS = {"fp8": ["--fp8"], "torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"]}
 
@@ -67,8 +67,7 @@ def launch(args, variant: str, n: int) -> dict:
     (args.base_dir / f"{tag}.log").write_text(out)
     result = {"variant": variant, "gpus": n, "rc": rc, "wall_s": round(time.time() - t0, 1), "gpu_util": gpus.mean(),
               "gpu_health": gpus.summary(), "gpu_series": gpus.series(t0)}
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+    metrics = run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)
     # the profiled step synchronizes at every phase and runs under the profiler: not a steady step
     steady = [m["dt"] for m in metrics if m["step"] >= args.warmup and m["step"] != args.profile_step]
     result["step_dts"] = [round(m["dt"], 3) for m in metrics]

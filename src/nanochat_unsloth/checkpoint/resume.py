@@ -50,19 +50,20 @@ def check_resume_compatible(meta: RunMeta, cfg) -> None:
     defaults = type(cfg)().to_dict()
     was = {f: saved.get(f, defaults[f]) for f in RESUME_GUARDED_FIELDS}
     guarded = [f for f in RESUME_GUARDED_FIELDS if was[f] != getattr(cfg, f)]
-    if "fp8_scaling" in guarded and was["fp8_scaling"] == "auto" and cfg.fp8_scaling == former_fp8_scaling(meta):
+    if "fp8_scaling" in guarded and cfg.fp8_scaling == auto_fp8_scaling(meta):
         guarded.remove("fp8_scaling")  # naming what `auto` chose for this run is the same run
     if guarded and not cfg.force:
         desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
 
 
-def former_fp8_scaling(meta: RunMeta) -> str:
-    """The FP8 scaling the checkpoint's run used: as it resolved it, or, for a checkpoint that predates the
-    record, `auto`'s rule of before 2026-12-06 (delayed for micro-batches of 16,384 rows and more)."""
+def auto_fp8_scaling(meta: RunMeta) -> str | None:
+    """What `--fp8_scaling auto` chose for the checkpoint's run (None: the run named a scaling): as it resolved
+    it, or, for a checkpoint that predates the record, `auto`'s rule of before 2026-12-06 (delayed from
+    FORMER_DELAYED_MIN_ROWS rows per micro-batch)."""
     saved = meta.train_config
     if saved.get("fp8_scaling", "auto") != "auto":
-        return saved["fp8_scaling"]
+        return None
     if meta.resolved and meta.resolved.get("fp8_scaling"):
         return meta.resolved["fp8_scaling"]
     rows = saved.get("device_batch_size", 0) * saved.get("max_seq_len", 0)
@@ -70,12 +71,10 @@ def former_fp8_scaling(meta: RunMeta) -> str:
 
 
 def notice_fp8_scaling_change(meta: RunMeta, cfg) -> None:
-    """`--fp8_scaling auto` meant delayed scaling for micro-batches of 16,384 rows and more before 2026-12-06,
-    and dynamic since: such a run resumed with `auto` goes on with dynamic scaling, which it is told."""
+    """A run that `auto` scaled delayed, resumed with `auto`, goes on with dynamic scaling (auto's choice since
+    2026-12-06), which it is told."""
     saved = meta.train_config
-    if not (cfg.fp8 and saved.get("fp8") and cfg.fp8_scaling == "auto" and saved.get("fp8_scaling", "auto") == "auto"):
-        return
-    if former_fp8_scaling(meta) == "delayed":
+    if cfg.fp8 and saved.get("fp8") and cfg.fp8_scaling == "auto" and auto_fp8_scaling(meta) == "delayed":
         notice_once("--fp8_scaling auto: this run started with delayed FP8 scaling, and continues with dynamic "
                     "scaling (auto's choice since 2026-12-06: delayed scaling's loss drifts from bf16's); pass "
                     "--fp8_scaling delayed to keep the old scaling")

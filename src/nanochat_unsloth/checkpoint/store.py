@@ -31,7 +31,7 @@ from nanochat_unsloth.checkpoint import sharded
 from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
-                                     hold_lock, is_disk_failure, sha256_file)
+                                     hold_lock, is_disk_failure, make_dirs, sha256_file)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
@@ -49,15 +49,14 @@ def run_dir_for(base_dir: Path, tag: str) -> Path:
 
 def lock_run(run_dir: Path) -> FileLock:
     """Hold the run dir's lock (a training run holds it for its life); refuse with the holder's pid."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if is_disk_failure(e):
-            raise UserError(disk_failure_message(run_dir, e)) from None
-        raise
+    run_dir = make_dirs(Path(run_dir))
     return hold_lock(run_dir / LOCK_NAME, f"run tag {run_dir.name!r}",
                      "wait for that run to finish (or stop it), or pass another --model_tag")
+
+
+def optimizer_file(index: int) -> str:
+    """The file Accelerate's save_state writes the `index`-th prepared optimizer's state_dict to."""
+    return "optimizer.bin" if index == 0 else f"optimizer_{index}.bin"
 
 
 def step_dir_name(step: int) -> str:
@@ -278,12 +277,6 @@ def find_resume(run_dir: Path, resume: str, log=print) -> tuple[Path, RunMeta] |
     if not path.is_absolute() and not path.exists():
         path = Path(run_dir) / resume
     return path, verify_checkpoint(path)  # validates, raises a clear error
-
-
-def resolve_resume(run_dir: Path, resume: str, log=print) -> Path | None:
-    """The checkpoint directory `find_resume` picks."""
-    found = find_resume(run_dir, resume, log)
-    return found[0] if found else None
 
 
 def plain_name(key: str) -> str:

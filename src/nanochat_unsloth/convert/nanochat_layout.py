@@ -1,17 +1,11 @@
 """Our run checkpoints <-> nanochat's `base_checkpoints` layout: the one place that knows both.
 
-nanochat (b399e43) writes, per saved step, into `<base>/base_checkpoints/<tag>/`:
-
-    model_000123.pt    torch.save(orig_model.state_dict()): an ordered dict, module order, no
-                       `_orig_mod.` prefixes; on CUDA wte is bf16 (init_weights casts it), the rest fp32
-    optim_000123.pt    torch.save([adamw.state_dict(), muon.state_dict()])
-    meta_000123.json   {"step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len"}
-
-Our run checkpoint is `<base>/runs/<tag>/step_000123/` (Accelerate's save_state + meta.json, see
-`checkpoint/store.py`; reading either layout is `checkpoint/layouts.py`). The parameter names are already nanochat's (our GPT mirrors its module tree),
-so converting the weights is only: strip wrapper prefixes, check names/shapes against the config,
-order like nanochat's module tree, and set dtypes. Like torchtitan's `state_dict_adapter.py`, every
-such rule lives here; the CLIs only move files.
+nanochat's files per saved step (`<base>/base_checkpoints/<tag>/model_*.pt`, `optim_*.pt`, `meta_*.json`)
+are described, and read, in `checkpoint/layouts.py`; our run checkpoint `<base>/runs/<tag>/step_000123/`
+(Accelerate's save_state + meta.json) in `checkpoint/store.py`. The parameter names are already nanochat's
+(our GPT mirrors its module tree), so converting the weights is only: strip wrapper prefixes, check
+names/shapes against the config, order like nanochat's module tree, and set dtypes. Like torchtitan's
+`state_dict_adapter.py`, every such rule lives here; the CLIs only move files.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ import torch
 from nanochat_unsloth.checkpoint.layouts import check_state_dict, load_torch_file, model_config_kwargs
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.checkpoint.sharded import SHARDED_DIR, is_sharded_checkpoint, load_optimizer_state
-from nanochat_unsloth.checkpoint.store import strip_wrapper_prefixes
+from nanochat_unsloth.checkpoint.store import optimizer_file, strip_wrapper_prefixes
 from nanochat_unsloth.common import UserError
 
 EMBEDDING_KEY = "transformer.wte.weight"
@@ -156,8 +150,7 @@ def nanochat_optim_from_run(step_dir: Path, meta: RunMeta | None = None) -> list
     if is_sharded_checkpoint(step_dir):
         return optim_from_sharded(step_dir, meta)
     states = []
-    for name in ("optimizer.bin", "optimizer_1.bin"):
-        path = step_dir / name
+    for path in (step_dir / optimizer_file(0), step_dir / optimizer_file(1)):  # AdamW, then Muon
         if not path.exists():
             raise UserError(f"{path}: not found, so the checkpoint has no optimizer state to export; drop --with-optim")
         state = load_torch_file(path, "the optimizer state", "it is corrupt")
@@ -165,7 +158,7 @@ def nanochat_optim_from_run(step_dir: Path, meta: RunMeta | None = None) -> list
             raise UserError(f"{path}: not an optimizer state_dict")
         states.append(state)
     if len(states[0]["param_groups"]) != 2:
-        raise UserError(f"{step_dir / 'optimizer.bin'}: expected AdamW's 2 groups (lm_head, wte), "
+        raise UserError(f"{step_dir / optimizer_file(0)}: expected AdamW's 2 groups (lm_head, wte), "
                         f"found {len(states[0]['param_groups'])}")
     return states
 

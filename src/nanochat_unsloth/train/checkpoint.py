@@ -55,7 +55,7 @@ def load_sharded_state(step_dir: Path, run: Checkpointed, process_index: int, sc
     else:
         load_whole_model_state(run.model, store.load_model_state_dict(step_dir, verify=False))
         for i, opt in enumerate(run.optimizers):
-            path = step_dir / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")
+            path = step_dir / store.optimizer_file(i)
             opt.load_state_dict(shard_optimizer_state(torch.load(path, map_location="cpu", weights_only=False), opt))
     load_accelerator_state(str(step_dir), [], [], [], [], process_index, scaler)
     load_custom_state(run.loader, str(step_dir), 0)

@@ -243,11 +243,10 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     num_iterations = _plan_horizon(cfg, s, data, built)
     t = _prepare_trainee(cfg, s, data, built, num_iterations)
     start_step, complete = _resume(cfg, s, data, t)
-    if complete:
-        return {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(s.run_dir),
-                "val_bpb": [], "already_complete": True, "final_step": start_step}
-    trackers.start_trackers(s.accelerator, s.tracker_names, cfg.run, s.run_dir, cfg.to_dict())
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(s.run_dir), "val_bpb": []}
+    if complete:
+        return {**result, "already_complete": True, "final_step": start_step}
+    trackers.start_trackers(s.accelerator, s.tracker_names, cfg.run, s.run_dir, cfg.to_dict())
     run = _Run(cfg, s, data, t, start_step, result)
     _step_loop(run)
     return _finish(run)

@@ -11,9 +11,10 @@ memory.py, train/setup.py, train/bf16_gemm.py) takes concrete values only.
 Each resolved value is a value its flag accepts: passing the logged values as flags repeats this run's choices
 on another machine.
 
-The measurements behind the rules: docs/PERF.md, "FP8 at equal quality" (--fp8_scaling); docs/perf-log/2026-11-28.md, "An FP8 MLP glue kernel (no gain, removed), B=4's host
-bound, `--compile model`" and "CUDA graphs for the small-batch FP8 step (`--cuda_graphs`), `--compile auto` at
-B=32 and 8" (--compile, --cuda_graphs), and "CPU: bf16 GEMMs on CPUs without bf16 instructions" (--cpu_bf16).
+The measurements behind the rules: docs/PERF.md, "FP8 at equal quality" (--fp8_scaling); docs/perf-log/2026-11-28.md,
+"An FP8 MLP glue kernel (no gain, removed), B=4's host bound, `--compile model`" and "CUDA graphs for the
+small-batch FP8 step (`--cuda_graphs`), `--compile auto` at B=32 and 8" (--compile, --cuda_graphs), and "CPU: bf16
+GEMMs on CPUs without bf16 instructions" (--cpu_bf16).
 """
 
 from __future__ import annotations
