@@ -249,12 +249,17 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
             json.dumps({"step": s, "dt": 2.0, "smooth_loss": 3.0}) + "\n" for s in range(4)))
         evals = [(0, 4.0), (2, 1.740 if final < 1.74 else 1.9), (4, final)]
         (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "val_bpb": b}) + "\n" for s, b in evals))
-    args = types.SimpleNamespace(base_dir=tmp_path, variants="torch,fp8")
+    args = types.SimpleNamespace(base_dir=tmp_path, variants="torch,fp8", step_speedup="fp8=1.2")
     summary = quality.summarize(args, list(finals))
     fp8 = summary["variants"]["fp8"]
     assert math.isclose(summary["variants"]["torch"]["spread"], 0.005) and math.isclose(fp8["spread"], 0.08)
     assert math.isclose(fp8["delta_vs_exact"], 0.0125)  # inside fp8's own spread, outside the exact path's
     assert fp8["within_exact_spread"] is False and fp8["no_worse_than_exact"] is False
+    # in steps: the exact runs end at step 4; fp8 seed 2 crosses the exact mean (1.7475) between its step-0
+    # (4.0) and step-2 (1.740) evaluations, at 2 * (4.0 - 1.7475) / (4.0 - 1.740) steps; seed 1 never does
+    crossing = 2 * (4.0 - 1.7475) / (4.0 - 1.740)
+    assert fp8["steps_to_exact_final"][0] is None and math.isclose(fp8["steps_to_exact_final"][1], crossing)
+    assert math.isclose(fp8["equal_bpb_speedup_from_steps"][1], 4 / crossing * 1.2)
     # better than the exact path by more than its spread: outside the spread, yet no worse
     better = {"runs": {k: dict(v, final_val_bpb=v["final_val_bpb"] - (0.1 if v["variant"] == "fp8" else 0))
                        for k, v in summary["runs"].items()}, "variants": {}}

@@ -17,7 +17,9 @@ final val bpb and its seed-to-seed spread (max - min). Then whether --fp8's mean
 the exact path, and the training seconds each --fp8 run took to first reach the exact path's mean final val
 bpb (the time-to-equal-bpb ratio, the fair speed-up when FP8 costs quality) and, the other way round, the
 exact path's seconds to --fp8's mean final bpb over --fp8's own (an upper bound on its speed-up at equal bpb,
-defined even when --fp8 never reaches the exact path). --plot draws the curves.
+defined even when --fp8 never reaches the exact path). For runs made on different machines, whose seconds do
+not compare, the same in optimizer steps (linear between evaluations), times --step-speedup (each variant's
+per-step speed over the exact path's, from one vs_nanochat.py invocation). --plot draws the curves.
 """
 
 from __future__ import annotations
@@ -108,13 +110,13 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
             "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
             "smooth_loss": [m["smooth_loss"] for m in metrics],
         }
-    variant_stats(out, args.variants.split(","))
+    variant_stats(out, args.variants.split(","), parse_step_speedup(args.step_speedup))
     for r in out["runs"].values():
         r["elapsed_at_step"] = {str(k): v for k, v in r["elapsed_at_step"].items()}
     return out
 
 
-def variant_stats(out: dict, variants: list[str]) -> None:
+def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float] | None = None) -> None:
     """Each variant's mean final bpb and spread from `out["runs"]`, and for every variant but the exact path
     its distance from the exact path (the equal-quality criterion) and its time-to-equal-bpb figures."""
     for variant in variants:
@@ -123,6 +125,7 @@ def variant_stats(out: dict, variants: list[str]) -> None:
             out["variants"][variant] = {"mean": statistics.fmean(finals), "spread": max(finals) - min(finals),
                                         "finals": finals}
     exact = out["variants"].get(EXACT)
+    step_speedup = step_speedup or {}
     for variant, v in out["variants"].items():
         if variant == EXACT or exact is None:
             continue
@@ -144,6 +147,28 @@ def variant_stats(out: dict, variants: list[str]) -> None:
         v["exact_s_to_this_final"] = exact_reach
         v["equal_bpb_speedup_at_most"] = (statistics.fmean(exact_reach) / mean_s
                                           if exact_reach and None not in exact_reach else None)
+        # In optimizer steps, for runs made on different machines (whose seconds do not compare): the exact
+        # path's steps over this variant's steps to the exact path's mean final bpb. Times the per-step
+        # speed-up measured in one invocation (--step-speedup), it is the speed-up at equal bpb.
+        exact_steps = statistics.fmean(r["final_step"] for r in out["runs"].values() if r["variant"] == EXACT)
+        v["steps_to_exact_final"] = [steps_to_reach(r, exact["mean"]) for r in out["runs"].values()
+                                     if r["variant"] == variant]
+        v["steps_ratio"] = [exact_steps / s if s else None for s in v["steps_to_exact_final"]]
+        if variant in step_speedup:
+            v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
+
+
+def steps_to_reach(run: dict, bpb: float) -> float | None:
+    """The step at which the run's val bpb first reaches `bpb`, linear between the two evaluations around the
+    crossing (evaluations are every few steps; the curve between two is close to a line); None if never."""
+    prev = None
+    for step, b in run["val_bpb"]:
+        if b <= bpb and step > 0:
+            if prev is None or prev[1] == b:
+                return float(step)
+            return prev[0] + (prev[1] - bpb) / (prev[1] - b) * (step - prev[0])
+        prev = (step, b)
+    return None
 
 
 def seconds_to_reach(run: dict, bpb: float) -> float | None:
@@ -189,9 +214,18 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
                 p.error(f"--from {path}: run {name} is in two files; pass each run once")
             runs[name] = run
     summary = {"runs": runs, "variants": {}, "from": args.from_}
-    variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())))
+    variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())),
+                  parse_step_speedup(args.step_speedup))
     report(summary, args)
     return 0
+
+
+def parse_step_speedup(text: str) -> dict[str, float]:
+    """--step-speedup "fp8=1.18,fused=1.03" -> {"fp8": 1.18, "fused": 1.03}."""
+    pairs = [item.split("=") for item in text.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--step-speedup {text!r}: give VARIANT=RATIO pairs, e.g. fp8=1.18")
+    return {name: float(ratio) for name, ratio in pairs}
 
 
 def report(summary: dict, args) -> None:
@@ -216,7 +250,10 @@ def print_summary(summary: dict) -> None:
                      f"{v['no_worse_than_exact']} | "
                      f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']} | {EXACT}'s seconds to "
                      f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
-                     f"{v['equal_bpb_speedup_at_most']}")
+                     f"{v['equal_bpb_speedup_at_most']} | steps to {EXACT}'s final bpb: {v['steps_to_exact_final']}, "
+                     f"step ratio {v['steps_ratio']}"
+                     + (f", equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']}"
+                        if "equal_bpb_speedup_from_steps" in v else ""))
         print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
 
 
@@ -244,6 +281,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-from", default="", help="RUN:STEP: every run starts from run RUN's checkpoint at STEP "
                    "(e.g. a screen of warm-down variants from one bf16 run stopped where its warm-down begins)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--step-speedup", default="", help="VARIANT=RATIO,...: each variant's per-step speed over the exact "
+                                                      "path's, measured in one invocation (vs_nanochat.py), for the "
+                                                      "speed-up at equal bpb from steps (runs on different machines)")
     p.add_argument("--plot", default="", help="PNG of the curves")
     p.add_argument("--from", dest="from_", default="", help="comma list of --out files of earlier invocations (e.g. "
                    "the exact path's seeds from one call, a variant's from another): summarise and plot them together")
