@@ -134,6 +134,12 @@ def test_refused_where_it_cannot_act(options, message):
         build_model(TINY, options)
 
 
+def test_refused_for_a_vocabulary_fp8_gemms_cannot_take():
+    odd = dataclasses.replace(TINY, vocab_size=TINY.vocab_size + 1)
+    with pytest.raises(ValueError, match=r"--fp8_lm_head: the vocabulary \(.* tokens\) must be a multiple of 16"):
+        build_model(odd, ModelOptions(kernels="fused", fp8=True, fp8_lm_head=True))
+
+
 def test_flag_parses_and_a_resume_keeps_it():
     assert parse_train_args(["--fp8", "--fp8-lm-head"]).fp8_lm_head
     assert not parse_train_args(["--fp8"]).fp8_lm_head

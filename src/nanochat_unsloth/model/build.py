@@ -86,7 +86,7 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
     if options.fp8:
         fp8.check_scaling_mode(options.fp8_scaling)
         fp8.check_recipe(options.fp8_recipe)
-    fp8.check_lm_head(options.fp8_lm_head, options.fp8, options.kernels)
+    fp8.check_lm_head(options.fp8_lm_head, options.fp8, options.kernels, config.vocab_size)
     with torch.device("meta"):
         model = GPT(config, ops, memory=options.memory, lean_blocks=options.lean_blocks,
                     lean_checkpoint=options.lean_checkpoint)

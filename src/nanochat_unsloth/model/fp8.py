@@ -432,9 +432,13 @@ def set_ops(model: nn.Module, **changes) -> None:
             module.ops = ops
 
 
-def check_lm_head(lm_head: bool, fp8: bool, kernels: str) -> None:
-    """`--fp8_lm_head` acts on the fused set's chunked loss, and only with `--fp8`."""
+def check_lm_head(lm_head: bool, fp8: bool, kernels: str, vocab_size: int) -> None:
+    """`--fp8_lm_head` acts on the fused set's chunked loss, and only with `--fp8`; the vocabulary is one
+    dimension of its GEMM."""
     if lm_head and not fp8:
         raise ValueError("--fp8_lm_head: needs --fp8 (it adds the lm_head to the FP8 GEMMs)")
     if lm_head and kernels != "fused":
         raise ValueError(f"--fp8_lm_head: needs --kernels fused (its chunked lm_head loss), not {kernels}")
+    if lm_head and vocab_size % ROW_MULTIPLE:
+        raise ValueError(f"--fp8_lm_head: the vocabulary ({vocab_size:,} tokens) must be a multiple of "
+                         f"{ROW_MULTIPLE} for FP8 GEMMs; train the tokenizer to such a size, or drop the flag")
