@@ -31,10 +31,9 @@ from nanochat_unsloth.train import deepspeed_zero, optim
 from nanochat_unsloth.train.__main__ import main as train_main
 
 from cpu_launch import REPO, is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
+from deepspeed_compare import ADAMW_WEIGHTS, ZERO2, ZERO3, ZERO3_OFFLOAD, e2e_argv, largest_gap, load_result
 from run_helpers import one_line_error
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
-
-ZERO2, ZERO3, ZERO3_OFFLOAD = (f"configs/accelerate/deepspeed_{n}.yaml" for n in ("zero2", "zero3", "zero3_offload"))
 
 
 def _json(name: str) -> dict:
@@ -130,20 +129,9 @@ def base(tmp_path_factory) -> Path:
 
 
 def _e2e(out: Path, grad_clips: str, config: str | None = None) -> dict:
-    args = ("tests/deepspeed_e2e.py", str(out), "--grad-clips", grad_clips)
-    run = launch_cpu_processes(2 if config else 1, *args, accelerate_config=config)
+    run = launch_cpu_processes(2 if config else 1, *e2e_argv(out, grad_clips), accelerate_config=config)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out / "result.pt", weights_only=False)
-
-
-def _largest_gap(run: dict, ref: dict, step: int, names) -> float:
-    """max |W - W_ref| after `step`, relative to the reference step's largest update, over tensors `names`."""
-    worst = 0.0
-    for name in names:
-        update = (ref["weights"][step][name] - ref["weights"][step - 1][name]).abs().max().item()
-        gap = (run["weights"][step][name].float() - ref["weights"][step][name].float()).abs().max().item()
-        worst = max(worst, gap / update)
-    return worst
+    return load_result(out)
 
 
 @pytest.mark.slow
@@ -162,9 +150,8 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
     over 50% (asserted), so the bound catches a raw gradient left unclipped.
     """
     ref = _e2e(tmp_path / "ref", "1.0,0.5,0.0")["runs"]
-    adamw = ["transformer.wte.weight", "lm_head.weight"]
     everything = list(ref[1.0]["weights"][0])
-    assert _largest_gap(ref[0.0], ref[0.5], 2, everything) > 0.5
+    assert largest_gap(ref[0.0], ref[0.5], 2, everything) > 0.5
     for config in (ZERO2, ZERO3, ZERO3_OFFLOAD):
         result = _e2e(tmp_path / Path(config).stem, "1.0,0.5", config)
         assert result["world_size"] == 2 and result["zero"]["stage"] in (2, 3), result["zero"]
@@ -181,8 +168,8 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
         assert [s for s, _ in ckpt.list_checkpoints(tmp_path / Path(config).stem / "runs" / "zero")] == [3], config
         run = result["runs"][0.5]
         assert run["grad_norms"][0] == pytest.approx(ref[0.5]["grad_norms"][0], rel=1e-6), config
-        assert _largest_gap(run, ref[0.5], 1, adamw) <= 1e-5, config
-        assert _largest_gap(run, ref[0.5], 2, everything) <= 0.1, config
+        assert largest_gap(run, ref[0.5], 1, ADAMW_WEIGHTS) <= 1e-5, config
+        assert largest_gap(run, ref[0.5], 2, everything) <= 0.1, config
 
 
 def _check_saved_shards(step_dir: Path, gathered: dict, config: str) -> None:

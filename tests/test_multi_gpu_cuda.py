@@ -12,7 +12,6 @@ when that is set (docs/MULTI_GPU.md quotes them).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import torch
 from nanochat_unsloth.checkpoint import store as ckpt
 
 from cpu_launch import REPO, is_alive, signal_after_line
+from gpu_launch import gpu_env, record
 from train_fixtures import make_train_base_dir
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 FSDP2 = REPO / "configs" / "accelerate" / "fsdp2.yaml"
 DDP = REPO / "configs" / "accelerate" / "multi_gpu.yaml"
 STEPS = 40
@@ -44,16 +43,6 @@ def base(tmp_path_factory) -> Path:
                                shard_tokens=100_000)
 
 
-def _record(name: str, values: dict) -> None:
-    print(name, json.dumps(values))
-    out = os.environ.get("MULTI_GPU_TEST_OUT")
-    if out:
-        path = Path(out)
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[name] = values
-        path.write_text(json.dumps(data, indent=1))
-
-
 def _cmd(config: Path, nproc: int, base: Path, tag: str, *extra: str) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", str(nproc)]
@@ -63,12 +52,8 @@ def _cmd(config: Path, nproc: int, base: Path, tag: str, *extra: str) -> list[st
     return [*launch, "-m", "nanochat_unsloth.train", *ARGS, "--base_dir", str(base), "--model_tag", tag, *extra]
 
 
-def _env() -> dict:
-    return {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
-
-
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=gpu_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _losses(base: Path, tag: str) -> dict[int, float]:
@@ -81,7 +66,7 @@ def _max_rel(a: dict[int, float], b: dict[int, float], steps) -> float:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=gpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_fsdp2_save_kill_resume_equals_a_straight_run_and_converts(base, tmp_path):
@@ -111,7 +96,7 @@ def test_fsdp2_save_kill_resume_equals_a_straight_run_and_converts(base, tmp_pat
     after = range(resumed_from, STEPS)
     noise = _max_rel(a, b, range(STEPS))
     resumed = _max_rel(a, cut, after)
-    _record("fsdp2_kill_resume", {"detected_s": round(detected_s, 1), "resumed_from": resumed_from,
+    record("fsdp2_kill_resume", {"detected_s": round(detected_s, 1), "resumed_from": resumed_from,
                                   "straight_vs_straight_max_rel": noise, "resumed_vs_straight_max_rel": resumed,
                                   "loss_a": [a[s] for s in range(STEPS)], "loss_cut": [cut[s] for s in range(STEPS)]})
     # Bound: the straight runs' own spread, with a floor of 1e-5 relative. Measured on 2 H100s (2026-11-28):
@@ -157,7 +142,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_resumes_on_one_gpu(base
     a, cut = _losses(base, "ddp_straight"), _losses(base, "ddp_term")
     first = _max_rel(a, cut, [stopped_at])
     later = _max_rel(a, cut, range(stopped_at, STEPS))
-    _record("ddp_sigterm_resume_on_1_gpu", {"exit_s": round(exit_s, 1), "stopped_at": stopped_at,
+    record("ddp_sigterm_resume_on_1_gpu", {"exit_s": round(exit_s, 1), "stopped_at": stopped_at,
                                             "first_resumed_step_rel": first, "resumed_vs_straight_max_rel": later})
     # The first resumed step runs the saved weights on the same tokens, as 1 GPU x 4 micro-batches instead of
     # 2 GPUs x 2: only the order of summing the micro-batch losses differs (bf16 autocast, fp32 sums); measured
