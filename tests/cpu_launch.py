@@ -47,7 +47,9 @@ def start_cpu_processes(nproc: int, *argv: str, accelerate_config: str | None = 
 
 
 def _cpu_command(nproc: int, argv, accelerate_config: str | None = None) -> tuple[list[str], dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # CPU ranks on a GPU machine too: where CUDA is visible, Accelerate (and DeepSpeed through it) would take the
+    # GPUs, and a DeepSpeed config asked to run on the CPU is refused there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     if accelerate_config:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / accelerate_config),
                 "--num_processes", str(nproc), *argv], env
