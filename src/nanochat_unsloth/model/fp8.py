@@ -19,8 +19,9 @@ bf16's over a run (docs/PERF.md, "FP8 at equal quality"), so it is opt-in.
 `--fp8_recipe` picks whose FP8 it is: ours (`tensorwise`, below), or torchao's float8 training
 (`torchao_tensorwise`, `torchao_rowwise`), kept for a side-by-side (docs/PERF.md).
 
-One converter, `convert_to_fp8(model, scaling, recipe)`, is the only way in: a model goes in,
-the FP8 model comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
+One converter, `convert_to_fp8(model, scaling, recipe, lm_head)`, is the only way in: a model goes in,
+the FP8 model comes out (its kernel set's `linear` replaced, with `lm_head` its loss's forward GEMM too, the
+scaling state attached). Evaluation turns FP8 off by
 running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
 `F.linear`, so val bpb and samples are nanochat's math.
 
