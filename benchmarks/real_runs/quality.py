@@ -158,24 +158,35 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
 
 
-def steps_to_reach(run: dict, bpb: float) -> float | None:
-    """The step at which the run's val bpb first reaches `bpb`, linear between the two evaluations around the
-    crossing (evaluations are every few steps; the curve between two is close to a line); None if never."""
+def first_reaching(run: dict, bpb: float) -> tuple[tuple | None, tuple] | None:
+    """(the evaluation before, the first evaluation after step 0 at or below `bpb`), each (step, val bpb); None
+    if no evaluation got there."""
     prev = None
     for step, b in run["val_bpb"]:
         if b <= bpb and step > 0:
-            if prev is None or prev[1] == b:
-                return float(step)
-            return prev[0] + (prev[1] - bpb) / (prev[1] - b) * (step - prev[0])
+            return prev, (step, b)
         prev = (step, b)
     return None
 
 
+def steps_to_reach(run: dict, bpb: float) -> float | None:
+    """The step at which the run's val bpb first reaches `bpb`, linear between the two evaluations around the
+    crossing (evaluations are every few steps; the curve between two is close to a line); None if never."""
+    found = first_reaching(run, bpb)
+    if found is None:
+        return None
+    prev, (step, b) = found
+    if prev is None or prev[1] == b:
+        return float(step)
+    return prev[0] + (prev[1] - bpb) / (prev[1] - b) * (step - prev[0])
+
+
 def seconds_to_reach(run: dict, bpb: float) -> float | None:
     """Seconds of steps up to the first evaluation (after step 0) at or below `bpb`; None if none was."""
-    step = next((s for s, b in run["val_bpb"] if b <= bpb and s > 0), None)
-    if not step:
+    found = first_reaching(run, bpb)
+    if found is None:
         return None
+    step = found[1][0]
     elapsed = run["elapsed_at_step"]
     return elapsed.get(step, elapsed.get(str(step)))  # int keys while running, str keys read back from JSON
 
