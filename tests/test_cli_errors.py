@@ -35,8 +35,6 @@ def test_out_of_range_flags_are_one_line_errors(base, capsys):
         assert f"{flag} {value}" in err or f"{flag} {float(value)}" in err, err
     code = train_cli(base, "--num-iterations", "1", "--warmup_ratio", "0.6", "--warmdown_ratio", "0.6")
     assert "sum <= 1" in one_line_error(capsys, code)
-    code = train_cli(base, "--num-iterations", "1", "--fp8_lm_head")  # a flag that needs another
-    assert "--fp8_lm_head: needs --fp8" in one_line_error(capsys, code)
 
 
 def test_ctrl_c_during_start_up_is_one_line(base, capsys, monkeypatch):

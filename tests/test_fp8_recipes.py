@@ -101,11 +101,12 @@ def test_a_run_that_auto_scaled_delayed_resumes_dynamic_with_a_notice_or_keeps_d
     assert "continues with dynamic" not in capsys.readouterr().err  # it was dynamic already
 
 
-@pytest.mark.parametrize("removed", [{"fp8_warmdown": "bf16"}, {"fp8_bf16_ends": 1}])
+@pytest.mark.parametrize("removed", [{"fp8_warmdown": "bf16"}, {"fp8_bf16_ends": 1}, {"fp8_lm_head": True}])
 def test_a_run_started_with_a_removed_fp8_setting_is_refused_on_resume_unless_forced(removed):
     meta = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", **removed)
     with pytest.raises(UserError, match="removed on 2026-12-06"):
         check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic"))
     check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", force=True))
-    off = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", fp8_warmdown="fp8", fp8_bf16_ends=0)
+    off = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", fp8_warmdown="fp8", fp8_bf16_ends=0,
+                  fp8_lm_head=False)
     check_resume_compatible(off, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic"))

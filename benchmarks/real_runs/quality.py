@@ -38,7 +38,6 @@ from common import args_record, gpu_count, make_data, run_log, start_training, w
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
             "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
             "fp8-delayed": ["--fp8", "--fp8_scaling", "delayed"],
-            "fp8-lmhead": ["--fp8", "--fp8_lm_head"],
             "torchao-tensorwise": ["--fp8", "--fp8_recipe", "torchao_tensorwise"],
             "torchao-rowwise": ["--fp8", "--fp8_recipe", "torchao_rowwise"]}
 EXACT = "torch"  # nanochat's step math; --fp8 is measured against it

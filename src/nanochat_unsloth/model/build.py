@@ -69,7 +69,6 @@ class ModelOptions:
     fp8: bool = False
     fp8_scaling: str = "dynamic"  # delayed | dynamic
     fp8_recipe: str = "tensorwise"  # fp8.RECIPE_CHOICES
-    fp8_lm_head: bool = False  # with fp8 and the fused set: the lm_head's forward GEMM in FP8 too
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
     compile: str = "none"  # model | blocks | none (compile.compile_for_training)
     cuda_graphs: bool = False  # replay the whole-model graph (compile "model") as CUDA graphs
@@ -86,7 +85,6 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
     if options.fp8:
         fp8.check_scaling_mode(options.fp8_scaling)
         fp8.check_recipe(options.fp8_recipe)
-    fp8.check_lm_head(options.fp8_lm_head, options.fp8, options.kernels, config.vocab_size)
     with torch.device("meta"):
         model = GPT(config, ops, memory=options.memory, lean_blocks=options.lean_blocks,
                     lean_checkpoint=options.lean_checkpoint)
@@ -95,5 +93,5 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
         torch.manual_seed(seed)
     model.init_weights()
     if options.fp8:
-        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_recipe, options.fp8_lm_head)
+        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_recipe)
     return model

@@ -19,9 +19,8 @@ bf16's over a run (docs/PERF.md, "FP8 at equal quality"), so it is opt-in.
 `--fp8_recipe` picks whose FP8 it is: ours (`tensorwise`, below), or torchao's float8 training
 (`torchao_tensorwise`, `torchao_rowwise`), kept for a side-by-side (docs/PERF.md).
 
-One converter, `convert_to_fp8(model, scaling, recipe, lm_head)`, is the only way in: a model goes in,
-the FP8 model comes out (its kernel set's `linear` replaced, with `lm_head` its loss's forward GEMM too, the
-scaling state attached). Evaluation turns FP8 off by
+One converter, `convert_to_fp8(model, scaling, recipe)`, is the only way in: a model goes in,
+the FP8 model comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
 running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
 `F.linear`, so val bpb and samples are nanochat's math.
 
@@ -135,13 +134,6 @@ def cpu_scaled_mm_runs(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: to
                         "FP8 GEMM (fp32 math) instead")
         _CPU_SCALED_MM[key] = ok
     return _CPU_SCALED_MM[key]
-
-
-def forward_gemm(x8: Tensor, x_inv: Tensor, w8: Tensor, w_inv: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """y = x @ W.T from the e4m3 copies of x (M, K) and W (N, K), both row-major: the forward GEMM of an FP8
-    Linear (and of the lm_head with `--fp8_lm_head`), with fast accumulation as in every forward here."""
-    # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
-    return _scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype, fast_accum=True)
 
 
 # `--fp8_recipe`: our tensorwise GEMMs, or torchao's float8 training of the block Linears (its recipe names)
@@ -307,7 +299,8 @@ class _Fp8Matmul(torch.autograd.Function):
         x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
         # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
         w8, w_inv = quantize_tensorwise(weight, E4M3)
-        y = forward_gemm(x8, x_inv, w8, w_inv, x.dtype)
+        # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
+        y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
         # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2
         ctx.save_for_backward(x8, w8, x_inv, w_inv, *(() if grad_amax is None else (grad_amax,)))
         ctx.weight_dtype = weight.dtype
@@ -370,11 +363,9 @@ def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise",
-                   lm_head: bool = False) -> nn.Module:
+def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise") -> nn.Module:
     """`--fp8`: the model with its block Linears' GEMMs in FP8 (ours, or torchao's for its `recipe`), or
-    unchanged (and a notice) where FP8 cannot run fast. `lm_head` (`--fp8_lm_head`): the lm_head's forward
-    GEMM in FP8 too, inside the fused set's chunked loss (`check_lm_head` says where it applies).
+    unchanged (and a notice) where FP8 cannot run fast.
 
     `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not re-run in
     backward (not in checkpointed blocks, nor the MLP of selective ones): the
@@ -386,10 +377,6 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     if not ok:
         notice_once(f"--fp8: {why}; training in bf16")
         return model
-    if lm_head and hasattr(model.ops.lm_head_loss, "fp8_forward"):  # the fused set's ChunkedLMHeadLoss
-        set_ops(model, lm_head_loss=dataclasses.replace(model.ops.lm_head_loss, fp8_forward=True))
-    elif lm_head:  # the fused set fell back to the torch one (its notice said why)
-        notice_once("--fp8_lm_head: the fused kernels are not in use; the lm_head stays bf16")
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
@@ -422,24 +409,7 @@ def _convert_with_torchao(model: nn.Module, recipe_name: str) -> nn.Module:
 
 def set_linear(model: nn.Module, linear) -> None:
     """Give the model and every module that shares its kernel set the set with `linear` replaced."""
-    set_ops(model, linear=linear, fp8=linear in (fp8_linear, _torchao_linear))
-
-
-def set_ops(model: nn.Module, **changes) -> None:
-    """Give the model and every module that shares its kernel set the set with `changes` made."""
-    ops = dataclasses.replace(model.ops, **changes)
+    ops = dataclasses.replace(model.ops, linear=linear, fp8=linear in (fp8_linear, _torchao_linear))
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
-
-
-def check_lm_head(lm_head: bool, fp8: bool, kernels: str, vocab_size: int) -> None:
-    """`--fp8_lm_head` acts on the fused set's chunked loss, and only with `--fp8`; the vocabulary is one
-    dimension of its GEMM."""
-    if lm_head and not fp8:
-        raise ValueError("--fp8_lm_head: needs --fp8 (it adds the lm_head to the FP8 GEMMs)")
-    if lm_head and kernels != "fused":
-        raise ValueError(f"--fp8_lm_head: needs --kernels fused (its chunked lm_head loss), not {kernels}")
-    if lm_head and vocab_size % ROW_MULTIPLE:
-        raise ValueError(f"--fp8_lm_head: the vocabulary ({vocab_size:,} tokens) must be a multiple of "
-                         f"{ROW_MULTIPLE} for FP8 GEMMs; train the tokenizer to such a size, or drop the flag")

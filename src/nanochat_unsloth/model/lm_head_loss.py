@@ -9,10 +9,6 @@ bf16 and fp32 with a saved log-softmax: less memory traffic and only one chunk o
 only scales the saved gradients by the incoming grad.
 
 `--loss_chunk_mb` sets the chunk size; the result does not depend on it beyond fp32 summation order.
-
-`fp8_forward` (`--fp8 --fp8_lm_head`): z = h @ W.T reads e4m3 copies of h and W, each with one scale from its
-own amax over the whole tensor (not per chunk, so the chunking still changes nothing but summation order).
-dz and the two backward GEMMs stay bf16: the FP8 rounding reaches the gradient only through the logits.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nanochat_unsloth.model import fp8, softcap_ce
+from nanochat_unsloth.model import softcap_ce
 from nanochat_unsloth.model.ops import IGNORE_INDEX, compute_dtype
 
 # bf16 logits + their gradient per chunk: 8 chunks of 8192 rows at d20 B=32 (the Triton kernel writes the
@@ -73,21 +69,19 @@ def _chunk_losses(z: Tensor, targets: Tensor, softcap: float) -> Tensor:
     return _ce_chunk_losses(z, targets, softcap)
 
 
-def loss_chunk_rows(n_rows: int, vocab_size: int, chunk_mb: float = DEFAULT_CHUNK_MB, multiple: int = 1) -> int:
+def loss_chunk_rows(n_rows: int, vocab_size: int, chunk_mb: float = DEFAULT_CHUNK_MB) -> int:
     """Rows per chunk: bf16 logits and their bf16 gradient together near `chunk_mb` (`--loss_chunk_mb`),
-    split evenly so that all chunks (but at most the last) have one shape; a multiple of `multiple` (FP8 GEMM
-    shapes: with `n_rows` one too, so is the last chunk)."""
+    split evenly so that all chunks (but at most the last) have one shape."""
     budget = int(float(chunk_mb) * 2**20)
     rows = max(1, budget // (4 * vocab_size))
     n_chunks = -(-n_rows // rows)
-    rows = -(-n_rows // n_chunks)
-    return -(-rows // multiple) * multiple
+    return -(-n_rows // n_chunks)
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str,
-                chunk_mb: float, fp8_forward: bool) -> Tensor:
+                chunk_mb: float) -> Tensor:
         dtype = compute_dtype(x)
         device = x.device
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -105,14 +99,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             dx = torch.empty_like(h) if need_dx else None
             dw = torch.empty_like(w) if need_dw else None
             total = torch.zeros((), dtype=acc, device=device)
-            if fp8_forward:  # one scale per tensor, so every chunk's logits are those of the whole GEMM
-                h8, h_inv = fp8.quantize_tensorwise(h, fp8.E4M3)
-                w8, w_inv = fp8.quantize_tensorwise(w, fp8.E4M3)
-            rows = loss_chunk_rows(n, w.size(0), chunk_mb, fp8.ROW_MULTIPLE if fp8_forward else 1)
+            rows = loss_chunk_rows(n, w.size(0), chunk_mb)
             for i, a in enumerate(range(0, n, rows)):
                 b = min(a + rows, n)
                 hc = h[a:b]
-                z = fp8.forward_gemm(h8[a:b], h_inv, w8, w_inv, dtype) if fp8_forward else torch.mm(hc, w.t())
+                z = torch.mm(hc, w.t())
                 loss_sum, dz = _chunk_grad(z, t[a:b], softcap, scale)
                 del z
                 total += loss_sum
@@ -138,7 +129,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             dx = (next(saved) * grad_out).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.has[1]:
             dw = (next(saved) * grad_out).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def _chunked_token_losses(x: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_mb: float) -> Tensor:
@@ -158,10 +149,8 @@ def _chunked_token_losses(x: Tensor, weight: Tensor, targets: Tensor, softcap: f
 
 @torch.compiler.disable  # an opaque region under whole-model compile: its kernel is Triton's, launched eagerly
 def chunked_lm_head_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: float,
-                         reduction: str = "mean", chunk_mb: float = DEFAULT_CHUNK_MB,
-                         fp8_forward: bool = False) -> Tensor:
-    """Same contract as `torch_lm_head_loss`, one chunk of logits at a time. `fp8_forward` applies while
-    training only: without autograd (evaluation, sampling) the logits are nanochat's bf16 GEMM."""
+                         reduction: str = "mean", chunk_mb: float = DEFAULT_CHUNK_MB) -> Tensor:
+    """Same contract as `torch_lm_head_loss`, one chunk of logits at a time."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean|sum|none, not {reduction!r}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -173,16 +162,15 @@ def chunked_lm_head_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: fl
         if reduction == "sum":
             return total
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return _ChunkedLMHeadLoss.apply(x, weight, targets, softcap, reduction, chunk_mb, fp8_forward)
+    return _ChunkedLMHeadLoss.apply(x, weight, targets, softcap, reduction, chunk_mb)
 
 
 @dataclass(frozen=True)
 class ChunkedLMHeadLoss:
-    """`chunked_lm_head_loss` with its settings bound: the `lm_head_loss` op of the fused set."""
+    """`chunked_lm_head_loss` with its chunk budget bound: the `lm_head_loss` op of the fused set."""
 
     chunk_mb: float = DEFAULT_CHUNK_MB
-    fp8_forward: bool = False  # set by fp8.convert_to_fp8 for --fp8_lm_head
 
     def __call__(self, x: Tensor, weight: Tensor, targets: Tensor, softcap: float,
                  reduction: str = "mean") -> Tensor:
-        return chunked_lm_head_loss(x, weight, targets, softcap, reduction, self.chunk_mb, self.fp8_forward)
+        return chunked_lm_head_loss(x, weight, targets, softcap, reduction, self.chunk_mb)

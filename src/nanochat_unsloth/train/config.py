@@ -56,9 +56,6 @@ class TrainConfig:
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "tensorwise|torchao_tensorwise|torchao_rowwise: "
                                                                     "whose FP8 GEMMs, ours (tensorwise) or torchao's "
                                                                     "float8 training"})
-    fp8_lm_head: bool = field(default=False, metadata={"help": "with --fp8 and --kernels fused: the lm_head's forward "
-                                                               "GEMM in FP8 too (its backward stays bf16); an "
-                                                               "experiment, see docs/PERF.md"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
