@@ -67,7 +67,7 @@ class ModelOptions:
     lean_blocks: int = -1  # with lean / selective: only the first N blocks (-1 = all)
     lean_checkpoint: str = "torch"  # offload | torch: how lean blocks are checkpointed
     fp8: bool = False
-    fp8_scaling: str = "dynamic"  # delayed | dynamic
+    fp8_scaling: str = "dynamic"  # fp8.SCALING_CHOICES
     fp8_recipe: str = "tensorwise"  # fp8.RECIPE_CHOICES
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
     compile: str = "none"  # model | blocks | none (compile.compile_for_training)
