@@ -389,6 +389,27 @@ def test_runs_quality_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
     assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
 
 
+def test_runs_quality_deadline_stops_every_run_and_the_same_command_finishes_them(tmp_path):
+    """--deadline: at the deadline every running run gets SIGTERM (still starting up here: the deadline is the
+    first check, one second in), no queued run starts, the report comes and the exit is 3, not a failure; the
+    same command without it then trains every run to its end."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    cmd = [*RUNS, "quality", "--base-dir", str(base), "--depth", "2", "--tokens", "640", "--device-batch-size", "2",
+           "--total-batch", "128", "--variants", "torch", "--seeds", "1,2", "--eval-every", "5",
+           "--eval-tokens", "512", "--save-every", "5", "--extra", "--max_seq_len 32", "--out", str(tmp_path / "q.json")]
+    stopped = subprocess.run([*cmd, "--deadline", "0.5"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "the same command resumes them" in stopped.stdout
+    assert not (base / "q_torch_s2.log").exists()  # queued behind seed 1 on the one CPU slot: never started
+    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    runs = json.loads((tmp_path / "q.json").read_text())["runs"]
+    assert {name: (r["steps"], r["final_step"]) for name, r in runs.items()} == {"torch_s1": (5, 5), "torch_s2": (5, 5)}
+
+
 def test_runs_capacity_reports_each_depth_that_trains_and_stops_at_the_first_that_does_not(tmp_path):
     """`runs.py capacity`: depths in the order given per launch until one fails; each that trains reports its
     steady tok/s and peak memory, is killed after --steps steps (no checkpoint), and the deepest is summarised."""

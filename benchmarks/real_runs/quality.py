@@ -7,7 +7,8 @@ Every (variant, seed) is one run of the real loop (`python -m nanochat_unsloth.t
 when there are enough (they run at the same time; more runs than GPUs queue). Each run trains --tokens
 tokens (a whole schedule, warm-down included: `--num_iterations` = tokens / total batch), evaluates val bpb
 every --eval-every steps, checkpoints every --save-every steps and starts with `--resume auto`: when a device
-call's time runs out, the same command continues every run where its last checkpoint left it.
+call's time runs out, the same command continues every run where its last checkpoint left it. --deadline S
+ends a call on time: at S seconds every run gets SIGTERM, saves at its step boundary and stops (exit 3).
 
 The corpus is never repeated: `quality` refuses to start when the train split holds fewer than --tokens
 tokens. --make-data writes one from this Python installation's own text (common.make_data).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import time
@@ -302,6 +304,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--extra", default="", help="more training flags for every run")
     p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU")
+    p.add_argument("--deadline", type=float, default=0.0,
+                   help="seconds: then SIGTERM every run (each saves a checkpoint and stops), start no more, report "
+                        "what there is and exit 3; the same command resumes them (for machines lent by the call)")
     p.add_argument("--branch-from", default="", help="RUN:STEP: every run starts from run RUN's checkpoint at STEP "
                    "(e.g. a screen of warm-down variants from one bf16 run stopped where its warm-down begins)")
     p.add_argument("--out", type=Path)
@@ -341,24 +346,33 @@ def run(args, p: argparse.ArgumentParser) -> int:
     slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, 0)]
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
-    queue, running, failed = [r for r in runs if r not in done], {}, []
+    queue, running, failed, paused = [r for r in runs if r not in done], {}, [], False
     t0 = time.time()
     while queue or running:
         for slot in [s for s in slots if s not in running]:
-            if queue:
+            if queue and not paused:
                 variant, seed = queue.pop(0)
                 running[slot] = ((variant, seed), start(args, variant, seed, slot[0], num_iterations))
         time.sleep(1)
+        if args.deadline and not paused and time.time() - t0 >= args.deadline:
+            paused = True  # each run saves at its next step boundary (or, still starting up, just stops)
+            for _, proc in running.values():
+                proc.send_signal(signal.SIGTERM)
+            queue = []
         for slot, (run, proc) in list(running.items()):
             if proc.poll() is not None:
                 del running[slot]
                 print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f}s", flush=True)
-                if proc.returncode != 0:
+                if proc.returncode != 0 and not paused:
                     failed.append(run)
 
     summary = summarize(args, runs)
     summary["args"] = args_record(args)
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
     report(summary, args)
+    if paused and not failed:
+        print(f"deadline ({args.deadline:g}s): the runs stopped at their last checkpoints; the same command resumes "
+              "them", flush=True)
+        return 3
     return 1 if failed else 0
 
