@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,7 +258,7 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
         evals = [(0, 4.0), (2, 1.740 if final < 1.74 else 1.9), (4, final)]
         (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "val_bpb": b}) + "\n" for s, b in evals))
     args = types.SimpleNamespace(base_dir=tmp_path, variants="torch,fp8", step_speedup="fp8=1.2")
-    summary = quality.summarize(args, list(finals))
+    summary = quality.summarize(args, list(finals), 4)
     fp8 = summary["variants"]["fp8"]
     assert math.isclose(summary["variants"]["torch"]["spread"], 0.005) and math.isclose(fp8["spread"], 0.08)
     assert math.isclose(fp8["delta_vs_exact"], 0.0125)  # inside fp8's own spread, outside the exact path's
@@ -394,6 +395,53 @@ def test_runs_quality_branch_from_starts_every_variant_at_one_checkpoint(tmp_pat
     bad = subprocess.run(cmd[:cmd.index("--variants") + 1] + ["fp9"] + cmd[cmd.index("--variants") + 2:],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "--variants: unknown ['fp9']" in bad.stderr
+
+
+def test_runs_quality_counts_a_run_that_crashes_after_the_deadline_as_failed(tmp_path, monkeypatch):
+    """After --deadline's SIGTERM a run may stop (3; 130 or -15 still in start-up): one that exits otherwise (a
+    crash while saving) is a failure, exit 1, not the 3 that says the same command resumes it."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    quality, runs = benchmark_module("real_runs.quality"), benchmark_module("runs")
+    base = make_train_base_dir(tmp_path / "base")
+    ready = tmp_path / "ready"
+    crash_on_term = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); "
+                     f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
+
+    def start(*_):
+        proc = subprocess.Popen([sys.executable, "-c", crash_on_term])
+        for _ in range(600):  # its handler is in place before the deadline's signal can come
+            if ready.exists():
+                return proc
+            time.sleep(0.05)
+        raise AssertionError("the stand-in run never started")
+
+    monkeypatch.setattr(quality, "start", start)
+    parser = runs.build_parser()
+    args = parser.parse_args(["quality", "--base-dir", str(base), "--depth", "2", "--tokens", "640",
+                              "--total-batch", "128", "--variants", "torch", "--seeds", "1", "--deadline", "0.1"])
+    assert quality.run(args, parser) == 1
+
+
+def test_quality_statistics_count_only_finished_runs():
+    """A summary written at a --deadline holds runs still under way (their last evaluation, or none yet): the
+    means, spreads and equal-bpb figures come from the finished runs alone."""
+    variant_stats = benchmark_module("real_runs.quality").variant_stats
+
+    def run(variant, seed, curve, finished=True):
+        return {"variant": variant, "seed": seed, "train_s": 10.0 * len(curve), "val_bpb": curve,
+                "final_val_bpb": curve[-1][1] if curve else None, "final_step": curve[-1][0] if curve else None,
+                "elapsed_at_step": {s: 10.0 * (i + 1) for i, (s, _) in enumerate(curve)}, "finished": finished}
+    out = {"runs": {"torch_s1": run("torch", 1, [(0, 4.0), (5, 2.0), (10, 1.5)]),
+                    "torch_s2": run("torch", 2, [(0, 4.0), (5, 2.2)], finished=False),
+                    "torch_s3": run("torch", 3, [], finished=False),
+                    "fp8_s1": run("fp8", 1, [(0, 4.0), (5, 1.9), (10, 1.4)]),
+                    "fp8_s2": run("fp8", 2, [(0, 4.0)], finished=False)}, "variants": {}}
+    variant_stats(out, ["torch", "fp8"])
+    assert out["variants"]["torch"]["finals"] == [1.5] and out["variants"]["fp8"]["finals"] == [1.4]
+    assert out["variants"]["fp8"]["delta_vs_exact"] == pytest.approx(-0.1, abs=1e-12)  # 1.4 - 1.5 in floats
+    assert len(out["variants"]["fp8"]["steps_to_exact_final"]) == 1
 
 
 def test_runs_capacity_reports_each_depth_that_trains_and_stops_at_the_first_that_does_not(tmp_path):

@@ -328,8 +328,8 @@ def test_delayed_scaling_saturates_values_above_the_predicted_range():
 
 @pytest.mark.parametrize("mode, expect_state", [("delayed", True), ("delayed_grad", True), ("dynamic", False)])
 def test_fp8_scaling_settles_the_state_at_build(monkeypatch, mode, expect_state):
-    """`delayed` and `delayed_grad` give every block Linear delayed-scaling state, `dynamic` none (which a run's `auto` picks:
-    tests/test_resolve.py)."""
+    """`delayed` and `delayed_grad` give every block Linear delayed-scaling state, `dynamic` none (which a run's
+    `auto` picks: tests/test_resolve.py)."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
     scalings = F8.delayed_scalings(fp8_model(fp8_scaling=mode))
     assert len(scalings) == (6 * TINY.n_layer if expect_state else 0)
@@ -380,6 +380,22 @@ def test_delayed_grad_starts_on_the_gradient_history_alone_and_shares_no_input_h
         s.grad_amax.fill_(1.0)
     assert F8.start_delayed_scaling(model) is True  # every x_amax still 0: not needed
     assert all(s.x_amax.item() == 0 for s in scalings)
+
+
+def test_a_delayed_grad_history_loaded_into_delayed_layers_leaves_them_recording_first(monkeypatch):
+    """Resumed with another --fp8_scaling (--force): delayed_grad saved no input amax, so delayed layers loading
+    its state stay inactive (dynamic, recording) instead of scaling every input from an amax of 0."""
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
+    saved = fp8_model(fp8_scaling="delayed_grad")
+    for s in F8.delayed_scalings(saved):
+        s.grad_amax.fill_(1.0)
+    assert F8.start_delayed_scaling(saved) is True
+    state = F8.scaling_state(saved).tolist()
+    delayed = fp8_model(fp8_scaling="delayed")
+    assert F8.load_scaling_state(delayed, state) is True
+    assert not any(s.active for s in F8.delayed_scalings(delayed))
+    same = fp8_model(fp8_scaling="delayed_grad")
+    assert F8.load_scaling_state(same, state) is True and all(s.active for s in F8.delayed_scalings(same))
 
 
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():

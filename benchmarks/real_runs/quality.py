@@ -36,6 +36,8 @@ from pathlib import Path
 
 from common import args_record, gpu_count, make_data, run_log, start_training, write_json
 
+from nanochat_unsloth.common import EXIT_INTERRUPTED, EXIT_STOPPED  # plain constants: no torch at import
+
 # "fp8" is --fp8 as it defaults (dynamic scaling since 2026-12-06; delayed before, as older records mean it)
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
             "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
@@ -44,6 +46,10 @@ VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "f
             "torchao-tensorwise": ["--fp8", "--fp8_recipe", "torchao_tensorwise"],
             "torchao-rowwise": ["--fp8", "--fp8_recipe", "torchao_rowwise"]}
 EXACT = "torch"  # nanochat's step math; --fp8 is measured against it
+# a run's exits after a SIGTERM: stopped with a checkpoint, before its first one, or while Python still starts
+STOP_CODES = (EXIT_STOPPED, EXIT_INTERRUPTED, -signal.SIGTERM)
+DEADLINE_GRACE_S = 120  # after --deadline's SIGTERM: then the runs still going are killed
+START = time.time()  # --deadline counts from here: a --make-data in the same command is part of the call
 # 150M never-repeated tokens need several hundred MB of text: the Python installation's sources and docs alone
 # gave 120M characters (27M tokens) on the GPU image, so headers and sources of C/C++/CUDA and system docs too
 TEXT_ROOTS = "python,/usr/include,/usr/local/include,/usr/local/cuda/include,/usr/share/doc"
@@ -95,7 +101,7 @@ def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
     return bool(evals) and evals[-1]["step"] == num_iterations
 
 
-def summarize(args, runs: list[tuple[str, int]]) -> dict:
+def summarize(args, runs: list[tuple[str, int]], num_iterations: int) -> dict:
     out = {"runs": {}, "variants": {}}
     for variant, seed in runs:
         tag = f"q_{variant}_s{seed}"
@@ -108,9 +114,11 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
             elapsed[m["step"] + 1] = seconds
         out["runs"][f"{variant}_s{seed}"] = {
             "variant": variant, "seed": seed, "steps": len(metrics), "train_s": seconds,
-            "final_val_bpb": evals[-1]["val_bpb"] if evals else None, "final_step": evals[-1]["step"] if evals else None,
+            "final_val_bpb": evals[-1]["val_bpb"] if evals else None,
+            "final_step": evals[-1]["step"] if evals else None,
             "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
             "smooth_loss": [m["smooth_loss"] for m in metrics],
+            "finished": bool(evals) and evals[-1]["step"] == num_iterations,
         }
     variant_stats(out, args.variants.split(","), parse_step_speedup(args.step_speedup))
     for r in out["runs"].values():
@@ -120,9 +128,12 @@ def summarize(args, runs: list[tuple[str, int]]) -> dict:
 
 def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float] | None = None) -> None:
     """Each variant's mean final bpb and spread from `out["runs"]`, and for every variant but the exact path
-    its distance from the exact path (the equal-quality criterion) and its time-to-equal-bpb figures."""
+    its distance from the exact path (the equal-quality criterion) and its time-to-equal-bpb figures. Only
+    finished runs count (a summary written at a --deadline holds runs still under way; summaries from before
+    the `finished` field held finished runs only)."""
+    runs = [r for r in out["runs"].values() if r.get("finished", True) and r["final_val_bpb"] is not None]
     for variant in variants:
-        finals = [r["final_val_bpb"] for r in out["runs"].values() if r["variant"] == variant and r["final_val_bpb"]]
+        finals = [r["final_val_bpb"] for r in runs if r["variant"] == variant]
         if finals:
             out["variants"][variant] = {"mean": statistics.fmean(finals), "spread": max(finals) - min(finals),
                                         "finals": finals}
@@ -137,24 +148,23 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
         # what a user pays for: not worse than the exact path by more than its spread (a variant that is
         # better by more is outside the spread, yet no quality is lost)
         v["no_worse_than_exact"] = v["delta_vs_exact"] <= exact["spread"]
-        reach = [seconds_to_reach(r, exact["mean"]) for r in out["runs"].values() if r["variant"] == variant]
+        reach = [seconds_to_reach(r, exact["mean"]) for r in runs if r["variant"] == variant]
         v["train_s_to_exact_final"] = reach
-        exact_s = statistics.fmean(r["train_s"] for r in out["runs"].values() if r["variant"] == EXACT)
+        exact_s = statistics.fmean(r["train_s"] for r in runs if r["variant"] == EXACT)
         v["time_to_equal_bpb_speedup"] = [exact_s / s if s else None for s in reach]
         # The other way round, for a variant that never reaches the exact path's final bpb: the exact path's
         # seconds to this variant's mean final bpb, over this variant's own seconds. Evaluations are discrete,
         # so it is an upper bound (the exact path got there at or before that evaluation).
-        exact_reach = [seconds_to_reach(r, v["mean"]) for r in out["runs"].values() if r["variant"] == EXACT]
-        mean_s = statistics.fmean(r["train_s"] for r in out["runs"].values() if r["variant"] == variant)
+        exact_reach = [seconds_to_reach(r, v["mean"]) for r in runs if r["variant"] == EXACT]
+        mean_s = statistics.fmean(r["train_s"] for r in runs if r["variant"] == variant)
         v["exact_s_to_this_final"] = exact_reach
         v["equal_bpb_speedup_at_most"] = (statistics.fmean(exact_reach) / mean_s
                                           if exact_reach and None not in exact_reach else None)
         # In optimizer steps, for runs made on different machines (whose seconds do not compare): the exact
         # path's steps over this variant's steps to the exact path's mean final bpb. Times the per-step
         # speed-up measured in one invocation (--step-speedup), it is the speed-up at equal bpb.
-        exact_steps = statistics.fmean(r["final_step"] for r in out["runs"].values() if r["variant"] == EXACT)
-        v["steps_to_exact_final"] = [steps_to_reach(r, exact["mean"]) for r in out["runs"].values()
-                                     if r["variant"] == variant]
+        exact_steps = statistics.fmean(r["final_step"] for r in runs if r["variant"] == EXACT)
+        v["steps_to_exact_final"] = [steps_to_reach(r, exact["mean"]) for r in runs if r["variant"] == variant]
         v["steps_ratio"] = [exact_steps / s if s else None for s in v["steps_to_exact_final"]]
         if variant in step_speedup:
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
@@ -205,11 +215,11 @@ def plot(summary: dict, path: str) -> None:
     fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {}
     first_seed = min(r["seed"] for r in runs.values())
-    exact = [r["smooth_loss"] for r in runs.values() if r["variant"] == "torch"] or \
+    exact = [r["smooth_loss"] for r in runs.values() if r["variant"] == EXACT and r["smooth_loss"]] or \
         [next(iter(runs.values()))["smooth_loss"]]
     n = min(len(loss) for loss in exact)
     base = [sum(loss[i] for loss in exact) / len(exact) for i in range(n)]
-    last = max(r["final_step"] for r in runs.values())
+    last = max((r["final_step"] for r in runs.values() if r["final_step"] is not None), default=0)
     for name, r in runs.items():
         color = colors.setdefault(r["variant"], f"C{len(colors)}")
         style = "-" if r["seed"] == first_seed else "--"
@@ -268,7 +278,9 @@ def report(summary: dict, args) -> None:
 
 def print_summary(summary: dict) -> None:
     for name, r in summary["runs"].items():
-        print(f"{name:12} final val bpb {r['final_val_bpb']} at step {r['final_step']}, {r['train_s']:.0f} s of steps")
+        under_way = "" if r.get("finished", True) else " (under way: its last evaluation)"
+        print(f"{name:12} final val bpb {r['final_val_bpb']} at step {r['final_step']}, {r['train_s']:.0f} s of steps"
+              f"{under_way}")
     for variant, v in summary["variants"].items():
         extra = ""
         if "delta_vs_exact" in v:
@@ -305,7 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra", default="", help="more training flags for every run")
     p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU")
     p.add_argument("--deadline", type=float, default=0.0,
-                   help="seconds: then SIGTERM every run (each saves a checkpoint and stops), start no more, report "
+                   help="seconds from this command's start (--make-data included): then SIGTERM every run (each "
+                        "saves a checkpoint and stops; killed if still running 120 s later), start no more, report "
                         "what there is and exit 3; the same command resumes them (for machines lent by the call)")
     p.add_argument("--branch-from", default="", help="RUN:STEP: every run starts from run RUN's checkpoint at STEP "
                    "(e.g. a screen of warm-down variants from one bf16 run stopped where its warm-down begins)")
@@ -347,6 +360,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
     queue, running, failed, paused = [r for r in runs if r not in done], {}, [], False
+    clean_exits = (0,)  # after the deadline's SIGTERM also STOP_CODES, and after its grace a kill
     t0 = time.time()
     while queue or running:
         for slot in [s for s in slots if s not in running]:
@@ -354,19 +368,25 @@ def run(args, p: argparse.ArgumentParser) -> int:
                 variant, seed = queue.pop(0)
                 running[slot] = ((variant, seed), start(args, variant, seed, slot[0], num_iterations))
         time.sleep(1)
-        if args.deadline and not paused and time.time() - t0 >= args.deadline:
-            paused = True  # each run saves at its next step boundary (or, still starting up, just stops)
-            for _, proc in running.values():
-                proc.send_signal(signal.SIGTERM)
-            queue = []
         for slot, (run, proc) in list(running.items()):
             if proc.poll() is not None:
                 del running[slot]
                 print(f"{run[0]} seed {run[1]}: exit {proc.returncode} at {time.time() - t0:.0f}s", flush=True)
-                if proc.returncode != 0 and not paused:
+                if proc.returncode not in clean_exits:  # a crash after the deadline is a failure all the same
                     failed.append(run)
+        past_deadline = args.deadline and time.time() - START >= args.deadline
+        if past_deadline and not paused:
+            paused, clean_exits, queue = True, (0, *STOP_CODES), []
+            for _, proc in running.values():  # each run saves at its next step boundary, or stops in start-up
+                proc.send_signal(signal.SIGTERM)
+        elif past_deadline and running and time.time() - START >= args.deadline + DEADLINE_GRACE_S:
+            clean_exits = (*clean_exits, -signal.SIGKILL)  # its last checkpoint stands: saves are atomic
+            for run, proc in running.values():
+                print(f"{run[0]} seed {run[1]}: still running {DEADLINE_GRACE_S}s after the deadline; killed",
+                      flush=True)
+                proc.kill()
 
-    summary = summarize(args, runs)
+    summary = summarize(args, runs, num_iterations)
     summary["args"] = args_record(args)
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
     report(summary, args)

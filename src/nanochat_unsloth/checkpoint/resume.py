@@ -24,8 +24,8 @@ RESUME_GUARDED_FIELDS = (
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
     "fp8_scaling", "fp8_recipe", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
-# FP8 settings removed on 2026-12-06 (they measured no gain at equal quality), with the value that meant "off": a run that
-# used one cannot continue the same step math
+# FP8 settings removed on 2026-12-06 (they measured no gain at equal quality), with the value that meant "off":
+# a run that used one cannot continue the same step math
 REMOVED_FIELDS = {"fp8_warmdown": "fp8", "fp8_bf16_ends": 0, "fp8_lm_head": False}
 # rows per micro-batch from which `--fp8_scaling auto` meant delayed scaling before 2026-12-06
 FORMER_DELAYED_MIN_ROWS = 16384

@@ -288,7 +288,11 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
         for i, s in enumerate(scalings):
             s.x_amax.fill_(values[3 * i])
             s.grad_amax.fill_(values[3 * i + 1])
-            s.active = bool(values[3 * i + 2])
+    for i, s in enumerate(scalings):
+        # a history this mode reads that the saved run never recorded (another --fp8_scaling, resumed with
+        # --force: delayed_grad keeps no input amax) must not scale from zero; the layer records it first
+        used = (s.grad_amax, *((s.input_scaling.x_amax,) if s.inputs else ()))
+        s.active = bool(values[3 * i + 2]) and all(float(a) > 0 for a in used)
     return True
 
 
@@ -301,8 +305,9 @@ class _Fp8Matmul(torch.autograd.Function):
 
     `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
     DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale, times
-    `grad_margin`, when that is not None, overwritten with this backward's amax either way. Fast accumulation in the forward GEMM
-    only: the backward's GEMMs keep full accumulation (nanochat's FP8 does the same).
+    `grad_margin`, when that is not None, overwritten with this backward's amax either way. Fast
+    accumulation in the forward GEMM only: the backward's GEMMs keep full accumulation (nanochat's FP8
+    does the same).
     """
 
     @staticmethod
