@@ -247,6 +247,21 @@ def test_fp8_linear_without_autograd_is_exactly_f_linear(monkeypatch):
         assert torch.equal(F8.fp8_matmul(x, w), F.linear(x, w))
     xb, wb = x.detach().bfloat16(), w.detach().bfloat16()  # grad enabled, but nothing requires it
     assert torch.equal(F8.fp8_matmul(xb, wb), F.linear(xb, wb))
+    assert torch.equal(F8.fp8_matmul(x, w, training=False), F.linear(x, w))  # eval mode, autograd or not
+
+
+def test_a_training_forward_without_autograd_is_fp8_as_the_same_forward_with_it(strict_scaled_mm):
+    """A module in train mode quantises even where autograd is off (a checkpointer's first forward): the same
+    FP8 values as the forward autograd records, so the re-run in backward differentiates what the loss saw."""
+    x = torch.randn(2, 16, 64, generator=gen(16), requires_grad=True)
+    w = torch.randn(48, 64, generator=gen(17), requires_grad=True)
+    recorded = F8.fp8_matmul(x, w, training=True)
+    with torch.no_grad():
+        unrecorded = F8.fp8_matmul(x, w, training=True)
+    assert torch.equal(unrecorded, recorded.detach()) and not torch.equal(unrecorded, F.linear(x, w).detach())
+    assert len(strict_scaled_mm) == 2  # one forward GEMM each
+    with torch.inference_mode():  # sampling, whatever the module's mode: never FP8
+        assert torch.equal(F8.fp8_matmul(x, w, training=True), F.linear(x, w))
 
 
 # -----------------------------------------------------------------------------
@@ -641,11 +656,37 @@ def test_tiny_gpt_with_fp8_block_gemms_tracks_the_unquantized_model(strict_scale
     assert strict_scaled_mm == []
 
 
-def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step():
+class _ForwardWithoutAutogradCheckpoint(torch.autograd.Function):
+    """Offloaded checkpointing's contract (unsloth_zoo's, CUDA only, so not importable here): the block's forward
+    runs without autograd keeping only its inputs, and backward re-runs it with autograd and back-propagates."""
+
+    @staticmethod
+    def forward(ctx, block, x, cos, sin):
+        ctx.block = block
+        ctx.save_for_backward(x, cos, sin)
+        with torch.no_grad():
+            return block(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, cos, sin = ctx.saved_tensors
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.block(x, cos, sin), dy)
+        return None, x.grad, None, None
+
+
+@pytest.mark.parametrize("lean_checkpoint", ["torch", "offload"])
+def test_tiny_gpt_fp8_under_lean_checkpointing_recomputes_the_same_step(monkeypatch, lean_checkpoint):
+    """Both lean implementations: torch's (autograd on in the first forward) and the offloaded one's contract
+    (autograd off in the first forward): before 2026-12-06 the latter's first forward ran bf16 GEMMs."""
+    from nanochat_unsloth.model import memory as M
+
+    monkeypatch.setitem(M._LEAN_IMPLS, ("cpu", "offload"), _ForwardWithoutAutogradCheckpoint.apply)
     fast = to_fp8(build())
     lean = copy.deepcopy(fast)
     lean.block_memory = ["lean"] * TINY.n_layer
-    lean.lean_checkpoint = "torch"
+    lean.lean_checkpoint = lean_checkpoint
     x, y = batch()
     loss_fast, g_fast = loss_and_grads(fast, x, y)
     loss_lean, g_lean = loss_and_grads(lean, x, y)

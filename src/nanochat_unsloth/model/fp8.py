@@ -20,9 +20,8 @@ bf16's over a run (docs/PERF.md, "FP8 at equal quality"), so it is opt-in.
 (`torchao_tensorwise`, `torchao_rowwise`), kept for a side-by-side (docs/PERF.md).
 
 One converter, `convert_to_fp8(model, scaling, recipe)`, is the only way in: a model goes in,
-the FP8 model comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off by
-running without autograd (`torch.no_grad` / `inference_mode`): `fp8_linear` is then the plain bf16
-`F.linear`, so val bpb and samples are nanochat's math.
+the FP8 model comes out (its kernel set's `linear` replaced, the scaling state attached). Evaluation turns FP8 off:
+in eval mode `fp8_linear` is the plain bf16 `F.linear`, so val bpb and samples are nanochat's math.
 
 What stays exact: the parameters, their gradients' accumulation and the optimizer are unchanged (the
 master weights stay fp32, `dW` comes back in fp32); lm_head, the softcap and the loss stay bf16/fp32;
@@ -351,13 +350,30 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None) -> Tensor:
-    """`F.linear(x, weight)` (no bias) with its GEMMs in FP8 while training; plain `F.linear` without
-    autograd.
+def trains_in_fp8(x: Tensor, weight: Tensor, training: bool | None) -> bool:
+    """Whether a Linear's forward is a training one, which runs in FP8: something in it is trained, and the
+    module is in train mode (`training`), or, for a bare weight (None), autograd records the call.
+
+    The module's mode, not autograd's, decides where it is known: a checkpointer that runs the training forward
+    without autograd and re-runs it with autograd in backward (Unsloth's offloaded checkpointing, `--memory
+    lean`) must quantise the first run as the second, or the loss comes from bf16 GEMMs and the gradients from
+    FP8 ones. Evaluation and sampling run in eval mode, or in inference mode, and take nanochat's bf16 math
+    (inference mode is checked eagerly only: Dynamo cannot trace the check, and compiled code never samples)."""
+    if not (x.requires_grad or weight.requires_grad):
+        return False
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        return False
+    return torch.is_grad_enabled() if training is None else training
+
+
+def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
+               training: bool | None = None) -> Tensor:
+    """`F.linear(x, weight)` (no bias) with its GEMMs in FP8 in a training forward (`trains_in_fp8`); plain
+    `F.linear` otherwise.
 
     With a `scaling` state the layer records its amaxes, and scales from them once the state is active.
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if not trains_in_fp8(x, weight, training):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
     active = scaling is not None and scaling.active
@@ -375,8 +391,8 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None)
 
 
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight and delayed scaling."""
-    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None))
+    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, delayed scaling and mode."""
+    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None), layer.training)
 
 
 # -----------------------------------------------------------------------------
@@ -410,8 +426,8 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
 
 
 def _torchao_linear(x: Tensor, layer: nn.Module) -> Tensor:
-    """torchao's Float8Linear while training; nanochat's bf16 `F.linear` without autograd (eval, sampling)."""
-    if torch.is_grad_enabled():
+    """torchao's Float8Linear in a training forward (`trains_in_fp8`); nanochat's bf16 `F.linear` otherwise."""
+    if trains_in_fp8(x, layer.weight, layer.training):
         return layer(x)
     return F.linear(x, layer.weight)
 
