@@ -96,9 +96,13 @@ def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -
     return start_training(args.base_dir, tag, train, gpu=gpu)
 
 
+def evaluated_to_the_end(evals: list[dict], num_iterations: int) -> bool:
+    return bool(evals) and evals[-1]["step"] == num_iterations
+
+
 def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
     evals = run_log(args.base_dir, f"q_{variant}_s{seed}", "eval.jsonl", missing_ok=True)
-    return bool(evals) and evals[-1]["step"] == num_iterations
+    return evaluated_to_the_end(evals, num_iterations)
 
 
 def summarize(args, runs: list[tuple[str, int]], num_iterations: int) -> dict:
@@ -118,7 +122,7 @@ def summarize(args, runs: list[tuple[str, int]], num_iterations: int) -> dict:
             "final_step": evals[-1]["step"] if evals else None,
             "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
             "smooth_loss": [m["smooth_loss"] for m in metrics],
-            "finished": bool(evals) and evals[-1]["step"] == num_iterations,
+            "finished": evaluated_to_the_end(evals, num_iterations),
         }
     variant_stats(out, args.variants.split(","), parse_step_speedup(args.step_speedup))
     for r in out["runs"].values():

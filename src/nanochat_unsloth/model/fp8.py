@@ -198,7 +198,6 @@ class DelayedScaling(nn.Module):
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
         self.inputs = inputs
-        self.grad_margin = MARGIN if inputs else GRAD_MARGIN
         # Set by share_input_history: whose x_amax this layer's input uses, and whether it records it.
         # Plain attributes (not submodules): the module tree, state_dict and to_empty stay as they were.
         object.__setattr__(self, "_input_owner", None)
@@ -208,6 +207,14 @@ class DelayedScaling(nn.Module):
     def input_scaling(self) -> "DelayedScaling":
         """The state whose `x_amax` scales this layer's input: its own, or the owner of a shared history."""
         return self if self._input_owner is None else self._input_owner
+
+    @property
+    def grad_margin(self) -> float:
+        return MARGIN if self.inputs else GRAD_MARGIN
+
+    def histories(self) -> tuple[Tensor, ...]:
+        """The amax buffers this layer scales from once active: each must hold a recorded (positive) amax."""
+        return (self.input_scaling.x_amax, self.grad_amax) if self.inputs else (self.grad_amax,)
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -255,8 +262,7 @@ def start_delayed_scaling(model: nn.Module) -> bool:
         return False
     if all(s.active for s in scalings):
         return True
-    recorded = [a for s in scalings for a in ((s.input_scaling.x_amax,) if s.inputs else ()) + (s.grad_amax,)]
-    history = torch.stack(recorded)
+    history = torch.stack([a for s in scalings for a in s.histories()])
     if not bool((history > 0).all()):
         return False
     for s in scalings:
@@ -290,8 +296,7 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
     for i, s in enumerate(scalings):
         # a history this mode reads that the saved run never recorded (another --fp8_scaling, resumed with
         # --force: delayed_grad keeps no input amax) must not scale from zero; the layer records it first
-        used = (s.grad_amax, *((s.input_scaling.x_amax,) if s.inputs else ()))
-        s.active = bool(values[3 * i + 2]) and all(float(a) > 0 for a in used)
+        s.active = bool(values[3 * i + 2]) and all(float(a) > 0 for a in s.histories())
     return True
 
 
