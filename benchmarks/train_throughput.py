@@ -15,7 +15,7 @@ Configuration names (comma lists, crossed with --batch-sizes; the options each s
 common.MEMORY_VARIANTS):
     --kernels   torch | fused (`--kernels fused`) | torch-blocks (torch kernels, `--compile blocks`)
                 | torch-fp8 | fused-fp8 (`--fp8`: block GEMMs in FP8)
-                | fused-fp8-dynamic | fused-fp8-delayed | fused-fp8-delayed_grad (`--fp8_scaling ...`)
+                | fused-fp8-dynamic | fused-fp8-delayed (`--fp8_scaling ...`)
                 | fused-model | fused-fp8-model (`--compile model --cuda_graphs off`: one graph, the fused loss
                 outside it) | fused-cg | fused-fp8-cg (the same with `--cuda_graphs on`)
                 | torch-cg | torch-nocg (`--cuda_graphs on|off`; plain `torch` takes `auto`)

@@ -57,13 +57,13 @@ def test_train_throughput_cpu_smoke(tmp_path):
 
 def test_train_throughput_times_only_steps_in_the_final_fp8_scaling_mode(tmp_path):
     """Below 16,384 rows "auto" builds no delayed-scaling state (the benchmark resolves as a run does): every
-    step is in the final mode. With --fp8_scaling delayed or delayed_grad the layers start dynamic and switch once
+    step is in the final mode. With --fp8_scaling delayed the layers start dynamic and switch once
     every amax history they use is positive (after step 2 from nanochat's init). Warm-up must last until then, and
     timing must start."""
     base = [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--device", "cpu", "--depth", "2",
             "--seq", "32", "--vocab", "256", "--total-batch", "64", "--batch-sizes", "2",
             "--warmup", "1", "--steps", "1", "--fp8-anywhere"]
-    for variant, dynamic_steps in (("fused-fp8", 0), ("fused-fp8-delayed", 3), ("fused-fp8-delayed_grad", 3)):
+    for variant, dynamic_steps in (("fused-fp8", 0), ("fused-fp8-delayed", 3)):
         out = tmp_path / f"{variant}.json"
         proc = subprocess.run(base + ["--kernels", variant, "--out", str(out)], capture_output=True, text=True,
                               timeout=300, cwd=REPO)

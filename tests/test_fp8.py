@@ -341,9 +341,9 @@ def test_delayed_scaling_saturates_values_above_the_predicted_range():
     assert x8.float().abs().max().item() == torch.finfo(F8.E4M3).max
 
 
-@pytest.mark.parametrize("mode, expect_state", [("delayed", True), ("delayed_grad", True), ("dynamic", False)])
+@pytest.mark.parametrize("mode, expect_state", [("delayed", True), ("dynamic", False)])
 def test_fp8_scaling_settles_the_state_at_build(monkeypatch, mode, expect_state):
-    """`delayed` and `delayed_grad` give every block Linear delayed-scaling state, `dynamic` none (which a run's
+    """`delayed` gives every block Linear delayed-scaling state, `dynamic` none (which a run's
     `auto` picks: tests/test_resolve.py)."""
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
     scalings = F8.delayed_scalings(fp8_model(fp8_scaling=mode))
@@ -352,65 +352,10 @@ def test_fp8_scaling_settles_the_state_at_build(monkeypatch, mode, expect_state)
 
 def test_unknown_scaling_mode(monkeypatch):
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    with pytest.raises(ValueError, match=r"--fp8_scaling 'sometimes': choose one of delayed, delayed_grad, dynamic"):
+    with pytest.raises(ValueError, match=r"--fp8_scaling 'sometimes': choose one of delayed, dynamic"):
         fp8_model(fp8_scaling="sometimes")
     with pytest.raises(ValueError, match=r"--fp8_scaling 'auto'.*train/resolve.py decides auto"):
         fp8_model(fp8_scaling="auto")
-
-
-def test_active_delayed_grad_scales_the_gradient_from_its_history_and_the_input_from_its_own_amax(strict_scaled_mm):
-    layer = torch.nn.Linear(64, 48, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(48, 64, generator=gen(20)) * 0.1)
-    F8.attach_delayed_scaling(layer, inputs=False)
-    scaling = layer.fp8_scaling
-    x = (torch.randn(32, 64, generator=gen(23)) * 3).requires_grad_()
-    g = torch.randn(32, 48, generator=gen(24)) * 1e-4
-    g_hist = 3e-4  # as if recorded one micro-step earlier
-    with torch.no_grad():
-        scaling.grad_amax.fill_(g_hist)
-    scaling.active = True
-    F8.fp8_linear(x, layer).backward(g)
-
-    x8, x_inv = F8.quantize_tensorwise(x.detach(), F8.E4M3)  # the input: its own amax, as dynamic
-    w8, w_inv = F8.quantize_tensorwise(layer.weight.detach(), F8.E4M3)
-    g8, g_inv = F8.quantize_with_amax(g, torch.tensor(g_hist * F8.GRAD_MARGIN), F8.E5M2)
-    assert_matches_rounded(x.grad, deq(g8, g_inv) @ deq(w8, w_inv), torch.float32)
-    assert_matches_rounded(layer.weight.grad, deq(g8, g_inv).T @ deq(x8, x_inv), torch.float32)
-    assert not torch.equal(g_inv, F8.quantize_tensorwise(g, F8.E5M2)[1])  # the history was used
-    assert g_inv.item() == pytest.approx(g_hist * 16 / torch.finfo(F8.E5M2).max, rel=1e-6)  # 16x headroom
-    assert scaling.grad_amax.item() == g.abs().max().item()  # the next micro-step's
-    assert scaling.x_amax.item() == 0  # no input history: nothing reads it
-
-
-def test_delayed_grad_starts_on_the_gradient_history_alone_and_shares_no_input_history(monkeypatch):
-    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    model = fp8_model(fp8_scaling="delayed_grad")
-    attn = model.transformer.h[0].attn
-    assert all(layer.fp8_scaling.input_scaling is layer.fp8_scaling for layer in (attn.c_q, attn.c_k, attn.c_v))
-    scalings = F8.delayed_scalings(model)
-    assert all(not s.inputs and s.grad_margin == F8.GRAD_MARGIN for s in scalings)
-    assert F8.start_delayed_scaling(model) is False
-    for s in scalings:
-        s.grad_amax.fill_(1.0)
-    assert F8.start_delayed_scaling(model) is True  # every x_amax still 0: not needed
-    assert all(s.x_amax.item() == 0 for s in scalings)
-
-
-def test_a_delayed_grad_history_loaded_into_delayed_layers_leaves_them_recording_first(monkeypatch):
-    """Resumed with another --fp8_scaling (--force): delayed_grad saved no input amax, so delayed layers loading
-    its state stay inactive (dynamic, recording) instead of scaling every input from an amax of 0."""
-    monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    saved = fp8_model(fp8_scaling="delayed_grad")
-    for s in F8.delayed_scalings(saved):
-        s.grad_amax.fill_(1.0)
-    assert F8.start_delayed_scaling(saved) is True
-    state = F8.scaling_state(saved).tolist()
-    delayed = fp8_model(fp8_scaling="delayed")
-    assert F8.load_scaling_state(delayed, state) is True
-    assert not any(s.active for s in F8.delayed_scalings(delayed))
-    same = fp8_model(fp8_scaling="delayed_grad")
-    assert F8.load_scaling_state(same, state) is True and all(s.active for s in F8.delayed_scalings(same))
 
 
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
@@ -498,8 +443,7 @@ def test_delayed_scaling_keeps_no_more_for_backward_than_dynamic(monkeypatch):
     assert delayed < dynamic + one_e4m3_copy // 4, (dynamic, delayed)  # a few fp32 scalars at most
 
 
-@pytest.mark.parametrize("mode", ["delayed", "delayed_grad"])
-def test_fp8_blocks_compile_without_graph_breaks(monkeypatch, mode):
+def test_fp8_blocks_compile_without_graph_breaks(monkeypatch):
     """Each FP8 block is one graph in both scaling modes (fullgraph=True raises on a graph break). A break inside
     the FP8 autograd op leaves it and its casts to eager kernels: a `list.pop` on its saved tensors cost much
     of the d20 throughput (docs/perf-log/2026-11-28.md, "An FP8 MLP glue kernel"). That one broke only under the GPU
@@ -507,7 +451,7 @@ def test_fp8_blocks_compile_without_graph_breaks(monkeypatch, mode):
     file is the one that sees it; here the test catches every break this torch shows."""
     torch._dynamo.reset()
     monkeypatch.setattr(F8, "fp8_supported", lambda device: (True, ""))
-    model = fp8_model(fp8_scaling=mode)  # the converter's state: histories (q/k/v sharing one when delayed)
+    model = fp8_model(fp8_scaling="delayed")  # the converter's state: histories, q/k/v sharing one
     model.load_state_dict(build().state_dict())  # nonzero lm_head and c_proj: the first step records amaxes
     model.compiled_blocks = [torch.compile(b, backend="aot_eager", fullgraph=True) for b in model.transformer.h]
     loss_and_grads(model, *batch(seed=3))  # dynamic scaling, records the history

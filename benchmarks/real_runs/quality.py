@@ -42,7 +42,6 @@ from nanochat_unsloth.common import EXIT_INTERRUPTED, EXIT_STOPPED  # plain cons
 VARIANTS = {"torch": ["--kernels", "torch"], "fused": ["--kernels", "fused"], "fp8": ["--fp8"],
             "fp8-dynamic": ["--fp8", "--fp8_scaling", "dynamic"],
             "fp8-delayed": ["--fp8", "--fp8_scaling", "delayed"],
-            "fp8-delayed_grad": ["--fp8", "--fp8_scaling", "delayed_grad"],
             "torchao-tensorwise": ["--fp8", "--fp8_recipe", "torchao_tensorwise"],
             "torchao-rowwise": ["--fp8", "--fp8_recipe", "torchao_rowwise"]}
 EXACT = "torch"  # nanochat's step math; --fp8 is measured against it

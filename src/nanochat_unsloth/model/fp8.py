@@ -155,21 +155,12 @@ def check_recipe(recipe: str) -> None:
 # next use is a reduction in that same kernel. The known scale is the amax the same layer saw one
 # micro-step earlier, times MARGIN (activations and gradients change little between micro-steps;
 # a value above the predicted range saturates at the format's max instead of overflowing).
-#
-# `delayed_grad` delays only the output gradients' scales, the larger half of the amax passes (a block's
-# q, k, v, fc and projection outputs, against its four distinct inputs), with GRAD_MARGIN of headroom:
-# e5m2 spans ~31 binades, so four binades above the last amax cost nothing at the bottom that matters,
-# and a gradient that jumps above them saturates instead of overflowing. Inputs and weights keep their own
-# amax, as `dynamic`: e4m3 has ~18 binades, and its saturated activations are the first suspect of
-# `delayed`'s drift.
 
-SCALING_CHOICES = ("delayed", "delayed_grad", "dynamic")
-DELAYED_MODES = ("delayed", "delayed_grad")
+SCALING_CHOICES = ("delayed", "dynamic")
 
 
 def check_scaling_mode(mode: str) -> str:
-    """`--fp8_scaling`: delayed, delayed_grad (the output gradients only), or dynamic (every tensor from its own
-    amax); train/resolve.py decides auto."""
+    """`--fp8_scaling`: delayed, or dynamic (every tensor from its own amax); train/resolve.py decides auto."""
     if mode not in SCALING_CHOICES:
         raise ValueError(f"--fp8_scaling {mode!r}: choose one of {', '.join(SCALING_CHOICES)} "
                          "(train/resolve.py decides auto)")
@@ -177,13 +168,11 @@ def check_scaling_mode(mode: str) -> str:
 
 
 MARGIN = 2.0  # one binade of headroom: costs one binade at the bottom of e4m3's ~18 (e5m2's ~31)
-GRAD_MARGIN = 16.0  # `delayed_grad`: four binades of e5m2's ~31
 
 
 class DelayedScaling(nn.Module):
     """The amax history of one Linear's input and output gradient (non-persistent buffers: not in the
-    state_dict, rebuilt by the first step of every run). `inputs=False` (`delayed_grad`): the input keeps
-    dynamic scaling and records no history; only the output gradient scales from its history, by GRAD_MARGIN.
+    state_dict, rebuilt by the first step of every run).
 
     `active` stays False while the history is not trustworthy yet: until then the layer scales
     dynamically (and records amaxes). At initialisation lm_head is zero, so every block gradient of
@@ -192,12 +181,11 @@ class DelayedScaling(nn.Module):
     torch.compile compiles the block once per mode (twice in a run).
     """
 
-    def __init__(self, inputs: bool = True):
+    def __init__(self):
         super().__init__()
         self.register_buffer("x_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("grad_amax", torch.zeros((), dtype=torch.float32), persistent=False)
         self.active = False
-        self.inputs = inputs
         # Set by share_input_history: whose x_amax this layer's input uses, and whether it records it.
         # Plain attributes (not submodules): the module tree, state_dict and to_empty stay as they were.
         object.__setattr__(self, "_input_owner", None)
@@ -208,13 +196,9 @@ class DelayedScaling(nn.Module):
         """The state whose `x_amax` scales this layer's input: its own, or the owner of a shared history."""
         return self if self._input_owner is None else self._input_owner
 
-    @property
-    def grad_margin(self) -> float:
-        return MARGIN if self.inputs else GRAD_MARGIN
-
     def histories(self) -> tuple[Tensor, ...]:
         """The amax buffers this layer scales from once active: each must hold a recorded (positive) amax."""
-        return (self.input_scaling.x_amax, self.grad_amax) if self.inputs else (self.grad_amax,)
+        return self.input_scaling.x_amax, self.grad_amax
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -223,11 +207,11 @@ class DelayedScaling(nn.Module):
         self.active = False
 
 
-def attach_delayed_scaling(blocks: nn.Module, inputs: bool = True) -> None:
+def attach_delayed_scaling(blocks: nn.Module) -> None:
     """Give every Linear inside `blocks` a DelayedScaling, as `layer.fp8_scaling` (its `fp8_linear` uses it)."""
     for module in list(blocks.modules()):
         if isinstance(module, nn.Linear) and not hasattr(module, "fp8_scaling"):
-            module.fp8_scaling = DelayedScaling(inputs).to(module.weight.device)
+            module.fp8_scaling = DelayedScaling().to(module.weight.device)
 
 
 def share_input_history(*layers: nn.Linear) -> None:
@@ -293,10 +277,7 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
         for i, s in enumerate(scalings):
             s.x_amax.fill_(values[3 * i])
             s.grad_amax.fill_(values[3 * i + 1])
-    for i, s in enumerate(scalings):
-        # a history this mode reads that the saved run never recorded (another --fp8_scaling, resumed with
-        # --force: delayed_grad keeps no input amax) must not scale from zero; the layer records it first
-        s.active = bool(values[3 * i + 2]) and all(float(a) > 0 for a in s.histories())
+            s.active = bool(values[3 * i + 2])
     return True
 
 
@@ -308,15 +289,14 @@ class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W.T with all three GEMMs in FP8. x: (M, K) in the compute dtype, W: (N, K) parameter.
 
     `x_scale_amax` is the amax that sets x's scale (x's own, or the history's). `grad_amax` (a
-    DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale, times
-    `grad_margin`, when that is not None, overwritten with this backward's amax either way. Fast
-    accumulation in the forward GEMM only: the backward's GEMMs keep full accumulation (nanochat's FP8
-    does the same).
+    DelayedScaling buffer, or None) is the output gradient's amax history: read for the scale when
+    `delayed`, overwritten with this backward's amax either way. Fast accumulation in the forward GEMM
+    only: the backward's GEMMs keep full accumulation (nanochat's FP8 does the same).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
-                grad_margin: float | None) -> Tensor:
+                delayed: bool) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
         x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
@@ -327,7 +307,7 @@ class _Fp8Matmul(torch.autograd.Function):
         # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2
         ctx.save_for_backward(x8, w8, x_inv, w_inv, *(() if grad_amax is None else (grad_amax,)))
         ctx.weight_dtype = weight.dtype
-        ctx.grad_margin = grad_margin
+        ctx.delayed = delayed
         ctx.has_history = grad_amax is not None
         return y
 
@@ -337,8 +317,8 @@ class _Fp8Matmul(torch.autograd.Function):
         x8, w8, x_inv, w_inv = saved[0], saved[1], saved[2], saved[3]
         history = saved[4] if ctx.has_history else None
         grad_y = grad_y.contiguous()
-        if ctx.grad_margin is not None:
-            g8, g_inv = quantize_with_amax(grad_y, history * ctx.grad_margin, E5M2)
+        if ctx.delayed:
+            g8, g_inv = quantize_with_amax(grad_y, history * MARGIN, E5M2)
             history.copy_(row_first_amax(grad_y))  # the next micro-step's scale
         else:
             amax = tensor_amax(grad_y)
@@ -381,15 +361,14 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
     if not trains_in_fp8(x, weight, training):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
     x2d = x.reshape(-1, x.size(-1)).to(compute_dtype(x))
-    active = scaling is not None and scaling.active
-    if active and scaling.inputs:
+    delayed = scaling is not None and scaling.active
+    if delayed:
         x_scale_amax = scaling.input_scaling.x_amax * MARGIN
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
-    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax,
-                         scaling.grad_margin if active else None)
-    if scaling is not None and scaling.inputs and scaling.records_input:
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
+    if scaling is not None and scaling.records_input:
         with torch.no_grad():
             scaling.input_scaling.x_amax.copy_(new_x_amax)
     return y.view(*x.shape[:-1], weight.size(0))
@@ -408,7 +387,7 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     """`--fp8`: the model with its block Linears' GEMMs in FP8 (ours, or torchao's for its `recipe`), or
     unchanged (and a notice) where FP8 cannot run fast.
 
-    `scaling="delayed"` or `"delayed_grad"` attaches delayed-scaling state, only where a block's forward is not
+    `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not
     re-run in backward (not in checkpointed blocks, nor the MLP of selective ones): the
     re-run would quantise with a newer scale than the one it replays. Call it after `init_weights`.
     """
@@ -421,12 +400,11 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
-    if scaling in DELAYED_MODES:
+    if scaling == "delayed":
         for block, mode in zip(model.transformer.h, model.block_memory):
             if mode != "lean":
-                attach_delayed_scaling(block if mode == "fast" else block.attn, inputs=scaling == "delayed")
-                if scaling == "delayed":
-                    share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
+                attach_delayed_scaling(block if mode == "fast" else block.attn)
+                share_input_history(block.attn.c_q, block.attn.c_k, block.attn.c_v)  # one normed x
     return model
 
 

@@ -49,12 +49,10 @@ class TrainConfig:
     fp8: bool = field(default=False, metadata={"help": "block GEMMs in FP8 (H100-class GPUs; lm_head, loss and eval "
                                                       "stay bf16): a faster step, at bf16's val bpb with dynamic "
                                                       "scaling (docs/PERF.md)"})
-    fp8_scaling: str = field(default="auto", metadata={"help": "auto|delayed|delayed_grad|dynamic: FP8 scales of "
-                                                                "activations and gradients from the previous "
-                                                                "micro-step's amax (delayed; delayed_grad: the "
-                                                                "gradients only) or their own (dynamic); auto = "
-                                                                "dynamic (delayed is faster per step, but its loss "
-                                                                "drifts from bf16's)"})
+    fp8_scaling: str = field(default="auto", metadata={"help": "auto|delayed|dynamic: FP8 scales of activations and "
+                                                                "gradients from the previous micro-step's amax (delayed) "
+                                                                "or their own (dynamic); auto = dynamic (delayed is "
+                                                                "faster per step, but its loss drifts from bf16's)"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "tensorwise|torchao_tensorwise|torchao_rowwise: "
                                                                     "whose FP8 GEMMs, ours (tensorwise) or torchao's "
                                                                     "float8 training"})

@@ -48,7 +48,7 @@ class ResolvedOptions:
 
     kernels: str  # torch | fused
     lean_checkpoint: str  # offload | torch
-    fp8_scaling: str  # delayed | delayed_grad | dynamic
+    fp8_scaling: str  # delayed | dynamic
     compile: str  # model | blocks | none
     cuda_graphs: str  # on | off
     cpu_bf16: str  # native | emulated (native off the CPU)
