@@ -1,4 +1,5 @@
-"""Small pieces every stage shares: the base dir, user-facing errors, atomic writes, one-time notices."""
+"""Small pieces every stage shares: the base dir, user-facing errors, atomic writes, one-time notices, a stop on
+SIGINT/SIGTERM that never lands inside an import or a set of moves."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -286,6 +289,59 @@ def notice_once(message: str) -> None:
     _NOTICES_SHOWN.add(message)
     if os.environ.get("RANK", "0") == "0":
         print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Signals before anything can be saved
+
+_UNINTERRUPTIBLE = 0  # how many `uninterruptible()` blocks are open
+_SIGNAL_RETRY_S = 0.2  # a signal that came at a bad moment is sent again this much later
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """A stop asked for by a signal (`stop_on_signal`) waits until this block ends: for moves that belong
+    together (a branch's checkpoints and its log records set aside), so that none is left half done."""
+    global _UNINTERRUPTIBLE
+    _UNINTERRUPTIBLE += 1
+    try:
+        yield
+    finally:
+        _UNINTERRUPTIBLE -= 1
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (importlib's frames are on the stack while a module body runs)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def stop_on_signal(*signals: int) -> None:
+    """Until a loop installs a handler that can save: `signals` stop the process as Ctrl-C does (run_main: one
+    line, exit 130), but never in the middle of an import nor of an `uninterruptible` block; there the signal
+    is sent again a moment later. A module whose import a KeyboardInterrupt cut short stays half imported, and
+    the next use of it fails with another error than the stop (numpy's lazy submodules recurse until Python's
+    limit: exit 1 and a traceback instead of 130). Once stopping, later signals are ignored: a launcher
+    forwards its own SIGTERM right after the one the process got, which must not cut the unwinding short."""
+    stopping = False
+
+    def handle(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return
+        if _UNINTERRUPTIBLE or _importing(frame):
+            again = threading.Timer(_SIGNAL_RETRY_S, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, handle)
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from nanochat_unsloth.checkpoint import sharded
 from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
-                                     hold_lock, is_disk_failure, make_dirs, sha256_file)
+                                     hold_lock, is_disk_failure, make_dirs, sha256_file, uninterruptible)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
@@ -209,11 +209,12 @@ def start_branch(run_dir: Path, step: int, log=print) -> Path | None:
     logs = split_logs(run_dir, step, log)
     aside = None
     try:
-        if newer or any(later for _, later in logs.values()):
-            aside = _new_abandoned_dir(run_dir)
-        rewrite_logs(run_dir, logs, aside)
-        for _, d in newer:
-            d.rename(aside / d.name)
+        with uninterruptible():  # a stop between the moves would leave the logs of one branch, the checkpoints of both
+            if newer or any(later for _, later in logs.values()):
+                aside = _new_abandoned_dir(run_dir)
+            rewrite_logs(run_dir, logs, aside)
+            for _, d in newer:
+                d.rename(aside / d.name)
     except OSError as e:
         if not is_disk_failure(e):
             raise
@@ -234,10 +235,11 @@ def set_aside(run_dir: Path) -> Path:
     while (run_dir / f"previous_{n}").exists():
         n += 1
     aside = run_dir / f"previous_{n}"
-    aside.mkdir()
-    for child in run_dir.iterdir():
-        if STEP_DIR_RE.match(child.name) or child.name in (*LOG_NAMES, TRACKER_DIR):
-            child.rename(aside / child.name)
+    with uninterruptible():  # all of the old run moves, or a stop would leave a mix of two runs
+        aside.mkdir()
+        for child in run_dir.iterdir():
+            if STEP_DIR_RE.match(child.name) or child.name in (*LOG_NAMES, TRACKER_DIR):
+                child.rename(aside / child.name)
     return aside
 
 

@@ -11,17 +11,13 @@ from __future__ import annotations
 import signal
 import sys
 
-from nanochat_unsloth.common import EXIT_DIVERGED, EXIT_STOPPED, Diverged, run_main
-
-
-def _interrupted(signum, frame):
-    raise KeyboardInterrupt  # run_main: one line, EXIT_INTERRUPTED
+from nanochat_unsloth.common import EXIT_DIVERGED, EXIT_STOPPED, Diverged, run_main, stop_on_signal
 
 
 def main(argv: list[str]) -> int:
     # until the step loop installs its graceful stop (which then stays, so that a signal while the process
-    # exits cannot kill it), SIGTERM means what Ctrl-C means: nothing to save yet
-    signal.signal(signal.SIGTERM, _interrupted)
+    # exits cannot kill it), SIGINT and SIGTERM stop the start-up: nothing to save yet
+    stop_on_signal(signal.SIGINT, signal.SIGTERM)
     from nanochat_unsloth.train.config import parse_train_args
     from nanochat_unsloth.train.loop import train
 
