@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.common import EXIT_STOPPED
 from nanochat_unsloth.checkpoint import store as ckpt
 
 from cpu_launch import is_alive, launch_cpu_processes, signal_after_line, start_cpu_processes
@@ -35,11 +34,7 @@ def _train(base: Path, nproc: int, tag: str, *extra: str):
     args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "6", "--model-tag", tag, "--force", *extra]
     args[args.index("--total-batch-size") + 1] = "128"  # 2 x 32 tokens x 2 micro-batches per step
     out = launch_cpu_processes(nproc, "-m", "nanochat_unsloth.train", *args)
-    if "--stop-after" in extra:  # stopped early: exit 3, which torchrun reports as a failed worker (its exit 1)
-        assert out.returncode == (EXIT_STOPPED if nproc == 1 else 1), out.stderr[-3000:]
-        assert f"exitcode  : {EXIT_STOPPED}" in out.stderr or nproc == 1, out.stderr[-3000:]
-    else:
-        assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
     accum = 2 // nproc
     assert f"x {nproc} procs x {accum} accum" in out.stdout, out.stdout[-2000:]
     return out
@@ -50,17 +45,29 @@ def _metrics(base: Path, tag: str) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def _resume_from(base: Path, source: str, tag: str, step: int) -> None:
+    """Start run `tag` as `source` stood at step `step`: that checkpoint and the metrics log (whose later records
+    `--resume auto` sets aside, as after any crash past a save)."""
+    run = base / "runs" / tag
+    run.mkdir(parents=True)
+    shutil.copytree(base / "runs" / source / ckpt.step_dir_name(step), run / ckpt.step_dir_name(step))
+    shutil.copy(base / "runs" / source / "metrics.jsonl", run / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_exactly(base):
+    """A 2-process run equals a 1-process run step for step; its mid-run checkpoint resumes exactly on 2
+    processes and on 1 (a node lost). The straight 2-process run saves at step 3 on its way (--save-every 3), and
+    both resumes start from that checkpoint: a second 2-process launch only to write it would cost as much as the
+    straight run. A 2-process run's stop is the SIGTERM test's below (and --stop-after's exit through the launcher,
+    tests/test_deepspeed.py's ZeRO-3 run)."""
     _train(base, 1, "one")
-    _train(base, 2, "two")
-    _train(base, 2, "two_resumed", "--stop-after", "3")
+    _train(base, 2, "two", "--save-every", "3")
+    assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "two")] == [3, 6]
+    _resume_from(base, "two", "two_resumed", 3)
     _train(base, 2, "two_resumed", "--resume", "auto")
     # a 2-process run continued on 1 process (a node lost): the step-3 checkpoint of the 2-process run
-    moved = base / "runs" / "moved"
-    moved.mkdir(parents=True)
-    shutil.copytree(base / "runs" / "two_resumed" / ckpt.step_dir_name(3), moved / ckpt.step_dir_name(3))
-    shutil.copy(base / "runs" / "two_resumed" / "metrics.jsonl", moved / "metrics.jsonl")
+    _resume_from(base, "two", "moved", 3)
     out = _train(base, 1, "moved", "--resume", "auto")
     assert "2 process(es) x 1 accumulation -> 1 x 2: the same tokens in every step" in out.stdout, out.stdout[-2000:]
 
