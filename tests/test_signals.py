@@ -25,7 +25,7 @@ from nanochat_unsloth.common import run_main, stop_on_signal, uninterruptible
 def main(argv):
     stop_on_signal(signal.SIGINT, signal.SIGTERM)
 {body}
-    time.sleep(3)  # a deferred signal lands here, a moment later
+    time.sleep(20)  # a deferred signal lands here, a moment later (long only so a loaded machine cannot miss it)
     print("after", flush=True)  # never reached: the stop comes first
 
 sys.exit(run_main(main, []))
