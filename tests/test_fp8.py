@@ -358,6 +358,15 @@ def test_unknown_scaling_mode(monkeypatch):
         fp8_model(fp8_scaling="auto")
 
 
+def test_a_loaded_history_without_an_amax_leaves_the_layer_recording_first():
+    """A state saved active but holding a zero amax (another scaling's, resumed with --force: `delayed_grad`
+    kept no input amax) must not scale inputs from zero, which saturates every one of them."""
+    layer = linear_with_scaling(seed=29)
+    assert F8.load_scaling_state(layer, [0.0, 1e-3, 1.0]) is True
+    assert not layer.fp8_scaling.active and layer.fp8_scaling.grad_amax.item() == pytest.approx(1e-3)
+    assert F8.load_scaling_state(layer, [2.0, 1e-3, 1.0]) is True and layer.fp8_scaling.active
+
+
 def test_start_delayed_scaling_waits_for_a_positive_history_of_every_layer():
     model = torch.nn.Sequential(linear_with_scaling(seed=27), linear_with_scaling(seed=28))
     scalings = F8.delayed_scalings(model)

@@ -110,3 +110,12 @@ def test_a_run_started_with_a_removed_fp8_setting_is_refused_on_resume_unless_fo
     off = meta_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic", fp8_warmdown="fp8", fp8_bf16_ends=0,
                   fp8_lm_head=False)
     check_resume_compatible(off, cfg_of(fp8=True, device_batch_size=32, fp8_scaling="dynamic"))
+
+
+def test_a_run_started_with_a_removed_fp8_scaling_is_refused_on_resume_unless_forced():
+    """`--fp8_scaling delayed_grad` (removed 2026-12-06): the flag no longer takes it, so "pass the same settings"
+    would be advice nobody can follow; the refusal names the removal instead."""
+    meta = meta_of(fp8=True, device_batch_size=32, fp8_scaling="delayed_grad")
+    with pytest.raises(UserError, match=r"--fp8_scaling delayed_grad, a setting removed on 2026-12-06.*--force"):
+        check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32))
+    check_resume_compatible(meta, cfg_of(fp8=True, device_batch_size=32, force=True))

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -296,6 +297,14 @@ def notice_once(message: str) -> None:
 
 _UNINTERRUPTIBLE = 0  # how many `uninterruptible()` blocks are open
 _SIGNAL_RETRY_S = 0.2  # a signal that came at a bad moment is sent again this much later
+_SIGNAL_WAIT_LIMIT_S = 30.0  # ... until this long after it first came: an import that hangs still stops
+
+
+class _StartUpStop:
+    """The state of `stop_on_signal`'s stop: asked for but put off (`pending`, since `since`), or under way."""
+    pending = False
+    since = 0.0
+    stopping = False
 
 
 @contextlib.contextmanager
@@ -325,23 +334,33 @@ def stop_on_signal(*signals: int) -> None:
     is sent again a moment later. A module whose import a KeyboardInterrupt cut short stays half imported, and
     the next use of it fails with another error than the stop (numpy's lazy submodules recurse until Python's
     limit: exit 1 and a traceback instead of 130). Once stopping, later signals are ignored: a launcher
-    forwards its own SIGTERM right after the one the process got, which must not cut the unwinding short."""
-    stopping = False
+    forwards its own SIGTERM right after the one the process got, which must not cut the unwinding short.
+    A stop still put off when the step loop installs its own handler happens there (`stop_if_pending`), so
+    that every process of a run stops in start-up alike, whatever the timing."""
 
     def handle(signum, frame):
-        nonlocal stopping
-        if stopping:
+        if _StartUpStop.stopping:
             return
-        if _UNINTERRUPTIBLE or _importing(frame):
+        now = time.monotonic()
+        if not _StartUpStop.pending:
+            _StartUpStop.pending, _StartUpStop.since = True, now
+        if (_UNINTERRUPTIBLE or _importing(frame)) and now - _StartUpStop.since < _SIGNAL_WAIT_LIMIT_S:
             again = threading.Timer(_SIGNAL_RETRY_S, os.kill, (os.getpid(), signum))
             again.daemon = True
             again.start()
             return
-        stopping = True
+        _StartUpStop.stopping = True
         raise KeyboardInterrupt
 
     for sig in signals:
         signal.signal(sig, handle)
+
+
+def stop_if_pending() -> None:
+    """Raise the stop that `stop_on_signal` put off, if there is one (exit 130, nothing saved)."""
+    if _StartUpStop.pending and not _StartUpStop.stopping:
+        _StartUpStop.stopping = True
+        raise KeyboardInterrupt
 
 
 # -----------------------------------------------------------------------------

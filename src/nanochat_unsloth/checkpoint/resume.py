@@ -27,6 +27,8 @@ RESUME_GUARDED_FIELDS = (
 # FP8 settings removed on 2026-12-06 (they measured no gain at equal quality), with the value that meant "off":
 # a run that used one cannot continue the same step math
 REMOVED_FIELDS = {"fp8_warmdown": "fp8", "fp8_bf16_ends": 0, "fp8_lm_head": False}
+# values removed on 2026-12-06 for the same reason: the flag stays, that choice of it is gone
+REMOVED_VALUES = {"fp8_scaling": ("delayed_grad",)}
 # rows per micro-batch from which `--fp8_scaling auto` meant delayed scaling before 2026-12-06
 FORMER_DELAYED_MIN_ROWS = 16384
 
@@ -42,6 +44,7 @@ def check_resume_compatible(meta: RunMeta, cfg) -> None:
     if not saved:
         return
     removed = [f"--{f} {saved[f]}" for f, off in REMOVED_FIELDS.items() if saved.get(f, off) != off]
+    removed += [f"--{f} {saved[f]}" for f, values in REMOVED_VALUES.items() if saved.get(f) in values]
     if removed and not cfg.force:
         raise UserError(f"cannot resume: the run was started with {', '.join(removed)}, a setting removed on "
                         "2026-12-06; continue it with the release that started it, or pass --force to go on without")

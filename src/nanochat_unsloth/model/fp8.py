@@ -277,7 +277,10 @@ def load_scaling_state(model: nn.Module, values: list[float]) -> bool:
         for i, s in enumerate(scalings):
             s.x_amax.fill_(values[3 * i])
             s.grad_amax.fill_(values[3 * i + 1])
-            s.active = bool(values[3 * i + 2])
+    for i, s in enumerate(scalings):
+        # a history that holds no amax (another scaling's state, resumed with --force) scales nothing: the
+        # layer records one first
+        s.active = bool(values[3 * i + 2]) and all(float(a) > 0 for a in s.histories())
     return True
 
 

@@ -24,7 +24,8 @@ from nanochat_unsloth.checkpoint import store
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.checkpoint.resume import check_resume
 from nanochat_unsloth.checkpoint.train_state import TrainState
-from nanochat_unsloth.common import EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir
+from nanochat_unsloth.common import (EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir,
+                                     stop_if_pending)
 from nanochat_unsloth.eval.metrics import evaluate_bpb, greedy_completions
 from nanochat_unsloth.model import cpu_probe, fp8
 from nanochat_unsloth.model.build import ModelOptions, build_model
@@ -57,6 +58,7 @@ class StopRequest:
         self.requested = False
 
     def install(self):
+        stop_if_pending()  # a start-up stop put off until now ends the start-up, as on every other process
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
