@@ -337,6 +337,11 @@ def stop_on_signal(*signals: int) -> None:
     forwards its own SIGTERM right after the one the process got, which must not cut the unwinding short.
     A stop still put off when the step loop installs its own handler happens there (`stop_if_pending`), so
     that every process of a run stops in start-up alike, whatever the timing."""
+    # The handler only writes the signal's number to a pipe (it may have interrupted code holding threading's
+    # locks, so it starts no thread); one thread, started here, sends it again.
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    threading.Thread(target=_send_again, args=(read_fd,), name="stop-on-signal", daemon=True).start()
 
     def handle(signum, frame):
         if _StartUpStop.stopping:
@@ -345,15 +350,21 @@ def stop_on_signal(*signals: int) -> None:
         if not _StartUpStop.pending:
             _StartUpStop.pending, _StartUpStop.since = True, now
         if (_UNINTERRUPTIBLE or _importing(frame)) and now - _StartUpStop.since < _SIGNAL_WAIT_LIMIT_S:
-            again = threading.Timer(_SIGNAL_RETRY_S, os.kill, (os.getpid(), signum))
-            again.daemon = True
-            again.start()
+            with contextlib.suppress(BlockingIOError):  # a full pipe: sending again is queued already
+                os.write(write_fd, bytes([signum]))
             return
         _StartUpStop.stopping = True
         raise KeyboardInterrupt
 
     for sig in signals:
         signal.signal(sig, handle)
+
+
+def _send_again(read_fd: int) -> None:
+    """For each signal number `stop_on_signal`'s handler writes: that signal again, _SIGNAL_RETRY_S later."""
+    while signum := os.read(read_fd, 1):
+        time.sleep(_SIGNAL_RETRY_S)
+        os.kill(os.getpid(), signum[0])
 
 
 def stop_if_pending() -> None:
