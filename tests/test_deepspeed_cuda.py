@@ -15,8 +15,8 @@ are, --num_processes 1 or 2), with NVLink multicast switched off (tests/gpu_laun
 
 Bounds, from the CPU test (tests/test_deepspeed.py), held by the first GPU run (one H100, 2026-12-06: Muon 6.6%
 of the update in all three configs, AdamW 0 and 3.8e-7 with offload, gradient norm 0 and 1.3e-7 relative, the
-norm 0.90 under the clip of 1.0, so the clip's own last-bit case ran on CPU only; docs/MULTI_GPU.md): the step-0 loss is the same forward of the same weights on the same tokens (equal); the
-pre-clip gradient norm to 1e-5 relative (the same gradients, their squares summed in another order); after the
+norm 0.90 under the clip of 1.0, so the clip's own last-bit case ran on CPU only; docs/MULTI_GPU.md): the step-0
+loss is the same forward of the same weights on the same tokens (equal); the pre-clip gradient norm to 1e-5 relative (the same gradients, their squares summed in another order); after the
 first update, AdamW's weights (wte, lm_head) within 1e-5 of the reference update (elementwise fp32: the CPU bound
 where the clip coefficient differed in its last bit), Muon's matrices within 10% of it (bf16 Newton-Schulz turns a
 last-bit difference of its input into a few % of its output; measured on CPU 3.5e-2 after ZeRO-3 + offload's

@@ -295,13 +295,14 @@ def notice_once(message: str) -> None:
 # -----------------------------------------------------------------------------
 # Signals before anything can be saved
 
-_UNINTERRUPTIBLE = 0  # how many `uninterruptible()` blocks are open
 _SIGNAL_RETRY_S = 0.2  # a signal that came at a bad moment is sent again this much later
 _SIGNAL_WAIT_LIMIT_S = 30.0  # ... until this long after it first came: an import that hangs still stops
 
 
 class _StartUpStop:
-    """The state of `stop_on_signal`'s stop: asked for but put off (`pending`, since `since`), or under way."""
+    """The state of `stop_on_signal`'s stop: asked for but put off (`pending`, since `since`), or under way;
+    and how many `uninterruptible()` blocks are open."""
+    blocks = 0
     pending = False
     since = 0.0
     stopping = False
@@ -311,12 +312,11 @@ class _StartUpStop:
 def uninterruptible() -> Iterator[None]:
     """A stop asked for by a signal (`stop_on_signal`) waits until this block ends: for moves that belong
     together (a branch's checkpoints and its log records set aside), so that none is left half done."""
-    global _UNINTERRUPTIBLE
-    _UNINTERRUPTIBLE += 1
+    _StartUpStop.blocks += 1
     try:
         yield
     finally:
-        _UNINTERRUPTIBLE -= 1
+        _StartUpStop.blocks -= 1
 
 
 def _importing(frame) -> bool:
@@ -349,7 +349,7 @@ def stop_on_signal(*signals: int) -> None:
         now = time.monotonic()
         if not _StartUpStop.pending:
             _StartUpStop.pending, _StartUpStop.since = True, now
-        if (_UNINTERRUPTIBLE or _importing(frame)) and now - _StartUpStop.since < _SIGNAL_WAIT_LIMIT_S:
+        if (_StartUpStop.blocks or _importing(frame)) and now - _StartUpStop.since < _SIGNAL_WAIT_LIMIT_S:
             with contextlib.suppress(BlockingIOError):  # a full pipe: sending again is queued already
                 os.write(write_fd, bytes([signum]))
             return
