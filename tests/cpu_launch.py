@@ -127,11 +127,13 @@ def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int, rank: i
                       ranks: int = 2, timeout: float = 120) -> tuple[str, str, float, list[int]]:
     """Read the launcher's stdout up to a line starting with `prefix` (every rank is past start-up), send `sig`
     to rank `rank`'s worker (or to the launcher itself when None) and wait for the launcher to exit.
-    -> (the rest of stdout, stderr, seconds from the signal to the exit, the workers' pids). The launcher
+    -> (stdout, all of it, stderr, seconds from the signal to the exit, the workers' pids). The launcher
     and its workers are killed if anything fails."""
     try:
         deadline = time.time() + 240
+        before = []
         for line in launcher.stdout:
+            before.append(line)
             if line.startswith(prefix):
                 break
             assert time.time() < deadline, f"no {prefix!r} line in 240 s"
@@ -142,7 +144,7 @@ def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int, rank: i
         os.kill(launcher.pid if rank is None else workers[rank], sig)
         sent = time.time()
         out, err = launcher.communicate(timeout=timeout)
-        return out, err, time.time() - sent, workers
+        return "".join(before) + out, err, time.time() - sent, workers
     finally:
         if launcher.poll() is None:
             for pid in [launcher.pid, *descendants(launcher.pid)]:

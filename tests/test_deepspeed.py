@@ -7,7 +7,8 @@ configs/accelerate/deepspeed_*.yaml as they are (`accelerate launch`; DeepSpeed'
   (tests/deepspeed_e2e.py), with the raw-gradient clipping engaged;
 - checkpoints: DeepSpeed's own, each rank writing its partition (no rank gathers a ZeRO-3 weight); saved on
   --save_every and on SIGTERM, `--resume auto` continues a ZeRO-3 run bit-exactly, a run without DeepSpeed refuses
-  it in one line, and what `convert` and `eval` read of it (zero-to-fp32) is the gathered weights.
+  it in one line, and what `convert` and `eval` read of it (zero-to-fp32) is the gathered weights;
+- sampling under ZeRO-3 (every rank runs the forward), in a resumed run before any training forward.
 
 What a CPU cannot show: bf16 autocast, fused AdamW and compiled blocks (CUDA only), NCCL, speed and memory.
 """
@@ -27,6 +28,7 @@ from nanochat_unsloth.cli import run_main
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.checkpoint.meta import RunMeta
+from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS
 from nanochat_unsloth.train import deepspeed_zero, optim
 from nanochat_unsloth.train.__main__ import main as train_main
 
@@ -206,14 +208,29 @@ def _losses(base: Path, tag: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, filter(None, lines))}
 
 
+def _zero3_partitioning_every_weight(tmp_path: Path) -> str:
+    """configs/accelerate/deepspeed_zero3.yaml with one setting added: stage3_param_persistence_threshold 0.
+    DeepSpeed keeps every weight of fewer elements than this threshold (1e5 by default) whole on every rank after
+    each step and each load, and every weight of the tests' tiny model is that small: a forward would never find
+    one partitioned, as it finds every weight of a real depth (d12's smallest is 768 x 768)."""
+    config = _json("zero3")
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    yaml = (REPO / ZERO3).read_text().replace("configs/deepspeed/zero3.json", str(tmp_path / "zero3.json"))
+    (tmp_path / "zero3.yaml").write_text(yaml)
+    return str(tmp_path / "zero3.yaml")
+
+
 @pytest.mark.slow
-def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refuses_other_strategies(base, capsys):
+def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refuses_other_strategies(base, capsys,
+                                                                                                    tmp_path):
+    zero3 = _zero3_partitioning_every_weight(tmp_path)
     # A: 5 steps, saved at 2 and 4 (--save_every) and at 5 (--stop_after)
-    out = launch_cpu_processes(2, *_train(base, "a", "--stop-after", "5"), accelerate_config=ZERO3)
+    out = launch_cpu_processes(2, *_train(base, "a", "--stop-after", "5"), accelerate_config=zero3)
     assert out.returncode == 1 and "exitcode  : 3" in out.stderr, out.stderr[-3000:]  # torchrun's view of exit 3
     assert "x 2 procs x 2 accum" in out.stdout, out.stdout[-2000:]
     assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "a")] == [2, 4, 5]
-    # B: A's step-2 checkpoint, resumed; SIGTERM to the launcher once step 4 is logged
+    # B: A's step-2 checkpoint, resumed, sampling every 2 steps; SIGTERM to the launcher once step 4 is logged
     (base / "runs" / "b").mkdir(parents=True)
     shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(2), base / "runs" / "b" / ckpt.step_dir_name(2))
     # one process without DeepSpeed (as DDP) is refused in one line, before any state is loaded
@@ -222,9 +239,16 @@ def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refus
     code = run_main(train_main, _train(base, "plain", "--resume", "auto")[2:])
     err = one_line_error(capsys, code)
     assert f"cannot resume {base / 'runs' / 'plain' / ckpt.step_dir_name(2)}: it is DeepSpeed ZeRO-3's on 2" in err
-    launcher = start_cpu_processes(2, *_train(base, "b", "--resume", "auto"), accelerate_config=ZERO3)
+    launcher = start_cpu_processes(2, *_train(base, "b", "--resume", "auto", "--sample-every", "2"),
+                                   accelerate_config=zero3)
     out, err, elapsed, workers = signal_after_line(launcher, "step 00004/", signal.SIGTERM, timeout=120)
     assert elapsed < 60, elapsed
+    # B's samples at step 2 come right after the load, before any training forward in its processes. The model
+    # reads lm_head.weight (and each block's Linear weights) outside that Linear's own forward: ZeRO-3 gathers
+    # such a weight only within a call of the model itself, so a forward through GPT.forward directly met it
+    # partitioned (empty)
+    resumed = out.split("resumed from ")[1].split("step 00002/")[0]
+    assert resumed.count("\n  sample: ") == len(SAMPLE_PROMPTS), out[-3000:]
     saved = [s for s, _ in ckpt.list_checkpoints(base / "runs" / "b")]
     stop = saved[-1]
     assert stop >= 5 and f"stopped after step {stop} of 1000" in out, (saved, out[-2000:], err[-3000:])

@@ -248,7 +248,9 @@ class GPT(nn.Module):
             rng.manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self.forward(ids[:, -self.rotary_seq_len:])[:, -1, :]
+            # the module is called, not self.forward as in nanochat: wrappers that shard the weights gather them
+            # in the module's forward hooks (ZeRO-3 gathers lm_head.weight there: train/deepspeed_zero.py)
+            logits = self(ids[:, -self.rotary_seq_len:])[:, -1, :]
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, -float("inf"))

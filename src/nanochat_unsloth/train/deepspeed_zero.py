@@ -33,6 +33,14 @@ What we do ourselves, because DeepSpeed's version differs from nanochat's step:
   master copies) and fp16 are refused. One difference from DDP: wte is fp32 here (nanochat keeps it in bf16 on
   CUDA), since DeepSpeed keeps fp32 master weights anyway.
 
+ZeRO-3 and the model's forward: DeepSpeed gathers a module's own weights in that module's forward hooks, but
+GPT.forward reads lm_head.weight, and each block's forward its Linears' weights (`ops.linear`), without calling
+those Linears. ZeRO-3 finds such a weight when it is read (its `ZeROOrderedDict` getter gathers it and registers
+it with the module whose forward is running, which then gathers it in its own hooks from then on); the engine
+arms that discovery in a forward pre-hook on the model. So every forward must call the model, `model(x)`, even
+outside the engine (sampling, CORE): a call of `model.forward(x)` skips the model's hooks, and lm_head.weight is
+met as ZeRO-3's empty placeholder.
+
 DeepSpeed's Muon, the gradient buffers the clip reads and the state layout are internals of 0.19.x: the `deepspeed`
 extra pins it, and tests/test_deepspeed.py (2 gloo ranks on CPU) checks every weight over three steps of each
 config against our single-process step.
