@@ -69,6 +69,7 @@ class ModelOptions:
     fp8: bool = False
     fp8_scaling: str = "dynamic"  # fp8.SCALING_CHOICES
     fp8_recipe: str = "tensorwise"  # fp8.RECIPE_CHOICES
+    fp8_weight_cache: bool = False  # the block weights quantised once per optimizer step (fp8.WeightCache)
     loss_chunk_mb: float = DEFAULT_CHUNK_MB  # the fused loss's logits budget per chunk
     compile: str = "none"  # model | blocks | none (compile.compile_for_training)
     cuda_graphs: bool = False  # replay the whole-model graph (compile "model") as CUDA graphs
@@ -93,5 +94,5 @@ def build_model(config: GPTConfig, options: ModelOptions = ModelOptions(), devic
         torch.manual_seed(seed)
     model.init_weights()
     if options.fp8:
-        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_recipe)
+        model = fp8.convert_to_fp8(model, options.fp8_scaling, options.fp8_recipe, options.fp8_weight_cache)
     return model

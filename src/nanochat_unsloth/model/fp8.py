@@ -299,16 +299,21 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, x_scale_amax: Tensor, grad_amax: Tensor | None,
-                delayed: bool) -> Tensor:
+                delayed: bool, w8: Tensor | None = None, w_inv: Tensor | None = None,
+                w8_cm: Tensor | None = None) -> Tensor:
         # cuBLAS's FP8 GEMM takes only row-major first operands: quantizing keeps the input's layout
         x = x.contiguous()
         x8, x_inv = quantize_with_amax(x, x_scale_amax, E4M3)
-        # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
-        w8, w_inv = quantize_tensorwise(weight, E4M3)
+        if w8 is None:
+            # The weights change every optimizer step (and c_proj starts at zero): always their own amax.
+            w8, w_inv = quantize_tensorwise(weight, E4M3)
         # W8 (N, K) row-major, so W8.t() is (K, N) column-major: no copy
         y = _scaled_mm(x8, x_inv, w8.t(), w_inv, x.dtype, fast_accum=True)
-        # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2
-        ctx.save_for_backward(x8, w8, x_inv, w_inv, *(() if grad_amax is None else (grad_amax,)))
+        # the backward's GEMMs read the FP8 copies: 1 byte per element instead of x's 2; dX reads W8
+        # column-major, cached (`WeightCache`) or made in backward
+        ctx.w_column_major = w8_cm is not None
+        ctx.save_for_backward(x8, w8 if w8_cm is None else w8_cm, x_inv, w_inv,
+                              *(() if grad_amax is None else (grad_amax,)))
         ctx.weight_dtype = weight.dtype
         ctx.delayed = delayed
         ctx.has_history = grad_amax is not None
@@ -318,6 +323,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         saved = ctx.saved_tensors  # indexed, not popped: Dynamo traces list.pop on it as a tuple method
         x8, w8, x_inv, w_inv = saved[0], saved[1], saved[2], saved[3]
+        w8_cm = w8 if ctx.w_column_major else _column_major(w8)
         history = saved[4] if ctx.has_history else None
         grad_y = grad_y.contiguous()
         if ctx.delayed:
@@ -330,12 +336,12 @@ class _Fp8Matmul(torch.autograd.Function):
                 history.copy_(amax)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scaled_mm(g8, g_inv, _column_major(w8), w_inv, grad_y.dtype, fast_accum=False)
+            grad_x = _scaled_mm(g8, g_inv, w8_cm, w_inv, grad_y.dtype, fast_accum=False)
         if ctx.needs_input_grad[1]:
             # dW = dy.T @ x, straight into the parameter's dtype (fp32 master weights: no bf16 rounding)
             grad_w = _scaled_mm(g8.t().contiguous(), g_inv, _column_major(x8), x_inv, ctx.weight_dtype,
                                 fast_accum=False)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def trains_in_fp8(x: Tensor, weight: Tensor, training: bool | None) -> bool:
@@ -355,11 +361,12 @@ def trains_in_fp8(x: Tensor, weight: Tensor, training: bool | None) -> bool:
 
 
 def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
-               training: bool | None = None) -> Tensor:
+               training: bool | None = None, cache: "WeightCache | None" = None) -> Tensor:
     """`F.linear(x, weight)` (no bias) with its GEMMs in FP8 in a training forward (`trains_in_fp8`); plain
     `F.linear` otherwise.
 
-    With a `scaling` state the layer records its amaxes, and scales from them once the state is active.
+    With a `scaling` state the layer records its amaxes, and scales from them once the state is active. With
+    an active `cache` the GEMMs read its copies of the quantised weight instead of quantising `weight` again.
     """
     if not trains_in_fp8(x, weight, training):
         return F.linear(x, weight)  # evaluation and sampling: nanochat's bf16 math
@@ -370,7 +377,8 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
         new_x_amax = row_first_amax(x2d)  # the next micro-step's scale
     else:
         x_scale_amax = new_x_amax = tensor_amax(x2d)
-    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed)
+    cached = (cache.w8, cache.inv_scale, cache.w8_cm) if cache is not None and cache.active else ()
+    y = _Fp8Matmul.apply(x2d, weight, x_scale_amax, None if scaling is None else scaling.grad_amax, delayed, *cached)
     if scaling is not None and scaling.records_input:
         with torch.no_grad():
             scaling.input_scaling.x_amax.copy_(new_x_amax)
@@ -378,17 +386,85 @@ def fp8_matmul(x: Tensor, weight: Tensor, scaling: DelayedScaling | None = None,
 
 
 def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, delayed scaling and mode."""
-    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None), layer.training)
+    """The kernel seam's `linear` with FP8 GEMMs: `layer`'s weight, delayed scaling, weight cache and mode."""
+    return fp8_matmul(x, layer.weight, getattr(layer, "fp8_scaling", None), layer.training,
+                      getattr(layer, "fp8_weight_cache", None))
+
+
+# -----------------------------------------------------------------------------
+# The weights' FP8 copies, once per optimizer step
+#
+# A weight changes only at the optimizer step, but every micro-step quantises it again: in the forward (a read
+# of the fp32 weight for its amax, another for the cast) and, where the compiler's partitioner recomputes the
+# cast rather than keep its result, in the backward too, plus the column-major copy dX reads. With
+# `--fp8_weight_cache` the training step quantises every block weight once, before its first micro-step, into
+# tensors the blocks read (the same function on the same weight: the same values), and switches the copies
+# off when it ends, so nothing outside a step's micro-steps (evaluation, tests, a benchmark's own forward) can
+# read a copy older than its weight. The price is 2 bytes per block parameter, held for the whole run.
+
+
+class WeightCache:
+    """One Linear's weight in e4m3 for the current optimizer step: `w8` row-major (the forward's operand), its
+    column-major copy `w8_cm` (dX's), `inv_scale`. A plain object, not a module: it stays out of the
+    state_dict, the buffers DDP broadcasts and `model.to`. The tensors are allocated once and rewritten in
+    place, so compiled code and CUDA graphs keep reading the same storage."""
+
+    def __init__(self):
+        self.w8: Tensor | None = None
+        self.w8_cm: Tensor | None = None
+        self.inv_scale: Tensor | None = None
+        self.active = False
+
+
+def attach_weight_cache(blocks: nn.Module) -> None:
+    """Give every Linear inside `blocks` a WeightCache, as `layer.fp8_weight_cache` (`fp8_linear` reads it)."""
+    for module in blocks.modules():
+        if isinstance(module, nn.Linear):
+            module.fp8_weight_cache = WeightCache()
+
+
+def _weight_caches(model: nn.Module) -> list[tuple[nn.Linear, WeightCache]]:
+    return [(m, m.fp8_weight_cache) for m in model.modules() if getattr(m, "fp8_weight_cache", None) is not None]
+
+
+@torch.no_grad()
+def cache_weights(model: nn.Module) -> None:
+    """Quantise every cached Linear's weight as it is now, and switch its copies on. A weight that is a tensor
+    subclass (FSDP2's DTensor, a shard between forwards) is left to quantise itself in its forward, where it is
+    whole."""
+    for layer, cache in _weight_caches(model):
+        weight = layer.weight
+        if type(weight) not in (Tensor, nn.Parameter):
+            cache.active = False
+            continue
+        w8, inv = quantize_tensorwise(weight, E4M3)
+        if cache.w8 is None or cache.w8.shape != w8.shape or cache.w8.device != w8.device:
+            cache.w8 = torch.empty_like(w8)
+            cache.w8_cm = _column_major(torch.empty_like(w8))
+            cache.inv_scale = torch.empty_like(inv)
+            for t in (cache.w8, cache.w8_cm, cache.inv_scale):
+                torch._dynamo.mark_static_address(t)  # CUDA graphs read them in place, without a copy
+        cache.w8.copy_(w8)
+        cache.w8_cm.copy_(w8)  # into the column-major storage: the transposed copy
+        cache.inv_scale.copy_(inv)
+        cache.active = True
+
+
+def drop_weight_cache(model: nn.Module) -> None:
+    """Switch every copy off (the weights are about to change, or the step ended); the storage is kept."""
+    for _, cache in _weight_caches(model):
+        cache.active = False
 
 
 # -----------------------------------------------------------------------------
 # The converter
 
 
-def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise") -> nn.Module:
+def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "tensorwise",
+                   weight_cache: bool = False) -> nn.Module:
     """`--fp8`: the model with its block Linears' GEMMs in FP8 (ours, or torchao's for its `recipe`), or
-    unchanged (and a notice) where FP8 cannot run fast.
+    unchanged (and a notice) where FP8 cannot run fast. `weight_cache`: our recipe's block Linears get a
+    WeightCache (`--fp8_weight_cache`), filled by the training step.
 
     `scaling="delayed"` attaches delayed-scaling state, only where a block's forward is not
     re-run in backward (not in checkpointed blocks, nor the MLP of selective ones): the
@@ -403,6 +479,8 @@ def convert_to_fp8(model: nn.Module, scaling: str = "dynamic", recipe: str = "te
     if recipe in TORCHAO_RECIPES:
         return _convert_with_torchao(model, TORCHAO_RECIPES[recipe])
     set_linear(model, fp8_linear)
+    if weight_cache:
+        attach_weight_cache(model.transformer.h)
     if scaling == "delayed":
         for block, mode in zip(model.transformer.h, model.block_memory):
             if mode != "lean":

@@ -56,6 +56,10 @@ class TrainConfig:
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "tensorwise|torchao_tensorwise|torchao_rowwise: "
                                                                     "whose FP8 GEMMs, ours (tensorwise) or torchao's "
                                                                     "float8 training"})
+    fp8_weight_cache: str = field(default="auto", metadata={"help": "auto|on|off: quantise the block weights to FP8 "
+                                                                     "once per optimizer step instead of in every "
+                                                                     "micro-step (same values; 2 bytes per block "
+                                                                     "parameter held); auto = on, off with --memory lean"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "
@@ -161,6 +165,7 @@ _CHOICES = (
     ("fp8_scaling", ("auto", *SCALING_CHOICES)), ("fp8_recipe", RECIPE_CHOICES),
     ("compile", ("auto", *COMPILE_CHOICES)), ("optimizer", OPTIMIZER_CHOICES),
     ("cpu_bf16", ("auto", *CPU_BF16_CHOICES)), ("cuda_graphs", ("auto", "on", "off")),
+    ("fp8_weight_cache", ("auto", "on", "off")),
     ("device_type", DEVICE_TYPE_CHOICES),
 )
 

@@ -1,7 +1,7 @@
 """Every `auto` of a training run, decided in one place, once: `resolve(cfg, device, world_size)`.
 
-Six flags default to `auto`: --kernels, --lean_checkpoint, --fp8_scaling, --compile, --cuda_graphs and
---cpu_bf16. What each becomes depends on the device, the number of processes, the rows of one micro-batch
+Seven flags default to `auto`: --kernels, --lean_checkpoint, --fp8_scaling, --fp8_weight_cache, --compile,
+--cuda_graphs and --cpu_bf16. What each becomes depends on the device, the number of processes, the rows of one micro-batch
 (device_batch_size x max_seq_len) and, for some, on what this machine can do (FP8 GEMMs, unsloth_zoo, a CPU's
 bf16 speed): the rules below ask the machine, each only when its answer matters. The training loop calls
 `resolve` at start-up, before anything is built, logs the result on one line and records it in every
@@ -42,13 +42,14 @@ SLOW_BF16_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class ResolvedOptions:
-    """The six `auto`-able settings of a run, as it runs them. A setting whose feature is off still holds a
+    """The seven `auto`-able settings of a run, as it runs them. A setting whose feature is off still holds a
     value: fp8_scaling without --fp8 what --fp8 would use; lean_checkpoint without checkpointed blocks the
     flag's value, and torch for auto (the machine is not asked for a setting that no block uses)."""
 
     kernels: str  # torch | fused
     lean_checkpoint: str  # offload | torch
     fp8_scaling: str  # delayed | dynamic
+    fp8_weight_cache: str  # on | off
     compile: str  # model | blocks | none
     cuda_graphs: str  # on | off
     cpu_bf16: str  # native | emulated (native off the CPU)
@@ -86,6 +87,9 @@ def resolve(cfg, device, world_size: int = 1, zero_stage: int | None = None) -> 
         kernels=kernels,
         lean_checkpoint=_lean_checkpoint(cfg.lean_checkpoint, cfg.memory, cfg.lean_blocks, device),
         fp8_scaling=fp8_scaling,
+        # the cached copies cost 2 bytes per block parameter for the whole run: not where memory is what is short
+        fp8_weight_cache=("off" if cfg.memory == "lean" else "on") if cfg.fp8_weight_cache == "auto"
+        else cfg.fp8_weight_cache,
         compile=compile_mode,
         cuda_graphs=_cuda_graphs(cfg.cuda_graphs, compile_mode, host_bound, world_size, on_cuda),
         cpu_bf16=cpu_bf16_for(cfg.cpu_bf16, device.type),
@@ -97,6 +101,7 @@ def model_options(cfg, resolved: ResolvedOptions) -> ModelOptions:
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelOptions) if hasattr(cfg, f.name)}
     return ModelOptions(**{**values, "kernels": resolved.kernels, "lean_checkpoint": resolved.lean_checkpoint,
                            "fp8_scaling": resolved.fp8_scaling, "compile": resolved.compile,
+                           "fp8_weight_cache": resolved.fp8_weight_cache == "on",
                            "cuda_graphs": resolved.cuda_graphs == "on"})
 
 

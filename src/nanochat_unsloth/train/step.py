@@ -48,6 +48,16 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     """
     if cuda_graphs:
         _keep_grads(raw_model)
+    fp8.cache_weights(raw_model)  # --fp8_weight_cache: the block weights in FP8, once for all micro-steps
+    try:
+        return _step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, num_iterations,
+                     grad_clip, warmup_ratio, warmdown_ratio, final_lr_frac, global_mean, timer, cuda_graphs)
+    finally:
+        fp8.drop_weight_cache(raw_model)  # the weights have changed (or the step failed): no stale copy is read
+
+
+def _step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, num_iterations, grad_clip,
+          warmup_ratio, warmdown_ratio, final_lr_frac, global_mean, timer, cuda_graphs) -> StepResult:
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro_step in range(grad_accum):
         last = micro_step == grad_accum - 1
@@ -79,6 +89,7 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     timer.mark("loss_reduce_host_sync")
     lrm = optim.apply_schedules(optimizers, step, num_iterations, warmup_ratio=warmup_ratio,
                                 warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
+    fp8.drop_weight_cache(raw_model)  # before the weights change
     for opt in optimizers:
         opt.step()
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
