@@ -158,7 +158,7 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "fused-fp8": {"kernels": "fused", "fp8": True},
     "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
     "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
-    "fused-fp8-nocache": {"kernels": "fused", "fp8": True, "fp8_weight_cache": "off"},
+    "fused-fp8-cache": {"kernels": "fused", "fp8": True, "fp8_weight_cache": "on"},
     "fused-model": {"kernels": "fused", "compile": "model", "cuda_graphs": "off"},
     "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "off"},
     "fused-cg": {"kernels": "fused", "compile": "model", "cuda_graphs": "on"},

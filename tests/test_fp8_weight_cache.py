@@ -143,11 +143,10 @@ def test_a_weight_held_as_a_tensor_subclass_is_not_cached():
     assert all(c.active for c in caches(model) if c is not layer.fp8_weight_cache)
 
 
-@pytest.mark.parametrize("flags, cached", [([], True), (["--memory", "selective"], True),
-                                           (["--memory", "lean"], False), (["--memory", "lean", "--fp8_weight_cache",
-                                                                           "on"], True),
+@pytest.mark.parametrize("flags, cached", [([], False), (["--fp8_weight_cache", "on"], True),
+                                           (["--memory", "lean", "--fp8_weight_cache", "on"], True),
                                            (["--fp8_weight_cache", "off"], False)])
-def test_auto_caches_unless_memory_is_lean(flags, cached):
+def test_auto_is_off_until_measured_and_on_caches(flags, cached):
     cfg = parse_train_args(normalize_flags(["--fp8", *flags]))
     cfg.validate()
     resolved = resolve(cfg, "cpu")

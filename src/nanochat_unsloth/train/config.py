@@ -59,7 +59,7 @@ class TrainConfig:
     fp8_weight_cache: str = field(default="auto", metadata={"help": "auto|on|off: quantise the block weights to FP8 "
                                                                      "once per optimizer step instead of in every "
                                                                      "micro-step (same values; 2 bytes per block "
-                                                                     "parameter held); auto = on, off with --memory lean"})
+                                                                     "parameter held); auto = off until measured on a GPU"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "

@@ -87,9 +87,8 @@ def resolve(cfg, device, world_size: int = 1, zero_stage: int | None = None) -> 
         kernels=kernels,
         lean_checkpoint=_lean_checkpoint(cfg.lean_checkpoint, cfg.memory, cfg.lean_blocks, device),
         fp8_scaling=fp8_scaling,
-        # the cached copies cost 2 bytes per block parameter for the whole run: not where memory is what is short
-        fp8_weight_cache=("off" if cfg.memory == "lean" else "on") if cfg.fp8_weight_cache == "auto"
-        else cfg.fp8_weight_cache,
+        # off until its speed is measured on a GPU (docs/perf-log/2026-12-06.md has the prediction)
+        fp8_weight_cache="off" if cfg.fp8_weight_cache == "auto" else cfg.fp8_weight_cache,
         compile=compile_mode,
         cuda_graphs=_cuda_graphs(cfg.cuda_graphs, compile_mode, host_bound, world_size, on_cuda),
         cpu_bf16=cpu_bf16_for(cfg.cpu_bf16, device.type),
