@@ -275,3 +275,45 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
           + ", ".join(f"{kind} {rel[n]:.2e} ({n})" for kind, n in worst.items()))
     assert loss_rel < 1e-4
     assert rel[worst["Muon"]] < 1e-3
+
+
+@needs_fp8
+@pytest.mark.parametrize("compile_mode,cuda_graphs", [("blocks", False), ("model", True)])
+def test_fp8_weight_cache_trains_like_the_uncached_step(state, compile_mode, cuda_graphs):
+    """`--fp8_weight_cache on`: each block weight quantised eagerly once per optimizer step, against the compiled
+    blocks quantising it in every micro-step (per-block compile, and the whole-model graph replayed as CUDA
+    graphs, which must read the cached copies in place). The same function of the same weights; only a scale
+    that Inductor's division rounds differently from eager's could change an e4m3 value. Three steps of four
+    micro-batches; bound 1e-4 relative on every loss, the bound of the CUDA-graph test above, whose measured
+    run-to-run noise (the embedding backward's atomic adds) was at most 5e-6."""
+    from accelerate import Accelerator
+
+    from nanochat_unsloth.model import fp8 as F8
+    from nanochat_unsloth.train.step import optimizer_step
+    from test_convert import reset_accelerate
+
+    reset_accelerate()
+    accelerator = Accelerator(mixed_precision="bf16")
+    runs = {}
+    for cache in (False, True):
+        options = ModelOptions(kernels="fused", fp8=True, fp8_weight_cache=cache)
+        model = build_model(GPTConfig.from_depth(DEPTH, SEQ, VOCAB), options, "cuda", seed=0)
+        model.load_state_dict(state)
+        call = C.compile_for_training(model, model, compile_mode, cuda_graphs=cuda_graphs)
+        optimizers = optim.build_optimizers_for("muon", model)
+        g = torch.Generator(device="cuda").manual_seed(3)
+
+        def next_batch():
+            w = torch.randint(0, VOCAB, (B, SEQ + 1), device="cuda", generator=g)
+            return w[:, :-1].int(), w[:, 1:]
+
+        runs[cache] = [optimizer_step(accelerator, call, model, optimizers, next_batch, 4, step, 10,
+                                      cuda_graphs=cuda_graphs).loss.item() for step in range(3)]
+        caches = [m.fp8_weight_cache for m in model.modules() if getattr(m, "fp8_weight_cache", None) is not None]
+        assert len(caches) == (6 * DEPTH if cache else 0)
+        assert all(c.w8 is not None and not c.active for c in caches)  # filled, and off after the step
+    reset_accelerate()
+    gap = max(abs(a - b) / abs(a) for a, b in zip(runs[False], runs[True]))
+    print(f"\n[fp8 weight cache, {compile_mode}{' + CUDA graphs' if cuda_graphs else ''}] losses {runs[False]} vs "
+          f"{runs[True]}: max rel gap {gap:.2e}")
+    assert gap < 1e-4
