@@ -48,31 +48,25 @@ def optimizer_step(accelerator, model, raw_model, optimizers, next_batch: Callab
     """
     if cuda_graphs:
         _keep_grads(raw_model)
+    loss_sum = torch.zeros((), device=accelerator.device)
     fp8.cache_weights(raw_model)  # --fp8_weight_cache: the block weights in FP8, once for all micro-steps
     try:
-        return _step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, num_iterations,
-                     grad_clip, warmup_ratio, warmdown_ratio, final_lr_frac, global_mean, timer, cuda_graphs)
+        for micro_step in range(grad_accum):
+            last = micro_step == grad_accum - 1
+            x, y = next_batch()
+            timer.mark("data")
+            # DDP all-reduces gradients only on the last micro-step
+            sync_ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync_ctx, accelerator.autocast():
+                if cuda_graphs:  # a new replay: this micro-step's graph outputs may overwrite the previous one's
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = model(x, y)
+                loss_sum += loss.detach()
+                # each backward adds into .grad: normalise once, here (we do not use accelerator.accumulate)
+                accelerator.backward(loss / grad_accum)
+            timer.mark("fwd_bwd_last_with_grad_sync" if last else "fwd_bwd")
     finally:
-        fp8.drop_weight_cache(raw_model)  # the weights have changed (or the step failed): no stale copy is read
-
-
-def _step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, step, num_iterations, grad_clip,
-          warmup_ratio, warmdown_ratio, final_lr_frac, global_mean, timer, cuda_graphs) -> StepResult:
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for micro_step in range(grad_accum):
-        last = micro_step == grad_accum - 1
-        x, y = next_batch()
-        timer.mark("data")
-        # DDP all-reduces gradients only on the last micro-step
-        sync_ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
-        with sync_ctx, accelerator.autocast():
-            if cuda_graphs:  # a new replay: this micro-step's graph outputs may overwrite the previous one's
-                torch.compiler.cudagraph_mark_step_begin()
-            loss = model(x, y)
-            loss_sum += loss.detach()
-            # each backward adds into .grad: normalise once, here (we do not use accelerator.accumulate)
-            accelerator.backward(loss / grad_accum)
-        timer.mark("fwd_bwd_last_with_grad_sync" if last else "fwd_bwd")
+        fp8.drop_weight_cache(raw_model)  # only the micro-steps read the copies: the weights change next
     mean_loss = loss_sum / grad_accum
     # the norm is queued before the loss's host sync, so reading it afterwards costs no second wait
     check = global_mean is not None
@@ -89,7 +83,6 @@ def _step(accelerator, model, raw_model, optimizers, next_batch, grad_accum, ste
     timer.mark("loss_reduce_host_sync")
     lrm = optim.apply_schedules(optimizers, step, num_iterations, warmup_ratio=warmup_ratio,
                                 warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
-    fp8.drop_weight_cache(raw_model)  # before the weights change
     for opt in optimizers:
         opt.step()
         timer.mark(f"optimizer_{type(getattr(opt, 'optimizer', opt)).__name__}")
