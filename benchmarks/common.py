@@ -259,10 +259,11 @@ def corpus_roots(spec: str) -> list[Path]:
 
 
 def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: str = "python",
-                        suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> int:
+                        suffixes: tuple[str, ...] = TEXT_SUFFIXES, val_every: int = 12) -> int:
     """Text files under `roots` with one of `suffixes`, each distinct text once, shuffled (in the order of their
-    hashes), as about `shards` parquet files in nanochat's layout: one document in `shards` (by its hash, so
-    every directory is represented) goes to the last file, the val split. Returns the characters written."""
+    hashes), as about `shards` parquet files in nanochat's layout: about one document in `val_every` (by its
+    hash, so every directory is represented) goes to the last file, the val split. Returns the characters
+    written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -283,7 +284,7 @@ def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: 
     for digest in sorted(docs):
         text = docs[digest]
         total += len(text)
-        if digest[-1] % shards == 0:
+        if digest[-1] % val_every == 0:
             val.append(text)
         else:
             train.append(text)
@@ -301,11 +302,12 @@ def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: 
 
 
 def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python",
-              suffixes: tuple[str, ...] = TEXT_SUFFIXES, tokenizer_chars: int = 2_000_000_000) -> None:
+              suffixes: tuple[str, ...] = TEXT_SUFFIXES, tokenizer_chars: int = 2_000_000_000,
+              val_every: int = 12) -> None:
     """<base>/base_data (write_source_corpus), then a `vocab_size` tokenizer trained on it and the prepped
     shards, with this package's own `tokenizer` and `prep` commands: a base dir the real loop trains from."""
     t0 = time.time()
-    chars = write_source_corpus(base / "base_data", max_chars, roots=roots, suffixes=suffixes)
+    chars = write_source_corpus(base / "base_data", max_chars, roots=roots, suffixes=suffixes, val_every=val_every)
     cli = [sys.executable, "-m", "nanochat_unsloth.cli"]
     subprocess.run(cli + ["tokenizer", "--base-dir", str(base), "--vocab-size", str(vocab_size),
                     "--max-chars", str(tokenizer_chars), "--force"], check=True)

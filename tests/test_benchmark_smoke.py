@@ -342,6 +342,11 @@ def test_source_corpus_dedups_and_puts_a_hashed_sample_of_documents_last_as_val(
     again = tmp_path / "again"
     common.write_source_corpus(again, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",))
     assert [pq.read_table(f).column("text").to_pylist() for f in sorted(again.glob("*.parquet"))] == texts
+    # a smaller val share (`--val-every 48`): its documents a hash-chosen subset of the 1-in-12 split's
+    fewer = tmp_path / "fewer"
+    common.write_source_corpus(fewer, max_chars=10**9, shards=12, roots=str(src), suffixes=(".py",), val_every=48)
+    small_val = pq.read_table(sorted(fewer.glob("*.parquet"))[-1]).column("text").to_pylist()
+    assert small_val and all(digest(x)[-1] % 48 == 0 for x in small_val) and set(small_val) < set(val)
 
 
 def test_gpu_sampler_parses_nvidia_smi_lines_and_summarises_busy_gpus():

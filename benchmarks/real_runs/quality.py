@@ -305,6 +305,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-roots", default=TEXT_ROOTS, help="with --make-data: directories to read "
                    "(`python` = this installation's stdlib and site-packages)")
     p.add_argument("--text-suffixes", default=",".join(TEXT_SUFFIXES), help="with --make-data: file kinds to read")
+    p.add_argument("--val-every", type=int, default=12, help="with --make-data: about one document in N goes to "
+                   "the val split (a larger N leaves more never-repeated train tokens)")
     p.add_argument("--tokenizer-chars", type=int, default=500_000_000,
                    help="with --make-data: train the tokenizer on at most this much text (its training time grows with it)")
     p.add_argument("--data-only", action="store_true", help="stop after reporting the corpus's train tokens")
@@ -344,7 +346,8 @@ def run(args, p: argparse.ArgumentParser) -> int:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.make_data:
         make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
-                  suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars)
+                  suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars,
+                  val_every=args.val_every)
     available = train_tokens(args.base_dir)
     num_iterations = math.ceil(args.tokens / args.total_batch)
     if args.data_only:
