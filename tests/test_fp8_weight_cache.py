@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from nanochat_unsloth.model import fp8 as F8
-from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.common import normalize_flags
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.resolve import model_options, resolve
 from nanochat_unsloth.train.step import optimizer_step
-from tiny_gpt import TINY, tiny_batch
+from tiny_gpt import TINY, build_tiny, tiny_batch
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +26,8 @@ def fp8_on_cpu(monkeypatch):
 
 
 def fp8_model(weight_cache: bool):
-    model = build_model(TINY, ModelOptions(fp8=True, fp8_weight_cache=weight_cache), "cpu", seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # nonzero lm_head and c_proj (init zeroes them): every GEMM sees a real gradient
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    # build_tiny redraws every weight (init zeroes lm_head and the c_proj's): every GEMM sees a real gradient
+    return build_tiny(fp8=True, fp8_weight_cache=weight_cache)
 
 
 def caches(model):
