@@ -219,6 +219,27 @@ def test_adamw8bit_state_saves_and_resumes(state):
         assert torch.equal(a, b), name
 
 
+def train_three_steps(accelerator, model, call, cuda_graphs, after_step=None):
+    """Three optimizer steps of four accumulated micro-batches of a fixed random stream: the steps' losses
+    and the optimizers. `after_step()` runs after each step (e.g. an eval forward between steps)."""
+    from nanochat_unsloth.train.step import optimizer_step
+
+    optimizers = optim.build_optimizers_for("muon", model)
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def next_batch():
+        w = torch.randint(0, VOCAB, (B, SEQ + 1), device="cuda", generator=g)
+        return w[:, :-1].int(), w[:, 1:]
+
+    losses = []
+    for step in range(3):
+        out = optimizer_step(accelerator, call, model, optimizers, next_batch, 4, step, 10, cuda_graphs=cuda_graphs)
+        losses.append(out.loss.item())
+        if after_step is not None:
+            after_step()
+    return losses, optimizers
+
+
 @pytest.mark.parametrize("kernels,fp8", [("torch", False), ("fused", True)])
 def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8):
     """`--cuda_graphs on` replays the same compiled kernels, so three optimizer steps of four accumulated
@@ -234,7 +255,6 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
     orthogonalised step has no such per-entry division."""
     from accelerate import Accelerator
 
-    from nanochat_unsloth.train.step import optimizer_step
     from test_convert import reset_accelerate
 
     if fp8 and not (torch.cuda.get_device_capability() >= (8, 9)):
@@ -246,19 +266,13 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
     for cuda_graphs in (False, True):
         model = build(kernels, state=state, fp8=fp8)
         call = C.compile_for_training(model, model, "model", cuda_graphs=cuda_graphs)
-        optimizers = optim.build_optimizers_for("muon", model)
-        g = torch.Generator(device="cuda").manual_seed(3)
+        evals = []
 
-        def next_batch():
-            w = torch.randint(0, VOCAB, (B, SEQ + 1), device="cuda", generator=g)
-            return w[:, :-1].int(), w[:, 1:]
-
-        losses, evals = [], []
-        for step in range(3):
-            out = optimizer_step(accelerator, call, model, optimizers, next_batch, 4, step, 10, cuda_graphs=cuda_graphs)
-            losses.append(out.loss.item())
+        def evaluate():
             with torch.no_grad(), accelerator.autocast():
                 evals.append(call(x_eval, y_eval, loss_reduction="none").float().mean().item())
+
+        losses, optimizers = train_three_steps(accelerator, model, call, cuda_graphs, after_step=evaluate)
         if cuda_graphs:
             assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # kept, zeroed
         muon = {id(p) for opt in optimizers if isinstance(opt, optim.Muon) for g in opt.param_groups for p in g["params"]}
@@ -288,8 +302,6 @@ def test_fp8_weight_cache_trains_like_the_uncached_step(state, compile_mode, cud
     run-to-run noise (the embedding backward's atomic adds) was at most 5e-6."""
     from accelerate import Accelerator
 
-    from nanochat_unsloth.model import fp8 as F8
-    from nanochat_unsloth.train.step import optimizer_step
     from test_convert import reset_accelerate
 
     reset_accelerate()
@@ -300,15 +312,7 @@ def test_fp8_weight_cache_trains_like_the_uncached_step(state, compile_mode, cud
         model = build_model(GPTConfig.from_depth(DEPTH, SEQ, VOCAB), options, "cuda", seed=0)
         model.load_state_dict(state)
         call = C.compile_for_training(model, model, compile_mode, cuda_graphs=cuda_graphs)
-        optimizers = optim.build_optimizers_for("muon", model)
-        g = torch.Generator(device="cuda").manual_seed(3)
-
-        def next_batch():
-            w = torch.randint(0, VOCAB, (B, SEQ + 1), device="cuda", generator=g)
-            return w[:, :-1].int(), w[:, 1:]
-
-        runs[cache] = [optimizer_step(accelerator, call, model, optimizers, next_batch, 4, step, 10,
-                                      cuda_graphs=cuda_graphs).loss.item() for step in range(3)]
+        runs[cache], _ = train_three_steps(accelerator, model, call, cuda_graphs)
         caches = [m.fp8_weight_cache for m in model.modules() if getattr(m, "fp8_weight_cache", None) is not None]
         assert len(caches) == (6 * DEPTH if cache else 0)
         assert all(c.w8 is not None and not c.active for c in caches)  # filled, and off after the step
