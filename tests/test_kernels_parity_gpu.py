@@ -224,6 +224,9 @@ def train_three_steps(accelerator, model, call, cuda_graphs, after_step=None):
     and the optimizers. `after_step()` runs after each step (e.g. an eval forward between steps)."""
     from nanochat_unsloth.train.step import optimizer_step
 
+    # each test builds several models in one process: a clean cache keeps Dynamo's recompile limit (8 graphs
+    # of GPT.forward) from sending a later model to eager, where it would no longer test the compiled step
+    torch._dynamo.reset()
     optimizers = optim.build_optimizers_for("muon", model)
     g = torch.Generator(device="cuda").manual_seed(3)
 
@@ -248,9 +251,11 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
     second micro-step raises ("overwritten by a subsequent run"). Bounds: on the H200 the two ways'
     losses agreed to 3e-7 relative at d20 B=4 over six steps (the first three bit for bit; the rest is
     the run-to-run noise of atomic adds in the embedding's backward); here, in two runs on an H200, to 5e-6
-    and bit for bit. 1e-4 leaves room for that noise. Weights are compared for Muon's matrices only, bound
-    1e-3: the first run's whole-model weight difference was 1.6e-2 relative (its worst parameter was not
-    recorded), the second's 0. AdamW divides each entry's step by its own gradient's size (wte at LR 0.2),
+    and bit for bit, and on an H100 (2026-12-06) to 1.7e-5. 1e-4 leaves room for that noise. Weights are
+    compared for Muon's matrices only, bound 1e-2: the first run's whole-model weight difference was 1.6e-2
+    relative (its worst parameter was not recorded), the second's 0, and the H100's worst Muon matrix 4.4e-3
+    (Newton-Schulz runs in bf16, whose unit roundoff is 3.9e-3: gradients that differ in their last bits give
+    updates that differ at about that size). 1e-2 leaves room for that. AdamW divides each entry's step by its own gradient's size (wte at LR 0.2),
     so an entry whose gradient is only rounding noise takes a full-size step either way; Muon's
     orthogonalised step has no such per-entry division."""
     from accelerate import Accelerator
@@ -288,7 +293,7 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
           f"max rel diff {loss_rel:.2e}; weights' max rel diff: "
           + ", ".join(f"{kind} {rel[n]:.2e} ({n})" for kind, n in worst.items()))
     assert loss_rel < 1e-4
-    assert rel[worst["Muon"]] < 1e-3
+    assert rel[worst["Muon"]] < 1e-2
 
 
 @needs_fp8

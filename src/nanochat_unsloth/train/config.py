@@ -59,7 +59,8 @@ class TrainConfig:
     fp8_weight_cache: str = field(default="auto", metadata={"help": "auto|on|off: quantise the block weights to FP8 "
                                                                      "once per optimizer step instead of in every "
                                                                      "micro-step (same values; 2 bytes per block "
-                                                                     "parameter held); auto = off until measured on a GPU"})
+                                                                     "parameter held); auto = on with our FP8 recipe "
+                                                                     "and per-block compile, off with --memory lean"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "
                                                                               "their gradient per loss chunk"})
     compile: str = field(default="auto", metadata={"help": "auto|model|blocks|none: torch.compile the whole model, each "

@@ -87,8 +87,7 @@ def resolve(cfg, device, world_size: int = 1, zero_stage: int | None = None) -> 
         kernels=kernels,
         lean_checkpoint=_lean_checkpoint(cfg.lean_checkpoint, cfg.memory, cfg.lean_blocks, device),
         fp8_scaling=fp8_scaling,
-        # off until its speed is measured on a GPU (docs/perf-log/2026-12-06.md has the prediction)
-        fp8_weight_cache="off" if cfg.fp8_weight_cache == "auto" else cfg.fp8_weight_cache,
+        fp8_weight_cache=_fp8_weight_cache(cfg.fp8_weight_cache, fp8_runs, cfg.fp8_recipe, cfg.memory, compile_mode),
         compile=compile_mode,
         cuda_graphs=_cuda_graphs(cfg.cuda_graphs, compile_mode, host_bound, world_size, on_cuda),
         cpu_bf16=cpu_bf16_for(cfg.cpu_bf16, device.type),
@@ -121,6 +120,17 @@ def _compile(choice: str, kernels: str, memory: str, host_bound: bool, on_cuda: 
     if zero_stage is not None:  # DeepSpeed: ZeRO-2 block by block, ZeRO-3 (hooks gather each block) not at all
         mode = "none" if zero_stage == 3 or mode == "none" else "blocks"
     return mode
+
+
+def _fp8_weight_cache(choice: str, fp8_runs: bool, recipe: str, memory: str, compile_mode: str) -> str:
+    """--fp8_weight_cache: the block weights quantised once per optimizer step instead of in every micro-step.
+    `auto`: on for our FP8 recipe where the blocks compile one by one, the step it was measured on; off with
+    `--memory lean`, whose point is memory (the copies hold 2 bytes per block parameter), and for the
+    whole-model graph (the torch kernels, or the small step's CUDA graphs), where its speed is not measured."""
+    if choice != "auto":
+        return choice
+    measured = fp8_runs and recipe == "tensorwise" and compile_mode == "blocks"
+    return "on" if measured and memory != "lean" else "off"
 
 
 def _cuda_graphs(choice: str, compile_mode: str, host_bound: bool, world_size: int, on_cuda: bool) -> str:
