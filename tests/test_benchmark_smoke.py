@@ -7,6 +7,7 @@ The GPU figures themselves come from the device (docs/PERF.md); this only keeps 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import json
@@ -505,6 +506,51 @@ def test_no_benchmark_script_imports_another():
         assert not imported & scripts, (path.name, imported & scripts)
 
 
+def test_runs_curve_controls_run_with_their_own_flags_and_are_compared_with_a(tmp_path, monkeypatch, capsys):
+    """`runs.py curve --controls`: each control is one more 1-GPU run with --extra plus its own flags, started
+    once, and compared with A as the N runs are. The loop is replaced by a stand-in that writes each run's logs
+    (run k's losses offset by k x 1e-3 from A's), so what is checked is the wiring and the arithmetic."""
+    curve = benchmark_module("real_runs.curve")
+    started = []
+
+    class Finished:
+        def wait(self):
+            return 0
+
+    def fake_training(base_dir, tag, train_args, gpu=None, processes=1, config=None):
+        started.append((tag, train_args, processes, config))
+        offset = 1e-3 * (len(started) - 1)
+        run = base_dir / "runs" / tag
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 4.0 + offset, "tok_per_sec": 1000.0, "peak_mem_gib": 1.0}) + "\n"
+            for s in range(4)))
+        (run / "eval.jsonl").write_text(json.dumps({"step": 4, "val_bpb": 2.0 + offset}) + "\n")
+        return Finished()
+
+    monkeypatch.setattr(curve, "start_training", fake_training)
+    monkeypatch.setattr(curve, "gpu_count", lambda: 1)
+    argv = ["--base-dir", str(tmp_path), "--gpus", "2", "--steps", "4", "--eval-every", "2", "--extra",
+            "--kernels torch", "--controls", "compile_none=--compile none; eager_loss=--compile blocks",
+            "--out", str(tmp_path / "curve.json")]
+    p = argparse.ArgumentParser()
+    curve.add_arguments(p)
+    assert curve.run(p.parse_args(argv), p) == 0
+    assert [(t, n, c) for t, _, n, c in started] == [("curve_1gpu_a", 1, None), ("curve_1gpu_b", 1, None),
+                                                    ("curve_1gpu_compile_none", 1, None),
+                                                    ("curve_1gpu_eager_loss", 1, None), ("curve_2gpu", 2, None)]
+    flags = {t: args[args.index("--force") + 1:] for t, args, _, _ in started}
+    assert flags["curve_1gpu_compile_none"] == ["--kernels", "torch", "--compile", "none"]
+    assert flags["curve_1gpu_a"] == flags["curve_2gpu"] == ["--kernels", "torch"]
+    result = json.loads((tmp_path / "curve.json").read_text())
+    assert result["a_vs_compile_none_max_rel"][0] == pytest.approx(2e-3 / 4.0)  # the third run: offset 2e-3
+    assert result["a_vs_n_max_rel"][0] == pytest.approx(4e-3 / 4.0)
+    assert "1 GPU vs 1 GPU eager_loss" in capsys.readouterr().out
+    assert curve.run(p.parse_args(argv), p) == 0 and len(started) == 5  # all finished: none started again
+    with pytest.raises(SystemExit):
+        curve.run(p.parse_args([*argv[:-4], "--controls", "a=--compile none"]), p)
+
+
 def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_at_a_failure(tmp_path, monkeypatch):
     """`runs.py deepspeed`: the d12 curves of the three ZeRO configs against one 1-GPU pair, then the d20 speed of
     DDP and each ZeRO config, with multicast off for every launch; the corpus only when the base dir has none."""
@@ -529,6 +575,7 @@ def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_
     assert (curve_args.gpus, curve_args.depth, curve_args.steps, curve_args.eval_every) == (4, 12, 100, 25)
     assert [Path(c).stem for c in curve_args.configs.split(",")] == list(deepspeed.ZERO_CONFIGS)
     assert curve_args.extra == "--kernels torch" and curve_args.out == tmp_path / "deepspeed_curves_d12_4gpu.json"
+    assert curve_args.controls == "compile_none=--compile none;compile_blocks=--compile blocks"
     speeds = [c[1] for c in calls[2:]]
     assert [Path(s.config).stem for s in speeds] == ["multi_gpu", *deepspeed.ZERO_CONFIGS]
     assert all((s.gpus, s.variants, s.depth, s.steps) == ("4", "torch", 20, 12) for s in speeds)

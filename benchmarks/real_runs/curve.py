@@ -10,6 +10,10 @@ accumulates N times as many micro-batches as each of N GPUs):
           grows as training amplifies it;
     N:    `accelerate launch --num_processes N` with configs/accelerate/multi_gpu.yaml, or with each of --configs
           in turn (e.g. the DeepSpeed ones: `runs.py deepspeed`; with --gpus 1, ZeRO on one process).
+    controls (--controls NAME=FLAGS;...): more 1-GPU runs with A's flags plus FLAGS, a change that keeps the math
+          and moves only the rounding (e.g. `--compile none`). A-B is the noise of one binary; A against a
+          control is what a rounding change alone does, the yardstick for an N run that rounds differently by
+          design (DeepSpeed's own Newton-Schulz).
 It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
 (evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
 (`runs.py quality --base-dir DIR --make-data --data-only` writes them).
@@ -29,28 +33,40 @@ from pathlib import Path
 from common import args_record, gpu_count, run_log, start_training, write_json
 
 
-def launch_record(args, tag: str, n: int, config: str | None) -> dict:
-    """What a run was started with: its training flags, process count and accelerate config."""
+def launch_record(args, tag: str, n: int, config: str | None, flags: str = "") -> dict:
+    """What a run was started with: its training flags (--extra, then a control's own), process count and
+    accelerate config."""
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
              str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
-             "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split()]
+             "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split(), *flags.split()]
     return {"train": train, "processes": n, "config": config}
 
 
-def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None) -> subprocess.Popen:
-    record = launch_record(args, tag, n, config)
+def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None, flags: str = "") -> subprocess.Popen:
+    record = launch_record(args, tag, n, config, flags)
     write_json(args.base_dir / f"{tag}.launch.json", record)  # what `finished` compares a later invocation with
     return start_training(args.base_dir, tag, record["train"], gpu=gpu if n == 1 and not config else None,
                           processes=n, config=config)
 
 
-def finished(args, tag: str, n: int, config: str | None) -> bool:
+def finished(args, tag: str, n: int, config: str | None, flags: str = "") -> bool:
     """The run was started with this invocation's settings and its log holds all --steps steps (a run cut off
     midway starts again from step 0: `start` passes --force)."""
     launched = args.base_dir / f"{tag}.launch.json"
-    return (launched.is_file() and json.loads(launched.read_text()) == launch_record(args, tag, n, config)
+    return (launched.is_file() and json.loads(launched.read_text()) == launch_record(args, tag, n, config, flags)
             and len(run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)) >= args.steps)
+
+
+def parse_controls(text: str, p: argparse.ArgumentParser) -> dict[str, str]:
+    """--controls "NAME=FLAGS;NAME=FLAGS" as {name: flags}; one line naming the flag for a malformed entry."""
+    controls = {}
+    for entry in (e.strip() for e in text.split(";") if e.strip()):
+        name, _, flags = entry.partition("=")
+        if not name.isidentifier() or not flags.strip() or name in ("a", "b", "n") or name in controls:
+            p.error(f"--controls: {entry!r} is not NAME=FLAGS with a new name (e.g. compile_none=--compile none)")
+        controls[name] = flags.strip()
+    return controls
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,30 +82,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=524288)
     p.add_argument("--extra", default="--kernels torch", help="more training flags for every run")
-    p.add_argument("--runs", default="", help="comma list of the runs to start in this invocation: a, b, and n "
-                   "(or each --configs file's name, e.g. deepspeed_zero2); default all that have not finished")
+    p.add_argument("--controls", default="", help="semicolon list of NAME=FLAGS: more 1-GPU runs with --extra plus "
+                   "FLAGS, a rounding change with the same math (e.g. 'compile_none=--compile none'), compared "
+                   "with A like the N runs")
+    p.add_argument("--runs", default="", help="comma list of the runs to start in this invocation: a, b, each "
+                   "control's name, and n (or each --configs file's name, e.g. deepspeed_zero2); default all that "
+                   "have not finished")
     p.add_argument("--out", type=Path)
 
 
 def run(args, p: argparse.ArgumentParser) -> int:
     configs = {"n": None} if not args.configs else {Path(c).stem: c for c in args.configs.split(",") if c}
-    tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b"}
+    controls = parse_controls(args.controls, p)
+    tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b", **{name: f"curve_1gpu_{name}" for name in controls}}
     tags.update({name: f"curve_{args.gpus}gpu" if config is None else f"curve_{name}_{args.gpus}gpu"
                  for name, config in configs.items()})
     wanted = [r for r in args.runs.split(",") if r] or list(tags)
     if unknown := [r for r in wanted if r not in tags]:
         p.error(f"--runs: unknown {unknown}; choose from {', '.join(tags)}")
-    launches = {"a": (1, None), "b": (1, None), **{name: (args.gpus, config) for name, config in configs.items()}}
+    # (processes, accelerate config, a control's own flags)
+    launches = {"a": (1, None, ""), "b": (1, None, ""), **{name: (1, None, f) for name, f in controls.items()},
+                **{name: (args.gpus, config, "") for name, config in configs.items()}}
     todo = [k for k in wanted if not finished(args, tags[k], *launches[k])]
 
     rcs = {}
-    pair = [k for k in ("a", "b") if k in todo]
-    if gpu_count() == 1:  # one GPU: the pair one after the other (sharing it, each would run at half speed)
-        rcs.update({k: start(args, tags[k], 1, 0).wait() for k in pair})
-    else:
-        runs = {k: start(args, tags[k], 1, gpu) for gpu, k in enumerate(pair)}
+    singles = [k for k in ("a", "b", *controls) if k in todo]
+    gpus = max(1, gpu_count())  # none: a CPU smoke run, one at a time
+    for i in range(0, len(singles), gpus):  # one per GPU at a time (sharing one, each would run at half speed)
+        runs = {k: start(args, tags[k], 1, gpu, flags=launches[k][2]) for gpu, k in enumerate(singles[i:i + gpus])}
         rcs.update({k: proc.wait() for k, proc in runs.items()})
-    for name in (k for k in todo if k not in ("a", "b")):  # one after another: each uses all --gpus GPUs
+    for name in (k for k in todo if k in configs):  # one after another: each uses all --gpus GPUs
         rcs[name] = start(args, tags[name], args.gpus, config=configs[name]).wait()
     if any(rcs.values()):
         raise SystemExit(f"exit codes {rcs}; see the logs in {args.base_dir}")
@@ -119,7 +141,8 @@ def run(args, p: argparse.ArgumentParser) -> int:
     }
     print(f"steps            {'  '.join(f'{w:>10}' for w in result['windows'])}")
     labels = [("a_vs_b_max_rel", "1 GPU vs 1 GPU")]
-    labels += [(f"a_vs_{k}_max_rel", f"1 GPU vs {args.gpus} GPUs" + ("" if k == "n" else f" {k}")) for k in others]
+    labels += [(f"a_vs_{k}_max_rel", f"1 GPU vs 1 GPU {k}" if k in controls else
+                f"1 GPU vs {args.gpus} GPUs" + ("" if k == "n" else f" {k}")) for k in others]
     for key, label in labels:
         print(f"{label:16} {'  '.join(f'{v:10.2e}' for v in result[key])}")
     for k, v in val.items():

@@ -7,6 +7,8 @@ of benchmarks/gpu_extras.sh):
 1. Curves (`curve`): 100-step d12 loss curves of ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on --gpus GPUs against
    the same pair of 1-GPU runs (their gap is the GPU's own run-to-run spread), val bpb every 25 steps. Within
    that spread at every window = the same step math on GPUs; offload outside it = refuse offload with the figure.
+   Two controls, our path with `--compile none` and `--compile blocks` (ZeRO-3's and ZeRO-2's compile), show
+   what a change of rounding alone does: the yardstick for ZeRO runs, which round differently by design.
    d12 at total batch 65,536 = N GPUs x 8 x 2048 x (4/N) accumulation steps: divisible for N = 1, 2, 4, 8.
    --gpus 1 runs ZeRO on one process (still DeepSpeed's partitioned step, accumulation boundary and offload,
    without the collectives between ranks), and the 1-GPU pair one after the other.
@@ -32,6 +34,9 @@ from real_runs import curve, scaling
 
 CONFIGS = REPO / "configs" / "accelerate"
 ZERO_CONFIGS = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+# our own path compiled as ZeRO-3 (not at all) and ZeRO-2 (block by block) are: what that rounding change alone
+# does to the curve, against which the ZeRO runs' gap to A is read (they also run DeepSpeed's Newton-Schulz)
+CONTROLS = "compile_none=--compile none;compile_blocks=--compile blocks"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", choices=("all", "curves", "speed"), default="all",
                    help="all: the curves, then the speed runs (with --gpus 1, the curves alone)")
     p.add_argument("--runs", default="", help="curves: comma list of the runs to start now, of a, b (the 1-GPU "
-                   "pair) and " + ", ".join(ZERO_CONFIGS) + "; default every one not yet finished")
+                   "pair), compile_none, compile_blocks (our path compiled as ZeRO-3 and ZeRO-2 are) and "
+                   + ", ".join(ZERO_CONFIGS) + "; default every one not yet finished")
 
 
 def subcommand_args(module, argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -62,6 +68,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
         rc = curve.run(*subcommand_args(curve, [
             "--base-dir", str(base), "--gpus", gpus, "--depth", "12", "--steps", "100", "--eval-every", "25",
             "--configs", ",".join(str(CONFIGS / f"{name}.yaml") for name in ZERO_CONFIGS), "--runs", args.runs,
+            "--controls", CONTROLS,
             "--out", str(base / f"deepspeed_curves_d12_{gpus}gpu.json")]))
     if args.part == "curves" or args.gpus < 2:
         return rc
