@@ -34,9 +34,11 @@ def caches(model):
     return [m.fp8_weight_cache for m in model.modules() if getattr(m, "fp8_weight_cache", None) is not None]
 
 
-def test_a_step_with_cached_weights_is_the_step_without_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("memory", ["fast", "selective"])
+def test_a_step_with_cached_weights_is_the_step_without_bit_for_bit(monkeypatch, memory):
     """Three optimizer steps of two micro-steps each: the same losses and weights. With the cache each weight is
-    quantised once per step (in `cache_weights`) instead of in every micro-step's forward, and dX reads the
+    quantised once per step (in `cache_weights`) instead of in every micro-step's forward (and, with
+    `--memory selective`, again in the MLP's re-run in backward, which reads the cache too), and dX reads the
     cached column-major copy (the GEMM's operand rule checked on every call)."""
     from accelerate import Accelerator
 
@@ -55,7 +57,7 @@ def test_a_step_with_cached_weights_is_the_step_without_bit_for_bit(monkeypatch)
     accelerator = Accelerator(cpu=True)
     runs = {}
     for weight_cache in (False, True):
-        model = fp8_model(weight_cache)
+        model = build_tiny(fp8=True, fp8_weight_cache=weight_cache, memory=memory)
         linears = sum(isinstance(m, nn.Linear) for m in model.transformer.h.modules())
         optimizers = optim.build_optimizers_for("muon", model)
         batches = iter([tiny_batch(B=2, seed=s) for s in range(6)])
@@ -69,7 +71,9 @@ def test_a_step_with_cached_weights_is_the_step_without_bit_for_bit(monkeypatch)
     (l0, w0, per_step0), (l1, w1, per_step1) = runs[False], runs[True]
     assert l0 == l1 and l0[0] != l0[2]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert (per_step0, per_step1) == (3 * 2, 3)  # every micro-step's forward, against once per step
+    # every micro-step's forward, against once per step; selective re-runs 2 of a block's 6 Linears (the MLP's)
+    # in backward: 3 steps x 2 micro-steps x (6 + 2) quantisations per block, 6 Linears per block
+    assert (per_step0, per_step1) == (3 * 2 if memory == "fast" else 3 * 2 * (6 + 2) // 6, 3)
 
 
 def test_the_cache_is_read_only_inside_a_step_and_follows_the_weights():
