@@ -158,7 +158,8 @@ KERNEL_VARIANTS = {  # name -> the ModelOptions (training flags) it sets
     "fused-fp8": {"kernels": "fused", "fp8": True},
     "fused-fp8-dynamic": {"kernels": "fused", "fp8": True, "fp8_scaling": "dynamic"},
     "fused-fp8-delayed": {"kernels": "fused", "fp8": True, "fp8_scaling": "delayed"},
-    "fused-fp8-cache": {"kernels": "fused", "fp8": True, "fp8_weight_cache": "on"},
+    # `fused-fp8` caches its FP8 weights once per step (`--fp8_weight_cache auto`); this one quantises per micro-step
+    "fused-fp8-nocache": {"kernels": "fused", "fp8": True, "fp8_weight_cache": "off"},
     "fused-model": {"kernels": "fused", "compile": "model", "cuda_graphs": "off"},
     "fused-fp8-model": {"kernels": "fused", "fp8": True, "compile": "model", "cuda_graphs": "off"},
     "fused-cg": {"kernels": "fused", "compile": "model", "cuda_graphs": "on"},
