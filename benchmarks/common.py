@@ -302,6 +302,9 @@ def write_source_corpus(out_dir: Path, max_chars: int, shards: int = 12, roots: 
     return total
 
 
+DATA_RECIPE = "data_recipe.json"  # make_data's options, beside the shards it wrote
+
+
 def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python",
               suffixes: tuple[str, ...] = TEXT_SUFFIXES, tokenizer_chars: int = 2_000_000_000,
               val_every: int = 12) -> None:
@@ -313,6 +316,11 @@ def make_data(base: Path, max_chars: int, vocab_size: int, roots: str = "python"
     subprocess.run(cli + ["tokenizer", "--base-dir", str(base), "--vocab-size", str(vocab_size),
                     "--max-chars", str(tokenizer_chars), "--force"], check=True)
     subprocess.run(cli + ["prep", "--base-dir", str(base), "--quiet", "--force"], check=True)
+    # how the shards were made, for the summaries of runs on them (a later command that trains on the same
+    # base dir without --make-data would otherwise record its own default data options)
+    write_json(base / DATA_RECIPE, {"max_chars": max_chars, "vocab_size": vocab_size, "roots": roots,
+                                    "suffixes": list(suffixes), "tokenizer_chars": tokenizer_chars,
+                                    "val_every": val_every, "characters": chars})
     print(f"data: {chars:,} characters -> tokenizer + shards in {time.time() - t0:.0f}s", flush=True)
 
 

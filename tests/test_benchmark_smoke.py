@@ -216,6 +216,13 @@ def test_runs_quality_cpu_smoke(tmp_path):
     torch_v, fp8_v = summary["variants"]["torch"], summary["variants"]["fp8"]
     assert torch_v["spread"] == max(torch_v["finals"]) - min(torch_v["finals"])
     assert "delta_vs_exact" in fp8_v and len(fp8_v["train_s_to_exact_final"]) == 2
+    # the tokens it ran on: the shards' fingerprint, per run too (runs from several summaries are compared by
+    # it); no --make-data here, so no data recipe, and none of --make-data's options in its args either
+    from nanochat_unsloth.shards.manifest import ShardManifest
+    sha = ShardManifest.load(base / "shards").fingerprint()
+    assert summary["data"] == {"shards_sha256": sha, "recipe": None}
+    assert {r["shards_sha256"] for r in summary["runs"].values()} == {sha}
+    assert "text_roots" not in summary["args"] and summary["args"]["depth"] == "2"
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode == 0 and "4 already finished" in again.stdout, again.stdout[-2000:]
@@ -235,6 +242,23 @@ def test_runs_quality_cpu_smoke(tmp_path):
     twice = subprocess.run([*RUNS, "quality", "--from", f"{parts[0]},{parts[0]}"], capture_output=True, text=True,
                            timeout=120, cwd=REPO)
     assert twice.returncode == 2 and "is in two files" in twice.stderr
+    # runs on other shards do not compare: refused in one line; a run that recorded no fingerprint is noted
+    other = json.loads(Path(parts[1]).read_text())
+    for r in other["runs"].values():
+        r["shards_sha256"] = "f" * 64
+    Path(parts[1]).write_text(json.dumps(other))
+    mixed = subprocess.run([*RUNS, "quality", "--from", ",".join(parts)], capture_output=True, text=True, timeout=120,
+                           cwd=REPO)
+    assert mixed.returncode == 2 and "trained on different shards" in mixed.stderr, mixed.stderr[-1000:]
+    error = mixed.stderr.strip().splitlines()[-1]  # argparse's usage, then the error in one line
+    assert error.startswith("runs.py quality: error: --from: the runs trained on different shards")
+    assert f"{sha[:12]}: ['torch_s1', 'torch_s2']; ffffffffffff: ['fp8_s1', 'fp8_s2']" in error
+    for r in other["runs"].values():
+        del r["shards_sha256"]
+    Path(parts[1]).write_text(json.dumps(other))
+    unchecked = subprocess.run([*RUNS, "quality", "--from", ",".join(parts)], capture_output=True, text=True,
+                               timeout=120, cwd=REPO)
+    assert unchecked.returncode == 0 and "fp8_s1, fp8_s2 recorded no shard fingerprint" in unchecked.stdout
 
     refused = subprocess.run(cmd[:cmd.index("--tokens") + 1] + ["10000000"] + cmd[cmd.index("--tokens") + 2:],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -278,6 +302,12 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     assert fp8["train_s_to_exact_final"] == [None, 4.0]  # seed 2: its step-2 evaluation, after 2 steps of 2 s
     # the exact runs reach fp8's mean (1.760) at their step-4 evaluation (8 s) against fp8's 8 s of steps
     assert fp8["exact_s_to_this_final"] == [8.0, 8.0] and fp8["equal_bpb_speedup_at_most"] == 1.0
+    # the same in steps, for runs on two machines: the exact runs cross 1.760 between step 2 (1.9) and step 4
+    # (1.750, 1.745): 2 + 2 * (1.9 - 1.76) / (1.9 - final); over fp8's 4 steps, times --step-speedup's 1.2
+    exact_steps = [2 + 2 * (1.9 - 1.76) / (1.9 - final) for final in (1.750, 1.745)]
+    assert fp8["exact_steps_to_this_final"] == pytest.approx(exact_steps, rel=1e-12)
+    assert fp8["steps_ratio_at_most"] == pytest.approx((sum(exact_steps) / 2) / 4, rel=1e-12)
+    assert fp8["equal_bpb_speedup_at_most_from_steps"] == pytest.approx(fp8["steps_ratio_at_most"] * 1.2, rel=1e-12)
 
 
 def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tmp_path):

@@ -34,7 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import args_record, gpu_count, make_data, run_log, start_training, write_json
+from common import DATA_RECIPE, args_record, gpu_count, make_data, run_log, start_training, write_json
 
 from nanochat_unsloth.common import EXIT_INTERRUPTED, EXIT_STOPPED  # plain constants: no torch at import
 
@@ -52,12 +52,23 @@ START = time.time()  # --deadline counts from here: a --make-data in the same co
 # 150M never-repeated tokens need several hundred MB of text: the Python installation's sources and docs alone
 # gave 120M characters (27M tokens) on the GPU image, so headers and sources of C/C++/CUDA and system docs too
 TEXT_ROOTS = "python,/usr/include,/usr/local/include,/usr/local/cuda/include,/usr/share/doc"
+# --make-data's options: recorded only by the command that used them (the shards' own recipe is data_recipe.json)
+DATA_OPTIONS = ("max_chars", "text_roots", "text_suffixes", "val_every", "tokenizer_chars")
 TEXT_SUFFIXES = (".py", ".pyi", ".md", ".rst", ".txt", ".h", ".hpp", ".hxx", ".c", ".cc", ".cpp", ".cu", ".cuh")
 
 
 def train_tokens(base_dir: Path) -> int:
     manifest = json.loads((base_dir / "shards" / "manifest.json").read_text())
     return sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+
+
+def shards_sha256(base_dir: Path) -> str:
+    """The fingerprint of the tokens the runs train and evaluate on (ShardManifest.fingerprint, as a checkpoint
+    records it): runs compared across invocations, or machines, must share it, since val bpb on other val
+    tokens is another number."""
+    from nanochat_unsloth.shards.manifest import ShardManifest
+
+    return ShardManifest.load(base_dir / "shards").fingerprint()
 
 
 def branch(args, tag: str) -> list[str]:
@@ -104,7 +115,8 @@ def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
     return evaluated_to_the_end(evals, num_iterations)
 
 
-def summarize(args, runs: list[tuple[str, int]], num_iterations: int) -> dict:
+def summarize(args, runs: list[tuple[str, int]], num_iterations: int, data: str | None = None) -> dict:
+    """The runs' records and statistics; `data`: the shards' fingerprint, recorded with each run."""
     out = {"runs": {}, "variants": {}}
     for variant, seed in runs:
         tag = f"q_{variant}_s{seed}"
@@ -121,7 +133,7 @@ def summarize(args, runs: list[tuple[str, int]], num_iterations: int) -> dict:
             "final_step": evals[-1]["step"] if evals else None,
             "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "elapsed_at_step": elapsed,
             "smooth_loss": [m["smooth_loss"] for m in metrics],
-            "finished": evaluated_to_the_end(evals, num_iterations),
+            "finished": evaluated_to_the_end(evals, num_iterations), "shards_sha256": data,
         }
     variant_stats(out, args.variants.split(","), parse_step_speedup(args.step_speedup))
     for r in out["runs"].values():
@@ -169,8 +181,16 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
         exact_steps = statistics.fmean(r["final_step"] for r in runs if r["variant"] == EXACT)
         v["steps_to_exact_final"] = [steps_to_reach(r, exact["mean"]) for r in runs if r["variant"] == variant]
         v["steps_ratio"] = [exact_steps / s if s else None for s in v["steps_to_exact_final"]]
+        # and the other way round in steps: the exact path's steps to this variant's mean final bpb over this
+        # variant's own steps (an upper bound, as in seconds above), for a variant that never gets there
+        v["exact_steps_to_this_final"] = [steps_to_reach(r, v["mean"]) for r in runs if r["variant"] == EXACT]
+        own_steps = statistics.fmean(r["final_step"] for r in runs if r["variant"] == variant)
+        v["steps_ratio_at_most"] = (statistics.fmean(v["exact_steps_to_this_final"]) / own_steps
+                                    if None not in v["exact_steps_to_this_final"] else None)
         if variant in step_speedup:
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
+            v["equal_bpb_speedup_at_most_from_steps"] = (v["steps_ratio_at_most"] * step_speedup[variant]
+                                                         if v["steps_ratio_at_most"] else None)
 
 
 def first_reaching(run: dict, bpb: float) -> tuple[tuple | None, tuple] | None:
@@ -252,11 +272,26 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
             if name in runs:
                 p.error(f"--from {path}: run {name} is in two files; pass each run once")
             runs[name] = run
+    check_same_data(p, runs)
     summary = {"runs": runs, "variants": {}, "from": args.from_}
     variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())),
                   parse_step_speedup(args.step_speedup))
     report(summary, args)
     return 0
+
+
+def check_same_data(p: argparse.ArgumentParser, runs: dict) -> None:
+    """Runs from several summaries compare only on the same tokens: two shard fingerprints is an error. A run
+    from before summaries recorded one (2026-12-06) is compared unchecked, and the report says so."""
+    known = {name: r["shards_sha256"] for name, r in runs.items() if r.get("shards_sha256")}
+    if len(set(known.values())) > 1:
+        by_data = {}
+        for name, sha in known.items():
+            by_data.setdefault(sha[:12], []).append(name)
+        p.error(f"--from: the runs trained on different shards ({'; '.join(f'{k}: {v}' for k, v in by_data.items())})"
+                "; compare runs made from one --make-data recipe and check each summary's shards_sha256")
+    if unknown := [name for name in runs if name not in known]:
+        print(f"note: {', '.join(unknown)} recorded no shard fingerprint; their data is not checked against the others'")
 
 
 def parse_step_speedup(text: str) -> dict[str, float]:
@@ -292,8 +327,10 @@ def print_summary(summary: dict) -> None:
                      f"steps' seconds to {EXACT}'s final bpb: {v['train_s_to_exact_final']} | {EXACT}'s seconds to "
                      f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
                      f"{v['equal_bpb_speedup_at_most']} | steps to {EXACT}'s final bpb: {v['steps_to_exact_final']}, "
-                     f"step ratio {v['steps_ratio']}"
-                     + (f", equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']}"
+                     f"step ratio {v['steps_ratio']} | {EXACT}'s steps to this mean: {v['exact_steps_to_this_final']}, "
+                     f"step ratio at most {v['steps_ratio_at_most']}"
+                     + (f" | equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']}, at most "
+                        f"{v['equal_bpb_speedup_at_most_from_steps']}"
                         if "equal_bpb_speedup_from_steps" in v else ""))
         print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
 
@@ -392,8 +429,12 @@ def run(args, p: argparse.ArgumentParser) -> int:
                       flush=True)
                 proc.kill()
 
-    summary = summarize(args, runs, num_iterations)
-    summary["args"] = args_record(args)
+    data = shards_sha256(args.base_dir)
+    summary = summarize(args, runs, num_iterations, data)
+    summary["args"] = {k: v for k, v in args_record(args).items() if args.make_data or k not in DATA_OPTIONS}
+    recipe = args.base_dir / DATA_RECIPE
+    summary["data"] = {"shards_sha256": data,
+                       "recipe": json.loads(recipe.read_text()) if recipe.exists() else None}
     summary["num_iterations"], summary["train_tokens_available"] = num_iterations, available
     report(summary, args)
     if paused and not failed:
