@@ -301,10 +301,14 @@ def test_cuda_graphs_train_like_the_plain_whole_model_graph(state, kernels, fp8)
 def test_fp8_weight_cache_trains_like_the_uncached_step(state, compile_mode, cuda_graphs):
     """`--fp8_weight_cache on`: each block weight quantised eagerly once per optimizer step, against the compiled
     blocks quantising it in every micro-step (per-block compile, and the whole-model graph replayed as CUDA
-    graphs, which must read the cached copies in place). The same function of the same weights; only a scale
-    that Inductor's division rounds differently from eager's could change an e4m3 value. Three steps of four
-    micro-batches; bound 1e-4 relative on every loss, the bound of the CUDA-graph test above, whose measured
-    run-to-run noise (the embedding backward's atomic adds) was at most 5e-6."""
+    graphs, which must read the cached copies in place). The same function of the same weights, but the cache
+    quantises eagerly and the uncached step inside Inductor's graph, whose cast rounds a few elements
+    differently: the first step's losses, same weights, already differ by up to 3e-6, and this model's early
+    steps amplify any difference (its loss rises 11.14 -> 11.24 over the three). Measured on H100s
+    (2026-12-06, four runs): 1.8e-5 to 7.8e-5 relative over three steps of four micro-batches. Bound 2e-4,
+    2.5x the largest, and far below what the faults it guards against cost: a copy one step stale, or one a
+    CUDA graph captured and never saw rewritten, runs steps 2-3 on older weights, and each step here moves the
+    loss by ~5e-3 relative (11.14 -> 11.20 -> 11.24 on uniformly random tokens, whose batches differ little)."""
     from accelerate import Accelerator
 
     from test_convert import reset_accelerate
@@ -325,4 +329,4 @@ def test_fp8_weight_cache_trains_like_the_uncached_step(state, compile_mode, cud
     gap = max(abs(a - b) / abs(a) for a, b in zip(runs[False], runs[True]))
     print(f"\n[fp8 weight cache, {compile_mode}{' + CUDA graphs' if cuda_graphs else ''}] losses {runs[False]} vs "
           f"{runs[True]}: max rel gap {gap:.2e}")
-    assert gap < 1e-4
+    assert gap < 2e-4
