@@ -398,9 +398,10 @@ def fp8_linear(x: Tensor, layer: nn.Linear) -> Tensor:
 # of the fp32 weight for its amax, another for the cast) and, where the compiler's partitioner recomputes the
 # cast rather than keep its result, in the backward too, plus the column-major copy dX reads. With
 # `--fp8_weight_cache` the training step quantises every block weight once, before its first micro-step, into
-# tensors the blocks read (the same function on the same weight: the same values), and switches the copies
-# off when it ends, so nothing outside a step's micro-steps (evaluation, tests, a benchmark's own forward) can
-# read a copy older than its weight. The price is 2 bytes per block parameter, held for the whole run.
+# tensors the blocks read (the same function on the same weight, though eager: Inductor's in-graph cast may
+# round a few elements differently), and switches the copies off when it ends, so nothing outside a step's
+# micro-steps (evaluation, tests, a benchmark's own forward) can read a copy older than its weight. The price is
+# 2 bytes per block parameter, held for the whole run.
 
 
 class WeightCache:
