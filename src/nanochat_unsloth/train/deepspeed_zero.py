@@ -172,6 +172,17 @@ def check_config(config: dict, source: str, *, optimizer: str = "muon", fp8: boo
     if config.get("managed_gradient_accumulation", True) is not True:
         refuse("managed_gradient_accumulation", "must be left at its default (true): the run marks the "
                                                 "accumulation boundary itself", "remove it")
+    # checkpoint/store.py hashes the shards, writes meta.json, renames the directory into place and prunes the
+    # older checkpoints as soon as save_state returns on every rank: DeepSpeed's other writers (FastPersist, its
+    # decoupled and mock writers, DataStates) may still be writing then, write nothing, or write on node-local
+    # disks rank 0 cannot see, so a partial checkpoint would be trusted and the good ones deleted
+    writers = (("checkpoint.writer", _get(config, "checkpoint.writer") is not None),
+               ("datastates_ckpt", config.get("datastates_ckpt", False) is not False),
+               ("checkpoint.use_node_local_storage", _enabled(_get(config, "checkpoint.use_node_local_storage"))))
+    for setting, on in writers:
+        if on:
+            refuse(setting, "changes how DeepSpeed writes its checkpoint files, which must all be on one shared disk "
+                            "when save_state returns", f"remove {setting} (the run uses DeepSpeed's default writer)")
     if optimizer != "muon":
         raise UserError(f"--optimizer {optimizer}: not supported under DeepSpeed (DeepSpeed's Muon with AdamW is); "
                         "use --optimizer muon or another accelerate config")
