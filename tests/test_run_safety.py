@@ -96,6 +96,46 @@ def test_non_finite_weights_are_never_saved_nor_prune(tmp_path):
     assert not (run_dir / ".step_000002.tmp").exists()
 
 
+def test_every_file_of_a_new_checkpoint_is_on_disk_before_the_older_one_is_pruned(tmp_path, monkeypatch):
+    """A machine that dies after a save (a preempted VM, a power cut) keeps what was fsynced: the older
+    checkpoint's removal must not reach the disk before the new one's files (each rank's shards, in a
+    sub-directory as DCP and DeepSpeed write them), its directories and its rename do."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 4))
+    run_dir = tmp_path / "run"
+    ckpt.save_checkpoint(accelerator, run_dir, 1, RunMeta(), keep_last=1)
+    synced, at_prune = [], []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+    final = run_dir / ckpt.step_dir_name(2)
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((path, final.exists()))
+        real_fsync(fd)
+
+    def rmtree(path, *a, **k):
+        if Path(path).name == ckpt.step_dir_name(1):
+            at_prune.append(list(synced))
+        real_rmtree(path, *a, **k)
+
+    def write_state(out: Path):
+        (out / "dcp").mkdir()
+        for rank in range(2):
+            (out / "dcp" / f"__{rank}_0.distcp").write_bytes(os.urandom(256))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    ckpt.save_checkpoint(accelerator, run_dir, 2, RunMeta(), keep_last=1, models=[model], write_state=write_state)
+    assert steps_of(run_dir) == [2] and len(at_prune) == 1
+    tmp = run_dir / f".{final.name}.tmp"
+    before = {p.relative_to(tmp).as_posix() for p, _ in at_prune[0] if p.is_relative_to(tmp)}
+    want = {p.relative_to(final).as_posix() for p in final.rglob("*")} | {"."}
+    assert want <= before, sorted(want - before)
+    assert any(p == run_dir and renamed for p, renamed in at_prune[0]), "the rename is not on disk before the prune"
+
+
 def test_eval_convert_and_resume_refuse_non_finite_weights(base, tmp_path, capsys):
     from nanochat_unsloth.cli import convert as convert_main
     from nanochat_unsloth.eval.cli import main as eval_main

@@ -134,7 +134,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except (OSError, RuntimeError) as e:
         if not is_disk_failure(e):
             raise
@@ -171,12 +171,12 @@ def atomic_file_set(directory: str | os.PathLike, names: Sequence[str],
         for path in staged.values():
             _fsync_file(path)
         key.unlink(missing_ok=True)
-        _fsync_dir(directory)  # the key's removal is on disk before any new file lands
+        fsync_dir(directory)  # the key's removal is on disk before any new file lands
         for name in stale:
             (directory / name).unlink(missing_ok=True)
         for name in names:
             os.replace(staged[name], directory / name)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except (OSError, RuntimeError) as e:
         if not is_disk_failure(e):
             raise
@@ -270,7 +270,17 @@ def _fsync_file(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_tree(directory: Path) -> None:
+    """Every file and directory under `directory`, and itself, on disk (whichever process wrote them)."""
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            _fsync_file(path)
+    fsync_dir(Path(directory))
+
+
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:

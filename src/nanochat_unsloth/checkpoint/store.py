@@ -31,7 +31,8 @@ from nanochat_unsloth.checkpoint import sharded
 from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
-                                     hold_lock, is_disk_failure, make_dirs, sha256_file, uninterruptible)
+                                     fsync_dir, fsync_tree, hold_lock, is_disk_failure, make_dirs, sha256_file,
+                                     uninterruptible)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
@@ -157,9 +158,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
             sha256 = {name: sha256_file(tmp / name) for name in files}
             saved = dataclasses.replace(meta, step=step, files=files, sha256=sha256, complete=True)
             atomic_write_json(tmp / META_NAME, saved.to_dict())
+            # a machine that dies after the prune below (a preempted VM, a power cut) keeps only what reached
+            # the disk: the new checkpoint (every rank's files) and its rename must, before the old ones go
+            fsync_tree(tmp)
             if final.exists():  # the same step saved again: newest wins
                 shutil.rmtree(final)
             tmp.rename(final)
+            fsync_dir(run_dir)
     except Exception as e:
         if not (isinstance(e, UserError) or _is_write_failure(e)):
             raise
