@@ -118,3 +118,27 @@ def test_launch_node_refuses_without_its_environment(missing, words):
                          text=True, timeout=30)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+
+
+def test_nodes_that_do_not_share_the_base_dir_are_refused_before_training(tmp_path):
+    """Two nodes, each with its own copy of the base dir (a node-local disk): the main process alone would
+    checksum, rename and prune checkpoints that lack node 1's files. Both nodes refuse in one line naming the
+    rank that cannot see the run dir, before the model is built; nothing is trained or saved."""
+    import shutil
+
+    bases = [make_train_base_dir(tmp_path / "base0")]
+    bases.append(Path(shutil.copytree(bases[0], tmp_path / "base1")))
+    env = {k: v for k, v in _env(tmp_path).items() if not k.startswith("SLURM_")}
+    env.update({"NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    nodes = [subprocess.Popen(["bash", "configs/launch_node.sh", *_train_args(base, "local")], cwd=REPO,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank, base in enumerate(bases)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode != 0, out[-2000:]
+        assert "rank 1 on " in err and "cannot read what rank 0 writes there; put --base_dir on a file system " \
+            "every node sees" in err, err[-3000:]
+    for base in bases:
+        assert not list(ckpt.list_checkpoints(base / "runs" / "local"))
+        assert not (base / "runs" / "local" / "metrics.jsonl").exists()
+        assert not (base / "runs" / "local" / ckpt.SHARED_PROBE).exists()

@@ -37,6 +37,7 @@ from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
 LOCK_NAME = ".lock"  # one writer per run dir: a training run, or convert's import
+SHARED_PROBE = ".shared_probe"  # check_run_dir_shared's token, there only while the ranks read it
 MODEL_FILE = "model.safetensors"
 # Accelerate's save_state names the DeepSpeed checkpoint's tag (its sub-directory) after the model file
 DEEPSPEED_TAG = "pytorch_model"
@@ -53,6 +54,36 @@ def lock_run(run_dir: Path) -> FileLock:
     run_dir = make_dirs(Path(run_dir))
     return hold_lock(run_dir / LOCK_NAME, f"run tag {run_dir.name!r}",
                      "wait for that run to finish (or stop it), or pass another --model_tag")
+
+
+def check_run_dir_shared(accelerator, run_dir: Path) -> None:
+    """Every process must see the run dir the main process writes: the main process alone checksums, marks
+    complete and renames each checkpoint (every rank's shards included) and prunes the older ones, and every
+    rank reads that copy on `--resume`. A base dir on each node's own disk would leave checkpoints that look
+    complete on node 0 yet lack the other nodes' shards, with the good ones pruned. So before anything is
+    built: the main process writes a random token there, every rank reads it back, and if any cannot, every
+    rank refuses in one line (all of them see the same gathered answers, so none is left waiting)."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+    import socket
+
+    from accelerate.utils import gather_object
+
+    probe = Path(run_dir) / SHARED_PROBE
+    if accelerator.is_main_process:
+        atomic_write_json(probe, secrets.token_hex(16))
+    accelerator.wait_for_everyone()
+    try:
+        seen = probe.read_text()
+    except OSError:
+        seen = None
+    views = gather_object([(seen, socket.gethostname())])  # after it, every rank has read: the probe can go
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    if blind := [f"rank {rank} on {host}" for rank, (read, host) in enumerate(views) if read != views[0][0]]:
+        raise UserError(f"{run_dir}: {', '.join(blind)} cannot read what rank 0 writes there; put --base_dir on a "
+                        "file system every node sees (NFS, Lustre, ...), at the same path on each")
 
 
 def optimizer_file(index: int) -> str:

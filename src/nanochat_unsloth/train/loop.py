@@ -291,6 +291,7 @@ def _start_session(cfg: TrainConfig, locks: list) -> _Session:
     # with it (the launcher stops every worker when one fails)
     if accelerator.is_main_process:
         locks.append(store.lock_run(run_dir))
+    store.check_run_dir_shared(accelerator, run_dir)  # several nodes: one base dir that all of them see
     return _Session(accelerator, device, device_type, accelerator.process_index, world_size,
                     accelerator.is_main_process, print0, base_dir, run_dir, resolved, tracker_names)
 
