@@ -119,6 +119,33 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, tiny_shards_dir, t
     assert dir_bytes(out2) == reference
 
 
+def test_a_resume_refuses_shards_its_state_lists_but_that_are_gone(tmp_path, tiny_corpus_dir, tiny_tokenizer_dir):
+    """Shards deleted or cut short under a kept prep_state.json (an `rm *.bin` to start over): the resume
+    trusts the state's list, so it must refuse rather than write a manifest naming files that are not there."""
+    out = tmp_path / "out"
+    assert not prep(out, tiny_corpus_dir, tiny_tokenizer_dir, stop_after_shards=2).complete
+    whole = (out / "val_000001.bin").read_bytes()
+    (out / "val_000001.bin").write_bytes(whole[:-2])  # one token short: the header no longer matches the size
+    with pytest.raises(UserError, match=r"prep_state\.json lists val_000001\.bin as finished.*--force"):
+        prep(out, tiny_corpus_dir, tiny_tokenizer_dir)
+    (out / "val_000001.bin").unlink()
+    with pytest.raises(UserError, match=r"prep_state\.json lists val_000001\.bin as finished.*--force"):
+        prep(out, tiny_corpus_dir, tiny_tokenizer_dir)
+    assert not (out / "manifest.json").exists()
+    assert prep(out, tiny_corpus_dir, tiny_tokenizer_dir, force=True).complete
+
+
+def test_an_unreadable_state_file_is_refused_naming_force_which_clears_it(tmp_path, tiny_corpus_dir,
+                                                                         tiny_tokenizer_dir):
+    """A prep_state.json that is not JSON (a file system that kept the name but lost the data in a crash)."""
+    out = tmp_path / "out"
+    assert not prep(out, tiny_corpus_dir, tiny_tokenizer_dir, stop_after_shards=1).complete
+    (out / STATE_NAME).write_text('{"shards": [')
+    with pytest.raises(UserError, match=r"unreadable prep_state\.json; pass --force"):
+        prep(out, tiny_corpus_dir, tiny_tokenizer_dir)
+    assert prep(out, tiny_corpus_dir, tiny_tokenizer_dir, force=True).complete
+
+
 def test_rerun_of_a_finished_prep_is_a_no_op(tmp_path, tiny_shards_dir, tiny_corpus_dir, tiny_tokenizer_dir):
     out = tmp_path / "shards"
     shutil.copytree(tiny_shards_dir, out)

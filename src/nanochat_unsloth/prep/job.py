@@ -41,7 +41,7 @@ import numpy as np
 from nanochat_unsloth.common import UserError, atomic_write_json, hold_lock, make_dirs, read_json
 from nanochat_unsloth.prep.sources import DEFAULT_VAL_DOCS, DEFAULT_VAL_FILES, Source, open_source
 from nanochat_unsloth.tokenizer import TOKENIZER_PKL, bos_id, check_token_bytes, load_tokenizer
-from nanochat_unsloth.shards.format import check_vocab_fits, write_shard
+from nanochat_unsloth.shards.format import check_vocab_fits, read_shard_header, write_shard
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
 
 STATE_NAME = "prep_state.json"
@@ -227,6 +227,16 @@ def manifest_source(described: dict, max_tokens: int | None, max_val_tokens: int
     }
 
 
+def read_state(path: Path) -> dict | None:
+    """prep_state.json, or None when it is not a JSON object (a file system that kept the name but lost the
+    data in a crash): the caller refuses naming --force, which deletes it unread."""
+    try:
+        state = read_json(path, "prep progress file")
+    except UserError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def fresh_state(fingerprint: dict, first_doc: int = 0) -> dict:
     """prep_state.json of a prep that has written nothing yet."""
     return {"fingerprint_sha256": _fingerprint_sha(fingerprint), "fingerprint": fingerprint, "shards": [],
@@ -356,19 +366,38 @@ class PrepJob:
                 options["shard_tokens"] = manifest.shard_tokens
                 self._refuse(self._difference(asdict(manifest.tokenizer), manifest.source, options,
                                               manifest.source.get(PART_KEY)))
-        elif state_path.exists():
-            state = read_json(state_path, "prep progress file")
-            if self._same_prep(state.get("fingerprint_sha256")) and not self.cfg.force:
+        elif state_path.exists() and not self.cfg.force:  # --force deletes it unread: it may be what is broken
+            state = read_state(state_path)
+            if state is None:
+                self._refuse(f"have an unreadable {STATE_NAME}", whose="the shards of its unfinished prep")
+            if self._same_prep(state.get("fingerprint_sha256")):
+                self._check_finished_shards(state)
                 return state
-            if not self.cfg.force:
-                fp = state.get("fingerprint", {})
-                options = {k: fp.get(k) for k in ("shard_tokens", "max_tokens", "max_val_tokens")}
-                self._refuse(self._difference(fp.get("tokenizer", {}), fp.get("source", {}), options, fp.get(PART_KEY)),
-                             whose="the shards of its unfinished prep")
+            fp = state.get("fingerprint", {})
+            options = {k: fp.get(k) for k in ("shard_tokens", "max_tokens", "max_val_tokens")}
+            self._refuse(self._difference(fp.get("tokenizer", {}), fp.get("source", {}), options, fp.get(PART_KEY)),
+                         whose="the shards of its unfinished prep")
         elif any(OWNED.match(p.name) and p.suffix == ".bin" for p in self.out.iterdir()) and not self.cfg.force:
             self._refuse("have no manifest.json or prep_state.json, so their origin is unknown")
         self.deleted = self._clear_out_dir()
         return fresh
+
+    def _check_finished_shards(self, state: dict) -> None:
+        """The shards the state lists as finished are still there, whole (header against size and count): the
+        manifest will list them without reading them again, so a shard deleted or cut short since (an `rm *.bin`
+        that kept the state) would be named by a manifest the loader then refuses."""
+        for entry in state["shards"]:
+            path = self.out / entry["file"]
+            try:
+                header = read_shard_header(path)
+                intact = (header.ntok, header.vocab_size, header.bos_id) == (
+                    entry["tokens"], self.tokenizer.vocab_size, self.tokenizer.bos_id)
+            except UserError:
+                intact = False
+            if not intact:
+                raise UserError(f"--out {self.out}: {STATE_NAME} lists {entry['file']} as finished, but it is missing "
+                                "or not the shard prep wrote there (deleted or cut short?); pass --force to delete "
+                                "this --out's shards and prep from scratch, or choose another --out")
 
     # ---- running --------------------------------------------------------------------------------
     def run(self) -> PrepResult:
