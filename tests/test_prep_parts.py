@@ -7,12 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nanochat_unsloth.cli import normalize_flags
 from nanochat_unsloth.common import UserError
 from nanochat_unsloth.prep import prep_cli
 from nanochat_unsloth.prep.job import PrepConfig, run_prep
+from nanochat_unsloth.shards.format import open_shard_tokens, write_shard
 from nanochat_unsloth.shards.manifest import ShardManifest
 from nanochat_unsloth.train.config import parse_train_args
 from nanochat_unsloth.train.loop import train
@@ -111,3 +113,36 @@ def test_split_prep_refusals(part_dirs, tiny_corpus_dir, tiny_tokenizer_dir, tmp
     # another part's --out is never taken for this part's
     with pytest.raises(UserError, match="its shards are part 0 of 3, not part 1 of 3"):
         _prep_part(tiny_corpus_dir, tiny_tokenizer_dir, part_dirs[0], 1)
+
+
+def test_a_part_replaced_after_its_check_is_refused_not_merged(part_dirs, tmp_path, monkeypatch):
+    """The parts are checksummed before the merge writes; a part re-prepped on its host after that (`prep --force`
+    with other flags) must not slip its new tokens into shards the merged manifest then vouches for."""
+    parts = [tmp_path / f"p{i}" for i in range(PARTS)]
+    for src, dst in zip(part_dirs, parts):
+        shutil.copytree(src, dst)
+    victim = parts[1] / ShardManifest.load(parts[1]).shards_for("train")[0].file
+    original_verify = ShardManifest.verify
+
+    def verify_then_replace(self, shards_dir, *args, **kwargs):
+        original_verify(self, shards_dir, *args, **kwargs)
+        if Path(shards_dir) == parts[-1]:  # every part checked: now the victim changes under the merge
+            tokens = np.array(open_shard_tokens(victim))
+            i = int(np.flatnonzero(tokens != tokens[0])[0])  # a text token (tokens[0] is a document's BOS)
+            tokens[i] = tokens[i] + 1 if tokens[i] + 1 != tokens[0] else tokens[i] + 2
+            write_shard(victim, tokens, self.tokenizer.vocab_size, self.tokenizer.bos_id)
+
+    monkeypatch.setattr(ShardManifest, "verify", verify_then_replace)
+    merged = tmp_path / "merged"
+    with pytest.raises(UserError, match=rf"{victim.name}: missing or not the shard its part's manifest lists"):
+        prep_cli.main(["merge", *map(str, parts), "--out", str(merged), "--quiet"])
+    assert not (merged / "manifest.json").exists()
+
+
+def test_merge_over_an_unreadable_state_file(part_dirs, tmp_path):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "prep_state.json").write_text("")  # the name kept, the data lost in a crash
+    with pytest.raises(UserError, match=r"unreadable prep_state\.json.*--force"):
+        prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet"])
+    assert prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet", "--force"]) == 0

@@ -15,18 +15,18 @@ manifests carry all it needs.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nanochat_unsloth.common import (FlagParser, UserError, atomic_write_json, get_base_dir, hold_lock, make_dirs,
-                                     read_json)
+from nanochat_unsloth.common import FlagParser, UserError, atomic_write_json, get_base_dir, hold_lock, make_dirs
 from nanochat_unsloth.prep.job import (LOCK_NAME, MANIFEST_SOURCE_KEYS, MIN_VAL_TOKENS, OWNED, PART_KEY, PARTS_DIR,
                                        SPLIT_ORDER, STATE_NAME, _fingerprint_sha, fresh_state, manifest_source,
-                                       whole_fingerprint)
-from nanochat_unsloth.shards.format import open_shard_tokens, write_shard
+                                       read_state, whole_fingerprint)
+from nanochat_unsloth.shards.format import HEADER_BYTES, write_shard
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest
 
 
@@ -106,9 +106,12 @@ def _prepare_out(out: Path, sha: str, force: bool, progress: bool) -> ShardManif
         if not same and not force:
             raise UserError(f"--out {out}: holds the shards of another prep; pass --force to delete them, or choose "
                             "another --out")
-    elif state_path.exists():
-        state = read_json(state_path, "prep progress file")
-        if state.get("fingerprint_sha256") != sha and not force:
+    elif state_path.exists() and not force:  # --force deletes it unread: it may be what is broken
+        state = read_state(state_path)
+        if state is None:
+            raise UserError(f"--out {out}: holds an unfinished prep with an unreadable {STATE_NAME}; pass --force to "
+                            "delete its shards, or choose another --out")
+        if state.get("fingerprint_sha256") != sha:
             raise UserError(f"--out {out}: holds an unfinished prep of something else; pass --force to delete its "
                             "shards, or choose another --out")
     elif any(OWNED.match(p.name) and p.suffix == ".bin" for p in out.iterdir()) and not force:
@@ -118,6 +121,20 @@ def _prepare_out(out: Path, sha: str, force: bool, progress: bool) -> ShardManif
         if OWNED.match(path.name) and path.is_file():
             path.unlink()
     return None
+
+
+def _part_tokens(path: Path, sha256: str) -> np.ndarray:
+    """A part's shard as read now, checked against the sha256 its part's manifest lists. The parts were checked
+    before the merge began, but a part re-prepped since on its host (`prep --force`) would otherwise slip other
+    tokens into shards that the merged manifest, checksumming what it wrote, then vouches for."""
+    try:
+        raw = path.read_bytes()  # one read: what is checked is what is merged (a rename cannot swap it midway)
+    except FileNotFoundError:
+        raw = b""
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise UserError(f"{path}: missing or not the shard its part's manifest lists (replaced since the merge "
+                        "checked it: is that part being prepped again?); let that prep finish, then merge again")
+    return np.frombuffer(raw, dtype="<u2", offset=HEADER_BYTES)
 
 
 def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_TOKENS, force: bool = False,
@@ -162,7 +179,7 @@ def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_
 
                 for d, m in parts:
                     for entry in m.shards_for(split):
-                        tokens = open_shard_tokens(d / entry.file)
+                        tokens = _part_tokens(d / entry.file, entry.sha256)
                         pos = 0
                         while pos < len(tokens):
                             take = min(size - fill, len(tokens) - pos)
@@ -171,7 +188,7 @@ def merge_parts(part_dirs: list[Path], out: Path, min_val_tokens: int = MIN_VAL_
                             if fill == size:
                                 flush()
                             bar.update(take)
-                        del tokens  # close the memory map
+                        del tokens  # one part shard in memory at a time
                 if fill:
                     flush()
         finally:
