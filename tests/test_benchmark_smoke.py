@@ -308,6 +308,23 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     assert fp8["exact_steps_to_this_final"] == pytest.approx(exact_steps, rel=1e-12)
     assert fp8["steps_ratio_at_most"] == pytest.approx((sum(exact_steps) / 2) / 4, rel=1e-12)
     assert fp8["equal_bpb_speedup_at_most_from_steps"] == pytest.approx(fp8["steps_ratio_at_most"] * 1.2, rel=1e-12)
+    # every run's train loss here is 3.0: no gap between a seed's two runs
+    assert fp8["paired_train_loss_gap"] == 0.0
+
+
+def test_paired_train_loss_gap_pairs_seeds_and_averages_the_last_tenth():
+    """The variant's EMA train loss minus the exact path's of the same seed, over the last 10% of steps (20 steps
+    of 200 here), averaged over the seeds both have; a seed the exact path lacks is left out."""
+    gap = benchmark_module("real_runs.quality").paired_loss_gap
+
+    def run(variant, seed, offset):
+        return {"variant": variant, "seed": seed, "smooth_loss": [5.0 - 0.01 * i + (offset if i >= 180 else 9.0)
+                                                                   for i in range(200)]}
+    runs = [run("torch", 1, 0.0), run("fp8", 1, 0.02), run("torch", 2, 0.0), run("fp8", 2, -0.01),
+            run("fp8", 3, 5.0)]
+    # steps before the last 20 differ by 9 - 9 = 0 or are left out; the last 20 by +0.02 and -0.01
+    assert gap(runs, "fp8") == pytest.approx(0.005, abs=1e-12)
+    assert gap(runs[:1], "fp8") is None
 
 
 def test_project_run_sorts_the_gaps_between_steps_as_the_loop_runs_its_events(tmp_path):

@@ -187,10 +187,26 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
         own_steps = statistics.fmean(r["final_step"] for r in runs if r["variant"] == variant)
         v["steps_ratio_at_most"] = (statistics.fmean(v["exact_steps_to_this_final"]) / own_steps
                                     if None not in v["exact_steps_to_this_final"] else None)
+        v["paired_train_loss_gap"] = paired_loss_gap(runs, variant)
         if variant in step_speedup:
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
             v["equal_bpb_speedup_at_most_from_steps"] = (v["steps_ratio_at_most"] * step_speedup[variant]
                                                          if v["steps_ratio_at_most"] else None)
+
+
+def paired_loss_gap(runs: list[dict], variant: str, last: float = 0.1) -> float | None:
+    """The variant's train loss (EMA) minus the exact path's of the same seed, averaged over the last `last` of
+    the steps: the two see the same batches in the same order, so the batches' own scatter cancels, which a
+    single val bpb evaluation's does not. Averaged over the seeds both have; None if they share none."""
+    exact = {r["seed"]: r["smooth_loss"] for r in runs if r["variant"] == EXACT and r.get("smooth_loss")}
+    gaps = []
+    for r in runs:
+        if r["variant"] == variant and r.get("smooth_loss") and r["seed"] in exact:
+            a, b = r["smooth_loss"], exact[r["seed"]]
+            n = min(len(a), len(b))
+            k = max(1, round(last * n))
+            gaps.append(statistics.fmean(x - y for x, y in zip(a[n - k:n], b[n - k:n])))
+    return statistics.fmean(gaps) if gaps else None
 
 
 def first_reaching(run: dict, bpb: float) -> tuple[tuple | None, tuple] | None:
@@ -328,7 +344,8 @@ def print_summary(summary: dict) -> None:
                      f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
                      f"{v['equal_bpb_speedup_at_most']} | steps to {EXACT}'s final bpb: {v['steps_to_exact_final']}, "
                      f"step ratio {v['steps_ratio']} | {EXACT}'s steps to this mean: {v['exact_steps_to_this_final']}, "
-                     f"step ratio at most {v['steps_ratio_at_most']}"
+                     f"step ratio at most {v['steps_ratio_at_most']} | train loss minus {EXACT}'s, same seed, last "
+                     f"10% of steps: {v['paired_train_loss_gap']}"
                      + (f" | equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']}, at most "
                         f"{v['equal_bpb_speedup_at_most_from_steps']}"
                         if "equal_bpb_speedup_from_steps" in v else ""))
