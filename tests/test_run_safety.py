@@ -318,3 +318,21 @@ def test_sigterm_during_start_up_exits_130_with_one_line(base, tmp_path):
         proc.kill()
     assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
     assert err.strip() == "interrupted", err[-2000:]
+
+
+def test_a_resume_from_another_runs_checkpoint_sets_this_tags_run_aside_not_prunes_it(base, capsys):
+    """`--resume <another tag's step dir>` starts this tag over from there: the tag's own checkpoints and
+    records are another run's, so they need --force and move to previous_N/, instead of being pruned by the
+    new run's saves and their records mixed into its metrics."""
+    src, dst = base / "runs" / "fork_src", base / "runs" / "fork_dst"
+    run_train(base, "--num-iterations", "6", "--model-tag", "fork_src", "--save-every", "2", "--stop-after", "4")
+    run_train(base, "--num-iterations", "6", "--model-tag", "fork_dst", "--stop-after", "1")
+    assert steps_of(dst) == [1] and logged_steps(dst / "metrics.jsonl") == [0]
+    fork = ["--num-iterations", "6", "--model-tag", "fork_dst", "--keep-last", "1", "--resume", str(src / "step_000004")]
+    with pytest.raises(UserError, match="already holds checkpoints.*--force"):
+        run_train(base, *fork)
+    assert steps_of(dst) == [1]
+    run_train(base, *fork, "--force")
+    assert steps_of(dst / "previous_0") == [1], "the tag's own run is kept, aside"
+    assert logged_steps(dst / "previous_0" / "metrics.jsonl") == [0]
+    assert steps_of(dst) == [6] and logged_steps(dst / "metrics.jsonl") == [4, 5]

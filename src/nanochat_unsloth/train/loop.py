@@ -413,9 +413,20 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
             s.print0(f"{resume_dir}: the run is already complete (step {start_step} of {t.num_iterations}); "
                      "nothing to do")
             return start_step, True
+        # a checkpoint of another run dir (another tag, previous_N/, abandoned/) starts this tag over from
+        # it: the tag's own checkpoints are another history, which its saves would prune and its logs mix
+        foreign = Path(resume_dir).resolve().parent != s.run_dir.resolve()
+        if foreign and store.list_checkpoints(s.run_dir) and not cfg.force:  # every rank raises
+            raise UserError(f"{s.run_dir} already holds checkpoints of its own run, and --resume {cfg.resume} is "
+                            f"another run's; pass --force to set them aside (moved to previous_N/, not deleted) "
+                            "and continue from it here, or --model_tag to continue it under another tag")
         _load_checkpoint(s, data, t, resume_dir, meta)
-        if s.master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside
-            store.start_branch(s.run_dir, start_step, s.print0)
+        if s.master and foreign and store.list_checkpoints(s.run_dir):
+            aside = store.set_aside(s.run_dir)
+            s.print0(f"--force: moved this tag's own checkpoints and metrics to {aside}")
+        if s.master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside;
+            # all of a foreign resume's records are another run's
+            store.start_branch(s.run_dir, 0 if foreign else start_step, s.print0)
     elif store.list_checkpoints(s.run_dir):  # every rank checks, so every rank raises (none is left waiting)
         if not cfg.force:
             raise UserError(f"{s.run_dir} already holds checkpoints; pass --resume auto to continue it, "
