@@ -633,3 +633,21 @@ def test_checkpoint_written_by_nanochat_imports(base, tmp_path, monkeypatch):
     assert list(again) == list(original)
     for name in original:
         assert again[name].dtype == original[name].dtype and torch.equal(again[name], original[name]), name
+
+
+def test_import_into_a_run_dir_with_checkpoints_needs_force_and_sets_them_aside(nano):
+    """The run dir's own checkpoints are another history: without --force the import is refused (a resume of
+    the import would prune them); with it they move to previous_N/, the same step included, never deleted,
+    so that --resume auto continues the import."""
+    src, out = nano / "base_checkpoints" / "d2", nano / "runs" / "own"
+    make_run(nano, "own", [1, 2], wte_bf16=False, seed=2)  # older than the import's 3
+    before = snapshot(out)
+    with pytest.raises(UserError, match="already holds"):
+        import_from_nanochat(src, out, log=quiet)
+    assert snapshot(out) == before
+    import_from_nanochat(src, out, force=True, log=quiet)
+    assert snapshot(out / "previous_0") == before
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [3]
+    old_step3 = snapshot(out / "step_000003")
+    import_from_nanochat(src, out, force=True, log=quiet)  # the same step again: the first import goes aside
+    assert snapshot(out / "previous_1" / "step_000003") == old_step3

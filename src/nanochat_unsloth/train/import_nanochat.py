@@ -58,12 +58,16 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
                         f"{train_config['depth']} gives ({vars(derived)}); our trainer builds models from --depth, "
                         "so it could not resume this one")
     step_dir = run_dir / store.step_dir_name(s)
+    # the run dir's checkpoints are another history: a later one is what --resume auto would pick, an earlier
+    # one what the resumed run's saves would prune; --force sets them aside (previous_N/), never deletes them
+    existing = [n for n, _ in store.list_checkpoints(run_dir)]
     if step_dir.exists() and not force:
-        raise UserError(f"{step_dir} already exists; pass --force to overwrite it, or another --out")
-    newer = [n for n, _ in store.list_checkpoints(run_dir) if n > s]
-    if newer and not force:
-        raise UserError(f"{run_dir} already holds later checkpoints (steps {', '.join(map(str, newer))}) that "
-                        "--resume auto would pick instead; import into a fresh --out, or --force")
+        raise UserError(f"{step_dir} already exists; pass --force to set the run dir's checkpoints aside "
+                        "(moved to previous_N/, not deleted), or another --out")
+    if existing and not force:
+        raise UserError(f"{run_dir} already holds checkpoints of another run (steps {', '.join(map(str, existing))}), "
+                        "which --resume auto would pick or the resumed run would prune; import into a fresh --out, "
+                        "or --force to set them aside (moved to previous_N/, not deleted)")
     grad_accum = optim.grad_accum_steps(train_config["total_batch_size"], train_config["device_batch_size"],
                                         train_config["max_seq_len"], world_size)
     shards_dir = Path(shards).expanduser() if shards else out_base / "shards"
@@ -98,6 +102,9 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
                    num_iterations=num_iterations, fresh_optimizer=True, imported_from=str(loaded.path))
     lock = store.lock_run(run_dir)  # not while a training run of this tag is writing
     try:
+        if store.list_checkpoints(run_dir) or step_dir.exists():
+            aside = store.set_aside(run_dir)
+            log(f"--force: moved {run_dir}'s checkpoints and metrics to {aside}")
         final = store.save_checkpoint(accelerator, run_dir, s, meta, keep_last=0)  # keep_last=0: delete nothing
     finally:
         lock.release()
