@@ -429,6 +429,12 @@ def test_different_tokenizer_in_target_is_refused(base, tmp_path, other_tokenize
     assert sha256_file(target / "tokenizer" / "tokenizer.pkl") == sha256_file(base / "tokenizer" / "tokenizer.pkl")
     token_bytes = (target / "tokenizer" / "token_bytes.pt").read_bytes()
     assert token_bytes == (base / "tokenizer" / "token_bytes.pt").read_bytes()
+    # the tokenizer --force replaced is kept, every file of it: what the target's own shards and runs need back
+    kept = target / "tokenizer" / "previous_1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == {p.name: p.read_bytes() for p in other_tokenizer.iterdir()
+                                                                if p.is_file()}
+    export_to_nanochat(base / "runs" / "d2", base_dir=target, force=True, log=quiet)  # the same tokenizer: no copy
+    assert sorted(p.name for p in (target / "tokenizer").iterdir() if p.is_dir()) == ["previous_1"]
 
 
 def test_source_tokenizer_replaced_after_training_is_refused(work, tmp_path, other_tokenizer):

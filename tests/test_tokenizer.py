@@ -140,6 +140,11 @@ def test_tokenizer_cli(tmp_path, tiny_corpus_dir, capsys):
     assert (base / "tokenizer" / "tokenizer.pkl").read_bytes() == pkl
     assert cli.main(args[:-1] + ["--vocab-size", "320", "--force"]) == 0
     assert load_tokenizer(base / "tokenizer").n_vocab == 320
+    # the replaced one is kept (the shards made with it need it back), its training record with it
+    assert (base / "tokenizer" / "previous_1" / "tokenizer.pkl").read_bytes() == pkl
+    assert load_tokenizer(base / "tokenizer" / "previous_1").n_vocab == 300
+    assert (base / "tokenizer" / "previous_1" / "tokenizer_meta.json").exists()
+    assert "kept the tokenizer being replaced" in capsys.readouterr().out
 
 
 def test_tokenizer_cli_refuses_vocab_over_uint16(tmp_path, tiny_corpus_dir, capsys):

@@ -21,11 +21,12 @@ from typing import Iterable
 
 import tiktoken
 
-from nanochat_unsloth.common import UserError, atomic_file_set, sha256_file
+from nanochat_unsloth.common import UserError, atomic_file_set, fsync_dir, fsync_tree, sha256_file
 
 TOKENIZER_PKL = "tokenizer.pkl"
 TOKEN_BYTES_PT = "token_bytes.pt"
 PAIR_ATTR = "tokenizer_sha256"  # on the token_bytes tensor: the sha256 of its tokenizer.pkl
+PREVIOUS = "previous"  # tokenizer/previous_N/: a tokenizer that --force replaced, kept
 ENCODING_NAME = "rustbpe"  # nanochat's name for the Encoding; kept so the pickles are alike
 
 # nanochat's special tokens, in nanochat's order: they get the ids right after the merges.
@@ -137,12 +138,41 @@ def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: boo
     return pkl_path, bytes_path
 
 
-def write_tokenizer_files(tokenizer_dir: str | Path, files: dict[str, bytes]) -> None:
-    """Write {name: bytes} into tokenizer_dir as one set, tokenizer.pkl (which must be among them) last."""
+def write_tokenizer_files(tokenizer_dir: str | Path, files: dict[str, bytes], log=print) -> None:
+    """Write {name: bytes} into tokenizer_dir as one set, tokenizer.pkl (which must be among them) last. A
+    different tokenizer.pkl there (replaced with --force) is kept first (`keep_replaced_tokenizer`)."""
+    keep_replaced_tokenizer(Path(tokenizer_dir), files[TOKENIZER_PKL], log)
     names = [n for n in files if n != TOKENIZER_PKL] + [TOKENIZER_PKL]
     with atomic_file_set(tokenizer_dir, names) as staged:
         for name in names:
             staged[name].write_bytes(files[name])
+
+
+def keep_replaced_tokenizer(tokenizer_dir: Path, new_pkl: bytes, log=print) -> Path | None:
+    """Copy the tokenizer that a different tokenizer.pkl is about to replace into tokenizer_dir/previous_N/.
+    The shards and checkpoints of that base dir were made with it, and their resumes ask for it back by sha256;
+    `--force` (which in `convert` also means "overwrite the checkpoint") must not make that impossible. Copied,
+    not moved: the old set stays in place until the new one replaces it as one set. None if nothing differs."""
+    import shutil
+
+    pkl = tokenizer_dir / TOKENIZER_PKL
+    if not pkl.exists() or pkl.read_bytes() == new_pkl:
+        return None
+    n = 1
+    while (tokenizer_dir / f"{PREVIOUS}_{n}").exists():
+        n += 1
+    aside, tmp = tokenizer_dir / f"{PREVIOUS}_{n}", tokenizer_dir / f".{PREVIOUS}_{n}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed copy left
+    tmp.mkdir()
+    for path in sorted(tokenizer_dir.iterdir()):
+        if path.is_file():  # the pair and the record of how it was made
+            shutil.copy2(path, tmp / path.name)
+    fsync_tree(tmp)
+    tmp.rename(aside)
+    fsync_dir(tokenizer_dir)
+    log(f"kept the tokenizer being replaced (sha256 {sha256_file(pkl)[:12]}) in {aside}: the shards and "
+        "checkpoints made with it need it back")
+    return aside
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> tiktoken.Encoding:

@@ -70,7 +70,8 @@ def plan_tokenizer_copy(src_dir: Path, dst_dir: Path, expected_sha: str | None, 
 
 def copy_tokenizer(src_dir: Path, dst_dir: Path, copy: bool, log=print) -> None:
     if copy:
-        write_tokenizer_files(dst_dir, {name: (src_dir / name).read_bytes() for name in (TOKEN_BYTES_PT, TOKENIZER_PKL)})
+        write_tokenizer_files(dst_dir, {name: (src_dir / name).read_bytes() for name in (TOKEN_BYTES_PT, TOKENIZER_PKL)},
+                              log)
         log(f"wrote {dst_dir / TOKENIZER_PKL} and {dst_dir / TOKEN_BYTES_PT}")
 
 
