@@ -352,15 +352,20 @@ def make_shard_dir(root: Path, tokens: int, shard_tokens: int, seed: int = 0) ->
 
 
 def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | None = None,
-                   processes: int = 1, config: str | None = None) -> subprocess.Popen:
+                   processes: int = 1, config: str | None = None, script: str | None = None) -> subprocess.Popen:
     """Start the real loop in the background, its output appended to <base_dir>/<tag>.log: one process (on
     GPU `gpu` when given), or `processes` ranks through `accelerate launch` with configs/accelerate/multi_gpu.yaml
     (or `config`, which is launched even for one process: a DeepSpeed run on one GPU).
-    Used by the runs.py subcommands that start runs in the background (curve, resume, quality)."""
+    `script`: a file that runs the loop with one change made for a control run (runs.py curve --controls), one
+    process only. Used by the runs.py subcommands that start runs in the background (curve, resume, quality)."""
     env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cmd = [sys.executable, "-m", "nanochat_unsloth.train", *train_args]
+    if script:
+        if processes > 1 or config:
+            raise ValueError(f"{script}: a control script runs one process, without an accelerate config")
+        cmd[1:3] = [str(script)]
     if processes > 1 or config:
         cmd[1:2] = ["-m", "accelerate.commands.launch", "--config_file",
                     config or str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes",

@@ -558,14 +558,15 @@ def test_runs_curve_controls_run_with_their_own_flags_and_are_compared_with_a(tm
     once, and compared with A as the N runs are. The loop is replaced by a stand-in that writes each run's logs
     (run k's losses offset by k x 1e-3 from A's), so what is checked is the wiring and the arithmetic."""
     curve = benchmark_module("real_runs.curve")
-    started = []
+    started, scripts = [], {}
 
     class Finished:
         def wait(self):
             return 0
 
-    def fake_training(base_dir, tag, train_args, gpu=None, processes=1, config=None):
+    def fake_training(base_dir, tag, train_args, gpu=None, processes=1, config=None, script=None):
         started.append((tag, train_args, processes, config))
+        scripts[tag] = script
         offset = 1e-3 * (len(started) - 1)
         run = base_dir / "runs" / tag
         run.mkdir(parents=True)
@@ -578,24 +579,59 @@ def test_runs_curve_controls_run_with_their_own_flags_and_are_compared_with_a(tm
     monkeypatch.setattr(curve, "start_training", fake_training)
     monkeypatch.setattr(curve, "gpu_count", lambda: 1)
     argv = ["--base-dir", str(tmp_path), "--gpus", "2", "--steps", "4", "--eval-every", "2", "--extra",
-            "--kernels torch", "--controls", "compile_none=--compile none; eager_loss=--compile blocks",
-            "--out", str(tmp_path / "curve.json")]
+            "--kernels torch", "--controls", "compile_none=--compile none; eager_loss=--compile blocks;"
+            "wte=@wte_fp32 --compile none", "--out", str(tmp_path / "curve.json")]
     p = argparse.ArgumentParser()
     curve.add_arguments(p)
     assert curve.run(p.parse_args(argv), p) == 0
     assert [(t, n, c) for t, _, n, c in started] == [("curve_1gpu_a", 1, None), ("curve_1gpu_b", 1, None),
                                                     ("curve_1gpu_compile_none", 1, None),
-                                                    ("curve_1gpu_eager_loss", 1, None), ("curve_2gpu", 2, None)]
+                                                    ("curve_1gpu_eager_loss", 1, None), ("curve_1gpu_wte", 1, None),
+                                                    ("curve_2gpu", 2, None)]
     flags = {t: args[args.index("--force") + 1:] for t, args, _, _ in started}
     assert flags["curve_1gpu_compile_none"] == ["--kernels", "torch", "--compile", "none"]
+    # "@wte_fp32": its script runs the loop, with the flags after it
+    assert flags["curve_1gpu_wte"] == flags["curve_1gpu_compile_none"]
+    assert scripts == {**{t: None for t in scripts if t != "curve_1gpu_wte"},
+                       "curve_1gpu_wte": str(BENCHMARKS / "real_runs" / "train_wte_fp32.py")}
     assert flags["curve_1gpu_a"] == flags["curve_2gpu"] == ["--kernels", "torch"]
     result = json.loads((tmp_path / "curve.json").read_text())
     assert result["a_vs_compile_none_max_rel"][0] == pytest.approx(2e-3 / 4.0)  # the third run: offset 2e-3
-    assert result["a_vs_n_max_rel"][0] == pytest.approx(4e-3 / 4.0)
+    assert result["a_vs_n_max_rel"][0] == pytest.approx(5e-3 / 4.0)  # the sixth run
     assert "1 GPU vs 1 GPU eager_loss" in capsys.readouterr().out
-    assert curve.run(p.parse_args(argv), p) == 0 and len(started) == 5  # all finished: none started again
+    assert curve.run(p.parse_args(argv), p) == 0 and len(started) == 6  # all finished: none started again
     with pytest.raises(SystemExit):
         curve.run(p.parse_args([*argv[:-4], "--controls", "a=--compile none"]), p)
+    with pytest.raises(SystemExit):  # no train_nothing.py
+        curve.run(p.parse_args([*argv[:-4], "--controls", "x=@nothing"]), p)
+
+
+def test_the_wte_fp32_control_keeps_the_embedding_in_fp32_and_trains(tmp_path, monkeypatch):
+    """benchmarks/real_runs/train_wte_fp32.py: the loop with wte left in fp32 where our path (nanochat's) makes it
+    bf16 (CUDA). On this CPU, where it is fp32 anyway, the patched init is checked on a model whose wte was made
+    bf16 by hand, and the script trains a tiny run to its end through the real loop."""
+    import runpy
+
+    import torch
+
+    from nanochat_unsloth.model.gpt import GPT, GPTConfig
+
+    monkeypatch.setattr(GPT, "init_weights", GPT.init_weights)  # restored after the script's patch
+    runpy.run_path(str(BENCHMARKS / "real_runs" / "train_wte_fp32.py"), run_name="control")
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.transformer.wte.to(torch.bfloat16)
+    model.init_weights()
+    assert model.transformer.wte.weight.dtype == torch.float32
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "2", "--model-tag", "wte"]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "real_runs" / "train_wte_fp32.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((base / "runs" / "wte" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_at_a_failure(tmp_path, monkeypatch):
@@ -622,7 +658,10 @@ def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_
     assert (curve_args.gpus, curve_args.depth, curve_args.steps, curve_args.eval_every) == (4, 12, 100, 25)
     assert [Path(c).stem for c in curve_args.configs.split(",")] == list(deepspeed.ZERO_CONFIGS)
     assert curve_args.extra == "--kernels torch" and curve_args.out == tmp_path / "deepspeed_curves_d12_4gpu.json"
-    assert curve_args.controls == "compile_none=--compile none;compile_blocks=--compile blocks"
+    # our path compiled as ZeRO-3 and ZeRO-2 are, and with wte in fp32 as under ZeRO, alone and uncompiled
+    assert [c.split("=", 1) for c in curve_args.controls.split(";")] == [
+        ["compile_none", "--compile none"], ["compile_blocks", "--compile blocks"], ["wte_fp32", "@wte_fp32"],
+        ["wte_fp32_eager", "@wte_fp32 --compile none"]]
     speeds = [c[1] for c in calls[2:]]
     assert [Path(s.config).stem for s in speeds] == ["multi_gpu", *deepspeed.ZERO_CONFIGS]
     assert all((s.gpus, s.variants, s.depth, s.steps) == ("4", "torch", 20, 12) for s in speeds)

@@ -13,7 +13,8 @@ accumulates N times as many micro-batches as each of N GPUs):
     controls (--controls NAME=FLAGS;...): more 1-GPU runs with A's flags plus FLAGS, a change that keeps the math
           and moves only the rounding (e.g. `--compile none`). A-B is the noise of one binary; A against a
           control is what a rounding change alone does, the yardstick for an N run that rounds differently by
-          design (DeepSpeed's own Newton-Schulz).
+          design (DeepSpeed's own Newton-Schulz). FLAGS beginning with @NAME run train_NAME.py (beside this
+          file) instead of the loop: a change no flag makes (@wte_fp32: the embedding in fp32, as under ZeRO).
 It prints the largest relative loss difference A-B and A-N in windows of steps, and every run's val bpb
 (evaluated every --eval-every steps on the same val tokens). --base-dir must hold tokenizer/ and shards/
 (`runs.py quality --base-dir DIR --make-data --data-only` writes them).
@@ -34,20 +35,21 @@ from common import args_record, gpu_count, run_log, start_training, write_json
 
 
 def launch_record(args, tag: str, n: int, config: str | None, flags: str = "") -> dict:
-    """What a run was started with: its training flags (--extra, then a control's own), process count and
-    accelerate config."""
+    """What a run was started with: its training flags (--extra, then a control's own), process count,
+    accelerate config, and a control's script."""
+    script, flags = control_script(flags)
     train = ["--base_dir", str(args.base_dir), "--depth", str(args.depth), "--device_batch_size",
              str(args.device_batch_size), "--total_batch_size", str(args.total_batch), "--num_iterations",
              str(args.steps), "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
              "--sample_every", "-1", "--model_tag", tag, "--force", *args.extra.split(), *flags.split()]
-    return {"train": train, "processes": n, "config": config}
+    return {"train": train, "processes": n, "config": config, **({"script": script} if script else {})}
 
 
 def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None, flags: str = "") -> subprocess.Popen:
     record = launch_record(args, tag, n, config, flags)
     write_json(args.base_dir / f"{tag}.launch.json", record)  # what `finished` compares a later invocation with
     return start_training(args.base_dir, tag, record["train"], gpu=gpu if n == 1 and not config else None,
-                          processes=n, config=config)
+                          processes=n, config=config, **({"script": record["script"]} if "script" in record else {}))
 
 
 def finished(args, tag: str, n: int, config: str | None, flags: str = "") -> bool:
@@ -58,6 +60,18 @@ def finished(args, tag: str, n: int, config: str | None, flags: str = "") -> boo
             and len(run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)) >= args.steps)
 
 
+CONTROL_SCRIPTS = Path(__file__).resolve().parent  # "@NAME" in a control's FLAGS: train_NAME.py here
+
+
+def control_script(flags: str) -> tuple[str | None, str]:
+    """A control's FLAGS -> (the script that runs the loop with its change, or None for the loop itself; the
+    training flags): "@wte_fp32 --compile none" -> (".../train_wte_fp32.py", "--compile none")."""
+    first, _, rest = flags.partition(" ")
+    if first.startswith("@"):
+        return str(CONTROL_SCRIPTS / f"train_{first[1:]}.py"), rest.strip()
+    return None, flags
+
+
 def parse_controls(text: str, p: argparse.ArgumentParser) -> dict[str, str]:
     """--controls "NAME=FLAGS;NAME=FLAGS" as {name: flags}; one line naming the flag for a malformed entry."""
     controls = {}
@@ -65,6 +79,9 @@ def parse_controls(text: str, p: argparse.ArgumentParser) -> dict[str, str]:
         name, _, flags = entry.partition("=")
         if not name.isidentifier() or not flags.strip() or name in ("a", "b", "n") or name in controls:
             p.error(f"--controls: {entry!r} is not NAME=FLAGS with a new name (e.g. compile_none=--compile none)")
+        script, _ = control_script(flags.strip())
+        if script and not Path(script).is_file():
+            p.error(f"--controls: {entry!r}: no {script} (FLAGS may begin with @NAME for train_NAME.py beside curve.py)")
         controls[name] = flags.strip()
     return controls
 

@@ -7,8 +7,9 @@ of benchmarks/gpu_extras.sh):
 1. Curves (`curve`): 100-step d12 loss curves of ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on --gpus GPUs against
    the same pair of 1-GPU runs (their gap is the GPU's own run-to-run spread), val bpb every 25 steps. Within
    that spread at every window = the same step math on GPUs; offload outside it = refuse offload with the figure.
-   Two controls, our path with `--compile none` and `--compile blocks` (ZeRO-3's and ZeRO-2's compile), show
-   what a change of rounding alone does: the yardstick for ZeRO runs, which round differently by design.
+   Controls, our path with one change each, show what a change of rounding alone does: the yardstick for ZeRO
+   runs, which round differently by design. `--compile none` and `--compile blocks` (ZeRO-3's and ZeRO-2's
+   compile), and wte in fp32 as under ZeRO (nanochat's is bf16 on CUDA), alone and uncompiled.
    d12 at total batch 65,536 = N GPUs x 8 x 2048 x (4/N) accumulation steps: divisible for N = 1, 2, 4, 8.
    --gpus 1 runs ZeRO on one process (still DeepSpeed's partitioned step, accumulation boundary and offload,
    without the collectives between ranks), and the 1-GPU pair one after the other.
@@ -34,9 +35,11 @@ from real_runs import curve, scaling
 
 CONFIGS = REPO / "configs" / "accelerate"
 ZERO_CONFIGS = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
-# our own path compiled as ZeRO-3 (not at all) and ZeRO-2 (block by block) are: what that rounding change alone
-# does to the curve, against which the ZeRO runs' gap to A is read (they also run DeepSpeed's Newton-Schulz)
-CONTROLS = "compile_none=--compile none;compile_blocks=--compile blocks"
+# our own path compiled as ZeRO-3 (not at all) and ZeRO-2 (block by block) are, and with wte in fp32 as under
+# ZeRO: what each precision change alone does to the curve, against which the ZeRO runs' gap to A is read (they
+# also run DeepSpeed's Newton-Schulz)
+CONTROLS = ("compile_none=--compile none;compile_blocks=--compile blocks;"
+            "wte_fp32=@wte_fp32;wte_fp32_eager=@wte_fp32 --compile none")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
