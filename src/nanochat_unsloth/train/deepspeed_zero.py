@@ -31,7 +31,7 @@ What we do ourselves, because DeepSpeed's version differs from nanochat's step:
 - precision: weights, gradients and their reduction stay fp32, the forward runs under bf16 autocast (CUDA), as
   under DDP: DeepSpeed's `torch_autocast` with no lower-precision modules; its `bf16` mode (bf16 weights, fp32
   master copies) and fp16 are refused. One difference from DDP: wte is fp32 here (nanochat keeps it in bf16 on
-  CUDA), since DeepSpeed keeps fp32 master weights anyway.
+  CUDA), since DeepSpeed keeps fp32 master weights anyway; the residual stream, wte's output, is then fp32 too.
 
 ZeRO-3 and the model's forward: DeepSpeed gathers a module's own weights in that module's forward hooks, but
 GPT.forward reads lm_head.weight, and each block's forward its Linears' weights (`ops.linear`), without calling
