@@ -336,3 +336,21 @@ def test_a_resume_from_another_runs_checkpoint_sets_this_tags_run_aside_not_prun
     assert steps_of(dst / "previous_0") == [1], "the tag's own run is kept, aside"
     assert logged_steps(dst / "previous_0" / "metrics.jsonl") == [0]
     assert steps_of(dst) == [6] and logged_steps(dst / "metrics.jsonl") == [4, 5]
+
+
+def test_a_stop_whose_console_is_gone_still_saves(base):
+    """`python -m nanochat_unsloth.train ... | tee log` and Ctrl-C: the terminal's SIGINT ends tee too, so the lines
+    the graceful stop prints go to a pipe nobody reads. The save must not die of the broken pipe."""
+    proc = _start(["--base-dir", str(base), "--num-iterations", "100000", "--model-tag", "no_console",
+                   "--total-batch-size", "1024"])
+    try:
+        _wait_for_line(proc, "step 00001/")
+        proc.stdout.close()  # tee is gone
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_STOPPED, err[-2000:]
+    saved = ckpt.list_checkpoints(base / "runs" / "no_console")
+    assert saved and all_finite(saved[-1][1]), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]

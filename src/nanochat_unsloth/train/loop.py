@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,21 @@ def _say(line: str) -> None:
         os.write(2, f"\n{line}\n".encode())
     except OSError:
         pass
+
+
+def console_print(print_fn: Callable[..., None]) -> Callable[..., None]:
+    """`print_fn` that outlives its console. `train ... | tee log` and Ctrl-C: the terminal's SIGINT ends tee
+    as well, and the lines the graceful stop prints then raise BrokenPipeError, which would end the run
+    before its save. Once stdout's reader is gone the run's lines go to /dev/null (metrics.jsonl keeps the
+    numbers); the file descriptor is replaced, so the flush at exit cannot fail either."""
+    def print0(*args, **kwargs):
+        try:
+            print_fn(*args, **kwargs)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    return print0
 
 
 def diverged_notice(e: Diverged, run_dir: Path) -> str:
@@ -278,7 +294,7 @@ def _start_session(cfg: TrainConfig, locks: list) -> _Session:
                               **trackers.accelerator_kwargs(tracker_names, run_dir))
     device, device_type = accelerator.device, accelerator.device.type
     world_size = accelerator.num_processes
-    print0 = accelerator.print
+    print0 = console_print(accelerator.print)
     set_seed(cfg.seed)
     # every `auto` decided once, before the model exists (the CPU bf16 probe times clean matmuls)
     resolved = resolve(cfg, device, world_size, deepspeed_zero.zero_stage(accelerator))
