@@ -188,3 +188,13 @@ def test_profile_step_writes_each_ranks_phases(base):
         assert name in phases and phases[name] >= 0, name
     assert sum(phases.values()) <= record["wall_s"] and record["cpu_s"] > 0
     assert record["cpu_affinity"], "which CPUs the rank may use"
+
+
+def test_stop_after_the_last_step_is_the_runs_end_with_its_final_evaluation(base):
+    """--stop_after at the horizon stops where the run ends anyway: it must end as a finished run (evaluated,
+    exit 0), not as a stop whose `--resume auto` then finds the final checkpoint and never evaluates it."""
+    result = run_train(base, "--num-iterations", "3", "--model-tag", "stop_at_end", "--stop-after", "3")
+    assert "stopped_at" not in result and result["final_step"] == 3
+    evals = [json.loads(line) for line in (base / "runs" / "stop_at_end" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if "val_bpb" in e] == [3]
+    assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "stop_at_end")] == [3]

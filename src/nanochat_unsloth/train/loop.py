@@ -594,7 +594,9 @@ def _save_or_stop(run: _Run, stop: StopRequest, step: int) -> bool:
     """Save every --save_every steps; on a signal or at --stop_after, save and stop. Every rank must agree on
     a stop, or the collective save would hang. -> whether to leave the loop."""
     cfg, s = run.cfg, run.s
-    stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after)
+    # --stop_after at the horizon is the run's end: the final iteration evaluates and saves (a stop there would
+    # save the final checkpoint unevaluated, and its --resume auto finds the run complete)
+    stop_now = stop.requested or (cfg.stop_after > 0 and step == cfg.stop_after < run.t.num_iterations)
     if s.world_size > 1:
         flag = torch.tensor(float(stop_now), device=s.device)
         stop_now = s.accelerator.reduce(flag, reduction="sum").item() > 0
