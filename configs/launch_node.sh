@@ -26,6 +26,12 @@ for name in NODE_RANK NNODES MASTER_PORT GPUS_PER_NODE; do
 done
 (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK: must be below NNODES=$NNODES"
 
+# A stop (SIGTERM: preemption, the job's time limit) finishes the step in flight and saves; torch's launcher
+# SIGKILLs the workers 30 s after it forwards the signal unless told otherwise, less than a large model's save
+# takes (its files are checksummed and synced before the rename). The price of a longer grace: a dead rank's
+# peers, blocked in a collective, are killed this much later.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-180}
+
 exec accelerate launch --config_file "$(dirname "$0")/accelerate/multi_node.yaml" \
     --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE)) --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \

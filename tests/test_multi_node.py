@@ -142,3 +142,22 @@ def test_nodes_that_do_not_share_the_base_dir_are_refused_before_training(tmp_pa
         assert not list(ckpt.list_checkpoints(base / "runs" / "local"))
         assert not (base / "runs" / "local" / "metrics.jsonl").exists()
         assert not (base / "runs" / "local" / ckpt.SHARED_PROBE).exists()
+
+
+@pytest.mark.parametrize("given, want", [(None, "180"), ("600", "600")])
+def test_launch_node_gives_a_stop_time_to_save_before_the_launcher_kills(tmp_path, given, want):
+    """torch's launcher SIGKILLs the workers 30 s after it forwards a SIGTERM unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    says otherwise; launch_node.sh sets 180 s (a step and a large model's save), keeping a value the user set.
+    `accelerate` is stood in for by a script that prints what it was started with."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "accelerate"
+    fake.write_text('#!/usr/bin/env bash\necho "timeout=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-unset} args=$*"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in _env(tmp_path).items() if not k.startswith("SLURM_") and k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env.update({"NODE_RANK": "0", "NNODES": "2", "MASTER_ADDR": "127.0.0.1", **({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": given}
+                                                                                if given else {})})
+    out = subprocess.run(["bash", "configs/launch_node.sh", "--depth=2"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"timeout={want} args=launch --config_file"), out.stdout
+    assert "--machine_rank 0" in out.stdout and out.stdout.rstrip().endswith("-m nanochat_unsloth.train --depth=2")
