@@ -151,9 +151,11 @@ def test_val_finite_restartable_equal_counts(shards):
 
 
 def test_val_equal_counts_with_uneven_split(tmp_path):
-    d, _ = make_shards(tmp_path, val_sizes=(11 * 7 + 3,))  # 7 windows over 3 ranks -> 2 each
-    counts = [len(list(TokenShardLoader(d, "val", B, T, r, 3))) for r in range(3)]
-    assert counts == [2, 2, 2]
+    d, _ = make_shards(tmp_path, val_sizes=(11 * 7 + 3,))  # 7 windows over 3 ranks -> 3 each, 2 of them padding
+    runs = [list(TokenShardLoader(d, "val", B, T, r, 3)) for r in range(3)]
+    assert [len(r) for r in runs] == [3, 3, 3]
+    padding = [[bool((y < 0).all()) for _, y in r] for r in runs]
+    assert padding == [[False, False, False], [False, False, True], [False, False, True]]
 
 
 # ---- resume ----------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ cursor is rescaled to the same step and the run stays bit-identical. A different
 (another --device_batch_size or --total_batch_size) is refused unless `allow_new_layout` is set
 (the loop's --force): the run then continues at the same step of the new layout, whose windows are
 cut differently, so a few tokens may be seen twice or skipped.
+
+Val reads windows [0, eval_windows) whatever the number of processes: each rank yields
+ceil(eval_windows / world_size) batches, and a window past eval_windows comes with every target -1
+(counted neither in nats nor in bytes), so every rank runs as many forwards (a collective under FSDP)
+and one evaluation scores the same tokens on 1 or 3 or 8 processes.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class TokenShardLoader:
                 f"--max_seq_len {T}, fewer than the {world_size} processes; lower --device_batch_size or prep more val data"
             )
 
+        self.eval_windows = self._num_windows  # val: windows one pass scores, all ranks together (set_eval_windows)
         self._cursor = 0  # batches this rank has yielded (the same number on every rank)
         self._epoch = 0  # epoch of the last batch yielded
         self.allow_new_layout = False  # load_state_dict: accept another window size / K (the loop's --force)
@@ -123,7 +129,14 @@ class TokenShardLoader:
     @property
     def batches_per_rank(self) -> int:
         """Val: batches each rank yields per pass, the same on every rank so collective evals never hang."""
-        return self._num_windows // self.world_size
+        return -(-self.eval_windows // self.world_size)
+
+    def set_eval_windows(self, n: int) -> None:
+        """Val: score windows [0, n) in one pass (the loop's --eval_tokens); a rank left without one of them
+        yields a batch whose targets are all -1."""
+        if self.split != "val" or not 1 <= n <= self._num_windows:
+            raise ValueError(f"set_eval_windows: a val loader and 1 <= n <= {self._num_windows}, got {n}")
+        self.eval_windows = int(n)
 
     @property
     def vocab_size(self) -> int:
@@ -164,14 +177,18 @@ class TokenShardLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split == "val" and self._cursor >= self.batches_per_rank:
             raise StopIteration
-        epoch, g = divmod(self.global_window(self._cursor), self._num_windows)
-        window = self._read(g * self.window)
+        gw = self.global_window(self._cursor)
+        epoch, g = divmod(gw, self._num_windows)
+        padding = self.split == "val" and gw >= self.eval_windows  # val never wraps
+        window = self._read(0 if padding else g * self.window)
         self._cursor += 1
         self._epoch = epoch
         # one (async, from pinned memory) copy of the int64 window; on CUDA the int32 cast runs on the GPU
         window = window.to(self.device, non_blocking=True)
         inputs = window[:-1].view(self.B, self.T).to(torch.int32)
         targets = window[1:].view(self.B, self.T)
+        if padding:  # ignored targets: this rank keeps step with the others without scoring a token twice
+            targets = torch.full_like(targets, -1)
         return inputs, targets
 
     def _read(self, start: int) -> torch.Tensor:

@@ -112,7 +112,8 @@ def diverged_notice(e: Diverged, run_dir: Path) -> str:
 
 
 def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoader) -> int:
-    """Val batches per rank per evaluation (0: --eval_tokens 0, none). Refuses a budget below one batch."""
+    """Val batches per rank per evaluation (0: --eval_tokens 0, none). Refuses a budget below one batch.
+    Sets which val windows an evaluation scores, the same on any number of processes (shards/loader.py)."""
     if cfg.eval_tokens == 0:
         return 0
     per_batch = cfg.device_batch_size * cfg.max_seq_len * world_size
@@ -120,7 +121,8 @@ def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoad
         raise UserError(f"--eval_tokens {cfg.eval_tokens:,} is less than one val batch on every process "
                         f"({cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {per_batch:,}); raise it, "
                         "or pass --eval_tokens 0 to train without val evaluation")
-    return min(cfg.eval_tokens // per_batch, val_loader.batches_per_rank)
+    val_loader.set_eval_windows(min(cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len), val_loader.num_windows))
+    return val_loader.batches_per_rank
 
 
 def peak_memory_gib(device_type: str) -> float:
