@@ -331,3 +331,17 @@ def test_new_batch_layout_only_with_allow_and_a_notice(shards):
     new.allow_new_layout = True
     new.load_state_dict(old.state_dict())
     assert new.cursor == 2 * 4 and "--force" in new.notice  # step 2 of the new layout
+
+
+def test_new_layout_notice_says_how_many_tokens_are_read_again(shards):
+    """--force with fewer tokens per step resumes at the same step, further back in the stream: the notice
+    must say how far (here half of what was trained on is read a second time), not 'some tokens'."""
+    d, streams = shards
+    old = TokenShardLoader(d, "train", B, T, 0, 1, 4)  # 4 windows of 11 tokens per step
+    take(old, 3 * 4)  # 3 steps: tokens [0, 132)
+    new = TokenShardLoader(d, "train", B, T, 0, 1, 2)  # 2 windows per step
+    new.allow_new_layout = True
+    new.load_state_dict(old.state_dict())
+    x, _ = next(new)
+    assert x.flatten().tolist() == streams["train"][66:76].tolist()  # step 3 of the new layout: window 6
+    assert "token 132" in new.notice and "token 66" in new.notice and "66 tokens read a second time" in new.notice

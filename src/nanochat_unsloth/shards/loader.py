@@ -18,7 +18,7 @@ A saved state therefore loads into another split of the same K (a run moved from
 cursor is rescaled to the same step and the run stays bit-identical. A different window size or K
 (another --device_batch_size or --total_batch_size) is refused unless `allow_new_layout` is set
 (the loop's --force): the run then continues at the same step of the new layout, whose windows are
-cut differently, so a few tokens may be seen twice or skipped.
+cut differently: tokens may be read twice or skipped, as many as the notice says.
 
 Val reads windows [0, eval_windows) whatever the number of processes: each rank yields
 ceil(eval_windows / world_size) batches, and a window past eval_windows comes with every target -1
@@ -269,4 +269,20 @@ class TokenShardLoader:
                             "with the same --device_batch_size, --total_batch_size and shards, or pass --force to "
                             "continue on the new layout (not bit-identical to an uninterrupted run)")
         self.notice = ("--force: the loader continues at the same step on a new layout (" + ", ".join(layout) +
-                       "): some tokens may be seen twice or skipped")
+                       "): " + self._jump(state, old_k, new_k))
+
+    def _jump(self, state: dict, old_k: int, new_k: int) -> str:
+        """Where the checkpoint's layout had read the split to and where this one goes on, at the step's start:
+        another number of tokens per step moves the run far back (read again) or ahead (skipped) in the data."""
+        step = int(state["cursor"]) // int(state["grad_accum"])
+        old_pass, old_w = divmod(step * old_k, int(state["num_windows"]))
+        new_pass, new_w = divmod(step * new_k, self._num_windows)
+        old_tok, new_tok = old_w * (int(state["B"]) * self.T + 1), new_w * self.window
+        where = (f"the checkpoint had read the train split to token {old_tok:,} of pass {old_pass + 1}, this run "
+                 f"goes on from token {new_tok:,} of pass {new_pass + 1}")
+        if old_pass != new_pass or old_tok == new_tok:
+            return where
+        moved = f"{old_tok - new_tok:,} tokens read a second time" if new_tok < old_tok else \
+            f"{new_tok - old_tok:,} tokens skipped"
+        return f"{where}: {moved}"
+
