@@ -108,3 +108,16 @@ def test_config_file_mistakes_and_device_type_are_refused_in_one_line(tmp_path):
         with pytest.raises(UserError, match="--device_type cuda: no CUDA device"):
             resolve_device_type("cuda")
     assert resolve_device_type("cpu") == "cpu"
+
+
+def test_no_repeat_data_refuses_a_force_resume_that_reads_trained_tokens_again(base):
+    """--force on a smaller --total_batch_size resumes at the same step further back in the data: with
+    --no_repeat_data that is a repeat, refused, though the new horizon alone fits one pass."""
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--model_tag", "relayout", "--no_repeat_data"]
+    code, out, err = run(train_main.main, args + ["--num_iterations", "6", "--total_batch_size", "256",
+                                                  "--stop_after", "3"])
+    assert code == EXIT_STOPPED, err[-2000:]  # 3 steps of 4 windows: windows [0, 12) of 30
+    code, out, err = run(train_main.main, args + ["--num_iterations", "10", "--resume", "auto", "--force"])
+    assert code == 2 and err.count("\n") == 1, err[-2000:]  # step 3 of 2 windows would read window 6 again
+    assert "--no_repeat_data" in err and "read a second time" in err
+    assert "step 00003/" not in out

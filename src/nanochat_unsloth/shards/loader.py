@@ -114,6 +114,7 @@ class TokenShardLoader:
         self._epoch = 0  # epoch of the last batch yielded
         self.allow_new_layout = False  # load_state_dict: accept another window size / K (the loop's --force)
         self.notice: str | None = None  # what load_state_dict changed, for the log
+        self.reads_again = False  # load_state_dict: the new layout goes on behind where the checkpoint had read
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -278,6 +279,7 @@ class TokenShardLoader:
         old_pass, old_w = divmod(step * old_k, int(state["num_windows"]))
         new_pass, new_w = divmod(step * new_k, self._num_windows)
         old_tok, new_tok = old_w * (int(state["B"]) * self.T + 1), new_w * self.window
+        self.reads_again = (new_pass, new_tok) < (old_pass, old_tok)
         where = (f"the checkpoint had read the train split to token {old_tok:,} of pass {old_pass + 1}, this run "
                  f"goes on from token {new_tok:,} of pass {new_pass + 1}")
         if old_pass != new_pass or old_tok == new_tok:

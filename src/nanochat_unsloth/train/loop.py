@@ -439,6 +439,10 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
                             f"another run's; pass --force to set them aside (moved to previous_N/, not deleted) "
                             "and continue from it here, or --model_tag to continue it under another tag")
         _load_checkpoint(s, data, t, resume_dir, meta)
+        if cfg.no_repeat_data and data.train_loader.reads_again:  # the data budget counts from step 0 of this layout
+            raise UserError(f"--no_repeat_data refuses this resume, which reads trained tokens again: "
+                            f"{data.train_loader.notice}; resume with the checkpoint's --total_batch_size, or drop "
+                            "--no_repeat_data")
         if s.master and foreign and store.list_checkpoints(s.run_dir):
             aside = store.set_aside(s.run_dir)
             s.print0(f"--force: moved this tag's own checkpoints and metrics to {aside}")
