@@ -287,4 +287,3 @@ class TokenShardLoader:
         moved = f"{old_tok - new_tok:,} tokens read a second time" if new_tok < old_tok else \
             f"{new_tok - old_tok:,} tokens skipped"
         return f"{where}: {moved}"
-

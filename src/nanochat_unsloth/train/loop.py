@@ -121,7 +121,8 @@ def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoad
         raise UserError(f"--eval_tokens {cfg.eval_tokens:,} is less than one val batch on every process "
                         f"({cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {per_batch:,}); raise it, "
                         "or pass --eval_tokens 0 to train without val evaluation")
-    val_loader.set_eval_windows(min(cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len), val_loader.num_windows))
+    windows = cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len)
+    val_loader.set_eval_windows(min(windows, val_loader.num_windows))
     return val_loader.batches_per_rank
 
 
