@@ -103,6 +103,20 @@ def test_split_tokens_beyond_the_data_are_clamped_to_one_pass(base):
     assert math.isfinite(r["val_bpb"]) and math.isfinite(r["train_bpb"])
 
 
+def test_a_val_shard_changed_since_prep_is_refused(base, tmp_path):
+    """Bit rot in the val split (same size, valid ids: only the checksum sees it) would change val bpb silently."""
+    import shutil
+
+    from run_helpers import flip_bytes
+    from nanochat_unsloth.shards.format import HEADER_BYTES
+
+    shards = Path(shutil.copytree(base / "shards", tmp_path / "shards"))
+    val = next(iter(sorted(shards.glob("val_*.bin"))))
+    flip_bytes(val, HEADER_BYTES + 10, 8)
+    with pytest.raises(UserError, match=rf"{val.name}: sha256 does not match the manifest"):
+        evaluate_checkpoint(base / "runs" / "d2", shards=shards, split_tokens=SPLIT_TOKENS, device="cpu", log=quiet)
+
+
 def test_bad_input(base, tmp_path, tiny_corpus_docs):
     with pytest.raises(UserError, match="not a multiple of --device-batch-size x sequence_len"):
         evaluate_checkpoint(base / "runs" / "d2", split_tokens=SPLIT_TOKENS + 1, device="cpu", log=quiet)
