@@ -167,11 +167,15 @@ def test_existing_run_is_refused_then_set_aside_with_force(base):
         run_train(base, "--num-iterations", "1", "--model-tag", "again")
     (base / "runs" / "again" / "logs" / "nanochat").mkdir(parents=True)  # the old run's tracker files
     (base / "runs" / "again" / "logs" / "nanochat" / "events.old").write_text("old curves")
+    (base / "runs" / "again" / "profile").mkdir()  # the old run's --profile_step record
+    (base / "runs" / "again" / "profile" / "rank0.json").write_text("old profile")
     run_train(base, "--num-iterations", "1", "--model-tag", "again", "--force")
     run_dir = base / "runs" / "again"
-    # its tracker logs go aside with it, so the new run's curves do not mix with the old one's
+    # its tracker logs and profile go aside with it: the new run's curves do not mix with the old one's, nor
+    # does its own profile overwrite the old one
     assert (run_dir / "previous_0" / "logs" / "nanochat" / "events.old").read_text() == "old curves"
-    assert not (run_dir / "logs").exists()
+    assert (run_dir / "previous_0" / "profile" / "rank0.json").read_text() == "old profile"
+    assert not (run_dir / "logs").exists() and not (run_dir / "profile").exists()
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1], "the new run's checkpoint only"
     assert [s for s, _ in ckpt.list_checkpoints(run_dir / "previous_0")] == [2], "the old run kept, aside"
     assert [m["step"] for m in metrics(base, "again")] == [0]

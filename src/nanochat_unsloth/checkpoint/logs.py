@@ -10,6 +10,7 @@ from nanochat_unsloth.common import UserError, atomic_write_bytes
 
 LOG_NAMES = ("metrics.jsonl", "eval.jsonl")  # one record per line, each with its "step"
 TRACKER_DIR = "logs"  # the trackers' files of a run (tensorboard, wandb, trackio), under its run dir
+PROFILE_DIR = "profile"  # --profile_step's per-rank phase timings, under its run dir
 
 
 def read_jsonl_records(path: Path, log=print) -> list[dict]:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from nanochat_unsloth.checkpoint import sharded
-from nanochat_unsloth.checkpoint.logs import LOG_NAMES, TRACKER_DIR, rewrite_logs, split_logs
+from nanochat_unsloth.checkpoint.logs import LOG_NAMES, PROFILE_DIR, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
                                      fsync_dir, fsync_tree, hold_lock, is_disk_failure, make_dirs, sha256_file,
@@ -264,8 +264,8 @@ def start_branch(run_dir: Path, step: int, log=print) -> Path | None:
 
 
 def set_aside(run_dir: Path) -> Path:
-    """Move a run's checkpoints, metrics and tracker logs into `run_dir/previous_<n>/` (a run started over with
-    --force): the new run's curves must not mix with the old one's."""
+    """Move a run's checkpoints, metrics, tracker logs and profile into `run_dir/previous_<n>/` (a run started
+    over with --force): the new run's curves must not mix with the old one's, nor its profile overwrite it."""
     run_dir = Path(run_dir)
     n = 0
     while (run_dir / f"previous_{n}").exists():
@@ -274,7 +274,7 @@ def set_aside(run_dir: Path) -> Path:
     with uninterruptible():  # all of the old run moves, or a stop would leave a mix of two runs
         aside.mkdir()
         for child in run_dir.iterdir():
-            if STEP_DIR_RE.match(child.name) or child.name in (*LOG_NAMES, TRACKER_DIR):
+            if STEP_DIR_RE.match(child.name) or child.name in (*LOG_NAMES, TRACKER_DIR, PROFILE_DIR):
                 child.rename(aside / child.name)
     return aside
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from nanochat_unsloth.checkpoint import store
+from nanochat_unsloth.checkpoint.logs import PROFILE_DIR
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.checkpoint.resume import check_resume
 from nanochat_unsloth.checkpoint.train_state import TrainState
@@ -550,7 +551,7 @@ def _timed_step(run: _Run, step: int):
         torch.cuda.synchronize()
     t0 = time.time()
     try:
-        with profiled_step(s.run_dir / "profile", s.rank, step, s.device, step == cfg.profile_step) as timer:
+        with profiled_step(s.run_dir / PROFILE_DIR, s.rank, step, s.device, step == cfg.profile_step) as timer:
             out = (data.zero.optimizer_step if data.zero else optimizer_step)(
                 s.accelerator, t.model, t.raw_model, t.optimizers, lambda: next(data.train_loader), data.grad_accum,
                 step, t.num_iterations, grad_clip=cfg.grad_clip, warmup_ratio=cfg.warmup_ratio,
