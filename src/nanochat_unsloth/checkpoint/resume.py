@@ -22,7 +22,7 @@ RESUME_GUARDED_FIELDS = (
     "device_batch_size", "total_batch_size", "num_iterations", "target_flops", "target_param_data_ratio",
     "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
-    "fp8_scaling", "fp8_recipe", "loss_chunk_mb", "compile", "lean_checkpoint",
+    "fp8", "fp8_scaling", "fp8_recipe", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
 # FP8 settings removed on 2026-12-06 (they measured no gain at equal quality), with the value that meant "off":
 # a run that used one cannot continue the same step math
