@@ -26,3 +26,65 @@ def test_turning_fp8_on_or_off_is_refused_unless_forced(was, now):
         check_resume_compatible(meta, TrainConfig(fp8=now))
     check_resume_compatible(meta, TrainConfig(fp8=now, force=True))
     check_resume_compatible(meta, TrainConfig(fp8=was))
+
+
+def test_speed_and_memory_changes_resume_with_one_notice_naming_each(capsys):
+    meta = meta_of(kernels="fused", memory="fast", cuda_graphs="off")
+    check_resume_compatible(meta, TrainConfig(kernels="torch", memory="lean", cuda_graphs="off"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--kernels fused -> torch" in err and "--memory fast -> lean" in err and "cuda_graphs" not in err
+
+
+def test_an_auto_this_machine_resolves_otherwise_is_noticed_from_the_recorded_choice(capsys):
+    """--compile auto on the checkpoint's GPU compiled block by block; here (a CPU) nothing compiles: the flags
+    agree, the runs do not."""
+    was = {"kernels": "fused", "compile": "blocks", "cpu_bf16": "native"}
+    now = {"kernels": "torch", "compile": "none", "cpu_bf16": "native"}
+    check_resume_compatible(meta_of(resolved=was), TrainConfig(), resolved=now)
+    err = capsys.readouterr().err
+    assert "--kernels fused -> torch" in err and "--compile blocks -> none" in err and "cpu_bf16" not in err
+
+
+def test_no_notice_when_nothing_changed_or_an_old_checkpoint_has_no_record(capsys):
+    resolved = {"kernels": "torch", "compile": "none"}
+    check_resume_compatible(meta_of(resolved=resolved), TrainConfig(), resolved=resolved)
+    old = TrainConfig().to_dict()
+    old["kernels"] = "unsloth"  # the fused set's former name, in checkpoints of before 2026-11-28
+    check_resume_compatible(RunMeta(train_config=old), TrainConfig(kernels="fused"), resolved=resolved)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_loop_notices_what_its_resume_runs_otherwise(tmp_path):
+    """End to end: the loop hands its resolved `auto`s to the resume check. The checkpoint's record is edited
+    to what a GPU would have resolved; this CPU resolves kernels and compile otherwise, and --memory changes."""
+    import contextlib
+    import io
+    import json
+
+    from nanochat_unsloth.common import EXIT_STOPPED, run_main
+    from nanochat_unsloth.train import __main__ as train_main
+
+    from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
+
+    base = make_train_base_dir(tmp_path, train_tokens=2_000, val_tokens=2_000, shard_tokens=1_000)
+    args = [a for a in TINY_TRAIN_ARGS if a not in ("--kernels", "torch")]  # kernels auto: torch on a CPU
+    args += ["--base-dir", str(base), "--device_type", "cpu", "--num_iterations", "3", "--model_tag", "moved"]
+
+    def run(argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return run_main(train_main.main, argv), err.getvalue()
+
+    code, err = run(args + ["--stop_after", "1"])
+    assert code == EXIT_STOPPED, err[-2000:]
+    meta_path = base / "runs" / "moved" / "step_000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["resolved"]["kernels"] == "torch" and meta["resolved"]["compile"] == "none"
+    meta["resolved"].update(kernels="fused", compile="blocks")
+    meta_path.write_text(json.dumps(meta))
+    code, err = run(args + ["--resume", "auto", "--memory", "selective"])
+    assert code == 0, err[-2000:]
+    line, = [line for line in err.splitlines() if "--resume changes" in line]
+    for change in ("--kernels fused -> torch", "--memory fast -> selective", "--compile blocks -> none"):
+        assert change in line, line

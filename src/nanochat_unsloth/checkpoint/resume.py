@@ -24,6 +24,14 @@ RESUME_GUARDED_FIELDS = (
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "seed", "optimizer", "cpu_bf16",
     "fp8", "fp8_scaling", "fp8_recipe", "loss_chunk_mb", "compile", "lean_checkpoint",
 )
+# Speed and memory settings: the same step math within bf16 rounding (test_kernels_parity_gpu.py), so a resume
+# may change them, and is told in one notice. Those that default to `auto` are compared as the runs resolved
+# them (RunMeta.resolved), so a resume on a machine that resolves them otherwise is told too; the ones also in
+# RESUME_GUARDED_FIELDS are refused first when their flags differ.
+RESUME_NOTICED_FIELDS = ("kernels", "memory", "lean_blocks", "lean_checkpoint", "fp8_weight_cache", "compile",
+                         "cuda_graphs", "cpu_bf16", "loss_chunk_mb")
+# a value a checkpoint's meta may hold under its former name: --kernels unsloth was fused's before 2026-11-28
+FORMER_NAMES = {"kernels": {"unsloth": "fused"}}
 # FP8 settings removed on 2026-12-06 (they measured no gain at equal quality), with the value that meant "off":
 # a run that used one cannot continue the same step math
 REMOVED_FIELDS = {"fp8_warmdown": "fp8", "fp8_bf16_ends": 0, "fp8_lm_head": False}
@@ -33,9 +41,10 @@ REMOVED_VALUES = {"fp8_scaling": ("delayed_grad",)}
 FORMER_DELAYED_MIN_ROWS = 16384
 
 
-def check_resume_compatible(meta: RunMeta, cfg) -> None:
+def check_resume_compatible(meta: RunMeta, cfg, resolved: dict | None = None) -> None:
     """The model shape must match; batch and optimizer settings too, unless --force. Another number of
-    processes needs neither: the loader keeps every step's tokens when the batch settings are the same."""
+    processes needs neither: the loader keeps every step's tokens when the batch settings are the same.
+    `resolved`: this run's `auto`s as resolved (ResolvedOptions.to_dict()), for the notice of what changed."""
     saved = meta.train_config
     model_diff = [f for f in RESUME_MODEL_FIELDS if f in saved and saved[f] != getattr(cfg, f)]
     if model_diff:
@@ -58,6 +67,26 @@ def check_resume_compatible(meta: RunMeta, cfg) -> None:
     if guarded and not cfg.force:
         desc = ", ".join(f"--{f}={was[f]} (now {getattr(cfg, f)})" for f in guarded)
         raise UserError(f"cannot resume: the run was started with {desc}; pass the same settings, or --force to override")
+    notice_speed_changes(meta, cfg, resolved)
+
+
+def notice_speed_changes(meta: RunMeta, cfg, resolved: dict | None) -> None:
+    """One notice naming every speed or memory setting this resume runs otherwise than the checkpoint's run:
+    each as both runs resolved it where both recorded that, else as its flag (a field the checkpoint lacks: the
+    default's)."""
+    defaults = type(cfg)().to_dict()
+
+    def flag(config: dict, name: str):
+        value = config.get(name, defaults[name])
+        return FORMER_NAMES.get(name, {}).get(value, value)
+
+    was_resolved, now_resolved = meta.resolved or {}, resolved or {}
+    changed = [(f, was_resolved[f], now_resolved[f]) if f in was_resolved and f in now_resolved
+               else (f, flag(meta.train_config, f), flag(cfg.to_dict(), f)) for f in RESUME_NOTICED_FIELDS]
+    changed = [f"--{f} {was} -> {now}" for f, was, now in changed if was != now]
+    if changed:
+        notice_once(f"--resume changes {', '.join(changed)}: speed and memory settings only, the step math "
+                    "stays the same within bf16 rounding")
 
 
 def auto_fp8_scaling(meta: RunMeta) -> str | None:
@@ -113,11 +142,11 @@ def check_horizon_ahead(step: int, num_iterations: int, cfg, resume_dir: Path) -
 
 
 def check_resume(meta: RunMeta, cfg, resume_dir: Path, manifest: ShardManifest, shards_dir: Path,
-                 num_iterations: int, log=print) -> bool:
+                 num_iterations: int, log=print, resolved: dict | None = None) -> bool:
     """Everything a resume must agree with, refused in one line before any state is loaded: the settings,
     the tokens, and a horizon ahead of the checkpoint. -> True when the checkpoint is this run's finished
     end (its step is the horizon it was saved with): nothing to train, nothing wrong."""
-    check_resume_compatible(meta, cfg)
+    check_resume_compatible(meta, cfg, resolved)
     check_resume_data(meta, resume_dir, manifest, shards_dir, cfg.force, log)
     step = meta.step
     if step == num_iterations == meta.num_iterations:

@@ -428,7 +428,8 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
     if resume is not None:
         resume_dir, meta = resume
         start_step = meta.step
-        if check_resume(meta, cfg, resume_dir, data.manifest, data.shards_dir, t.num_iterations, s.print0):
+        if check_resume(meta, cfg, resume_dir, data.manifest, data.shards_dir, t.num_iterations, s.print0,
+                        s.resolved.to_dict()):
             # the run's own final checkpoint: load nothing, evaluate nothing, write nothing
             s.print0(f"{resume_dir}: the run is already complete (step {start_step} of {t.num_iterations}); "
                      "nothing to do")
