@@ -82,17 +82,17 @@ class TrainConfig:
     target_param_data_ratio: float = field(default=20, metadata={"help": "tokens:params ratio (Chinchilla=20)"})
     device_batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch per process"})
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, all processes"})
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    weight_decay: float = 0.0
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the token embedding (wte)"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of lm_head"})
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (wte, lm_head)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps of linear LR warm-up"})
+    warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of the steps of linear LR warm-down, at the end"})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the initial"})
     optimizer: str = field(default="muon", metadata={"help": "muon (nanochat's Muon+AdamW) | adamw8bit (bitsandbytes AdamW8bit, "
                                                               "LR 3e-4*(n_embd/768)^-0.5, cosine, 2% warmup)"})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "initialisation seed (the data order does not depend on it)"})
     # ---- evaluation and sampling ------------------------------------------------------------
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end; "
                                                               "nanochat's -1 is every step, here --eval_every=1)"})
