@@ -753,3 +753,45 @@ def test_runs_deepspeed_on_one_gpu_runs_the_curves_alone_and_passes_runs_on(tmp_
     args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "2",
                                                          "--part", "speed"])
     assert deepspeed.run(args, parser) == 0 and [c[0] for c in calls] == ["scaling"] * 4
+    # --part controls: the 1-GPU pair and the controls on their own, one GPU whatever --gpus says, no ZeRO run
+    calls.clear()
+    args, parser = deepspeed.subcommand_args(deepspeed, ["--base-dir", str(tmp_path), "--gpus", "2",
+                                                         "--part", "controls", "--runs", "a,wte_fp32"])
+    assert deepspeed.run(args, parser) == 0 and [c[0] for c in calls] == ["curve"]
+    controls = calls[0][1]
+    assert (controls.gpus, controls.configs, controls.runs) == (1, "none", "a,wte_fp32")
+    assert controls.controls == deepspeed.CONTROLS and controls.out == tmp_path / "deepspeed_controls_d12_1gpu.json"
+
+
+def test_runs_curve_with_configs_none_compares_the_one_gpu_runs_alone(tmp_path, monkeypatch):
+    """`runs.py curve --configs none`: A, B and the controls, no N-GPU run; the comparison is made once those
+    have finished (what `runs.py deepspeed --part controls` uses on a machine without the ZeRO runs)."""
+    curve = benchmark_module("real_runs.curve")
+    started = []
+
+    class Finished:
+        def wait(self):
+            return 0
+
+    def fake_training(base_dir, tag, train_args, gpu=None, processes=1, config=None, script=None):
+        started.append(tag)
+        run = base_dir / "runs" / tag
+        run.mkdir(parents=True)
+        offset = 1e-3 * (len(started) - 1)
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 4.0 + offset, "tok_per_sec": 1000.0, "peak_mem_gib": 1.0}) + "\n"
+            for s in range(4)))
+        (run / "eval.jsonl").write_text(json.dumps({"step": 4, "val_bpb": 2.0}) + "\n")
+        return Finished()
+
+    monkeypatch.setattr(curve, "start_training", fake_training)
+    monkeypatch.setattr(curve, "gpu_count", lambda: 1)
+    p = argparse.ArgumentParser()
+    curve.add_arguments(p)
+    args = p.parse_args(["--base-dir", str(tmp_path), "--gpus", "1", "--steps", "4", "--eval-every", "2",
+                         "--configs", "none", "--controls", "wte=@wte_fp32", "--out", str(tmp_path / "c.json")])
+    assert curve.run(args, p) == 0
+    assert started == ["curve_1gpu_a", "curve_1gpu_b", "curve_1gpu_wte"]
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert sorted(k for k in result if k.endswith("_max_rel")) == ["a_vs_b_max_rel", "a_vs_wte_max_rel"]
+    assert result["a_vs_wte_max_rel"][0] == pytest.approx(2e-3 / 4.0)

@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--configs", default="",
                    help="comma-separated accelerate configs for the N-GPU run(s), each against the same 1-GPU pair "
-                        "(default: configs/accelerate/multi_gpu.yaml, i.e. DDP)")
+                        "(default: configs/accelerate/multi_gpu.yaml, i.e. DDP; none: the 1-GPU runs alone)")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch", type=int, default=65536, help="tokens per step (4 GPUs x 8 x 2048 by default)")
@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args, p: argparse.ArgumentParser) -> int:
-    configs = {"n": None} if not args.configs else {Path(c).stem: c for c in args.configs.split(",") if c}
+    configs = ({} if args.configs == "none" else {"n": None} if not args.configs
+               else {Path(c).stem: c for c in args.configs.split(",") if c})
     controls = parse_controls(args.controls, p)
     tags = {"a": "curve_1gpu_a", "b": "curve_1gpu_b", **{name: f"curve_1gpu_{name}" for name in controls}}
     tags.update({name: f"curve_{args.gpus}gpu" if config is None else f"curve_{name}_{args.gpus}gpu"

@@ -45,10 +45,12 @@ CONTROLS = ("compile_none=--compile none;compile_blocks=--compile blocks;"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path, default=Path("/tmp/ds"))
     p.add_argument("--gpus", type=int, default=2, help="GPUs for the N-GPU curves and the speed runs")
-    p.add_argument("--part", choices=("all", "curves", "speed"), default="all",
-                   help="all: the curves, then the speed runs (with --gpus 1, the curves alone)")
-    p.add_argument("--runs", default="", help="curves: comma list of the runs to start now, of a, b (the 1-GPU "
-                   "pair), compile_none, compile_blocks (our path compiled as ZeRO-3 and ZeRO-2 are) and "
+    p.add_argument("--part", choices=("all", "curves", "controls", "speed"), default="all",
+                   help="all: the curves, then the speed runs (with --gpus 1, the curves alone); controls: only "
+                        "the 1-GPU pair and the controls, compared on their own (one GPU; the ZeRO runs' curves "
+                        "from an earlier machine are read against the same pair's spread)")
+    p.add_argument("--runs", default="", help="curves, controls: comma list of the runs to start now, of a, b (the "
+                   "1-GPU pair), the controls (" + ", ".join(c.split("=")[0] for c in CONTROLS.split(";")) + ") and "
                    + ", ".join(ZERO_CONFIGS) + "; default every one not yet finished")
 
 
@@ -73,7 +75,12 @@ def run(args, p: argparse.ArgumentParser) -> int:
             "--configs", ",".join(str(CONFIGS / f"{name}.yaml") for name in ZERO_CONFIGS), "--runs", args.runs,
             "--controls", CONTROLS,
             "--out", str(base / f"deepspeed_curves_d12_{gpus}gpu.json")]))
-    if args.part == "curves" or args.gpus < 2:
+    if args.part == "controls":
+        rc = curve.run(*subcommand_args(curve, [
+            "--base-dir", str(base), "--gpus", "1", "--depth", "12", "--steps", "100", "--eval-every", "25",
+            "--configs", "none", "--runs", args.runs, "--controls", CONTROLS,
+            "--out", str(base / "deepspeed_controls_d12_1gpu.json")]))
+    if args.part in ("curves", "controls") or args.gpus < 2:
         return rc
     for config in ("multi_gpu", *ZERO_CONFIGS):
         if rc:
