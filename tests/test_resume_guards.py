@@ -88,3 +88,25 @@ def test_the_loop_notices_what_its_resume_runs_otherwise(tmp_path):
     line, = [line for line in err.splitlines() if "--resume changes" in line]
     for change in ("--kernels fused -> torch", "--memory fast -> selective", "--compile blocks -> none"):
         assert change in line, line
+
+
+@pytest.mark.parametrize("was, now", [("muon", "adamw8bit"), ("adamw8bit", "muon")])
+def test_another_optimizer_is_refused_in_one_line_even_with_force(tmp_path, capsys, was, now):
+    """Muon's momentum and AdamW's moments of [lm_head, wte] cannot become one AdamW's moments of everything, nor
+    the reverse: --force may override a setting, not load a state into an optimizer it does not fit. Before
+    2026-12-06 the unsharded layout (one process, DDP) got that far and stopped in torch's load_state_dict with
+    a traceback."""
+    from nanochat_unsloth.common import EXIT_USER_ERROR
+
+    from run_helpers import train_cli
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path, train_tokens=2_000, val_tokens=2_000, shard_tokens=1_000)
+    assert train_cli(base, "--num-iterations", "2", "--optimizer", was) == 0
+    capsys.readouterr()
+    code = train_cli(base, "--num-iterations", "3", "--resume", "auto", "--force", "--optimizer", now)
+    err = capsys.readouterr().err.strip()
+    # (on a CPU, adamw8bit's build says first, in its own line, that it falls back to torch AdamW)
+    assert code == EXIT_USER_ERROR and "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: cannot resume") and f"--optimizer {was}" in line and f"--optimizer {now}" in line, err

@@ -52,6 +52,12 @@ def check_resume_compatible(meta: RunMeta, cfg, resolved: dict | None = None) ->
         raise UserError(f"cannot resume: the checkpoint's model differs: {desc}; use the checkpoint's settings")
     if not saved:
         return
+    # an optimizer's state fits only that optimizer (Muon's momentum and AdamW's moments of two matrices are not
+    # one AdamW's moments of all of them), so --force cannot override this one: the load would fail mid-way
+    was_optimizer = saved.get("optimizer", type(cfg)().optimizer)
+    if was_optimizer != cfg.optimizer:
+        raise UserError(f"cannot resume: the checkpoint holds --optimizer {was_optimizer}'s state, which --optimizer "
+                        f"{cfg.optimizer} cannot take (not even with --force); resume with --optimizer {was_optimizer}")
     removed = [f"--{f} {saved[f]}" for f, off in REMOVED_FIELDS.items() if saved.get(f, off) != off]
     removed += [f"--{f} {saved[f]}" for f, values in REMOVED_VALUES.items() if saved.get(f) in values]
     if removed and not cfg.force:
