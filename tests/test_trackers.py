@@ -102,3 +102,22 @@ def test_step_metrics_land_in_tensorboard_wandb_offline_and_trackio(base):
     tr = trackio_metrics(run / LOGS_DIR / "trackio" / f"{PROJECT}.db", "smoke")
     assert [tr[m["step"]]["train/loss"] for m in metrics] == [m["loss"] for m in metrics]
     assert {s: tr[s]["core_metric"] for s in core} == core
+
+
+def test_tensorboard_holds_each_step_once_after_a_rollback_and_a_resume(base):
+    """A resume from an older checkpoint (a rollback, or --resume auto after a crash that logged steps past its
+    last save) logs those steps again: tensorboard must show the branch the run is on, each step once, as
+    metrics.jsonl does, not the abandoned values beside the new ones."""
+    from run_helpers import run_train
+
+    run_dir = base / "runs" / "tb_branch"
+    flags = ("--num-iterations", "6", "--model-tag", "tb_branch", "--run", "tb", "--tracker", "tensorboard",
+             "--save-every", "2", "--keep-last", "0")
+    run_train(base, *flags, "--stop-after", "4")  # logs steps 0-3, saves 2 and 4
+    run_train(base, *flags, "--resume", str(run_dir / "step_000002"), "--stop-after", "4")  # 2 and 3 again
+    run_train(base, *flags, "--resume", "auto")  # 4 and 5
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(6))
+    tb = tensorboard_scalars(run_dir / LOGS_DIR / PROJECT)
+    # float32, as tensorboard stores them: the logged doubles rounded must come back exactly
+    assert tb["train/loss"] == [(m["step"], float(np.float32(m["loss"]))) for m in metrics]

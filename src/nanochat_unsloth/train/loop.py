@@ -268,7 +268,7 @@ def _train(cfg: TrainConfig, locks: list) -> dict:
     result = {"start_step": start_step, "num_iterations": num_iterations, "run_dir": str(s.run_dir), "val_bpb": []}
     if complete:
         return {**result, "already_complete": True, "final_step": start_step}
-    trackers.start_trackers(s.accelerator, s.tracker_names, cfg.run, s.run_dir, cfg.to_dict())
+    trackers.start_trackers(s.accelerator, s.tracker_names, cfg.run, s.run_dir, cfg.to_dict(), start_step)
     run = _Run(cfg, s, data, t, start_step, result)
     _step_loop(run)
     return _finish(run)

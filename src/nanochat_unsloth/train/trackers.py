@@ -79,13 +79,19 @@ def accelerator_kwargs(names: list[str], run_dir: Path) -> dict:
             "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOGS_DIR))}
 
 
-def start_trackers(accelerator, names: list[str], run_name: str, run_dir: Path, config: dict) -> None:
-    """Start the trackers on the main process (Accelerate's init_trackers), or refuse in one line."""
+def start_trackers(accelerator, names: list[str], run_name: str, run_dir: Path, config: dict,
+                   start_step: int = 0) -> None:
+    """Start the trackers on the main process (Accelerate's init_trackers), or refuse in one line.
+
+    `start_step` is where this run's history continues: tensorboard drops what earlier event files logged at
+    or after it (its purge_step), the steps of an abandoned branch or of a crash after the last save, which
+    this run logs again; metrics.jsonl is cut at the same step (checkpoint/store.py: start_branch)."""
     if not names or not accelerator.is_main_process:
         return
     logs = run_dir / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    init_kwargs = {"wandb": {"name": run_name, "dir": str(logs)}, "trackio": {"name": run_name}}
+    init_kwargs = {"wandb": {"name": run_name, "dir": str(logs)}, "trackio": {"name": run_name},
+                   "tensorboard": {"purge_step": start_step}}
     if "trackio" in names:
         # trackio reads its storage dir from the environment when imported: keep it under the run
         os.environ.setdefault("TRACKIO_DIR", str(logs / "trackio"))
