@@ -117,6 +117,29 @@ def test_a_missing_bundle_is_refused_in_one_line_before_the_model_is_built(tmp_p
     assert "model:" not in out
 
 
+@pytest.mark.parametrize("damage, flags, says", [
+    ("torn_line", [], "line 3 is not JSON"),  # an unzip cut short
+    ("no_gold", [], "'gold'"),  # a field the scoring reads
+    ("", ["--core-metric-max-per-task", "2"], "2-shot"),  # tiny_mc's 2 few-shot examples need 3 to draw from
+])
+def test_a_damaged_bundle_or_a_cap_below_the_shots_is_refused_before_the_model_is_built(tmp_path, capsys, damage,
+                                                                                      flags, says):
+    """Every example is read when the run starts, not at the first CORE step hours later."""
+    base = make_train_base_dir(tmp_path, train_tokens=4_000, val_tokens=2_000)
+    root = write_tiny_bundle(base)
+    if damage:
+        mc = root / "eval_data" / "tiny" / "mc.jsonl"
+        lines = mc.read_text().splitlines()
+        lines[2] = lines[2][:20] if damage == "torn_line" else json.dumps(
+            {k: v for k, v in json.loads(lines[2]).items() if k != "gold"})
+        mc.write_text("\n".join(lines) + "\n")
+    code = run_main(train_main.main, TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "2",
+                                                        "--core-metric-every", "2", *flags])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert "model:" not in out
+
+
 @pytest.mark.slow
 def test_two_processes_score_the_same_core_as_one(tmp_path):
     """Examples split over two gloo ranks and summed (DDP), or all scored on every rank (FSDP): the same

@@ -35,6 +35,8 @@ from nanochat_unsloth.tokenizer import bos_id
 
 BUNDLE_DIR = "eval_bundle"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+          "language_modeling": ("context", "continuation")}  # what rendering and scoring read of an example
 SHUFFLE_SEED = 1337  # nanochat's: which examples a max_per_task cut keeps
 FEWSHOT_SEED = 1234  # + the example's index: its few-shot examples
 
@@ -73,6 +75,23 @@ class CoreBundle:
             random.Random(SHUFFLE_SEED).shuffle(data)
             self._cache[key] = data[:max_per_task] if max_per_task > 0 else data
         return self._cache[key]
+
+    def check(self, max_per_task: int) -> None:
+        """Read every task's examples now and refuse, in one line, what would stop the first evaluation: a
+        damaged line, an example without a field its task type reads, fewer examples than its few-shot
+        count needs (each example's shots are drawn from the others)."""
+        for task in self.tasks:
+            data = self.examples(task, max_per_task)
+            if len(data) <= task.num_fewshot:
+                raise UserError(f"task {task.label!r} is {task.num_fewshot}-shot: it needs at least "
+                                f"{task.num_fewshot + 1} examples, and {task.data_path} with "
+                                f"--core_metric_max_per_task {max_per_task} gives {len(data)}")
+            for item in data:
+                missing = [name for name in FIELDS[task.task_type] if not isinstance(item, dict) or name not in item]
+                if missing:
+                    raise UserError(f"{task.data_path}: an example of task {task.label!r} has no "
+                                    f"{', '.join(map(repr, missing))} ({str(item)[:80]}); the eval bundle is "
+                                    "damaged, unpack it again")
 
 
 def load_bundle(base_dir: Path, why: str = "--core_metric_every") -> CoreBundle:

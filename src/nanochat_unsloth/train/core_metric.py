@@ -14,10 +14,13 @@ from nanochat_unsloth.common import notice_once
 from nanochat_unsloth.eval.core import BUNDLE_DIR, CoreBundle, evaluate_core, load_bundle
 
 
-def core_bundle_for(every: int, base_dir: Path) -> CoreBundle | None:
-    """The bundle when the metric is on (refused in one line if missing); a hint when it is off but could run."""
+def core_bundle_for(every: int, base_dir: Path, max_per_task: int = -1) -> CoreBundle | None:
+    """The bundle when the metric is on, its examples read and checked (refused in one line if missing or
+    damaged, not at the first CORE step); a hint when it is off but could run."""
     if every > 0:
-        return load_bundle(base_dir)
+        bundle = load_bundle(base_dir)
+        bundle.check(max_per_task)
+        return bundle
     if (Path(base_dir) / BUNDLE_DIR / "core.yaml").exists():
         notice_once(f"CORE metric off (--core_metric_every -1); {Path(base_dir) / BUNDLE_DIR} is there, so "
                     "--core_metric_every 2000 would report it as nanochat does")

@@ -328,7 +328,8 @@ def _open_inputs(cfg: TrainConfig, s: _Session) -> _Inputs:
         tokenizer_dir, f"the shards in {shards_dir}", manifest.tokenizer.sha256, vocab_size,
         fix="re-run prep with it, or point --base-dir at the matching tokenizer")
     token_bytes = load_token_bytes(tokenizer_dir, s.device)
-    core_bundle = core_bundle_for(cfg.core_metric_every, s.base_dir)  # a missing eval bundle: refused now
+    # a missing or damaged eval bundle: refused now
+    core_bundle = core_bundle_for(cfg.core_metric_every, s.base_dir, cfg.core_metric_max_per_task)
 
     grad_accum = optim.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, s.world_size)
     t_verify = time.time()
