@@ -121,3 +121,19 @@ def test_tensorboard_holds_each_step_once_after_a_rollback_and_a_resume(base):
     tb = tensorboard_scalars(run_dir / LOGS_DIR / PROJECT)
     # float32, as tensorboard stores them: the logged doubles rounded must come back exactly
     assert tb["train/loss"] == [(m["step"], float(np.float32(m["loss"]))) for m in metrics]
+
+
+@pytest.mark.slow
+def test_two_processes_log_each_step_once_from_the_main_process(base):
+    """Only the main process starts trackers (start_trackers) and Accelerate's log is the main process's
+    alone: a 2-rank run leaves one event file with each step once."""
+    from cpu_launch import launch_cpu_processes
+
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "3", "--model-tag", "tb_two_ranks",
+                              "--run", "tb", "--tracker", "tensorboard"]
+    # "--": torchrun would take --run for its own --run-path (nanochat's README passes it the same way)
+    out = launch_cpu_processes(2, "-m", "nanochat_unsloth.train", "--", *args)
+    assert out.returncode == 0 and "x 2 procs" in out.stdout, out.stderr[-3000:]
+    logdir = base / "runs" / "tb_two_ranks" / LOGS_DIR / PROJECT
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    assert [s for s, _ in tensorboard_scalars(logdir)["train/loss"]] == [0, 1, 2]
