@@ -87,20 +87,20 @@ def test_step_metrics_land_in_tensorboard_wandb_offline_and_trackio(base):
     # tensorboard stores float32: the logged doubles rounded to float32 must come back exactly
     tb = tensorboard_scalars(run / LOGS_DIR / PROJECT)
     f32 = lambda x: float(np.float32(x))  # noqa: E731
-    assert tb["train/loss"] == [(m["step"], f32(m["loss"])) for m in metrics]
+    assert tb["train/loss"] == [(m["step"], f32(m["smooth_loss"])) for m in metrics]
     assert tb["train/lrm"] == [(m["step"], f32(m["lrm"])) for m in metrics]
     assert tb["val/bpb"] == [(s, f32(v)) for s, v in sorted(bpb.items())]
     assert tb["core_metric"] == [(s, f32(v)) for s, v in sorted(core.items())]
 
     # wandb keeps the doubles as JSON
     wb = wandb_history(run / LOGS_DIR / "wandb")
-    assert [wb[m["step"]]["train/loss"] for m in metrics] == [m["loss"] for m in metrics]
+    assert [wb[m["step"]]["train/loss"] for m in metrics] == [m["smooth_loss"] for m in metrics]
     assert {s: wb[s]["val/bpb"] for s in bpb} == bpb
     assert {s: wb[s]["core_metric"] for s in core} == core
     assert "centered_results/tiny_mc" in wb[4]
 
     tr = trackio_metrics(run / LOGS_DIR / "trackio" / f"{PROJECT}.db", "smoke")
-    assert [tr[m["step"]]["train/loss"] for m in metrics] == [m["loss"] for m in metrics]
+    assert [tr[m["step"]]["train/loss"] for m in metrics] == [m["smooth_loss"] for m in metrics]
     assert {s: tr[s]["core_metric"] for s in core} == core
 
 
@@ -120,7 +120,7 @@ def test_tensorboard_holds_each_step_once_after_a_rollback_and_a_resume(base):
     assert [m["step"] for m in metrics] == list(range(6))
     tb = tensorboard_scalars(run_dir / LOGS_DIR / PROJECT)
     # float32, as tensorboard stores them: the logged doubles rounded must come back exactly
-    assert tb["train/loss"] == [(m["step"], float(np.float32(m["loss"]))) for m in metrics]
+    assert tb["train/raw_loss"] == [(m["step"], float(np.float32(m["loss"]))) for m in metrics]
 
 
 @pytest.mark.slow
@@ -137,3 +137,18 @@ def test_two_processes_log_each_step_once_from_the_main_process(base):
     logdir = base / "runs" / "tb_two_ranks" / LOGS_DIR / PROJECT
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
     assert [s for s, _ in tensorboard_scalars(logdir)["train/loss"]] == [0, 1, 2]
+
+
+def test_train_loss_is_nanochats_debiased_smooth_loss(base):
+    """nanochat's base_train logs the debiased EMA of the loss as "train/loss" (its step line's "loss:"), so a
+    dashboard built on it must get that curve here too; the raw step loss goes beside it as train/raw_loss."""
+    from run_helpers import run_train
+
+    run_train(base, "--num-iterations", "3", "--model-tag", "tb_loss", "--run", "tb", "--tracker", "tensorboard")
+    run_dir = base / "runs" / "tb_loss"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tb = tensorboard_scalars(run_dir / LOGS_DIR / PROJECT)
+    f32 = lambda x: float(np.float32(x))  # noqa: E731  tensorboard stores float32
+    assert tb["train/loss"] == [(m["step"], f32(m["smooth_loss"])) for m in metrics]
+    assert tb["train/raw_loss"] == [(m["step"], f32(m["loss"])) for m in metrics]
+    assert metrics[1]["smooth_loss"] != metrics[1]["loss"], "the two curves must differ for this test to tell them apart"

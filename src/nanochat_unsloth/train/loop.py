@@ -596,8 +596,11 @@ def _log_step(run: _Run, step: int, out, dt: float) -> None:
     if s.device_type == "cuda":  # cumulative; a retry frees cached blocks and synchronizes: a slow step's sign
         record["alloc_retries"] = torch.cuda.memory_stats(s.device).get("num_alloc_retries", 0)
     s.log_jsonl(s.run_dir / "metrics.jsonl", record)
-    s.accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time") and v is not None},
-                      step=step - 1)
+    # nanochat's "train/loss" is the debiased smooth loss (its step line's "loss:"): dashboards built on it
+    # get that curve; the raw step loss goes beside it
+    names = {"loss": "raw_loss", "smooth_loss": "loss"}
+    s.accelerator.log({f"train/{names.get(k, k)}": v for k, v in record.items()
+                       if k not in ("step", "time") and v is not None}, step=step - 1)
 
 
 def _save_or_stop(run: _Run, stop: StopRequest, step: int) -> bool:
