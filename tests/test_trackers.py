@@ -152,3 +152,9 @@ def test_train_loss_is_nanochats_debiased_smooth_loss(base):
     assert tb["train/loss"] == [(m["step"], f32(m["smooth_loss"])) for m in metrics]
     assert tb["train/raw_loss"] == [(m["step"], f32(m["loss"])) for m in metrics]
     assert metrics[1]["smooth_loss"] != metrics[1]["loss"], "the two curves must differ for this test to tell them apart"
+    # and beside every record (train, val), nanochat's progress keys: the step as a value, the FLOPs of the steps
+    # before it (FLOPs per token x tokens per step x step) and the training time
+    assert all(v == s for s, v in tb["step"]) and {m["step"] for m in metrics} <= {s for s, _ in tb["step"]}
+    per_step = max(v / s for s, v in tb["total_training_flops"] if s)
+    assert per_step > 0 and all(v == f32(per_step * s) for s, v in tb["total_training_flops"])
+    assert len(tb["total_training_time"]) == len(tb["step"])

@@ -524,14 +524,14 @@ def _evaluate_when_due(run: _Run, step: int, last_step: bool) -> None:
         s.print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
         s.log_jsonl(s.run_dir / "eval.jsonl", {"step": step, "val_bpb": val_bpb})
         run.result["val_bpb"].append((step, val_bpb))
-        s.accelerator.log({"val/bpb": val_bpb}, step=step)
+        s.accelerator.log({**_progress(run, step), "val/bpb": val_bpb}, step=step)
 
     # once in a while: nanochat's CORE metric (all ranks take part; the uncompiled model, as shapes vary)
     if data.core_bundle is not None and core_due(cfg.core_metric_every, step, last_step):
         core = run_core_metric(t.raw_model, data.encoding, data.core_bundle, s.device, cfg.core_metric_max_per_task,
                                s.accelerator.autocast, not t.whole_weights_nowhere, step, s.print0)
         s.log_jsonl(s.run_dir / "eval.jsonl", core)
-        s.accelerator.log(tracker_values(core), step=step)
+        s.accelerator.log({**_progress(run, step), **tracker_values(core)}, step=step)
 
     # once in a while: greedy samples of nanochat's prompts (uncompiled model). Under FSDP and ZeRO-3 every
     # rank holds a shard of the weights, so every rank must run the forward; otherwise only the main one does.
@@ -599,8 +599,16 @@ def _log_step(run: _Run, step: int, out, dt: float) -> None:
     # nanochat's "train/loss" is the debiased smooth loss (its step line's "loss:"): dashboards built on it
     # get that curve; the raw step loss goes beside it
     names = {"loss": "raw_loss", "smooth_loss": "loss"}
-    s.accelerator.log({f"train/{names.get(k, k)}": v for k, v in record.items()
-                       if k not in ("step", "time") and v is not None}, step=step - 1)
+    s.accelerator.log({**_progress(run, step - 1), **{f"train/{names.get(k, k)}": v for k, v in record.items()
+                                                       if k not in ("step", "time") and v is not None}}, step=step - 1)
+
+
+def _progress(run: _Run, step: int) -> dict:
+    """What nanochat's base_train logs beside every tracker record: the step as a value (its wandb x-axis is a
+    call counter, so dashboards plot against this key), the FLOPs of the `step` steps before it, and the
+    training time so far (the first 10 steps of this process left out)."""
+    return {"step": step, "total_training_flops": run.t.flops_per_token * run.cfg.total_batch_size * step,
+            "total_training_time": run.total_time}
 
 
 def _save_or_stop(run: _Run, stop: StopRequest, step: int) -> bool:
