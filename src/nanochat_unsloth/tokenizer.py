@@ -155,8 +155,11 @@ def keep_replaced_tokenizer(tokenizer_dir: Path, new_pkl: bytes, log=print) -> P
     not moved: the old set stays in place until the new one replaces it as one set. None if nothing differs."""
     import shutil
 
+    import hashlib
+
     pkl = tokenizer_dir / TOKENIZER_PKL
-    if not pkl.exists() or pkl.read_bytes() == new_pkl:
+    old_pkl = pkl.read_bytes() if pkl.exists() else new_pkl
+    if old_pkl == new_pkl:
         return None
     n = 1
     while (tokenizer_dir / f"{PREVIOUS}_{n}").exists():
@@ -170,8 +173,9 @@ def keep_replaced_tokenizer(tokenizer_dir: Path, new_pkl: bytes, log=print) -> P
     fsync_tree(tmp)
     tmp.rename(aside)
     fsync_dir(tokenizer_dir)
-    log(f"kept the tokenizer being replaced (sha256 {sha256_file(pkl)[:12]}) in {aside}: the shards and "
-        "checkpoints made with it need it back")
+    old_sha = hashlib.sha256(old_pkl).hexdigest()
+    log(f"kept the tokenizer being replaced (sha256 {old_sha[:12]}) in {aside}: the shards and checkpoints made "
+        "with it need it back")
     return aside
 
 

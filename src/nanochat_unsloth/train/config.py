@@ -58,7 +58,7 @@ class TrainConfig:
                                                                     "float8 training"})
     fp8_weight_cache: str = field(default="auto", metadata={"help": "auto|on|off: quantise the block weights to FP8 "
                                                                      "once per optimizer step instead of in every "
-                                                                     "micro-step (same values; 2 bytes per block "
+                                                                     "micro-step (the same quantisation, done eagerly; 2 bytes per block "
                                                                      "parameter held); auto = on with our FP8 recipe "
                                                                      "and per-block compile, off with --memory lean"})
     loss_chunk_mb: float = field(default=DEFAULT_CHUNK_MB, metadata={"help": "--kernels fused: MiB of bf16 logits + "

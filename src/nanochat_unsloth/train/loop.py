@@ -438,7 +438,8 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
         # a checkpoint of another run dir (another tag, previous_N/, abandoned/) starts this tag over from
         # it: the tag's own checkpoints are another history, which its saves would prune and its logs mix
         foreign = Path(resume_dir).resolve().parent != s.run_dir.resolve()
-        if foreign and store.list_checkpoints(s.run_dir) and not cfg.force:  # every rank raises
+        own_run = foreign and bool(store.list_checkpoints(s.run_dir))
+        if own_run and not cfg.force:  # every rank raises
             raise UserError(f"{s.run_dir} already holds checkpoints of its own run, and --resume {cfg.resume} is "
                             f"another run's; pass --force to set them aside (moved to previous_N/, not deleted) "
                             "and continue from it here, or --model_tag to continue it under another tag")
@@ -447,7 +448,7 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
             raise UserError(f"--no_repeat_data refuses this resume, which reads trained tokens again: "
                             f"{data.train_loader.notice}; resume with the checkpoint's --total_batch_size, or drop "
                             "--no_repeat_data")
-        if s.master and foreign and store.list_checkpoints(s.run_dir):
+        if s.master and own_run:
             aside = store.set_aside(s.run_dir)
             s.print0(f"--force: moved this tag's own checkpoints and metrics to {aside}")
         if s.master:  # what came after this step (a rollback's newer checkpoints, later records) moves aside;
