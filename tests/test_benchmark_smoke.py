@@ -685,7 +685,7 @@ def test_runs_curve_on_one_gpu_runs_the_pair_in_turn_and_spreads_the_runs_over_i
     started, running = [], []
 
     class FakeRun:
-        def __init__(self, base_dir, tag, train_args, gpu=None, processes=1, config=None):
+        def __init__(self, base_dir, tag, train_args, gpu=None, processes=1, config=None, script=None):
             assert not running, f"{tag} started while {running} runs"  # one at a time on the one GPU
             started.append((tag, gpu, processes, config and Path(config).stem))
             running.append(tag)

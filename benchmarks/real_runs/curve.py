@@ -49,7 +49,7 @@ def start(args, tag: str, n: int, gpu: int = 0, config: str | None = None, flags
     record = launch_record(args, tag, n, config, flags)
     write_json(args.base_dir / f"{tag}.launch.json", record)  # what `finished` compares a later invocation with
     return start_training(args.base_dir, tag, record["train"], gpu=gpu if n == 1 and not config else None,
-                          processes=n, config=config, **({"script": record["script"]} if "script" in record else {}))
+                          processes=n, config=config, script=record.get("script"))
 
 
 def finished(args, tag: str, n: int, config: str | None, flags: str = "") -> bool:
