@@ -119,6 +119,20 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_on
         assert not (run_dir / ".step_000002.tmp").exists(), "the partial save is removed, giving the space back"
 
 
+def test_a_killed_saves_leftover_of_another_step_is_removed_by_the_next_save(base):
+    # a save cut short by kill -9 (a scheduler's kill after its SIGTERM grace, mid stop-save at an odd step)
+    # leaves its temporary dir; the resumed run saves other steps, so only a sweep of every one gives it back
+    run_train(base, "--num-iterations", "3", "--model-tag", "debris", "--stop-after", "1")
+    run_dir = base / "runs" / "debris"
+    leftover = run_dir / ".step_000007.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 4096)
+    result = run_train(base, "--num-iterations", "3", "--model-tag", "debris", "--resume", "auto", "--stop-after", "2")
+    assert result["start_step"] == 1
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1, 2]
+    assert not leftover.exists()
+
+
 # ---- FP8 delayed-scaling history and the loss EMA survive a resume ------------------------------
 
 

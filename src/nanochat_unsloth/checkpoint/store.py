@@ -157,6 +157,16 @@ def _is_write_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or is_disk_failure(e)
 
 
+def remove_unfinished_saves(run_dir: Path) -> list[Path]:
+    """Remove every temporary dir of a save that never finished (a crash or kill -9 mid-save), whatever its
+    step: a resumed run seldom saves that step again, and each can be as large as a checkpoint. Only the run
+    lock's holder calls it, so none of them is being written. -> the removed directories."""
+    leftovers = [d for d in Path(run_dir).glob(".step_*.tmp") if d.is_dir()]
+    for d in leftovers:
+        shutil.rmtree(d)
+    return leftovers
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_last: int = 2,
                     models: list | None = None, write_state: Callable[[Path], None] | None = None) -> Path:
     """Collective: every process calls it. Returns the final directory. The one writer of meta.json:
@@ -174,8 +184,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
     _check_weights_before_save(accelerator, accelerator._models if models is None else models, step)
     try:
         if accelerator.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # debris of an earlier crash mid-save
+            remove_unfinished_saves(run_dir)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         if write_state is None:
