@@ -113,7 +113,7 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_on
             real(self, output_dir, **kw)
             raise failure
         monkeypatch.setattr(Accelerator, "save_state", save_state)
-        with pytest.raises(UserError, match=r"\.step_000002\.tmp: cannot write: .*earlier checkpoints are kept"):
+        with pytest.raises(UserError, match=r"step 2 was not saved: .*runs/full: cannot write: .*step_000001, is kept"):
             run_train(base, "--num-iterations", "2", "--model-tag", "full", "--resume", "auto")
         assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1]
         assert not (run_dir / ".step_000002.tmp").exists(), "the partial save is removed, giving the space back"
@@ -131,6 +131,31 @@ def test_a_killed_saves_leftover_of_another_step_is_removed_by_the_next_save(bas
     assert result["start_step"] == 1
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1, 2]
     assert not leftover.exists()
+
+
+def test_a_failed_stop_save_exits_2_in_one_line_saying_what_is_kept_and_how_to_go_on(base, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    assert train_cli(base, "--num-iterations", "3", "--model-tag", "nospace", "--stop-after", "1") == EXIT_STOPPED
+    run_dir = base / "runs" / "nospace"
+    real = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kw):
+        real(self, output_dir, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    capsys.readouterr()
+    # the stop's save fails: not exit 3 ("saved, continue"), so `train && convert` stops too
+    code = train_cli(base, "--num-iterations", "3", "--model-tag", "nospace", "--resume", "auto", "--stop-after", "2")
+    err = one_line_error(capsys, code)
+    assert err.startswith(f"error: step 2 was not saved: {run_dir}"), err
+    assert "no space left on the disk" in err and "--keep_last 2" in err, err
+    assert "step_000001, is kept: continue from it with --resume auto" in err, err
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1] and not list(run_dir.glob(".step_*"))
+    monkeypatch.undo()
+    # once there is room, --resume auto picks the newest complete checkpoint and finishes the run
+    assert train_cli(base, "--num-iterations", "3", "--model-tag", "nospace", "--resume", "auto") == 0
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1, 3]
 
 
 # ---- FP8 delayed-scaling history and the loss EMA survive a resume ------------------------------

@@ -256,8 +256,8 @@ def test_a_file_size_limit_during_the_save_is_one_line_and_removes_the_partial_d
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     err = one_line_error(capsys, code)
-    assert ".step_000003.tmp: cannot write: a file grew past a file-size limit" in err
-    assert "the earlier checkpoints are kept" in err
+    assert f"step 3 was not saved: {run_dir}: cannot write: a file grew past a file-size limit" in err
+    assert "the newest checkpoint, step_000002, is kept: continue from it with --resume auto" in err
     assert steps_of(run_dir) == [2]
     assert not (run_dir / ".step_000003.tmp").exists(), "the partial save is removed, giving the space back"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import re
 import shutil
@@ -177,7 +178,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
     sharded save (train/checkpoint.py).
 
     Weights holding NaN or inf raise NonFiniteWeights before anything is written. A failed write is one
-    UserError naming the path; its partial directory is removed and the earlier checkpoints stay."""
+    UserError naming the step, the directory and the newest checkpoint kept; its partial directory is removed
+    and the earlier checkpoints stay (pruning only follows a save that is on disk)."""
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".{final.name}.tmp"
@@ -209,12 +211,35 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
         if not (isinstance(e, UserError) or _is_write_failure(e)):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
-        why = str(e) if isinstance(e, UserError) else disk_failure_message(tmp, e)
-        raise UserError(why + "; the earlier checkpoints are kept") from None
+        raise UserError(_save_failure_message(run_dir, step, keep_last, e)) from None
     if accelerator.is_main_process:
         prune(run_dir, step, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_failure_message(run_dir: Path, step: int, keep_last: int, e: BaseException) -> str:
+    """One line: which step was lost and why, for a full disk what a save needs, and what is kept to go on from."""
+    why = str(e) if isinstance(e, UserError) else disk_failure_message(run_dir, e)
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return f"step {step} was not saved: {why}; its partial files are removed; this run has no earlier checkpoint"
+    try:
+        size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        free = shutil.disk_usage(run_dir).free
+    except OSError:  # a failing disk: the line must still come out, without the sizes
+        size = free = 0
+    room = ""
+    if size and (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < size):
+        # pruning follows a save, so the kept ones and the new one must all fit at once
+        kept = f"the --keep_last {keep_last} kept" if keep_last else "every one kept (--keep_last 0)"
+        room = f" (a checkpoint takes {_human(size)}, {_human(free)} are free: a save needs room beside {kept})"
+    return (f"step {step} was not saved: {why}{room}; its partial files are removed and the newest checkpoint, "
+            f"{newest.name}, is kept: continue from it with --resume auto")
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def prune(run_dir: Path, step: int, keep_last: int) -> list[Path]:

@@ -247,7 +247,9 @@ class _Run:
         )
 
     def save(self, step: int) -> Path:
-        """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint."""
+        """Collective. Weights holding NaN or inf are not saved: the run stops on the last good checkpoint. So
+        does a failed write (a UserError naming the newest checkpoint): a full disk seldom frees itself, and a run
+        going on unsaved would lose every step since then to the next kill, not just the ones since that save."""
         try:
             return ckpt.save_checkpoint(self.s.accelerator, self.s.run_dir, step, self.meta(), self.cfg.keep_last,
                                         self.t.checkpointed)
