@@ -56,7 +56,7 @@ def is_disk_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILURES)
 
 
-def _errno_of(e: BaseException) -> int | None:
+def errno_of(e: BaseException) -> int | None:
     if isinstance(e, OSError):
         return e.errno
     m = _OS_ERROR_IN_TEXT.search(str(e))
@@ -66,7 +66,7 @@ def _errno_of(e: BaseException) -> int | None:
 def disk_failure_message(path: str | os.PathLike, e: BaseException) -> str:
     """One line naming the path: no space, a file-size limit, read-only, no permission, or another I/O
     error, and what to do."""
-    code = _errno_of(e)
+    code = errno_of(e)
     if code in (errno.ENOSPC, errno.EDQUOT):
         why, fix = "no space left on the disk", "free space there or choose another directory"
     elif code == errno.EFBIG:

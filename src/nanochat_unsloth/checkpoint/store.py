@@ -23,6 +23,7 @@ import io
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,8 +33,8 @@ from nanochat_unsloth.checkpoint import sharded
 from nanochat_unsloth.checkpoint.logs import LOG_NAMES, PROFILE_DIR, TRACKER_DIR, rewrite_logs, split_logs
 from nanochat_unsloth.checkpoint.meta import META_NAME, RunMeta, load_meta
 from nanochat_unsloth.common import (Diverged, FileLock, UserError, atomic_write_json, disk_failure_message,
-                                     fsync_dir, fsync_tree, hold_lock, is_disk_failure, make_dirs, sha256_file,
-                                     uninterruptible)
+                                     errno_of, fsync_dir, fsync_tree, hold_lock, is_disk_failure, make_dirs,
+                                     sha256_file, uninterruptible)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 ABANDONED_DIR = "abandoned"  # <run>/abandoned/<time>/: what a resume from an older step left behind
@@ -177,45 +178,105 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
     (default: Accelerate's save_state) writes the training state, collectively: an FSDP2 run passes its
     sharded save (train/checkpoint.py).
 
-    Weights holding NaN or inf raise NonFiniteWeights before anything is written. A failed write is one
-    UserError naming the step, the directory and the newest checkpoint kept; its partial directory is removed
-    and the earlier checkpoints stay (pruning only follows a save that is on disk)."""
+    Weights holding NaN or inf raise NonFiniteWeights before anything is written. A failed write, on any rank,
+    is one UserError on every rank, naming the step, the directory and the newest checkpoint kept; its partial
+    directory is removed and the earlier checkpoints stay (pruning only follows a save that is on disk)."""
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".{final.name}.tmp"
+    main = accelerator.is_main_process
+    write = write_state or partial(_accelerate_save_state, accelerator)
     _check_weights_before_save(accelerator, accelerator._models if models is None else models, step)
     try:
-        if accelerator.is_main_process:
-            remove_unfinished_saves(run_dir)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        if write_state is None:
-            accelerator.save_state(str(tmp))
-        else:
-            write_state(tmp)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            # every file, those in sub-directories too (DeepSpeed writes its states into one per tag)
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            sha256 = {name: sha256_file(tmp / name) for name in files}
-            saved = dataclasses.replace(meta, step=step, files=files, sha256=sha256, complete=True)
-            atomic_write_json(tmp / META_NAME, saved.to_dict())
-            # a machine that dies after the prune below (a preempted VM, a power cut) keeps only what reached
-            # the disk: the new checkpoint (every rank's files) and its rename must, before the old ones go
-            fsync_tree(tmp)
-            if final.exists():  # the same step saved again: newest wins
-                shutil.rmtree(final)
-            tmp.rename(final)
-            fsync_dir(run_dir)
+        # three parts, each ending where every rank meets and learns whether any rank's writes failed
+        _on_every_rank(accelerator, lambda: _start_save(run_dir, tmp) if main else None)
+        _on_every_rank(accelerator, lambda: write(tmp))
+        _on_every_rank(accelerator, lambda: _finish_save(run_dir, tmp, final, meta, step) if main else None)
     except Exception as e:
         if not (isinstance(e, UserError) or _is_write_failure(e)):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
+        # every rank is here (the failure was agreed): each line then names the same free space
+        accelerator.wait_for_everyone()
         raise UserError(_save_failure_message(run_dir, step, keep_last, e)) from None
-    if accelerator.is_main_process:
+    if main:
         prune(run_dir, step, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _start_save(run_dir: Path, tmp: Path) -> None:
+    remove_unfinished_saves(run_dir)
+    tmp.mkdir(parents=True)
+
+
+def _accelerate_save_state(accelerator, out_dir: Path) -> None:
+    """Accelerate's save_state, with every optimizer's state_dict taken first, on every rank. A sharded
+    optimizer's (ShardedAdamW under DDP) gathers its rows, a collective that save_state runs after the main
+    process has written the model: a main process whose model write failed would skip it, and the others would
+    wait there instead of where the failure is agreed. DeepSpeed saves its optimizers itself, collectively."""
+    from accelerate.utils import DistributedType
+
+    optimizers = [] if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator._optimizers
+    for opt in optimizers:
+        opt.state_dict = (lambda state: lambda: state)(opt.state_dict())  # what save_state calls, taken now
+    try:
+        accelerator.save_state(str(out_dir))
+    finally:
+        for opt in optimizers:
+            del opt.state_dict
+
+
+def _finish_save(run_dir: Path, tmp: Path, final: Path, meta: RunMeta, step: int) -> None:
+    """Main process: meta.json with every file's size and sha256, then the rename that makes the save count."""
+    # every file, those in sub-directories too (DeepSpeed writes its states into one per tag)
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    sha256 = {name: sha256_file(tmp / name) for name in files}
+    saved = dataclasses.replace(meta, step=step, files=files, sha256=sha256, complete=True)
+    atomic_write_json(tmp / META_NAME, saved.to_dict())
+    # a machine that dies after the prune (a preempted VM, a power cut) keeps only what reached the disk: the
+    # new checkpoint (every rank's files) and its rename must, before the old ones go
+    fsync_tree(tmp)
+    if final.exists():  # the same step saved again: newest wins
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(run_dir)
+
+
+def _on_every_rank(accelerator, part: Callable[[], None]) -> None:
+    """Collective, where a barrier would be: this rank's `part` of a save, then every rank learns whether any
+    rank's part failed to write, and all of them raise the first such failure (by rank). A rank that raised
+    alone would leave the others in the save's next collective until the process group's timeout (minutes to
+    hours under NCCL). Any other exception (a bug) still ends its own rank alone, with its traceback.
+
+    A failure inside a collective save (DCP's, DeepSpeed's) reaches this only if that save reports it on every
+    rank: DCP does; DeepSpeed does not, and its other ranks wait in its own barrier."""
+    failure = None
+    try:
+        part()
+    except Exception as e:
+        if not (isinstance(e, UserError) or _is_write_failure(e)):
+            raise
+        failure = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failure = next((f for f in gather_object([_portable(failure)]) if f is not None), None)
+    if failure is not None:
+        raise failure
+
+
+def _portable(e: BaseException | None) -> BaseException | None:
+    """`e` as every rank unpickles it and reads it alike: a UserError's text; else the errno (an OSError's, or
+    the one safetensors names in its text) and the text, without a library's own type; else torch's failed
+    write as its RuntimeError text."""
+    if e is None or isinstance(e, UserError):
+        return None if e is None else UserError(str(e))
+    code = errno_of(e)
+    if code is not None:
+        return OSError(code, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+    return OSError(str(e)) if isinstance(e, OSError) else RuntimeError(str(e))
 
 
 def _save_failure_message(run_dir: Path, step: int, keep_last: int, e: BaseException) -> str:
