@@ -16,7 +16,7 @@ optimizers, step and checkpoint functions. On 2 ranks:
    too: its state right after loading, whole, and the loss of the same step; before that step it saves that
    state in its own layout (BASE/runs/ddp/), and
 5. a fresh FSDP2 model loads that DDP checkpoint and takes the step; then, with a NaN in one rank's shard,
-   its save is refused.
+   its save is refused; and a save whose write fails on rank 1 alone is refused on every rank.
 
 On one process: the plain model and optimizers load it without a process group and take the step as 2
 micro-steps; then, in a process group of one, an FSDP2 model loads it too (DCP reshards 2 ranks' pieces into one
@@ -25,6 +25,7 @@ rank's) and takes that step. Writes OUT/result_<world size>.pt (rank 0).
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from accelerate import Accelerator
 from nanochat_unsloth.checkpoint import store
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.checkpoint.store import NonFiniteWeights
+from nanochat_unsloth.common import UserError
 from nanochat_unsloth.model.build import ModelOptions, build_model
 from nanochat_unsloth.model.gpt import GPTConfig
 from nanochat_unsloth.shards.manifest import ShardManifest
@@ -187,6 +189,20 @@ def main(base: Path, out: Path):
             result["nan_refused"] = None
         except NonFiniteWeights as e:
             result["nan_refused"] = str(e)
+
+        # rank 1's own file (its RNG state, written after DCP's collective save) fails: every rank raises the one
+        # line, instead of rank 0 waiting for it in the next collective
+        import accelerate.checkpointing
+
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if rank == 1:
+            accelerate.checkpointing.save_accelerator_state = no_space
+        try:
+            ckpt.save_checkpoint(accelerator, run_dir, SAVE_STEP + 2, meta, 2, state)
+            result["rank_failure"] = None
+        except UserError as e:
+            result["rank_failure"] = str(e)
     else:
         raw, opts = fresh(sharded=False)
         ckpt.load_training_state(accelerator, step_dir, ckpt.Checkpointed(raw, opts, Position()))

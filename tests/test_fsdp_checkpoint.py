@@ -89,6 +89,17 @@ def test_fsdp2_resumes_bit_exactly_and_refuses_to_save_a_nan_in_one_shard(run):
 
 
 @pytest.mark.slow
+def test_a_write_that_fails_on_one_rank_is_refused_on_every_rank(run):
+    # rank 1's RNG state file failed, after DCP had saved every rank's shards; rank 0, whose result this is,
+    # learns of it where the ranks meet, removes the partial save and keeps the earlier checkpoint
+    failure = run["two"]["rank_failure"]
+    assert failure is not None and failure.startswith(f"step {SAVE_STEP + 2} was not saved: "), failure
+    assert "no space left on the disk" in failure and f"{run['step_dir'].name}, is kept" in failure, failure
+    assert [s for s, _ in store.list_checkpoints(run["step_dir"].parent)] == [SAVE_STEP]
+    assert not list(run["step_dir"].parent.glob(".step_*"))
+
+
+@pytest.mark.slow
 def test_ddp_one_process_and_fsdp2_on_one_rank_restore_the_exact_state_and_fsdp2_resumes_a_ddp_checkpoint(run):
     two, one = run["two"], run["one"]
     saved = two["saved"]
