@@ -119,6 +119,33 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_on
         assert not (run_dir / ".step_000002.tmp").exists(), "the partial save is removed, giving the space back"
 
 
+def test_a_save_the_disk_has_no_room_for_is_refused_before_anything_is_written(base, monkeypatch):
+    # DeepSpeed's own save, failing on one rank mid-way, leaves the others in its barrier: a disk with less room
+    # than the newest checkpoint takes is refused up front, on every rank alike, with nothing written
+    import shutil
+    from collections import namedtuple
+
+    from accelerate import Accelerator
+
+    run_train(base, "--num-iterations", "3", "--model-tag", "room", "--stop-after", "1")
+    run_dir = base / "runs" / "room"
+    need = sum(p.stat().st_size for p in (run_dir / "step_000001").rglob("*") if p.is_file())
+    real_usage, usage = shutil.disk_usage, namedtuple("usage", "total used free")
+    writes = []
+    monkeypatch.setattr(Accelerator, "save_state", lambda self, *a, **kw: writes.append(a))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(*real_usage(path)[:2], need - 1))
+    with pytest.raises(UserError, match=r"step 2 was not saved: .*runs/room: cannot write: no space left on the disk"
+                                        r".*step_000001, is kept"):
+        run_train(base, "--num-iterations", "3", "--model-tag", "room", "--resume", "auto", "--stop-after", "2")
+    assert writes == [] and not list(run_dir.glob(".step_*"))
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1]
+    # room for exactly one more checkpoint is enough
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(*real_usage(path)[:2], need))
+    result = run_train(base, "--num-iterations", "3", "--model-tag", "room", "--resume", "auto")
+    assert result["start_step"] == 1 and [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1, 3]
+
+
 def test_a_killed_saves_leftover_of_another_step_is_removed_by_the_next_save(base):
     # a save cut short by kill -9 (a scheduler's kill after its SIGTERM grace, mid stop-save at an odd step)
     # leaves its temporary dir; the resumed run saves other steps, so only a sweep of every one gives it back

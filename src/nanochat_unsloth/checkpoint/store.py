@@ -208,7 +208,26 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
 
 def _start_save(run_dir: Path, tmp: Path) -> None:
     remove_unfinished_saves(run_dir)
+    _check_room(run_dir)
     tmp.mkdir(parents=True)
+
+
+def _check_room(run_dir: Path) -> None:
+    """Refuse a save the disk has no room for before anything is written: a save writes about as much as the
+    newest checkpoint, and the old ones are pruned only after it. A write that fails mid-way is agreed on every
+    rank too, except inside DeepSpeed's own save, whose other ranks would wait in its barrier; this check runs
+    on the main process alone (the run dir is one file system for every rank: store.check_run_dir_shared)."""
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return
+    try:
+        need = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        free = shutil.disk_usage(run_dir).free
+    except OSError:  # what cannot be measured is left to the write itself
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{_human(free)} free, and the newest checkpoint ({newest.name}) takes "
+                                    f"{_human(need)}")
 
 
 def _accelerate_save_state(accelerator, out_dir: Path) -> None:
