@@ -68,6 +68,64 @@ def _json(name: str) -> dict:
     (lambda c: c.update(checkpoint={"writer": {"type": "MOCK"}}), "checkpoint.writer"),
     (lambda c: c.update(datastates_ckpt={}), "datastates_ckpt"),
     (lambda c: c.update(checkpoint={"use_node_local_storage": True}), "checkpoint.use_node_local_storage"),
+    # read in deepspeed 0.19.8: each of these changes the step, the data or the checkpoint, and none was refused
+    # before the allow-list. "bfloat16" is the bf16 block's old name, read when "bf16" is absent
+    (lambda c: (c.pop("bf16"), c.update(bfloat16={"enabled": True})), "bfloat16"),
+    # casts the forward's floating-point inputs to fp16 even with fp16.enabled false
+    (lambda c: c["fp16"].update(auto_cast=True), "fp16.auto_cast"),
+    # fp16 autocast: no loss scaling under ZeRO (fill_config would also overwrite it silently)
+    (lambda c: c["torch_autocast"].update(dtype="float16"), "torch_autocast.dtype"),
+    # ZeRO-1/2 accumulate the micro-steps' gradients in this dtype when it differs from the weights'
+    (lambda c: c.update(data_types={"grad_accum_dtype": "bf16"}), "data_types.grad_accum_dtype"),
+    # sums the gradients over ranks instead of averaging them (ZeRO-2; DeepSpeed refuses it under ZeRO-3 only)
+    (lambda c: c.update(gradient_allreduce_op="sum"), "gradient_allreduce_op"),
+    # ZeRO++: int8 weights in the gathers, quantized gradient all-to-all, a secondary partition of the weights
+    (lambda c: c["zero_optimization"].update(zero_quantized_weights=True), "zero_optimization.zero_quantized_weights"),
+    (lambda c: c["zero_optimization"].update(zero_quantized_gradients=True),
+     "zero_optimization.zero_quantized_gradients"),
+    (lambda c: c["zero_optimization"].update(zero_quantized_nontrainable_weights=True),
+     "zero_optimization.zero_quantized_nontrainable_weights"),
+    (lambda c: c["zero_optimization"].update(zero_hpz_partition_size=2), "zero_optimization.zero_hpz_partition_size"),
+    # the deprecated spellings of offload_optimizer / offload_param: DeepSpeed offloads, our checks saw nothing
+    (lambda c: c["zero_optimization"].update(cpu_offload=True), "zero_optimization.cpu_offload"),
+    (lambda c: c["zero_optimization"].update(stage=3, reduce_scatter=False, cpu_offload_param=True),
+     "zero_optimization.cpu_offload_param"),
+    # ZenFlow: unimportant gradient columns applied every update_interval steps (stale), CPU steps overlapped
+    (lambda c: c["zero_optimization"].update(zenflow={"topk_ratio": 0.1}), "zero_optimization.zenflow"),
+    # partial offload (a GPU AdamW copy for part of the update) and SuperOffload (asynchronous CPU Adam)
+    (lambda c: (c.update(zero_force_ds_cpu_optimizer=False), c["zero_optimization"].update(
+        stage=3, reduce_scatter=False, offload_optimizer={"device": "cpu", "ratio": 0.5})),
+     "zero_optimization.offload_optimizer.ratio"),
+    (lambda c: (c.update(zero_force_ds_cpu_optimizer=False), c["zero_optimization"].update(
+        stage=3, reduce_scatter=False, offload_optimizer={"device": "cpu", "super_offload": True})),
+     "zero_optimization.offload_optimizer.super_offload"),
+    # a whole-model gather on rank 0 (its three spellings)
+    (lambda c: c["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True),
+     "zero_optimization.stage3_gather_16bit_weights_on_model_save"),
+    (lambda c: c["zero_optimization"].update(gather_16bit_weights_on_model_save=True),
+     "zero_optimization.gather_16bit_weights_on_model_save"),
+    (lambda c: c["zero_optimization"].update(stage3_gather_fp16_weights_on_model_save=True),
+     "zero_optimization.stage3_gather_fp16_weights_on_model_save"),
+    (lambda c: c.update(checkpoint={"load_universal": True}), "checkpoint.load_universal"),
+    # the average's division moved before the reduction: not the reduction this trainer was checked with
+    (lambda c: c.update(prescale_gradients=True), "prescale_gradients"),
+    (lambda c: c.update(gradient_predivide_factor=2.0), "gradient_predivide_factor"),
+    # on no list: refused by the generic line, before the model is built (DeepSpeed itself refuses the removed
+    # features only when the engine is built, after it)
+    (lambda c: c.update(compression_training={}), "compression_training"),
+    (lambda c: c.update(quantize_training={"enabled": True}), "quantize_training"),
+    (lambda c: c.update(progressive_layer_drop={"enabled": True}), "progressive_layer_drop"),
+    (lambda c: c.update(data_efficiency={"enabled": True}), "data_efficiency"),
+    (lambda c: c.update(curriculum_learning={"enabled": True}), "curriculum_learning"),
+    (lambda c: c.update(sparse_attention={"mode": "fixed"}), "sparse_attention"),
+    (lambda c: c.update(amp={"enabled": True}), "amp"),
+    (lambda c: c.update(elasticity={"enabled": True}), "elasticity"),
+    (lambda c: c.update(pipeline={"stages": 2}), "pipeline"),
+    (lambda c: c.update(tensor_parallel={"autotp_size": 2}), "tensor_parallel"),
+    (lambda c: c.update(sequence_parallel_size=2), "sequence_parallel_size"),
+    (lambda c: c.update(seq_parallel_communication_data_type="bf16"), "seq_parallel_communication_data_type"),
+    (lambda c: c["zero_optimization"].update(mics_shard_size=2), "zero_optimization.mics_shard_size"),
+    (lambda c: c["zero_optimization"].update(elastic_checkpoint=True), "zero_optimization.elastic_checkpoint"),
 ])
 def test_settings_that_change_the_step_or_its_checkpoint_are_refused_in_one_line(change, names):
     config = _json("zero2")
@@ -95,6 +153,78 @@ def test_our_configs_pass_and_the_run_fills_what_it_owns():
     config = _json("zero2") | {"train_micro_batch_size_per_gpu": 3}
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu"):
         deepspeed_zero.fill_config(config, "zero2", device_batch_size=4, grad_accum=2, world_size=8, on_cuda=True)
+
+
+GENERIC = "is not a setting this trainer has checked to keep nanochat's step; remove it (supported settings: " \
+          "docs/MULTI_GPU.md#deepspeed-zero)"
+
+
+@pytest.mark.parametrize("change, dotted", [
+    (lambda c: c.update(some_future_option=True), "some_future_option"),
+    (lambda c: c["zero_optimization"].update(some_future_option=1), "zero_optimization.some_future_option"),
+    (lambda c: c["zero_optimization"]["offload_optimizer"].update(some_future_option=1),
+     "zero_optimization.offload_optimizer.some_future_option"),
+    (lambda c: c["torch_autocast"].update(some_future_option=1), "torch_autocast.some_future_option"),
+    (lambda c: c["bf16"].update(bf16_master_weights_and_grads=True), "bf16.bf16_master_weights_and_grads"),
+    (lambda c: c.update(checkpoint={"some_future_option": 1}), "checkpoint.some_future_option"),
+])
+def test_a_setting_on_no_list_is_refused_generically_by_its_dotted_name(change, dotted):
+    config = _json("zero3_offload")
+    change(config)
+    with pytest.raises(UserError) as e:
+        deepspeed_zero.check_config(config, "new.json")
+    assert str(e.value) == f"DeepSpeed config new.json: {dotted} {GENERIC}"
+
+
+def test_every_harmless_setting_on_the_allow_list_passes():
+    """Each key the allow-list calls harmless, at a typical value, in our zero3_offload config (and the
+    value-restricted keys at their allowed values); then the same keys in the config the real launch path holds."""
+    config = _json("zero3_offload")
+    config.update(steps_per_print=100, wall_clock_breakdown=True, memory_breakdown=False,
+                  comms_logger={"enabled": True, "verbose": False}, flops_profiler={"enabled": True, "profile_step": 2},
+                  tensorboard={"enabled": True, "output_path": "/tmp/tb"}, wandb={"enabled": False},
+                  csv_monitor={"enabled": True, "output_path": "/tmp/csv"}, comet={"enabled": False},
+                  zero_allow_untested_optimizer=True, communication_data_type="fp32", managed_gradient_accumulation=True,
+                  gradient_allreduce_op="mean", prescale_gradients=False, gradient_predivide_factor=1.0,
+                  data_types={"grad_accum_dtype": "fp32"}, checkpoint={"tag_validation": "Fail", "load_universal": False})
+    config["fp16"].update(auto_cast=False)
+    config["zero_optimization"].update(
+        overlap_comm=False, contiguous_gradients=False, reduce_bucket_size=5e8, allgather_bucket_size=5e8,
+        stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5, stage3_model_persistence_threshold=1e9,
+        stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9, stage3_gather_16bit_weights_on_model_save=False,
+        zero_quantized_weights=False, zero_quantized_gradients=False, zero_quantized_nontrainable_weights=False,
+        zero_hpz_partition_size=1)
+    config["zero_optimization"]["offload_optimizer"].update(buffer_count=4, ratio=1.0, super_offload=False)
+    config["zero_optimization"]["offload_param"].update(buffer_count=5, buffer_size=1e8, max_in_cpu=1e9)
+    deepspeed_zero.check_config(config, "tuned.json")
+    # ZeRO-3's tuning keys under their names without the stage3_ prefix (DeepSpeed reads both)
+    unprefixed = _json("zero3")
+    unprefixed["zero_optimization"].update(prefetch_bucket_size=5e7, param_persistence_threshold=0,
+                                           model_persistence_threshold=1e9, max_live_parameters=1e9,
+                                           max_reuse_distance=1e9)
+    deepspeed_zero.check_config(unprefixed, "unprefixed.json")
+
+
+def test_the_config_as_accelerate_holds_it_passes_before_and_after_the_run_fills_it(tmp_path, monkeypatch):
+    """Accelerate 1.16 adds keys to the config it holds (steps_per_print, the fp16/bf16 blocks while the Accelerator
+    is built; zero_allow_untested_optimizer and the batch keys at prepare): none may be refused, and a config
+    checked again after fill_config still passes."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    for name in ("zero2", "zero3", "zero3_offload"):
+        config = _json(name)
+        del config["fp16"], config["bf16"]  # Accelerate inserts them itself
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+        plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
+        plugin.set_mixed_precision("no")
+        held = plugin.deepspeed_config
+        assert "steps_per_print" in held and held["bf16"] == {"enabled": False}, held
+        deepspeed_zero.check_config(held, name)
+        deepspeed_zero.fill_config(held, name, device_batch_size=4, grad_accum=2, world_size=2, on_cuda=True)
+        held["zero_allow_untested_optimizer"] = True  # what `_prepare_deepspeed` adds for a torch optimizer
+        deepspeed_zero.check_config(held, name)
 
 
 def test_a_checkpoint_resumes_only_under_its_own_zero_stage_and_process_count():
