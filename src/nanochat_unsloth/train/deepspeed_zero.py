@@ -48,6 +48,7 @@ config against our single-process step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -116,9 +117,109 @@ def _offload_device(config: dict, what: str) -> str:
     return "none" if device in (None, "auto") else str(device).lower()
 
 
+# The allow-list (read in deepspeed 0.19.8 and accelerate 1.16): every key a DeepSpeed config may hold, per block.
+# DeepSpeed silently honours keys a deny-list never heard of (an old alias, a deprecated spelling, a new feature),
+# so a key on no list is refused. Per key: ANY (harmless for the step, the data and the checkpoint: logging,
+# profiling, communication and gather tuning; or checked by name in check_config; or owned by fill_config), a dict
+# (a nested block, walked the same way), Only (DeepSpeed's default is harmless, any other value is not), or Refused.
+ANY = None
+
+
+@dataclass(frozen=True)
+class Only:
+    values: tuple
+    why: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    why: str
+    fix: str
+
+
+_GATHER_ON_SAVE = Only((False, "auto"), "gathers the whole model into rank 0's memory when it is saved (every rank "
+                                        "must write only its own partition)")
+_ZERO_PLUS_PLUS = "quantizes ZeRO's communication (ZeRO++), which DDP's fp32 reduction does not"
+_FP32 = ("fp32", "float32", "torch.float32", "float")
+
+ALLOWED = {
+    # filled from the flags by fill_config
+    "train_batch_size": ANY, "train_micro_batch_size_per_gpu": ANY, "gradient_accumulation_steps": ANY,
+    # checked by name in check_config
+    "optimizer": ANY, "scheduler": ANY, "gradient_clipping": ANY, "zero_force_ds_cpu_optimizer": ANY,
+    "communication_data_type": ANY, "managed_gradient_accumulation": ANY, "datastates_ckpt": ANY,
+    "fp16": {"enabled": ANY,
+             "auto_cast": Only((False,), "casts the forward's floating-point inputs to fp16, even with fp16 off")},
+    "bf16": {"enabled": ANY},
+    "bfloat16": Refused("is DeepSpeed's old name of the bf16 block, read when \"bf16\" is absent",
+                        "remove it (bf16 stays {\"enabled\": false})"),
+    "torch_autocast": {"enabled": ANY, "lower_precision_safe_modules": ANY,
+                       "dtype": Only(("bfloat16", "bf16", "torch.bfloat16"),
+                                     "is not nanochat's bf16 autocast (fp16 autocast has no loss scaling here)")},
+    "data_types": {"grad_accum_dtype": Only(_FP32, "accumulates the micro-steps' gradients in lower precision "
+                                                   "than the fp32 weights")},
+    "gradient_allreduce_op": Only(("mean",), "sums the gradients over the ranks instead of averaging them"),
+    "prescale_gradients": Only((False,), "divides the gradients before their reduction, not after as checked here"),
+    "gradient_predivide_factor": Only((1, 1.0), "divides the gradients before their reduction, not after as checked "
+                                                "here"),
+    "checkpoint": {"tag_validation": ANY, "writer": ANY, "use_node_local_storage": ANY,
+                   "load_universal": Only((False,), "loads DeepSpeed's universal checkpoint instead of the run's own, "
+                                                    "which --resume checks")},
+    "zero_optimization": {
+        "stage": ANY, "reduce_scatter": ANY,
+        "overlap_comm": ANY, "contiguous_gradients": ANY, "reduce_bucket_size": ANY, "allgather_bucket_size": ANY,
+        # ZeRO-3's gather tuning, under both the names DeepSpeed reads
+        **{name: ANY for key in ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+                                 "max_live_parameters", "max_reuse_distance") for name in (key, "stage3_" + key)},
+        "stage3_gather_16bit_weights_on_model_save": _GATHER_ON_SAVE, "gather_16bit_weights_on_model_save":
+            _GATHER_ON_SAVE, "stage3_gather_fp16_weights_on_model_save": _GATHER_ON_SAVE,
+        "zero_quantized_weights": Only((False,), _ZERO_PLUS_PLUS), "zero_quantized_gradients": Only((False,),
+                                                                                                    _ZERO_PLUS_PLUS),
+        "zero_quantized_nontrainable_weights": Only((False,), _ZERO_PLUS_PLUS),
+        "zero_hpz_partition_size": Only((1,), _ZERO_PLUS_PLUS),
+        "cpu_offload": Only((False,), "is the deprecated spelling of offload_optimizer, which bypasses its checks"),
+        "cpu_offload_param": Only((False,), "is the deprecated spelling of offload_param, which bypasses its checks"),
+        "zenflow": Refused("applies part of the gradient only every few steps (ZenFlow's stale updates)",
+                           "remove it"),
+        "offload_optimizer": {
+            "device": ANY, "pin_memory": ANY, "buffer_count": ANY, "nvme_path": ANY,
+            "ratio": Only((1, 1.0), "runs part of the update in a GPU AdamW copy (partial offload)"),
+            "super_offload": Only((False,), "runs the CPU update asynchronously (SuperOffload)")},
+        "offload_param": {"device": ANY, "pin_memory": ANY, "buffer_count": ANY, "buffer_size": ANY,
+                          "max_in_cpu": ANY, "nvme_path": ANY},
+    },
+    # logging and profiling (Accelerate sets steps_per_print; zero_allow_untested_optimizer at prepare)
+    **{key: ANY for key in ("steps_per_print", "wall_clock_breakdown", "memory_breakdown", "comms_logger",
+                            "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+                            "zero_allow_untested_optimizer")},
+}
+SUPPORTED_SETTINGS = "docs/MULTI_GPU.md#deepspeed-zero"
+
+
+def _is(value, allowed: tuple) -> bool:
+    return any(value == a and type(value) is not bool or value is a or str(value).lower() == str(a).lower()
+               for a in allowed)
+
+
+def _check_keys(block: dict, allowed: dict, prefix: str, refuse) -> None:
+    """Refuse any key of `block` (at `prefix`) that `allowed` does not allow, by its dotted name."""
+    for key, value in block.items():
+        dotted, rule = prefix + key, allowed.get(key, "unknown")
+        if rule == "unknown":
+            refuse(dotted, "is not a setting this trainer has checked to keep nanochat's step",
+                   f"remove it (supported settings: {SUPPORTED_SETTINGS})")
+        elif isinstance(rule, Refused):
+            refuse(dotted, rule.why, rule.fix)
+        elif isinstance(rule, Only) and not _is(value, rule.values):
+            refuse(f"{dotted}: {json.dumps(value)}", rule.why, f"remove it or set {json.dumps(rule.values[0])}")
+        elif isinstance(rule, dict) and isinstance(value, dict):
+            _check_keys(value, rule, dotted + ".", refuse)
+
+
 def check_config(config: dict, source: str, *, optimizer: str = "muon", fp8: bool = False,
                  cuda_graphs: str = "auto") -> None:
-    """Refuse, in one line naming the setting, what would change nanochat's step math or is not supported.
+    """Refuse, in one line naming the setting, what would change nanochat's step math, its data or its checkpoint,
+    or is not supported: the named checks below, then every key against the allow-list `ALLOWED`.
 
     `config` is the DeepSpeed config as Accelerate holds it after building the Accelerator (its "auto" values
     not yet filled); `source` names the file for the message."""
@@ -183,6 +284,7 @@ def check_config(config: dict, source: str, *, optimizer: str = "muon", fp8: boo
         if on:
             refuse(setting, "changes how DeepSpeed writes its checkpoint files, which must all be on one shared disk "
                             "when save_state returns", f"remove {setting} (the run uses DeepSpeed's default writer)")
+    _check_keys(config, ALLOWED, "", refuse)
     if optimizer != "muon":
         raise UserError(f"--optimizer {optimizer}: not supported under DeepSpeed (DeepSpeed's Muon with AdamW is); "
                         "use --optimizer muon or another accelerate config")
