@@ -110,6 +110,16 @@ def _json(name: str) -> dict:
     # the average's division moved before the reduction: not the reduction this trainer was checked with
     (lambda c: c.update(prescale_gradients=True), "prescale_gradients"),
     (lambda c: c.update(gradient_predivide_factor=2.0), "gradient_predivide_factor"),
+    # ZeRO-2's partitions in another order: a checkpoint resumed under the other value loads its fp32 partition by
+    # position; and the load-time keys no resume test covers (fp32 weights rebuilt from the model's; a rank-by-rank
+    # load chained by local rank); DeepSpeed's removed ZeRO-1; a lower-precision reduction under sequence parallelism
+    (lambda c: c["zero_optimization"].update(round_robin_gradients=True), "zero_optimization.round_robin_gradients"),
+    (lambda c: c["zero_optimization"].update(load_from_fp32_weights=False),
+     "zero_optimization.load_from_fp32_weights"),
+    (lambda c: c["zero_optimization"].update(pipeline_loading_checkpoint=True),
+     "zero_optimization.pipeline_loading_checkpoint"),
+    (lambda c: c["zero_optimization"].update(legacy_stage1=True), "zero_optimization.legacy_stage1"),
+    (lambda c: c.update(seq_parallel_communication_data_type="bf16"), "seq_parallel_communication_data_type"),
     # on no list: refused by the generic line, before the model is built (DeepSpeed itself refuses the removed
     # features only when the engine is built, after it)
     (lambda c: c.update(compression_training={}), "compression_training"),
@@ -193,7 +203,10 @@ def test_every_harmless_setting_on_the_allow_list_passes():
         stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5, stage3_model_persistence_threshold=1e9,
         stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9, stage3_gather_16bit_weights_on_model_save=False,
         zero_quantized_weights=False, zero_quantized_gradients=False, zero_quantized_nontrainable_weights=False,
-        zero_hpz_partition_size=1)
+        zero_hpz_partition_size=1, round_robin_gradients=False, load_from_fp32_weights=True,
+        pipeline_loading_checkpoint=False, legacy_stage1=False)
+    config["zero_optimization"].update(TUNED_ZERO2 | TUNED_ZERO3)  # the step's own check uses these values
+    config.update(TUNED_TOP)
     config["zero_optimization"]["offload_optimizer"].update(buffer_count=4, ratio=1.0, super_offload=False)
     config["zero_optimization"]["offload_param"].update(buffer_count=5, buffer_size=1e8, max_in_cpu=1e9)
     deepspeed_zero.check_config(config, "tuned.json")
@@ -294,7 +307,7 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
     ref = _e2e(tmp_path / "ref", "1.0,0.5,0.0")["runs"]
     everything = list(ref[1.0]["weights"][0])
     assert largest_gap(ref[0.0], ref[0.5], 2, everything) > 0.5
-    for config in (ZERO2, ZERO3, ZERO3_OFFLOAD):
+    for config in (ZERO2, ZERO3, ZERO3_OFFLOAD, *_tuned_configs(tmp_path / "tuned")):
         result = _e2e(tmp_path / Path(config).stem, "1.0,0.5", config)
         assert result["world_size"] == 2 and result["zero"]["stage"] in (2, 3), result["zero"]
         run = result["runs"][1.0]
@@ -312,6 +325,33 @@ def test_zero_steps_equal_our_single_process_step(tmp_path):
         assert run["grad_norms"][0] == pytest.approx(ref[0.5]["grad_norms"][0], rel=1e-6), config
         assert largest_gap(run, ref[0.5], 1, ADAMW_WEIGHTS) <= 1e-5, config
         assert largest_gap(run, ref[0.5], 2, everything) <= 0.1, config
+
+
+# The ZeRO tuning keys on the allow-list because the step above does not change with them (read in deepspeed 0.19.8,
+# see ALLOWED in train/deepspeed_zero.py), at typical non-default values, all at once per config
+TUNED_ZERO2 = dict(allgather_partitions=False, ignore_unused_parameters=False, use_multi_rank_bucket_allreduce=False)
+TUNED_ZERO3 = dict(
+    # ZeRO-3's fp32 partitions split into sub-groups of about 2 of this model's weights (each rank holds half of a
+    # 32 x 32 or 128 x 32 matrix), each with its own flat buffer, optimizer state and update
+    sub_group_size=1000, memory_efficient_linear=False, override_module_apply=False, log_trace_cache_warnings=True,
+    stage3_param_persistence_threshold=0)
+TUNED_TOP = dict(dump_state=True, seq_parallel_communication_data_type="fp32")
+
+
+def _tuned_configs(folder: Path) -> list[str]:
+    """configs/accelerate/deepspeed_{zero2,zero3,zero3_offload}.yaml with the TUNED_* keys added to their JSON."""
+    folder.mkdir()
+    yamls = []
+    for name, tuned in (("zero2", TUNED_ZERO2), ("zero3", TUNED_ZERO3), ("zero3_offload", TUNED_ZERO3)):
+        config = _json(name) | TUNED_TOP
+        config["zero_optimization"].update(tuned)
+        config["zero_optimization"].get("offload_param", {}).update(pin_memory=False)
+        (folder / f"{name}.json").write_text(json.dumps(config))
+        yaml = (REPO / f"configs/accelerate/deepspeed_{name}.yaml").read_text()
+        (folder / f"tuned_{name}.yaml").write_text(yaml.replace(f"configs/deepspeed/{name}.json",
+                                                                str(folder / f"{name}.json")))
+        yamls.append(str(folder / f"tuned_{name}.yaml"))
+    return yamls
 
 
 def _check_saved_shards(step_dir: Path, gathered: dict, config: str) -> None:

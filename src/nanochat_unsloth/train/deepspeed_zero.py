@@ -158,6 +158,10 @@ ALLOWED = {
                                      "is not nanochat's bf16 autocast (fp16 autocast has no loss scaling here)")},
     "data_types": {"grad_accum_dtype": Only(_FP32, "accumulates the micro-steps' gradients in lower precision "
                                                    "than the fp32 weights")},
+    # used only under sequence parallelism (which no key here turns on), in place of communication_data_type
+    "seq_parallel_communication_data_type": Only(_FP32, "averages the gradients in lower precision than DDP (fp32) "
+                                                        "under sequence parallelism"),
+    "dump_state": ANY,  # rank 0 prints the engine's settings
     "gradient_allreduce_op": Only(("mean",), "sums the gradients over the ranks instead of averaging them"),
     "prescale_gradients": Only((False,), "divides the gradients before their reduction, not after as checked here"),
     "gradient_predivide_factor": Only((1, 1.0), "divides the gradients before their reduction, not after as checked "
@@ -187,6 +191,25 @@ ALLOWED = {
             "super_offload": Only((False,), "runs the CPU update asynchronously (SuperOffload)")},
         "offload_param": {"device": ANY, "pin_memory": ANY, "buffer_count": ANY, "buffer_size": ANY,
                           "max_in_cpu": ANY, "nvme_path": ANY},
+        # the step stays bitwise nanochat's with these at non-default values (tests/test_deepspeed.py's tuned
+        # configs): ZeRO-3's sub-groups only batch the per-weight updates (Muon runs on each whole gradient); a
+        # single-owner gradient slice reduced to its owner instead of all-reduced (ZeRO-2); plain F.linear
+        # instead of DeepSpeed's under ZeRO-3; unused in deepspeed 0.19.8 (allgather_partitions) or only an
+        # assert (ignore_unused_parameters), a warning (log_trace_cache_warnings), or Module.apply inside a
+        # zero.Init this trainer never enters (override_module_apply)
+        **{key: ANY for key in ("sub_group_size", "use_multi_rank_bucket_allreduce", "memory_efficient_linear",
+                                "allgather_partitions", "ignore_unused_parameters", "log_trace_cache_warnings",
+                                "override_module_apply")},
+        "round_robin_gradients": Only((False,), "reorders ZeRO-2's partitions, and a checkpoint saved under the "
+                                                "other value resumes silently wrong (its fp32 partition is copied "
+                                                "by position)"),
+        "load_from_fp32_weights": Only((True,), "rebuilds ZeRO-2's fp32 weights on --resume from the model's "
+                                                "instead of the checkpoint's fp32 partition (no resume test covers "
+                                                "it)"),
+        "pipeline_loading_checkpoint": Only((False,), "loads the checkpoint rank after rank, which DeepSpeed "
+                                                      "supports under ZeRO-3 only and chains by local rank (a "
+                                                      "multi-node --resume waits on a rank that never answers)"),
+        "legacy_stage1": Only((False,), "is ZeRO-1 of DeepSpeed before 0.5.9, which DeepSpeed refuses at start"),
     },
     # logging and profiling (Accelerate sets steps_per_print; zero_allow_untested_optimizer at prepare)
     **{key: ANY for key in ("steps_per_print", "wall_clock_breakdown", "memory_breakdown", "comms_logger",
