@@ -14,8 +14,10 @@ from before) is checked by its length against the vocab size.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -122,8 +124,6 @@ def save_tokenizer(enc: tiktoken.Encoding, tokenizer_dir: str | Path, force: boo
     tokenizer.pkl is the key of the set: a kill leaves the old pair, or no tokenizer.pkl (a re-run of
     `nanochat-unsloth tokenizer` then writes a new one), never a tokenizer.pkl beside another's table.
     """
-    import hashlib
-
     tokenizer_dir = Path(tokenizer_dir)
     pkl_path, bytes_path = tokenizer_dir / TOKENIZER_PKL, tokenizer_dir / TOKEN_BYTES_PT
     data = pickle.dumps(enc)
@@ -153,10 +153,6 @@ def keep_replaced_tokenizer(tokenizer_dir: Path, new_pkl: bytes, log=print) -> P
     The shards and checkpoints of that base dir were made with it, and their resumes ask for it back by sha256;
     `--force` (which in `convert` also means "overwrite the checkpoint") must not make that impossible. Copied,
     not moved: the old set stays in place until the new one replaces it as one set. None if nothing differs."""
-    import shutil
-
-    import hashlib
-
     pkl = tokenizer_dir / TOKENIZER_PKL
     old_pkl = pkl.read_bytes() if pkl.exists() else new_pkl
     if old_pkl == new_pkl:

@@ -153,10 +153,11 @@ def _check_weights_before_save(accelerator, models, step: int) -> None:
                                "not saved")
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    """During a save every OSError is one (a full disk, a file-size limit, an I/O error), and so are the
-    failed writes torch.save and safetensors report as their own errors."""
-    return isinstance(e, OSError) or is_disk_failure(e)
+def _is_save_failure(e: BaseException) -> bool:
+    """What ends a save as failed, not as a bug: our own refusal (a UserError), and every failed write: any
+    OSError (a full disk, a file-size limit, an I/O error), and the ones torch.save and safetensors report as
+    their own errors."""
+    return isinstance(e, (UserError, OSError)) or is_disk_failure(e)
 
 
 def remove_unfinished_saves(run_dir: Path) -> list[Path]:
@@ -193,7 +194,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, meta: RunMeta, keep_l
         _on_every_rank(accelerator, lambda: write(tmp))
         _on_every_rank(accelerator, lambda: _finish_save(run_dir, tmp, final, meta, step) if main else None)
     except Exception as e:
-        if not (isinstance(e, UserError) or _is_write_failure(e)):
+        if not _is_save_failure(e):
             raise
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are untouched
@@ -217,15 +218,8 @@ def _check_room(run_dir: Path) -> None:
     newest checkpoint, and the old ones are pruned only after it. A write that fails mid-way is agreed on every
     rank too, except inside DeepSpeed's own save, whose other ranks would wait in its barrier; this check runs
     on the main process alone (the run dir is one file system for every rank: store.check_run_dir_shared)."""
-    newest = newest_checkpoint(run_dir)
-    if newest is None:
-        return
-    try:
-        need = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
-        free = shutil.disk_usage(run_dir).free
-    except OSError:  # what cannot be measured is left to the write itself
-        return
-    if free < need:
+    newest, need, free = _newest_and_room(run_dir)
+    if need and free < need:  # what cannot be measured (0) is left to the write itself
         raise OSError(errno.ENOSPC, f"{_human(free)} free, and the newest checkpoint ({newest.name}) takes "
                                     f"{_human(need)}")
 
@@ -275,7 +269,7 @@ def _on_every_rank(accelerator, part: Callable[[], None]) -> None:
     try:
         part()
     except Exception as e:
-        if not (isinstance(e, UserError) or _is_write_failure(e)):
+        if not _is_save_failure(e):
             raise
         failure = e
     if accelerator.num_processes > 1:
@@ -290,8 +284,10 @@ def _portable(e: BaseException | None) -> BaseException | None:
     """`e` as every rank unpickles it and reads it alike: a UserError's text; else the errno (an OSError's, or
     the one safetensors names in its text) and the text, without a library's own type; else torch's failed
     write as its RuntimeError text."""
-    if e is None or isinstance(e, UserError):
-        return None if e is None else UserError(str(e))
+    if e is None:
+        return None
+    if isinstance(e, UserError):
+        return UserError(str(e))
     code = errno_of(e)
     if code is not None:
         return OSError(code, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
@@ -301,14 +297,9 @@ def _portable(e: BaseException | None) -> BaseException | None:
 def _save_failure_message(run_dir: Path, step: int, keep_last: int, e: BaseException) -> str:
     """One line: which step was lost and why, for a full disk what a save needs, and what is kept to go on from."""
     why = str(e) if isinstance(e, UserError) else disk_failure_message(run_dir, e)
-    newest = newest_checkpoint(run_dir)
+    newest, size, free = _newest_and_room(run_dir)
     if newest is None:
         return f"step {step} was not saved: {why}; its partial files are removed; this run has no earlier checkpoint"
-    try:
-        size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
-        free = shutil.disk_usage(run_dir).free
-    except OSError:  # a failing disk: the line must still come out, without the sizes
-        size = free = 0
     room = ""
     if size and (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < size):
         # pruning follows a save, so the kept ones and the new one must all fit at once
@@ -316,6 +307,19 @@ def _save_failure_message(run_dir: Path, step: int, keep_last: int, e: BaseExcep
         room = f" (a checkpoint takes {_human(size)}, {_human(free)} are free: a save needs room beside {kept})"
     return (f"step {step} was not saved: {why}{room}; its partial files are removed and the newest checkpoint, "
             f"{newest.name}, is kept: continue from it with --resume auto")
+
+
+def _newest_and_room(run_dir: Path) -> tuple[Path | None, int, int]:
+    """(the newest checkpoint, its bytes, the bytes free on run_dir's disk): what one more save needs and has.
+    The sizes are 0 without a checkpoint, or on a failing disk that cannot say (the caller's line must still
+    come out)."""
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return None, 0, 0
+    try:
+        return newest, sum(p.stat().st_size for p in newest.rglob("*") if p.is_file()), shutil.disk_usage(run_dir).free
+    except OSError:
+        return newest, 0, 0
 
 
 def _human(n: int) -> str:
