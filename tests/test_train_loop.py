@@ -192,6 +192,8 @@ def test_profile_step_writes_each_ranks_phases(base):
         assert name in phases and phases[name] >= 0, name
     assert sum(phases.values()) <= record["wall_s"] and record["cpu_s"] > 0
     assert record["cpu_affinity"], "which CPUs the rank may use"
+    # written through a temp file renamed into place: nothing else is left beside it
+    assert [p.name for p in (base / "runs" / "profiled" / "profile").iterdir()] == ["rank0.json"]
 
 
 def test_stop_after_the_last_step_is_the_runs_end_with_its_final_evaluation(base):

@@ -9,7 +9,6 @@ wait for, and in which phase. On CUDA the same step also runs under torch.profil
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -17,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+
+from nanochat_unsloth.common import atomic_write_json
 
 
 class PhaseTimer:
@@ -91,5 +92,9 @@ def profiled_step(out_dir: Path, rank: int, step: int, device: torch.device, ena
             {"name": e.key[:120], "device_ms": e.device_time_total / 1e3, "count": e.count}
             for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:25]
         ]
-        prof.export_chrome_trace(str(out_dir / f"rank{rank}_trace.json.gz"))
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+        # the profiler gzips by the name's ending, so the temp name (renamed into place) keeps .json.gz
+        tmp = out_dir / f".rank{rank}_trace.{os.getpid()}.tmp.json.gz"
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, out_dir / f"rank{rank}_trace.json.gz")
+    # a profile read while a run still goes (or after a kill) is whole or absent, never cut short
+    atomic_write_json(out_dir / f"rank{rank}.json", record)
