@@ -202,11 +202,13 @@ def test_runs_quality_cpu_smoke(tmp_path):
     out = tmp_path / "q.json"
     cmd = [*RUNS, "quality", "--base-dir", str(base), "--depth", "2", "--tokens", "1280", "--device-batch-size", "2",
            "--total-batch", "128", "--variants", "torch,fp8", "--seeds", "1,2", "--eval-every", "5",
-           "--eval-tokens", "512", "--save-every", "5", "--extra", "--max_seq_len 32", "--out", str(out)]
+           "--eval-tokens", "512", "--save-every", "5", "--per-gpu", "2", "--extra", "--max_seq_len 32",
+           "--out", str(out)]
     stopped = subprocess.run([*cmd, "--deadline", "0.5"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     assert "the same command resumes them" in stopped.stdout
-    assert [p.name for p in base.glob("q_*.log")] == ["q_torch_s1.log"]  # one CPU slot: the rest never started
+    # two at a time on the CPU (--per-gpu 2): the first two started, the rest never did
+    assert sorted(p.name for p in base.glob("q_*.log")) == ["q_torch_s1.log", "q_torch_s2.log"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(out.read_text())

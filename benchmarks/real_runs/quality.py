@@ -374,7 +374,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=2 * 524288)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--extra", default="", help="more training flags for every run")
-    p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU")
+    p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (without a GPU: on the CPU)")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds from this command's start (--make-data included): then SIGTERM every run (each "
                         "saves a checkpoint and stops; killed if still running 120 s later), start no more, report "
@@ -415,8 +415,10 @@ def run(args, p: argparse.ArgumentParser) -> int:
     runs = [(v, int(s)) for v in args.variants.split(",") for s in args.seeds.split(",")]
     done = [r for r in runs if finished(args, *r, num_iterations)]  # a repeated command skips finished runs
     gpus = gpu_count()
-    # several runs share a GPU with --per-gpu: one run's compilation (host) overlaps another's steps
-    slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, 0)]
+    # several runs share a GPU with --per-gpu: one run's compilation (host) overlaps another's steps; without a
+    # GPU, --per-gpu runs share the CPU
+    slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, i) for i in
+                                                                                     range(args.per_gpu)]
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
     queue, running, failed, paused = [r for r in runs if r not in done], {}, [], False
