@@ -123,10 +123,11 @@ def is_alive(pid: int) -> bool:
         return False
 
 
-def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int, rank: int | None = None,
+def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int | None, rank: int | None = None,
                       ranks: int = 2, timeout: float = 120) -> tuple[str, str, float, list[int]]:
     """Read the launcher's stdout up to a line starting with `prefix` (every rank is past start-up), send `sig`
-    to rank `rank`'s worker (or to the launcher itself when None) and wait for the launcher to exit.
+    to rank `rank`'s worker (or to the launcher itself when None; no signal when `sig` is None: the run is to
+    end by itself) and wait for the launcher to exit.
     -> (stdout, all of it, stderr, seconds from the signal to the exit, the workers' pids). The launcher
     and its workers are killed if anything fails."""
     try:
@@ -141,7 +142,8 @@ def signal_after_line(launcher: subprocess.Popen, prefix: str, sig: int, rank: i
             raise AssertionError(f"the run ended before {prefix!r}: {launcher.stderr.read()[-3000:]}")
         workers = [rank_pid(launcher.pid, r) for r in range(ranks)]
         assert all(workers), f"workers not found: {workers}"
-        os.kill(launcher.pid if rank is None else workers[rank], sig)
+        if sig is not None:
+            os.kill(launcher.pid if rank is None else workers[rank], sig)
         sent = time.time()
         out, err = launcher.communicate(timeout=timeout)
         return "".join(before) + out, err, time.time() - sent, workers

@@ -120,8 +120,8 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_on
 
 
 def test_a_save_the_disk_has_no_room_for_is_refused_before_anything_is_written(base, monkeypatch):
-    # DeepSpeed's own save, failing on one rank mid-way, leaves the others in its barrier: a disk with less room
-    # than the newest checkpoint takes is refused up front, on every rank alike, with nothing written
+    # a disk with less room than the newest checkpoint takes is refused up front, on every rank alike, with
+    # nothing written (rather than failing mid-way, after the space of a partial checkpoint is taken)
     import shutil
     from collections import namedtuple
 

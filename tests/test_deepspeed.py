@@ -7,7 +7,8 @@ configs/accelerate/deepspeed_*.yaml as they are (`accelerate launch`; DeepSpeed'
   (tests/deepspeed_e2e.py), with the raw-gradient clipping engaged;
 - checkpoints: DeepSpeed's own, each rank writing its partition (no rank gathers a ZeRO-3 weight); saved on
   --save_every and on SIGTERM, `--resume auto` continues a ZeRO-3 run bit-exactly, a run without DeepSpeed refuses
-  it in one line, and what `convert` and `eval` read of it (zero-to-fp32) is the gathered weights;
+  it in one line, and what `convert` and `eval` read of it (zero-to-fp32) is the gathered weights; a write failing
+  on one rank inside DeepSpeed's save stops every rank with one line;
 - sampling under ZeRO-3 (every rank runs the forward), in a resumed run before any training forward.
 
 What a CPU cannot show: bf16 autocast, fused AdamW and compiled blocks (CUDA only), NCCL, speed and memory.
@@ -414,6 +415,9 @@ def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refus
     assert out.returncode == 1 and "exitcode  : 3" in out.stderr, out.stderr[-3000:]  # torchrun's view of exit 3
     assert "x 2 procs x 2 accum" in out.stdout, out.stdout[-2000:]
     assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "a")] == [2, 4, 5]
+    # DeepSpeed's pointer to the tag, for its own tools (zero_to_fp32.py run in the step dir), and in meta.json
+    step_2 = base / "runs" / "a" / ckpt.step_dir_name(2)
+    assert (step_2 / "latest").read_text() == ckpt.DEEPSPEED_TAG and "latest" in ckpt.load_meta(step_2).files
     # B: A's step-2 checkpoint, resumed, sampling every 2 steps; SIGTERM to the launcher once step 4 is logged
     (base / "runs" / "b").mkdir(parents=True)
     shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(2), base / "runs" / "b" / ckpt.step_dir_name(2))
@@ -445,6 +449,26 @@ def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refus
     want = ckpt.load_model_state_dict(base / "runs" / "a" / ckpt.step_dir_name(4))
     got = ckpt.load_model_state_dict(base / "runs" / "b" / ckpt.step_dir_name(4))
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    # C: A's step-4 checkpoint, resumed with rank 1's writes failing for real (a file-size limit: a full disk or
+    # a quota on one rank's path). Its partition's write fails inside DeepSpeed's own save, between the two
+    # barriers of it; rank 0 must not wait in the second until the process group's timeout: every rank exits 2
+    # within seconds, with the same line, and A's checkpoint stays the newest
+    (base / "runs" / "c").mkdir(parents=True)
+    shutil.copytree(base / "runs" / "a" / ckpt.step_dir_name(4), base / "runs" / "c" / ckpt.step_dir_name(4))
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    launcher = start_cpu_processes(2, "tests/rank_write_limit.py", "1", "1024", str(exits), "--",
+                                   *_train(base, "c", "--resume", "auto", "--stop-after", "5")[2:],
+                                   accelerate_config=zero3)
+    out, err, elapsed, _ = signal_after_line(launcher, "step 00004/", None, timeout=60)
+    codes = {r: (exits / f"exit_{r}").read_text() if (exits / f"exit_{r}").exists() else None for r in (0, 1)}
+    assert codes == {0: "2", 1: "2"} and elapsed < 60, (codes, elapsed, err[-3000:])
+    errors = {line for line in err.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1, err[-3000:]
+    assert errors.pop().startswith(f"error: step 5 was not saved: {base / 'runs' / 'c'}: cannot write: "), err[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(base / "runs" / "c")] == [4]
+    assert not list((base / "runs" / "c").glob(".step_*")), "the failed save's partial files are removed"
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ SHARED_PROBE = ".shared_probe"  # check_run_dir_shared's token, there only while
 MODEL_FILE = "model.safetensors"
 # Accelerate's save_state names the DeepSpeed checkpoint's tag (its sub-directory) after the model file
 DEEPSPEED_TAG = "pytorch_model"
+DEEPSPEED_LATEST = "latest"  # the file naming the newest tag, as DeepSpeed's save_checkpoint writes it
 # Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -216,8 +217,7 @@ def _start_save(run_dir: Path, tmp: Path) -> None:
 def _check_room(run_dir: Path) -> None:
     """Refuse a save the disk has no room for before anything is written: a save writes about as much as the
     newest checkpoint, and the old ones are pruned only after it. A write that fails mid-way is agreed on every
-    rank too, except inside DeepSpeed's own save, whose other ranks would wait in its barrier; this check runs
-    on the main process alone (the run dir is one file system for every rank: store.check_run_dir_shared)."""
+    rank too; this check runs on the main process alone (the run dir is one file system for every rank: store.check_run_dir_shared)."""
     newest, need, free = _newest_and_room(run_dir)
     if need and free < need:  # what cannot be measured (0) is left to the write itself
         raise OSError(errno.ENOSPC, f"{_human(free)} free, and the newest checkpoint ({newest.name}) takes "
@@ -231,7 +231,10 @@ def _accelerate_save_state(accelerator, out_dir: Path) -> None:
     wait there instead of where the failure is agreed. DeepSpeed saves its optimizers itself, collectively."""
     from accelerate.utils import DistributedType
 
-    optimizers = [] if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator._optimizers
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _deepspeed_save_state(accelerator, out_dir)
+        return
+    optimizers = accelerator._optimizers
     for opt in optimizers:
         opt.state_dict = (lambda state: lambda: state)(opt.state_dict())  # what save_state calls, taken now
     try:
@@ -241,8 +244,46 @@ def _accelerate_save_state(accelerator, out_dir: Path) -> None:
             del opt.state_dict
 
 
+def _deepspeed_save_state(accelerator, out_dir: Path) -> None:
+    """Accelerate's save_state under DeepSpeed, whose engines write each rank's files between two barriers of
+    their own. A rank whose write raised there would leave the others in the second barrier until the process
+    group's timeout, where no agreement (_on_every_rank) reaches them. So each engine's writes (its checkpoint
+    engine's `save`, rank 0's copy of the recovery scripts) keep their first failure instead of raising it and
+    write nothing more; every rank reaches that barrier, and the failure is raised after the save returns, where
+    the ranks agree on it. DeepSpeed's `latest` file, which rank 0 writes in the same stretch with a plain
+    open(), is written by _finish_save instead (our loads name the tag)."""
+    failures: list[BaseException] = []
+
+    def keeping_failures(write: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if failures:  # this save is lost already
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:
+                if not _is_save_failure(e):
+                    raise
+                failures.append(e)
+                return None
+        return call
+
+    patched = [(owner, name) for engine in accelerator._models
+               for owner, name in ((engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script"))]
+    for owner, name in patched:  # an instance attribute over the class's method, removed after the save
+        setattr(owner, name, keeping_failures(getattr(owner, name)))
+    try:
+        accelerator.save_state(str(out_dir), save_latest=False)
+    finally:
+        for owner, name in patched:
+            delattr(owner, name)
+    if failures:
+        raise failures[0]
+
+
 def _finish_save(run_dir: Path, tmp: Path, final: Path, meta: RunMeta, step: int) -> None:
     """Main process: meta.json with every file's size and sha256, then the rename that makes the save count."""
+    if (tmp / DEEPSPEED_TAG).is_dir():  # DeepSpeed's pointer to its tag, which its own tools read
+        (tmp / DEEPSPEED_LATEST).write_text(DEEPSPEED_TAG)
     # every file, those in sub-directories too (DeepSpeed writes its states into one per tag)
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     sha256 = {name: sha256_file(tmp / name) for name in files}
@@ -263,8 +304,8 @@ def _on_every_rank(accelerator, part: Callable[[], None]) -> None:
     alone would leave the others in the save's next collective until the process group's timeout (minutes to
     hours under NCCL). Any other exception (a bug) still ends its own rank alone, with its traceback.
 
-    A failure inside a collective save (DCP's, DeepSpeed's) reaches this only if that save reports it on every
-    rank: DCP does; DeepSpeed does not, and its other ranks wait in its own barrier."""
+    A failure inside a collective save (DCP's, DeepSpeed's) reaches this only if that save returns on every
+    rank: DCP reports it on all of them; DeepSpeed's is made to return (_deepspeed_save_state)."""
     failure = None
     try:
         part()
