@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from nanochat_unsloth.cli import run_main
-from nanochat_unsloth.common import UserError
+from nanochat_unsloth.common import EXIT_USER_ERROR, UserError
 from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.eval.metrics import SAMPLE_PROMPTS
@@ -463,7 +463,7 @@ def test_zero3_saves_on_save_every_and_sigterm_and_resumes_bit_exactly_and_refus
                                    accelerate_config=zero3)
     out, err, elapsed, _ = signal_after_line(launcher, "step 00004/", None, timeout=60)
     codes = {r: (exits / f"exit_{r}").read_text() if (exits / f"exit_{r}").exists() else None for r in (0, 1)}
-    assert codes == {0: "2", 1: "2"} and elapsed < 60, (codes, elapsed, err[-3000:])
+    assert codes == {0: str(EXIT_USER_ERROR), 1: str(EXIT_USER_ERROR)} and elapsed < 60, (codes, elapsed, err[-3000:])
     errors = {line for line in err.splitlines() if line.startswith("error: ")}
     assert len(errors) == 1, err[-3000:]
     assert errors.pop().startswith(f"error: step 5 was not saved: {base / 'runs' / 'c'}: cannot write: "), err[-3000:]

@@ -5,9 +5,7 @@ own writes, as a full disk, a quota or a node-local path does. 2 gloo ranks unde
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from nanochat_unsloth.checkpoint import store as ckpt
 from nanochat_unsloth.common import EXIT_USER_ERROR
 
-from cpu_launch import descendants, start_cpu_processes
+from cpu_launch import signal_after_line, start_cpu_processes
 from run_helpers import run_train
 from train_fixtures import TINY_TRAIN_ARGS, make_train_base_dir
 
@@ -36,8 +34,6 @@ def _resume_with_a_write_limit(base: Path, tag: str, rank: int, limit: int) -> t
                                                                                     float]:
     """Run `tag` (the seed's step 2 copied) on 2 ranks, rank `rank` limited to `limit` bytes per file, to a stop
     at step 3 whose save fails. -> (launcher, stdout, stderr, seconds from the last step's line to the exit)."""
-    import time
-
     run_dir = base / "runs" / tag
     run_dir.mkdir(parents=True)
     shutil.copytree(base / "runs" / "seed" / "step_000002", run_dir / "step_000002")
@@ -46,24 +42,9 @@ def _resume_with_a_write_limit(base: Path, tag: str, rank: int, limit: int) -> t
                               "--stop-after", "3"]
     launcher = start_cpu_processes(2, "tests/rank_write_limit.py", str(rank), str(limit), str(run_dir.parent), "--",
                                    *args)
-    try:
-        lines = []
-        for line in launcher.stdout:
-            lines.append(line)
-            if line.startswith("step 00002/"):  # the step whose end saves as step 3
-                break
-        else:
-            raise AssertionError(f"the run ended before step 2: {launcher.stderr.read()[-3000:]}")
-        seen = time.time()
-        out, err = launcher.communicate(timeout=EXIT_WITHIN_S)
-        return launcher, "".join(lines) + out, err, time.time() - seen
-    finally:
-        if launcher.poll() is None:  # still blocked: end it, so that the suite never hangs
-            for pid in [launcher.pid, *descendants(launcher.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    # the step whose end saves as step 3; a launcher still blocked after EXIT_WITHIN_S is killed, failing the test
+    out, err, elapsed, _ = signal_after_line(launcher, "step 00002/", None, timeout=EXIT_WITHIN_S)
+    return launcher, out, err, elapsed
 
 
 @pytest.mark.slow

@@ -217,7 +217,8 @@ def _start_save(run_dir: Path, tmp: Path) -> None:
 def _check_room(run_dir: Path) -> None:
     """Refuse a save the disk has no room for before anything is written: a save writes about as much as the
     newest checkpoint, and the old ones are pruned only after it. A write that fails mid-way is agreed on every
-    rank too; this check runs on the main process alone (the run dir is one file system for every rank: store.check_run_dir_shared)."""
+    rank too, but after a partial checkpoint's space is taken. This check runs on the main process alone (the
+    run dir is one file system for every rank: store.check_run_dir_shared)."""
     newest, need, free = _newest_and_room(run_dir)
     if need and free < need:  # what cannot be measured (0) is left to the write itself
         raise OSError(errno.ENOSPC, f"{_human(free)} free, and the newest checkpoint ({newest.name}) takes "
