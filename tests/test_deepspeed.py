@@ -134,7 +134,6 @@ def _json(name: str) -> dict:
     (lambda c: c.update(pipeline={"stages": 2}), "pipeline"),
     (lambda c: c.update(tensor_parallel={"autotp_size": 2}), "tensor_parallel"),
     (lambda c: c.update(sequence_parallel_size=2), "sequence_parallel_size"),
-    (lambda c: c.update(seq_parallel_communication_data_type="bf16"), "seq_parallel_communication_data_type"),
     (lambda c: c["zero_optimization"].update(mics_shard_size=2), "zero_optimization.mics_shard_size"),
     (lambda c: c["zero_optimization"].update(elastic_checkpoint=True), "zero_optimization.elastic_checkpoint"),
 ])
@@ -350,7 +349,6 @@ def _tuned_configs(folder: Path) -> list[str]:
     for name, tuned in (("zero2", TUNED_ZERO2), ("zero3", TUNED_ZERO3)):
         config = _json(name) | TUNED_TOP
         config["zero_optimization"].update(tuned)
-        config["zero_optimization"].get("offload_param", {}).update(pin_memory=False)
         (folder / f"{name}.json").write_text(json.dumps(config))
         yaml = (REPO / f"configs/accelerate/deepspeed_{name}.yaml").read_text()
         (folder / f"tuned_{name}.yaml").write_text(yaml.replace(f"configs/deepspeed/{name}.json",

@@ -343,7 +343,7 @@ def _save_failure_message(run_dir: Path, step: int, keep_last: int, e: BaseExcep
     if newest is None:
         return f"step {step} was not saved: {why}; its partial files are removed; this run has no earlier checkpoint"
     room = ""
-    if size and (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < size):
+    if size and (errno_of(e) in (errno.ENOSPC, errno.EDQUOT) or free < size):
         # pruning follows a save, so the kept ones and the new one must all fit at once
         kept = f"the --keep_last {keep_last} kept" if keep_last else "every one kept (--keep_last 0)"
         room = f" (a checkpoint takes {_human(size)}, {_human(free)} are free: a save needs room beside {kept})"
