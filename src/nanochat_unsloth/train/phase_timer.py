@@ -94,7 +94,10 @@ def profiled_step(out_dir: Path, rank: int, step: int, device: torch.device, ena
         ]
         # the profiler gzips by the name's ending, so the temp name (renamed into place) keeps .json.gz
         tmp = out_dir / f".rank{rank}_trace.{os.getpid()}.tmp.json.gz"
-        prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, out_dir / f"rank{rank}_trace.json.gz")
+        try:
+            prof.export_chrome_trace(str(tmp))
+            os.replace(tmp, out_dir / f"rank{rank}_trace.json.gz")
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed export leaves no half-written temp beside the run
     # a profile read while a run still goes (or after a kill) is whole or absent, never cut short
     atomic_write_json(out_dir / f"rank{rank}.json", record)
