@@ -84,6 +84,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(fn, nprocs: int, args: tuple, timeout: float = 120) -> None:
+    """torch.multiprocessing's spawn of fn(rank, *args) with a deadline: ranks that hang in a mismatched
+    collective are terminated, not waited on."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.terminate()
+            raise TimeoutError(f"{fn.__name__}: the ranks did not finish in {timeout}s")
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below `root` (Linux /proc); torchrun starts each worker in a session of its own, so
     the parent chain, not the session, finds them."""

@@ -1,20 +1,18 @@
 """FSDP2 on CPU (2 gloo processes, `fully_shard`): the helpers Muon needs, and the optimizers on DTensors."""
 
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat_unsloth.train import optim
 from nanochat_unsloth.train.dist_adamw import ShardedAdamW
 from nanochat_unsloth.train.fsdp import apply_full_update, full_grad, full_tensor, is_dtensor
 
-from cpu_launch import exit_without_finalization, free_port
+from cpu_launch import exit_without_finalization, free_port, spawn_ranks
 
 WORLD_SIZE = 2
 # (out, in) of a chain 7 -> 7 -> 7 -> 7 -> 5: 7 rows split 4 + 3 (uneven), 5 rows 3 + 2; three (7, 7)
@@ -126,15 +124,8 @@ def _muon_worker(rank, port, out_dir):
     exit_without_finalization()  # results are on disk; see cpu_launch (a Gloo rank can abort at exit)
 
 
-def spawn(fn, out_dir, timeout=120):
-    """mp.spawn with a deadline: ranks that hang in a mismatched collective are terminated, not waited on."""
-    ctx = mp.start_processes(fn, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            raise TimeoutError(f"{fn.__name__}: the ranks did not finish in {timeout}s")
+def spawn(fn, out_dir):
+    spawn_ranks(fn, WORLD_SIZE, (free_port(), str(out_dir)))
 
 
 @pytest.fixture(scope="module")

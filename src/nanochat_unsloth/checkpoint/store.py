@@ -477,6 +477,38 @@ def find_resume(run_dir: Path, resume: str, log=print) -> tuple[Path, RunMeta] |
     return path, verify_checkpoint(path)  # validates, raises a clear error
 
 
+def find_resume_agreed(accelerator, run_dir: Path, resume: str, log=print) -> tuple[Path, RunMeta] | None:
+    """find_resume on every rank, then one answer for all of them. Each rank verifies and chooses on its own
+    reads; a rank whose read of the newest checkpoint failed a check that the others' passed, or a relative
+    --resume that names a directory in one node's working directory only, would load another step than the
+    rest, and under FSDP2 or ZeRO its next save would join shards of two steps into a checkpoint that passes
+    every check (and prunes the good ones). So the ranks compare choices: a refusal on any rank is every
+    rank's (none is left waiting in the next collective), and different choices are refused in one line."""
+    found, error = None, None
+    try:
+        found = find_resume(run_dir, resume, log)
+    except UserError as e:
+        error = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = (str(found[0].resolve()), found[1].step) if found else None
+        views = gather_object([(mine, error)])
+        errors = [(rank, e) for rank, (_, e) in enumerate(views) if e is not None]
+        if errors:
+            rank, error = errors[0]
+            error = error if rank == 0 else f"(rank {rank}) {error}"
+        elif any(choice != views[0][0] for choice, _ in views):
+            chose = "; ".join(f"rank {rank}: {f'step {c[1]} at {c[0]}' if c else 'none'}"
+                              for rank, (c, _) in enumerate(views))
+            raise UserError(f"--resume {resume}: the ranks chose different checkpoints ({chose}); every rank must "
+                            "read the same verified checkpoint: check that the run dir is one shared file system "
+                            "and that --resume is an absolute path")
+    if error is not None:
+        raise UserError(error)
+    return found
+
+
 def plain_name(key: str) -> str:
     """A parameter's name without the prefixes of the wrappers around the model."""
     changed = True

@@ -421,7 +421,8 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
     """Continue from a verified checkpoint (--resume), or start at step 0 after setting any earlier run aside
     (--force). Nothing is ever deleted: what a run leaves behind moves to previous_N/ or to a branch.
     -> (the step to start from, whether the run's own final checkpoint was found: then nothing is to be done)."""
-    resume = store.find_resume(s.run_dir, cfg.resume, s.print0)  # verifies sha256; --resume auto skips damaged ones
+    # verifies sha256 (--resume auto skips damaged ones), on every rank, which must agree on the choice
+    resume = store.find_resume_agreed(s.accelerator, s.run_dir, cfg.resume, s.print0)
     if cfg.resume and resume is None:
         if store.list_checkpoints(s.run_dir) and not cfg.force:
             raise UserError(f"--resume {cfg.resume}: no checkpoint in {s.run_dir} verifies (each is named above); "
