@@ -657,3 +657,15 @@ def test_import_into_a_run_dir_with_checkpoints_needs_force_and_sets_them_aside(
     old_step3 = snapshot(out / "step_000003")
     import_from_nanochat(src, out, force=True, log=quiet)  # the same step again: the first import goes aside
     assert snapshot(out / "previous_1" / "step_000003") == old_step3
+
+
+def test_export_below_a_newer_step_in_the_tag_is_refused(work):
+    """nanochat (and `eval` of the tag dir) load a tag's newest step: an export of step 2 into a tag that holds
+    another run's step 3 would be silently shadowed by it, so it is refused unless --force."""
+    export_to_nanochat(work / "runs" / "cpu", model_tag="d2", log=quiet)  # step 3, the cpu run
+    before = snapshot(work / "base_checkpoints")
+    with pytest.raises(UserError, match=r"already holds step 3, which nanochat loads.*--model-tag.*--force"):
+        export_to_nanochat(work / "runs" / "d2", step=2, log=quiet)
+    assert snapshot(work / "base_checkpoints") == before
+    export_to_nanochat(work / "runs" / "d2", step=2, force=True, log=quiet)
+    assert (work / "base_checkpoints" / "d2" / "model_000002.pt").exists()

@@ -133,6 +133,13 @@ def export_to_nanochat(source: str | Path, model_tag: str | None = None, step: i
     if (out_dir / layouts.model_file(s)).exists() and not force:
         raise UserError(f"{out_dir / layouts.model_file(s)} already exists; pass --force to overwrite it, or "
                         "--model-tag to write another tag")
+    # nanochat (and `eval` of the tag dir) loads the newest step: a later one already there (another run's, an
+    # earlier export's) would be what they load, not the weights this export writes
+    newer = [n for n in layouts.list_nanochat_checkpoints(out_dir) if n > s] if out_dir.is_dir() else []
+    if newer and not force:
+        raise UserError(f"{out_dir} already holds step {newer[-1]}, which nanochat loads (it takes the newest step), "
+                        f"not step {s} written here; pass --model-tag to write another tag, or --force to write it "
+                        "beside that one")
 
     # ---- write: the tokenizer pair, then the checkpoint's set
     final = meta.num_iterations
