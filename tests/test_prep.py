@@ -223,6 +223,23 @@ def test_hf_source_prep_offline_and_resumable(tmp_path, tiny_corpus_dir, tiny_to
     assert dir_bytes(out2) == dir_bytes(out)
 
 
+def test_a_streamed_source_changed_since_the_prep_began_is_not_resumed(tmp_path, tiny_corpus_docs, tiny_tokenizer_dir):
+    """A resume skips the rows the interrupted run counted: if the dataset changed in between (a new revision
+    upstream; here the local files the stream reads), those are other rows, and the resume would join two
+    versions' documents (one cut mid-document) into shards nothing flags. Refused, naming --force."""
+    docs = tiny_corpus_docs["train"]
+    data = tmp_path / "data"
+    write_parquet_files(data, [docs[:120], docs[120:]])
+    kw = dict(hf_data_files=str(data / "*.parquet"), val_docs=30)
+    out = tmp_path / "out"
+    assert not prep(out, "hf:parquet", tiny_tokenizer_dir, stop_after_shards=3, **kw).complete
+    write_parquet_files(data, [docs[:120][::-1], docs[120:]])  # the same files, rewritten with other rows
+    with pytest.raises(UserError, match=r"another version of the data.*--force"):
+        prep(out, "hf:parquet", tiny_tokenizer_dir, **kw)
+    assert not (out / "manifest.json").exists()
+    assert prep(out, "hf:parquet", tiny_tokenizer_dir, force=True, **kw).complete
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from nanochat_unsloth.shards.format import check_vocab_fits, read_shard_header, 
 from nanochat_unsloth.shards.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, TokenizerFingerprint
 
 STATE_NAME = "prep_state.json"
+DATA_VERSION = "data_version"  # prep_state.json: a streamed source's `data_version()` when the prep began
 SPLIT_ORDER = ("val", "train")  # val first: it is small, and then a --max-tokens run is ready to train on early
 DONE = "done"
 PREP_VERSION = 1  # bump when the token stream for the same inputs would change
@@ -342,6 +343,8 @@ class PrepJob:
     def _load_existing(self) -> dict | None:
         """-> the state to resume from, a fresh state, or None when --out already holds this exact prep."""
         fresh = fresh_state(self.fingerprint, self.rows[SPLIT_ORDER[0]][0])
+        # a streamed source's data version: a resume must read the rows the interrupted run counted
+        fresh[DATA_VERSION] = self.data_version = getattr(self.source, "data_version", lambda: None)()
         self.out.mkdir(parents=True, exist_ok=True)
         manifest_path, state_path = self.out / MANIFEST_NAME, self.out / STATE_NAME
         if manifest_path.exists():
@@ -371,6 +374,10 @@ class PrepJob:
             if state is None:
                 self._refuse(f"have an unreadable {STATE_NAME}", whose="the shards of its unfinished prep")
             if self._same_prep(state.get("fingerprint_sha256")):
+                if state.get(DATA_VERSION, self.data_version) != self.data_version:
+                    self._refuse("were made from another version of the data than --source reads now (its files "
+                                 "changed since this prep began), so resuming would join two versions' documents",
+                                 whose="the shards of its unfinished prep")
                 self._check_finished_shards(state)
                 return state
             fp = state.get("fingerprint", {})

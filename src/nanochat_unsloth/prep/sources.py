@@ -243,6 +243,24 @@ class HFStreamingSource:
         _check_split(split)
         return self.val_docs if split == "val" else None
 
+    def data_version(self) -> str | None:
+        """Which version of the data the stream reads now: the sha256 of each resolved data file with what `datasets` itself
+        tells versions by (a Hub file's commit, a local file's mtime, a remote one's ETag); None when `datasets`
+        resolves no data files. Not part of the fingerprint (a finished prep stays finished when the dataset
+        moves on upstream), but a resume compares it: rows skipped by count in another version are other rows."""
+        import datasets
+
+        try:
+            builder = datasets.load_dataset_builder(self.name, name=self.config, data_files=self.data_files)
+        except Exception as e:  # what load_dataset (which just worked) would also have met: the network
+            raise UserError(f"--source hf:{self.name}: could not resolve its data files ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); check the network") from None
+        files = (builder.config.data_files or {}).get("train")
+        if files is None:
+            return None
+        version = [[str(f), *map(str, meta)] for f, meta in zip(files, files.origin_metadata)]
+        return hashlib.sha256(json.dumps(version).encode()).hexdigest()  # a Hub dataset has thousands of files
+
     def describe(self) -> dict:
         label = f"hf:{self.name}" + (f" ({self.config})" if self.config else "")
         return {
