@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_unsloth.common import EXIT_STOPPED, UserError, run_main
+from nanochat_unsloth.common import EXIT_STOPPED, UserError, normalize_flags, run_main
 from nanochat_unsloth.convert import cli as convert_cli
 from nanochat_unsloth.eval import cli as eval_cli
 from nanochat_unsloth.train import __main__ as train_main
@@ -121,3 +121,15 @@ def test_no_repeat_data_refuses_a_force_resume_that_reads_trained_tokens_again(b
     assert code == 2 and err.count("\n") == 1, err[-2000:]  # step 3 of 2 windows would read window 6 again
     assert "--no_repeat_data" in err and "read a second time" in err
     assert "step 00003/" not in out
+
+
+def test_a_flag_before_the_config_file_that_the_file_also_sets_is_refused(tmp_path):
+    """nanochat's configurator applies its arguments in order, so in `--depth=4 cfg.py` the file's depth wins;
+    here flags override the file wherever they stand. The one case where the two differ is refused."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("depth = 6\n")
+    with pytest.raises(UserError, match=r"--depth comes before .*cfg\.py, which sets depth too"):
+        parse_train_args(normalize_flags(["--depth=4", str(cfg)]))
+    assert parse_train_args(normalize_flags([str(cfg), "--depth=4"])).depth == 4  # after the file: the flag
+    before = parse_train_args(normalize_flags(["--max_seq_len=64", str(cfg)]))  # a setting the file leaves alone
+    assert (before.depth, before.max_seq_len) == (6, 64)

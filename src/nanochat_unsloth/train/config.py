@@ -242,6 +242,21 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.config_file:
-        parser.set_defaults(**load_config_file(ns.config_file, {f.name: f.type for f in fields(TrainConfig)}))
+        file_values = load_config_file(ns.config_file, {f.name: f.type for f in fields(TrainConfig)})
+        # nanochat's configurator applies its arguments in order, so there the file wins over a flag before it
+        clash = sorted(_flags_before(argv, ns.config_file) & file_values.keys())
+        if clash:
+            raise UserError(f"--{clash[0]} comes before {ns.config_file}, which sets {clash[0]} too: nanochat would "
+                            "take the file's value, here flags win over the file; put the flag after the file")
+        parser.set_defaults(**file_values)
         ns = parser.parse_args(argv)
     return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+
+
+def _flags_before(argv: list[str], config_file: str) -> set[str]:
+    """The settings (field names) that flags in `argv` name before the config file."""
+    names = set()
+    for arg in argv[:argv.index(config_file)]:
+        if arg.startswith("--"):
+            names.add(arg[2:].partition("=")[0].replace("-", "_"))
+    return names
