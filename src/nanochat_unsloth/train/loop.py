@@ -587,11 +587,13 @@ def _log_step(run: _Run, step: int, out, dt: float) -> None:
     debiased = t.train_state.record_loss(step_loss)
     tok_per_sec = cfg.total_batch_size / dt
     mfu = 100 * t.flops_per_token * cfg.total_batch_size / dt / (PROMISED_FLOPS_H100 * s.world_size)
-    if step - run.start_step > 10:  # the first steps compile and warm up: left out of the training time
+    # the first steps compile and warm up: left out of the training time (nanochat's `step > 10` on the 0-based
+    # step just taken leaves out 11)
+    if step - 1 - run.start_step > 10:
         run.total_time += dt
     mem = peak_memory_gib(s.device_type)
     gn = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
-    s.print0(f"step {step - 1:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
+    s.print0(f"step {step - 1:05d}/{num_iterations:05d} ({100 * (step - 1) / num_iterations:.2f}%) | "
              f"loss: {debiased:.6f} (raw {step_loss:.4f}) |{gn} lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
              f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | mem: {mem:.1f}GiB | "
              f"total time: {run.total_time / 60:.2f}m")
@@ -610,7 +612,7 @@ def _log_step(run: _Run, step: int, out, dt: float) -> None:
 def _progress(run: _Run, step: int) -> dict:
     """What nanochat's base_train logs beside every tracker record: the step as a value (its wandb x-axis is a
     call counter, so dashboards plot against this key), the FLOPs of the `step` steps before it, and the
-    training time so far (the first 10 steps of this process left out)."""
+    training time so far (the first 11 steps of this process left out, as nanochat's)."""
     return {"step": step, "total_training_flops": run.t.flops_per_token * run.cfg.total_batch_size * step,
             "total_training_time": run.total_time}
 
