@@ -133,3 +133,15 @@ def test_a_flag_before_the_config_file_that_the_file_also_sets_is_refused(tmp_pa
     assert parse_train_args(normalize_flags([str(cfg), "--depth=4"])).depth == 4  # after the file: the flag
     before = parse_train_args(normalize_flags(["--max_seq_len=64", str(cfg)]))  # a setting the file leaves alone
     assert (before.depth, before.max_seq_len) == (6, 64)
+
+
+def test_eval_tokens_beyond_the_val_split_is_announced(base):
+    """The val split (2,000 tokens) holds 30 windows of 2 x 32 + 1: --eval_tokens 4,096 (64 windows) scores
+    those 30 once, and says so; 512 (8 windows) says nothing."""
+    args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num_iterations", "1", "--eval_every", "1", "--force"]
+    for eval_tokens, told in (("4096", True), ("512", False)):
+        code, out, err = run(train_main.main, args + ["--eval_tokens", eval_tokens, "--model_tag", f"val{eval_tokens}"])
+        assert code == 0, err[-2000:]
+        line = ("notice: --eval_tokens 4,096 asks for 64 val windows of --device_batch_size 2 x --max_seq_len 32; "
+                "the val split holds 30, so each evaluation scores each of them once")
+        assert (line in out) == told, out[-3000:]

@@ -127,6 +127,17 @@ def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoad
     return val_loader.batches_per_rank
 
 
+def val_capped_notice(cfg: TrainConfig, val_loader: TokenShardLoader) -> str | None:
+    """The line that says an evaluation scores less than --eval_tokens asked for: the val split once, where
+    nanochat's loader would go round it again (scoring some windows twice)."""
+    windows = cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len)
+    if windows <= val_loader.num_windows:
+        return None
+    return (f"notice: --eval_tokens {cfg.eval_tokens:,} asks for {windows:,} val windows of --device_batch_size "
+            f"{cfg.device_batch_size} x --max_seq_len {cfg.max_seq_len}; the val split holds {val_loader.num_windows:,}, "
+            "so each evaluation scores each of them once (nanochat's loader would read them again)")
+
+
 def peak_memory_gib(device_type: str) -> float:
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -344,6 +355,8 @@ def _open_inputs(cfg: TrainConfig, s: _Session) -> _Inputs:
         device=s.device, tokenizer_sha256=manifest.tokenizer.sha256, verify_checksums=True,
     )
     eval_steps = eval_steps_for(cfg, s.world_size, val_loader)
+    if eval_steps and (capped := val_capped_notice(cfg, val_loader)):
+        s.print0(capped)
     s.print0(f"shards: {manifest.totals()['train']['tokens']:,} train / {manifest.totals()['val']['tokens']:,} val "
              f"tokens, checksums verified in {time.time() - t_verify:.1f}s")
     train_loader.allow_new_layout = cfg.force
