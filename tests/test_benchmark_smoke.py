@@ -499,6 +499,25 @@ def test_quality_statistics_count_only_finished_runs():
     assert len(out["variants"]["fp8"]["steps_to_exact_final"]) == 1
 
 
+def test_quality_reads_only_the_val_bpb_records_of_eval_jsonl(tmp_path):
+    """eval.jsonl also holds the CORE metric's records (`--extra "--core_metric_every N"`: one at the last step,
+    after its val bpb) and they carry no val bpb: the summary's curve, final bpb and `finished` come from the
+    val bpb records alone."""
+    import types
+
+    quality = benchmark_module("real_runs.quality")
+    run = tmp_path / "runs" / "q_torch_s1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "dt": 1.0, "smooth_loss": 3.0}) + "\n"
+                                               for s in range(4)))
+    records = [{"step": 0, "val_bpb": 4.0}, {"step": 2, "core_metric": 0.1, "centered_results": {}},
+               {"step": 4, "val_bpb": 2.0}, {"step": 4, "core_metric": 0.2, "centered_results": {}}]
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = types.SimpleNamespace(base_dir=tmp_path, variants="torch", step_speedup="")
+    r = quality.summarize(args, [("torch", 1)], 4)["runs"]["torch_s1"]
+    assert r["val_bpb"] == [(0, 4.0), (4, 2.0)] and r["final_val_bpb"] == 2.0 and r["finished"] is True
+
+
 def test_runs_capacity_reports_each_depth_that_trains_and_stops_at_the_first_that_does_not(tmp_path):
     """`runs.py capacity`: depths in the order given per launch until one fails; each that trains reports its
     steady tok/s and peak memory, is killed after --steps steps (no checkpoint), and the deepest is summarised."""

@@ -110,9 +110,14 @@ def evaluated_to_the_end(evals: list[dict], num_iterations: int) -> bool:
     return bool(evals) and evals[-1]["step"] == num_iterations
 
 
+def val_evals(base_dir: Path, tag: str) -> list[dict]:
+    """The run's val bpb evaluations: eval.jsonl holds the CORE metric's records too (--core_metric_every),
+    which carry no val bpb."""
+    return [e for e in run_log(base_dir, tag, "eval.jsonl", missing_ok=True) if "val_bpb" in e]
+
+
 def finished(args, variant: str, seed: int, num_iterations: int) -> bool:
-    evals = run_log(args.base_dir, f"q_{variant}_s{seed}", "eval.jsonl", missing_ok=True)
-    return evaluated_to_the_end(evals, num_iterations)
+    return evaluated_to_the_end(val_evals(args.base_dir, f"q_{variant}_s{seed}"), num_iterations)
 
 
 def summarize(args, runs: list[tuple[str, int]], num_iterations: int, data: str | None = None) -> dict:
@@ -121,7 +126,7 @@ def summarize(args, runs: list[tuple[str, int]], num_iterations: int, data: str 
     for variant, seed in runs:
         tag = f"q_{variant}_s{seed}"
         metrics = run_log(args.base_dir, tag, "metrics.jsonl", missing_ok=True)
-        evals = run_log(args.base_dir, tag, "eval.jsonl", missing_ok=True)
+        evals = val_evals(args.base_dir, tag)
         # training seconds up to the end of each step (compilation included: it is part of the wall-clock)
         elapsed, seconds = {}, 0.0
         for m in metrics:
