@@ -499,6 +499,34 @@ def test_quality_statistics_count_only_finished_runs():
     assert len(out["variants"]["fp8"]["steps_to_exact_final"]) == 1
 
 
+def test_quality_step_speedup_names_a_variant_of_the_summary(tmp_path, capsys):
+    """--step-speedup VARIANT=RATIO gives the speed-up at equal bpb from steps, the figure runs on two machines
+    are compared by: a name that is no variant of the runs (a typo, a space after the comma) is refused, not
+    silently left without that figure."""
+    import types
+
+    quality = benchmark_module("real_runs.quality")
+
+    def run(variant, final):
+        return {"variant": variant, "seed": 1, "train_s": 4.0, "val_bpb": [(0, 4.0), (4, final)],
+                "final_val_bpb": final, "final_step": 4, "elapsed_at_step": {"4": 4.0}, "finished": True}
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"runs": {"torch_s1": run("torch", 2.0), "fp8_s1": run("fp8", 1.9)}}))
+
+    def report(step_speedup):
+        args = types.SimpleNamespace(from_=str(path), step_speedup=step_speedup, out=None, plot="")
+        quality.report_from(argparse.ArgumentParser(prog="quality"), args)
+        return capsys.readouterr()
+    # fp8 reaches 2.0 at 4 * (4.0 - 2.0) / (4.0 - 1.9) steps; the exact path at its step 4
+    out = report("torch=1.0, fp8=1.2").out
+    assert "equal-bpb speed-up from steps [" in out, out
+    figure = float(out.split("equal-bpb speed-up from steps [")[1].split("]")[0])
+    assert figure == pytest.approx(4 / (4 * 2.0 / 2.1) * 1.2, rel=1e-12)  # float rounding alone
+    for wrong in ("fp9=1.2", "fp8=1.2,fused=1.05"):
+        with pytest.raises(SystemExit, match="is not a variant of these runs"):
+            report(wrong)
+
+
 def test_quality_reads_only_the_val_bpb_records_of_eval_jsonl(tmp_path):
     """eval.jsonl also holds the CORE metric's records (`--extra "--core_metric_every N"`: one at the last step,
     after its val bpb) and they carry no val bpb: the summary's curve, final bpb and `finished` come from the

@@ -295,8 +295,8 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
             runs[name] = run
     check_same_data(p, runs)
     summary = {"runs": runs, "variants": {}, "from": args.from_}
-    variant_stats(summary, list(dict.fromkeys(r["variant"] for r in runs.values())),
-                  parse_step_speedup(args.step_speedup))
+    variants = list(dict.fromkeys(r["variant"] for r in runs.values()))
+    variant_stats(summary, variants, parse_step_speedup(args.step_speedup, variants))
     report(summary, args)
     return 0
 
@@ -315,11 +315,15 @@ def check_same_data(p: argparse.ArgumentParser, runs: dict) -> None:
         print(f"note: {', '.join(unknown)} recorded no shard fingerprint; their data is not checked against the others'")
 
 
-def parse_step_speedup(text: str) -> dict[str, float]:
-    """--step-speedup "fp8=1.18,fused=1.03" -> {"fp8": 1.18, "fused": 1.03}."""
-    pairs = [item.split("=") for item in text.split(",") if item]
+def parse_step_speedup(text: str, variants: list[str] | None = None) -> dict[str, float]:
+    """--step-speedup "fp8=1.18,fused=1.03" -> {"fp8": 1.18, "fused": 1.03}. A name outside `variants` is
+    refused: left alone, it would silently leave its variant without the equal-bpb figure."""
+    pairs = [[part.strip() for part in item.split("=")] for item in text.split(",") if item.strip()]
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"--step-speedup {text!r}: give VARIANT=RATIO pairs, e.g. fp8=1.18")
+    if variants is not None and (unknown := [name for name, _ in pairs if name not in variants]):
+        raise SystemExit(f"--step-speedup {text!r}: {', '.join(unknown)} is not a variant of these runs "
+                         f"({', '.join(variants)})")
     return {name: float(ratio) for name, ratio in pairs}
 
 
@@ -403,6 +407,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
     args.base_dir = args.base_dir.resolve()
     if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    parse_step_speedup(args.step_speedup, args.variants.split(","))  # refused now, not after the runs trained
     if args.make_data:
         make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
                   suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars,
