@@ -295,6 +295,9 @@ def test_runs_quality_judges_fp8_by_the_exact_paths_spread_alone(tmp_path):
     crossing = 2 * (4.0 - 1.7475) / (4.0 - 1.740)
     assert fp8["steps_to_exact_final"][0] is None and math.isclose(fp8["steps_to_exact_final"][1], crossing)
     assert math.isclose(fp8["equal_bpb_speedup_from_steps"][1], 4 / crossing * 1.2)
+    # what the evaluations bound it to: a crossing after step 0 and at or before step 2, so at least 4 / 2 * 1.2
+    # and unbounded above (no evaluation before it but step 0's)
+    assert fp8["equal_bpb_speedup_from_steps_bracket"] == [None, (4 / 2 * 1.2, None)]
     # better than the exact path by more than its spread: outside the spread, yet no worse
     better = {"runs": {k: dict(v, final_val_bpb=v["final_val_bpb"] - (0.1 if v["variant"] == "fp8" else 0))
                        for k, v in summary["runs"].items()}, "variants": {}}
@@ -525,6 +528,18 @@ def test_quality_step_speedup_names_a_variant_of_the_summary(tmp_path, capsys):
     for wrong in ("fp9=1.2", "fp8=1.2,fused=1.05"):
         with pytest.raises(SystemExit, match="is not a variant of these runs"):
             report(wrong)
+    # two summaries compare only at the same settings: another --eval-tokens scores other val tokens
+    args = {"depth": "2", "tokens": "512", "total_batch": "128", "device_batch_size": "2", "eval_tokens": "512",
+            "extra": ""}
+    exact, fp8 = tmp_path / "exact.json", tmp_path / "fp8.json"
+    exact.write_text(json.dumps({"runs": {"torch_s1": run("torch", 2.0)}, "args": args}))
+    fp8.write_text(json.dumps({"runs": {"fp8_s1": run("fp8", 1.9)}, "args": args}))
+    path = f"{exact},{fp8}"
+    assert "equal-bpb speed-up from steps [" in report("fp8=1.2").out
+    fp8.write_text(json.dumps({"runs": {"fp8_s1": run("fp8", 1.9)}, "args": dict(args, eval_tokens="1024")}))
+    with pytest.raises(SystemExit):
+        report("fp8=1.2")
+    assert f"--from {fp8}: --eval-tokens '1024', but {exact} ran with '512'" in capsys.readouterr().err
 
 
 def test_quality_reads_only_the_val_bpb_records_of_eval_jsonl(tmp_path):

@@ -187,7 +187,8 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
         v["steps_to_exact_final"] = [steps_to_reach(r, exact["mean"]) for r in runs if r["variant"] == variant]
         v["steps_ratio"] = [exact_steps / s if s else None for s in v["steps_to_exact_final"]]
         # and the other way round in steps: the exact path's steps to this variant's mean final bpb over this
-        # variant's own steps (an upper bound, as in seconds above), for a variant that never gets there
+        # variant's own steps, for a variant that never gets there (interpolated like steps_to_reach, so an
+        # estimate, not the bound its seconds counterpart above is)
         v["exact_steps_to_this_final"] = [steps_to_reach(r, v["mean"]) for r in runs if r["variant"] == EXACT]
         own_steps = statistics.fmean(r["final_step"] for r in runs if r["variant"] == variant)
         v["steps_ratio_at_most"] = (statistics.fmean(v["exact_steps_to_this_final"]) / own_steps
@@ -195,6 +196,12 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
         v["paired_train_loss_gap"] = paired_loss_gap(runs, variant)
         if variant in step_speedup:
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
+            # what the evaluations bound it to: the crossing lies after the evaluation before it and at or
+            # before the first at or below the target; the line between them is one estimate inside
+            v["equal_bpb_speedup_from_steps_bracket"] = [
+                (exact_steps / hi * step_speedup[variant], exact_steps / lo * step_speedup[variant] if lo else None)
+                if (lo, hi) != (None, None) else None
+                for lo, hi in (steps_bracket(r, exact["mean"]) for r in runs if r["variant"] == variant)]
             v["equal_bpb_speedup_at_most_from_steps"] = (v["steps_ratio_at_most"] * step_speedup[variant]
                                                          if v["steps_ratio_at_most"] else None)
 
@@ -235,6 +242,16 @@ def steps_to_reach(run: dict, bpb: float) -> float | None:
     if prev is None or prev[1] == b:
         return float(step)
     return prev[0] + (prev[1] - bpb) / (prev[1] - b) * (step - prev[0])
+
+
+def steps_bracket(run: dict, bpb: float) -> tuple[float | None, float | None]:
+    """(the step of the evaluation before the first crossing of `bpb`, the step of the first evaluation at or
+    below it): the run reached `bpb` after the first and at or before the second; (None, None) if never."""
+    found = first_reaching(run, bpb)
+    if found is None:
+        return None, None
+    prev, (step, _) = found
+    return (float(prev[0]) if prev else None), float(step)
 
 
 def seconds_to_reach(run: dict, bpb: float) -> float | None:
@@ -285,11 +302,13 @@ def plot(summary: dict, path: str) -> None:
 
 def report_from(p: argparse.ArgumentParser, args) -> int:
     """--from: the runs of several summaries as one (a run name seen twice is an error: which one is meant?)."""
-    runs = {}
+    runs, settings = {}, {}
     for path in args.from_.split(","):
         if not Path(path).is_file():
             p.error(f"--from {path}: no such file; pass the --out files of earlier `runs.py quality` invocations")
-        for name, run in json.loads(Path(path).read_text())["runs"].items():
+        loaded = json.loads(Path(path).read_text())
+        check_same_settings(p, settings, path, loaded.get("args"))
+        for name, run in loaded["runs"].items():
             if name in runs:
                 p.error(f"--from {path}: run {name} is in two files; pass each run once")
             runs[name] = run
@@ -299,6 +318,24 @@ def report_from(p: argparse.ArgumentParser, args) -> int:
     variant_stats(summary, variants, parse_step_speedup(args.step_speedup, variants))
     report(summary, args)
     return 0
+
+
+# what the runs of two summaries must share to compare: the model, the schedule's tokens and batch, the flags
+# passed through, and which val tokens score the bpb (--eval-tokens in windows of --device-batch-size rows)
+SAME_SETTINGS = ("depth", "tokens", "total_batch", "device_batch_size", "eval_tokens", "extra")
+
+
+def check_same_settings(p: argparse.ArgumentParser, seen: dict, path: str, args: dict | None) -> None:
+    """A summary whose SAME_SETTINGS differ from an earlier one's is refused, naming the setting; `seen` holds
+    the first value of each and the file it came from. A summary without its args (none written so far) would
+    be compared unchecked."""
+    for key in SAME_SETTINGS:
+        if args is None or key not in args:
+            continue
+        first = seen.setdefault(key, (args[key], path))
+        if first[0] != args[key]:
+            p.error(f"--from {path}: --{key.replace('_', '-')} {args[key]!r}, but {first[1]} ran with {first[0]!r}; "
+                    "runs compare only at the same settings")
 
 
 def check_same_data(p: argparse.ArgumentParser, runs: dict) -> None:
@@ -353,10 +390,11 @@ def print_summary(summary: dict) -> None:
                      f"this mean: {v['exact_s_to_this_final']}, equal-bpb speed-up at most "
                      f"{v['equal_bpb_speedup_at_most']} | steps to {EXACT}'s final bpb: {v['steps_to_exact_final']}, "
                      f"step ratio {v['steps_ratio']} | {EXACT}'s steps to this mean: {v['exact_steps_to_this_final']}, "
-                     f"step ratio at most {v['steps_ratio_at_most']} | train loss minus {EXACT}'s, same seed, last "
+                     f"step ratio (an estimate) {v['steps_ratio_at_most']} | train loss minus {EXACT}'s, same seed, last "
                      f"10% of steps: {v['paired_train_loss_gap']}"
-                     + (f" | equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']}, at most "
-                        f"{v['equal_bpb_speedup_at_most_from_steps']}"
+                     + (f" | equal-bpb speed-up from steps {v['equal_bpb_speedup_from_steps']} (between the "
+                        f"evaluations around the crossing: {v['equal_bpb_speedup_from_steps_bracket']}); from the "
+                        f"{EXACT} path's steps to this mean {v['equal_bpb_speedup_at_most_from_steps']}"
                         if "equal_bpb_speedup_from_steps" in v else ""))
         print(f"{variant:6} mean {v['mean']:.4f} spread {v['spread']:.4f}{extra}")
 
