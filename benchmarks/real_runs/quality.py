@@ -198,10 +198,10 @@ def variant_stats(out: dict, variants: list[str], step_speedup: dict[str, float]
             v["equal_bpb_speedup_from_steps"] = [r * step_speedup[variant] if r else None for r in v["steps_ratio"]]
             # what the evaluations bound it to: the crossing lies after the evaluation before it and at or
             # before the first at or below the target; the line between them is one estimate inside
+            ratio = step_speedup[variant]
             v["equal_bpb_speedup_from_steps_bracket"] = [
-                (exact_steps / hi * step_speedup[variant], exact_steps / lo * step_speedup[variant] if lo else None)
-                if (lo, hi) != (None, None) else None
-                for lo, hi in (steps_bracket(r, exact["mean"]) for r in runs if r["variant"] == variant)]
+                None if b is None else (exact_steps / b[1] * ratio, exact_steps / b[0] * ratio if b[0] else None)
+                for b in (steps_bracket(r, exact["mean"]) for r in runs if r["variant"] == variant)]
             v["equal_bpb_speedup_at_most_from_steps"] = (v["steps_ratio_at_most"] * step_speedup[variant]
                                                          if v["steps_ratio_at_most"] else None)
 
@@ -244,12 +244,12 @@ def steps_to_reach(run: dict, bpb: float) -> float | None:
     return prev[0] + (prev[1] - bpb) / (prev[1] - b) * (step - prev[0])
 
 
-def steps_bracket(run: dict, bpb: float) -> tuple[float | None, float | None]:
+def steps_bracket(run: dict, bpb: float) -> tuple[float | None, float] | None:
     """(the step of the evaluation before the first crossing of `bpb`, the step of the first evaluation at or
-    below it): the run reached `bpb` after the first and at or before the second; (None, None) if never."""
+    below it): the run reached `bpb` after the first and at or before the second; None if never."""
     found = first_reaching(run, bpb)
     if found is None:
-        return None, None
+        return None
     prev, (step, _) = found
     return (float(prev[0]) if prev else None), float(step)
 
@@ -327,8 +327,8 @@ SAME_SETTINGS = ("depth", "tokens", "total_batch", "device_batch_size", "eval_to
 
 def check_same_settings(p: argparse.ArgumentParser, seen: dict, path: str, args: dict | None) -> None:
     """A summary whose SAME_SETTINGS differ from an earlier one's is refused, naming the setting; `seen` holds
-    the first value of each and the file it came from. A summary without its args (none written so far) would
-    be compared unchecked."""
+    the first value of each and the file it came from. A summary without its args (what --from itself writes)
+    is compared unchecked."""
     for key in SAME_SETTINGS:
         if args is None or key not in args:
             continue

@@ -122,15 +122,19 @@ def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoad
         raise UserError(f"--eval_tokens {cfg.eval_tokens:,} is less than one val batch on every process "
                         f"({cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {per_batch:,}); raise it, "
                         "or pass --eval_tokens 0 to train without val evaluation")
-    windows = cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len)
-    val_loader.set_eval_windows(min(windows, val_loader.num_windows))
+    val_loader.set_eval_windows(min(eval_windows_asked(cfg), val_loader.num_windows))
     return val_loader.batches_per_rank
+
+
+def eval_windows_asked(cfg: TrainConfig) -> int:
+    """The val windows of --device_batch_size x --max_seq_len that --eval_tokens asks an evaluation to score."""
+    return cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len)
 
 
 def val_capped_notice(cfg: TrainConfig, val_loader: TokenShardLoader) -> str | None:
     """The line that says an evaluation scores less than --eval_tokens asked for: the val split once, where
     nanochat's loader would go round it again (scoring some windows twice)."""
-    windows = cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len)
+    windows = eval_windows_asked(cfg)
     if windows <= val_loader.num_windows:
         return None
     return (f"notice: --eval_tokens {cfg.eval_tokens:,} asks for {windows:,} val windows of --device_batch_size "
