@@ -673,7 +673,8 @@ def test_runs_curve_controls_run_with_their_own_flags_and_are_compared_with_a(tm
 def test_the_wte_fp32_control_keeps_the_embedding_in_fp32_and_trains(tmp_path, monkeypatch):
     """benchmarks/real_runs/train_wte_fp32.py: the loop with wte left in fp32 where our path (nanochat's) makes it
     bf16 (CUDA). On this CPU, where it is fp32 anyway, the patched init is checked on a model whose wte was made
-    bf16 by hand, and the script trains a tiny run to its end through the real loop."""
+    bf16 by hand, and the script trains a tiny run to its end through the real loop, from the flags as the curve
+    runner spells them."""
     import runpy
 
     import torch
@@ -692,6 +693,8 @@ def test_the_wte_fp32_control_keeps_the_embedding_in_fp32_and_trains(tmp_path, m
 
     base = make_train_base_dir(tmp_path / "base")
     args = TINY_TRAIN_ARGS + ["--base-dir", str(base), "--num-iterations", "2", "--model-tag", "wte"]
+    # in nanochat's spellings, as `runs.py curve` passes them to every run, this control's too
+    args = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in args]
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "real_runs" / "train_wte_fp32.py"), *args],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from nanochat_unsloth.common import run_main
 from nanochat_unsloth.model.gpt import GPT
 from nanochat_unsloth.train.__main__ import main
 
@@ -27,4 +28,5 @@ def init_weights_wte_fp32(self: GPT) -> None:
 GPT.init_weights = init_weights_wte_fp32
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # through run_main, as `python -m nanochat_unsloth.train` is: it accepts nanochat's --a_b spellings
+    sys.exit(run_main(main, None))
