@@ -743,6 +743,47 @@ def test_runs_deepspeed_runs_the_curves_then_the_speed_of_each_config_and_stops_
     assert [c[0] for c in calls] == ["curve", "scaling", "scaling"]
 
 
+def test_runs_deepspeed_compare_reads_each_zero_run_against_each_of_our_runs_and_the_noise(tmp_path, capsys):
+    """`runs.py deepspeed --part compare`: the curves of one invocation and the controls of another, each ZeRO run
+    against every run of ours, and our repeated runs' gaps (each file's a and b, across files too) as the noise.
+    Losses made up so that every gap is known: relative to our run, the largest per window."""
+    deepspeed = benchmark_module("real_runs.deepspeed")
+    windows = ["0-1", "2-3"]
+    base = [4.0, 4.0, 2.0, 2.0]
+    curves = {"windows": windows, "loss": {"a": base, "b": [4.0, 4.0, 2.0, 2.02],
+                                           "deepspeed_zero2": [4.0, 4.04, 2.0, 2.1]}}
+    controls = {"windows": windows, "loss": {"a": [4.0, 4.0, 2.01, 2.0], "b": base,
+                                             "compile_blocks": [4.0, 4.04, 2.0, 2.1]}}
+    (tmp_path / "curves.json").write_text(json.dumps(curves))
+    (tmp_path / "controls.json").write_text(json.dumps(controls))
+
+    def invoke(files, out=None):
+        argv = ["--part", "compare", "--from", ",".join(str(tmp_path / f) for f in files)]
+        args, p = deepspeed.subcommand_args(deepspeed, argv + (["--out", str(out)] if out else []))
+        return deepspeed.run(args, p)
+
+    assert invoke(["curves.json", "controls.json"], tmp_path / "cmp.json") == 0
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    approx = pytest.approx
+    assert result["noise"]["a@1 vs b@1"] == approx([0.0, 0.02 / 2.02])
+    assert result["noise"]["a@1 vs a@2"] == approx([0.0, 0.01 / 2.01])
+    assert result["noise_max"] == approx([0.0, 0.02 / 2.0])  # b@1 vs b@2
+    assert result["controls_vs_a"]["compile_blocks vs a@2"] == approx([0.04 / 4.0, 0.1 / 2.0])
+    assert result["zero"]["deepspeed_zero2"]["compile_blocks"] == [0.0, 0.0]
+    assert result["zero"]["deepspeed_zero2"]["b@1"] == approx([0.01, 0.08 / 2.02])
+    out = capsys.readouterr().out
+    assert "  compile_blocks" in out.split("deepspeed_zero2 against")[1].splitlines()[1]  # the nearest first
+    # refused in one line each: no ZeRO run; another length; a control in two files
+    for files, message in ((["controls.json"], "no run of deepspeed_zero2"),
+                           (["curves.json", "other.json"], "windows ['0-4'], the first file's are"),
+                           (["controls.json", "controls2.json", "curves.json"], "'compile_blocks' is in an earlier")):
+        (tmp_path / "other.json").write_text(json.dumps({"windows": ["0-4"], "loss": {}}))
+        (tmp_path / "controls2.json").write_text(json.dumps(controls))
+        with pytest.raises(SystemExit):
+            invoke(files)
+        assert message in capsys.readouterr().err, files
+
+
 def test_runs_curve_on_one_gpu_runs_the_pair_in_turn_and_spreads_the_runs_over_invocations(tmp_path, monkeypatch):
     """`runs.py curve` on a 1-GPU machine: the 1-GPU pair one after the other on GPU 0, each config's run on
     one process; --runs starts only the runs named, a finished run started with the same settings is reused,
