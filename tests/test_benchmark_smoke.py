@@ -773,8 +773,10 @@ def test_runs_deepspeed_compare_reads_each_zero_run_against_each_of_our_runs_and
     assert result["zero"]["deepspeed_zero2"]["b@1"] == approx([0.01, 0.08 / 2.02])
     out = capsys.readouterr().out
     assert "  compile_blocks" in out.split("deepspeed_zero2 against")[1].splitlines()[1]  # the nearest first
-    # refused in one line each: no ZeRO run; another length; a control in two files
-    for files, message in ((["controls.json"], "no run of deepspeed_zero2"),
+    # refused in one line each: no ZeRO run; no pair of our runs; another length; a control in two files
+    (tmp_path / "alone.json").write_text(json.dumps({"windows": windows, "loss": {
+        "a": base, "deepspeed_zero3": base}}))
+    for files, message in ((["controls.json"], "no run of deepspeed_zero2"), (["alone.json"], "no pair of our own"),
                            (["curves.json", "other.json"], "windows ['0-4'], the first file's are"),
                            (["controls.json", "controls2.json", "curves.json"], "'compile_blocks' is in an earlier")):
         (tmp_path / "other.json").write_text(json.dumps({"windows": ["0-4"], "loss": {}}))

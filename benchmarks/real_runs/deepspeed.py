@@ -96,6 +96,8 @@ def compare(paths: list[Path], p: argparse.ArgumentParser) -> dict:
     ours = [k for k in loss if k not in ZERO_CONFIGS]
     repeats = [k for k in ours if k.split("@")[0] in ("a", "b")]
     noise = {f"{x} vs {y}": gaps(x, y) for i, x in enumerate(repeats) for y in repeats[i + 1:]}
+    if not noise:  # the yardstick: without two runs of our own path the gaps mean nothing
+        p.error(f"--from: no pair of our own runs (a, b) in {', '.join(map(str, paths))}")
     zero = {z: {k: gaps(z, k) for k in ours} for z in ZERO_CONFIGS if z in loss}
     if not zero:
         p.error(f"--from: no run of {', '.join(ZERO_CONFIGS)} in {', '.join(map(str, paths))}")
@@ -115,7 +117,8 @@ def print_compare(result: dict) -> None:
     for z, against in result["zero"].items():
         print(f"{z + ' against':40} {head}  (x the noise, last window)")
         for name, v in sorted(against.items(), key=lambda kv: kv[1][-1]):
-            print(f"  {name:38} " + "  ".join(f"{g:9.2e}" for g in v) + f"  {v[-1] / result['noise_max'][-1]:.2f}x")
+            ratio = f"{v[-1] / result['noise_max'][-1]:.2f}x" if result["noise_max"][-1] else "-"
+            print(f"  {name:38} " + "  ".join(f"{g:9.2e}" for g in v) + f"  {ratio}")
 
 
 def run(args, p: argparse.ArgumentParser) -> int:
