@@ -86,6 +86,11 @@ def parse_controls(text: str, p: argparse.ArgumentParser) -> dict[str, str]:
     return controls
 
 
+def max_rel_gaps(values: list[float], ref: list[float], windows: list[tuple[int, int]]) -> list[float]:
+    """The largest |values - ref| / |ref| over the steps of each window [lo, hi)."""
+    return [max(abs(values[s] - ref[s]) / abs(ref[s]) for s in range(lo, hi)) for lo, hi in windows]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dir", type=Path, required=True)
     p.add_argument("--gpus", type=int, default=4)
@@ -143,15 +148,12 @@ def run(args, p: argparse.ArgumentParser) -> int:
     windows = [(lo, min(hi, args.steps)) for lo, hi in ((0, 10), (10, 50), (50, 100), (100, args.steps))
                if lo < args.steps]
 
-    def rel(x, y, lo, hi):
-        return max(abs(loss[x][s] - loss[y][s]) / abs(loss[x][s]) for s in range(lo, hi))
-
     others = [k for k in tags if k not in ("a", "b")]
     result = {
         "args": args_record(args),
         "windows": [f"{lo}-{hi - 1}" for lo, hi in windows],
-        "a_vs_b_max_rel": [rel("a", "b", lo, hi) for lo, hi in windows],
-        **{f"a_vs_{k}_max_rel": [rel("a", k, lo, hi) for lo, hi in windows] for k in others},
+        "a_vs_b_max_rel": max_rel_gaps(loss["b"], loss["a"], windows),
+        **{f"a_vs_{k}_max_rel": max_rel_gaps(loss[k], loss["a"], windows) for k in others},
         "val_bpb": val, "loss": loss,
         "tok_per_sec_median": {k: sorted(m["tok_per_sec"] for m in records)[args.steps // 2]
                                for k, records in metrics.items()},

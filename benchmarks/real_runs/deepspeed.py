@@ -88,10 +88,10 @@ def compare(paths: list[Path], p: argparse.ArgumentParser) -> dict:
             if key in loss:
                 p.error(f"--from {path}: run {name!r} is in an earlier file too; compare each run once")
             loss[key] = values
-    spans = [tuple(map(int, w.split("-"))) for w in windows]
+    spans = [(lo, hi + 1) for lo, hi in (map(int, w.split("-")) for w in windows)]  # "0-9": steps 0 to 9
 
     def gaps(x, y):  # relative to y, one of our own runs
-        return [max(abs(loss[x][s] - loss[y][s]) / abs(loss[y][s]) for s in range(lo, hi + 1)) for lo, hi in spans]
+        return curve.max_rel_gaps(loss[x], loss[y], spans)
 
     ours = [k for k in loss if k not in ZERO_CONFIGS]
     repeats = [k for k in ours if k.split("@")[0] in ("a", "b")]
