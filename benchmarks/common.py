@@ -351,16 +351,18 @@ def make_shard_dir(root: Path, tokens: int, shard_tokens: int, seed: int = 0) ->
 # Real runs of the loop
 
 
-def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | None = None,
-                   processes: int = 1, config: str | None = None, script: str | None = None) -> subprocess.Popen:
+def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | tuple[int, ...] | None = None,
+                   processes: int = 1, config: str | None = None, script: str | None = None,
+                   port: int | None = None) -> subprocess.Popen:
     """Start the real loop in the background, its output appended to <base_dir>/<tag>.log: one process (on
-    GPU `gpu` when given), or `processes` ranks through `accelerate launch` with configs/accelerate/multi_gpu.yaml
-    (or `config`, which is launched even for one process: a DeepSpeed run on one GPU).
+    GPU `gpu`, or the GPUs of a tuple, when given), or `processes` ranks through `accelerate launch` with
+    configs/accelerate/multi_gpu.yaml (or `config`, which is launched even for one process: a DeepSpeed run on one
+    GPU), its rendezvous on `port` where several such launches run at once.
     `script`: a file that runs the loop with one change made for a control run (runs.py curve --controls), one
     process only. Used by the runs.py subcommands that start runs in the background (curve, resume, quality)."""
     env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu)) if isinstance(gpu, tuple) else str(gpu)
     cmd = [sys.executable, "-m", "nanochat_unsloth.train", *train_args]
     if script:
         if processes > 1 or config:
@@ -369,7 +371,7 @@ def start_training(base_dir: Path, tag: str, train_args: list[str], gpu: int | N
     if processes > 1 or config:
         cmd[1:2] = ["-m", "accelerate.commands.launch", "--config_file",
                     config or str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes",
-                    str(processes), "-m"]
+                    str(processes), *(["--main_process_port", str(port)] if port else []), "-m"]
     log = open(base_dir / f"{tag}.log", "a")
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 

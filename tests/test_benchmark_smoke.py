@@ -905,3 +905,50 @@ def test_runs_curve_with_configs_none_compares_the_one_gpu_runs_alone(tmp_path, 
     result = json.loads((tmp_path / "c.json").read_text())
     assert sorted(k for k in result if k.endswith("_max_rel")) == ["a_vs_b_max_rel", "a_vs_wte_max_rel"]
     assert result["a_vs_wte_max_rel"][0] == pytest.approx(2e-3 / 4.0)
+
+
+def test_runs_quality_gpus_per_run_trains_each_run_data_parallel_on_its_own_gpus(tmp_path, monkeypatch):
+    """--gpus-per-run K: every run is one `accelerate launch` of K processes on K GPUs of its own, so 4 GPUs take
+    two runs of 2 at once, each with its own rendezvous port. The loop is a stand-in that writes a finished run's
+    logs (a CPU has no GPUs to launch on); what is checked is the wiring down to the launch command. Asking for
+    more GPUs than the machine has, or sharing them with --per-gpu, is refused before anything starts."""
+    quality, common = benchmark_module("real_runs.quality"), benchmark_module("common")
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import make_train_base_dir
+
+    base = make_train_base_dir(tmp_path / "base")
+    launched = []
+
+    def fake_training(base_dir, tag, train_args, gpu=None, processes=1, config=None, script=None, port=None):
+        launched.append((tag, gpu, processes, port))
+        run = base_dir / "runs" / tag
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "dt": 1.0, "smooth_loss": 3.0}) + "\n"
+                                                   for s in range(10)))
+        (run / "eval.jsonl").write_text(json.dumps({"step": 10, "val_bpb": 2.0}) + "\n")
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(quality, "start_training", fake_training)
+    monkeypatch.setattr(quality, "gpu_count", lambda: 4)
+    parser = benchmark_module("runs").build_parser()
+    argv = ["quality", "--base-dir", str(base), "--depth", "2", "--tokens", "1280", "--total-batch", "128",
+            "--variants", "torch,fp8", "--seeds", "1", "--gpus-per-run", "2", "--out", str(tmp_path / "q.json")]
+    assert quality.run(parser.parse_args(argv), parser) == 0
+    assert sorted(launched) == [("q_fp8_s1", (2, 3), 2, 29502), ("q_torch_s1", (0, 1), 2, 29500)]
+    assert json.loads((tmp_path / "q.json").read_text())["args"]["gpus_per_run"] == "2"
+    for bad, why in ((["--gpus-per-run", "8"], "this machine has 4 GPUs; pass 1 to 4"),
+                     (["--gpus-per-run", "2", "--per-gpu", "2"], "leave --per-gpu at 1")):
+        with pytest.raises(SystemExit):
+            quality.run(parser.parse_args([*argv[:-4], *bad]), parser)
+    monkeypatch.setattr(quality, "gpu_count", lambda: 0)
+    with pytest.raises(SystemExit):
+        quality.run(parser.parse_args(argv), parser)
+
+    # the launch itself: K ranks through accelerate on the tuple's GPUs, at the given port
+    seen = {}
+    monkeypatch.setattr(common.subprocess, "Popen", lambda cmd, env, **kw: seen.update(cmd=cmd, env=env))
+    common.start_training(tmp_path, "t", ["--depth", "2"], gpu=(2, 3), processes=2, port=29502)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    launch = seen["cmd"][seen["cmd"].index("accelerate.commands.launch"):]
+    assert launch[launch.index("--num_processes") + 1] == "2"
+    assert launch[launch.index("--main_process_port") + 1] == "29502"

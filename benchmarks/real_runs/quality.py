@@ -4,7 +4,9 @@
         --variants torch,fp8 --seeds 42,43 --out quality.json
 
 Every (variant, seed) is one run of the real loop (`python -m nanochat_unsloth.train`), on a GPU of its own
-when there are enough (they run at the same time; more runs than GPUs queue). Each run trains --tokens
+when there are enough (they run at the same time; more runs than GPUs queue), or with --gpus-per-run K on K
+GPUs of its own as one data-parallel run (the same step math in about 1/K of the time: a d20 run that needs a
+whole device session on one GPU fits one or two calls on a node). Each run trains --tokens
 tokens (a whole schedule, warm-down included: `--num_iterations` = tokens / total batch), evaluates val bpb
 every --eval-every steps, checkpoints every --save-every steps and starts with `--resume auto`: when a device
 call's time runs out, the same command continues every run where its last checkpoint left it. --deadline S
@@ -94,7 +96,9 @@ def branch(args, tag: str) -> list[str]:
     return ["--force"]
 
 
-def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -> subprocess.Popen:
+def start(args, variant: str, seed: int, gpu: int | tuple[int, ...] | None, num_iterations: int) -> subprocess.Popen:
+    """One (variant, seed) run: on one GPU (or the CPU), or on a tuple of GPUs as one data-parallel run (the same
+    step math: each rank takes its share of the --total-batch, so fewer micro-steps each)."""
     tag = f"q_{variant}_s{seed}"
     extra = branch(args, tag)
     flags = VARIANTS[variant]
@@ -103,6 +107,8 @@ def start(args, variant: str, seed: int, gpu: int | None, num_iterations: int) -
              "--num_iterations", str(num_iterations), "--eval_every", str(args.eval_every), "--eval_tokens",
              str(args.eval_tokens), "--sample_every", "-1", "--save_every", str(args.save_every), "--seed", str(seed),
              "--model_tag", tag, "--resume", "auto", *flags, *extra, *args.extra.split()]
+    if isinstance(gpu, tuple):  # several such runs at once each rendezvous on a port of their own
+        return start_training(args.base_dir, tag, train, gpu=gpu, processes=len(gpu), port=29500 + gpu[0])
     return start_training(args.base_dir, tag, train, gpu=gpu)
 
 
@@ -422,6 +428,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--extra", default="", help="more training flags for every run")
     p.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU (without a GPU: on the CPU)")
+    p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs each run trains on, data-parallel (accelerate "
+                   "launch): a long run finishes within fewer device calls")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds from this command's start (--make-data included): then SIGTERM every run (each "
                         "saves a checkpoint and stops; killed if still running 120 s later), start no more, report "
@@ -446,6 +454,12 @@ def run(args, p: argparse.ArgumentParser) -> int:
     if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     parse_step_speedup(args.step_speedup, args.variants.split(","))  # refused now, not after the runs trained
+    gpus = gpu_count()
+    if args.gpus_per_run < 1 or args.gpus_per_run > max(gpus, 1):  # accelerate's CPU launch starts one process
+        p.error(f"--gpus-per-run {args.gpus_per_run}: this machine has {gpus} GPUs; pass 1 to {max(gpus, 1)}")
+    if args.gpus_per_run > 1 and args.per_gpu != 1:
+        p.error(f"--gpus-per-run {args.gpus_per_run} with --per-gpu {args.per_gpu}: a run on several GPUs has them "
+                "to itself; leave --per-gpu at 1")
     if args.make_data:
         make_data(args.base_dir, args.max_chars, 65536, roots=args.text_roots,
                   suffixes=tuple(args.text_suffixes.split(",")), tokenizer_chars=args.tokenizer_chars,
@@ -462,11 +476,14 @@ def run(args, p: argparse.ArgumentParser) -> int:
                 f"{args.total_batch:,} need {needed:,} never repeated; lower --tokens or add text")
     runs = [(v, int(s)) for v in args.variants.split(",") for s in args.seeds.split(",")]
     done = [r for r in runs if finished(args, *r, num_iterations)]  # a repeated command skips finished runs
-    gpus = gpu_count()
-    # several runs share a GPU with --per-gpu: one run's compilation (host) overlaps another's steps; without a
-    # GPU, --per-gpu runs share the CPU
-    slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)] if gpus else [(None, i) for i in
-                                                                                     range(args.per_gpu)]
+    if args.gpus_per_run > 1:
+        k = args.gpus_per_run
+        slots = [(tuple(range(j * k, (j + 1) * k)), 0) for j in range(gpus // k)]
+    elif gpus:
+        # several runs share a GPU with --per-gpu: one run's compilation (host) overlaps another's steps
+        slots = [(g, i) for g in range(gpus) for i in range(args.per_gpu)]
+    else:  # without a GPU, --per-gpu runs share the CPU
+        slots = [(None, i) for i in range(args.per_gpu)]
     print(f"{len(runs)} runs x {num_iterations} steps x {args.total_batch:,} tokens of {available:,}; "
           f"{len(slots)} at a time" + (f"; {len(done)} already finished" if done else ""), flush=True)
     queue, running, failed, paused = [r for r in runs if r not in done], {}, [], False
