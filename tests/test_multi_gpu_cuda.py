@@ -87,7 +87,7 @@ def test_fsdp2_save_kill_resume_equals_a_straight_run_and_converts(base, tmp_pat
     resumed_from = max(step for step, _ in ckpt.list_checkpoints(base / "runs" / "fsdp_cut"))
     assert 10 <= resumed_from < STEPS
 
-    out = _run(_cmd(FSDP2, 2, base, "fsdp_cut", "--resume", "auto"))
+    out = _run(_cmd(FSDP2, 2, base, "fsdp_cut", "--resume", "auto", "--keep_last", "0"))
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"at step {resumed_from}" in out.stdout, out.stdout[-2000:]
 

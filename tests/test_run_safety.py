@@ -201,7 +201,7 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_prunes_only_its_own(bas
     assert steps_of(run_dir) == [2, 4, 6, 8]
     capsys.readouterr()
     run_train(base, "--num-iterations", "12", "--model-tag", "rollback", "--save-every", "2", "--keep-last", "2",
-              "--resume", str(run_dir / "step_000004"), "--stop-after", "5")
+              "--force", "--resume", str(run_dir / "step_000004"), "--stop-after", "5")
     out = capsys.readouterr().out
     assert steps_of(run_dir) == [4, 5], "the abandoned 6 and 8 no longer count, so 2 goes and 4 stays"
     (aside,) = (run_dir / ckpt.ABANDONED_DIR).iterdir()
@@ -214,6 +214,30 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_prunes_only_its_own(bas
     assert run_train(base, "--num-iterations", "12", "--model-tag", "rollback", "--resume", "auto",
                      "--stop-after", "7")["start_step"] == 5
     assert logged_steps(run_dir / "metrics.jsonl") == list(range(7))
+
+
+def test_a_resume_with_a_lower_keep_last_is_refused_before_it_prunes_what_the_run_kept(base, capsys):
+    """A run kept every checkpoint (--keep_last 0); its stop says "continue with --resume auto", and that
+    command without --keep_last 0 (default 2) pruned all but two of them at its first save. A lower
+    --keep_last on a resume of the tag's own run is refused unless --force; a resume into another tag prunes
+    only that tag's checkpoints, so it is not."""
+    run_dir = base / "runs" / "keep_all"
+    flags = ("--num-iterations", "8", "--model-tag", "keep_all", "--save-every", "1")
+    run_train(base, *flags, "--keep-last", "0", "--stop-after", "3")
+    assert steps_of(run_dir) == [1, 2, 3]
+    capsys.readouterr()
+    code = train_cli(base, *flags, "--resume", "auto", "--stop-after", "4")
+    err = one_line_error(capsys, code)
+    assert ("the run was started with --keep_last 0 (keep every checkpoint), and --keep_last 2 would delete "
+            "the checkpoints it kept") in err and "pass --keep_last 0" in err and "--force" in err, err
+    assert steps_of(run_dir) == [1, 2, 3], "nothing pruned"
+    run_train(base, *flags, "--resume", "auto", "--keep-last", "0", "--stop-after", "4")
+    assert steps_of(run_dir) == [1, 2, 3, 4]
+    run_train(base, "--num-iterations", "8", "--model-tag", "keep_fork", "--resume", str(run_dir / "step_000004"),
+              "--stop-after", "5")
+    assert steps_of(run_dir) == [1, 2, 3, 4] and steps_of(base / "runs" / "keep_fork") == [5]
+    run_train(base, *flags, "--resume", "auto", "--force", "--stop-after", "5")
+    assert steps_of(run_dir) == [4, 5], "--force prunes to the lower --keep_last"
 
 
 # ---- 4. the shards a checkpoint trained on ----------------------------------------------------------

@@ -135,6 +135,19 @@ def check_resume_data(meta: RunMeta, resume_dir: Path, manifest: ShardManifest, 
         f"{saved[:12]}): the run no longer trains on the data it started with")
 
 
+def check_keep_last(meta: RunMeta, cfg) -> None:
+    """A resume of the tag's own run must not prune what the run kept: its saves prune the checkpoints the run
+    saved before it, and a --keep_last lower than the run's (the default 2, when a run with --keep_last 0 is
+    continued with plain `--resume auto`) would delete them at the first save. Refused unless --force."""
+    was = meta.train_config.get("keep_last", type(cfg)().keep_last)
+    if cfg.force or cfg.keep_last == 0 or (was != 0 and cfg.keep_last >= was):
+        return
+    kept = "keep every checkpoint" if was == 0 else f"keep the newest {was}"
+    raise UserError(f"cannot resume: the run was started with --keep_last {was} ({kept}), and --keep_last "
+                    f"{cfg.keep_last} would delete the checkpoints it kept; pass --keep_last {was}, or --force to "
+                    f"prune them to {cfg.keep_last}")
+
+
 def check_horizon_ahead(step: int, num_iterations: int, cfg, resume_dir: Path) -> None:
     """A resume must have steps left: a horizon at or behind the checkpoint's step would train backwards
     (negative LR multipliers) or pretend to finish, and a --stop_after behind it would never stop."""

@@ -24,7 +24,7 @@ import torch
 from nanochat_unsloth.checkpoint import store
 from nanochat_unsloth.checkpoint.logs import PROFILE_DIR
 from nanochat_unsloth.checkpoint.meta import RunMeta
-from nanochat_unsloth.checkpoint.resume import check_resume
+from nanochat_unsloth.checkpoint.resume import check_keep_last, check_resume
 from nanochat_unsloth.checkpoint.train_state import TrainState
 from nanochat_unsloth.common import (EXIT_STOPPED, Diverged, UserError, disk_failure_message, get_base_dir,
                                      stop_if_pending)
@@ -458,6 +458,8 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
         # a checkpoint of another run dir (another tag, previous_N/, abandoned/) starts this tag over from
         # it: the tag's own checkpoints are another history, which its saves would prune and its logs mix
         foreign = Path(resume_dir).resolve().parent != s.run_dir.resolve()
+        if not foreign:  # its saves prune the checkpoints of the run it continues
+            check_keep_last(meta, cfg)
         own_run = foreign and bool(store.list_checkpoints(s.run_dir))
         if own_run and not cfg.force:  # every rank raises
             raise UserError(f"{s.run_dir} already holds checkpoints of its own run, and --resume {cfg.resume} is "
