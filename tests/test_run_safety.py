@@ -225,7 +225,7 @@ def test_a_resume_with_a_lower_keep_last_is_refused_before_it_prunes_what_the_ru
     flags = ("--num-iterations", "8", "--model-tag", "keep_all", "--save-every", "1")
     run_train(base, *flags, "--keep-last", "0", "--stop-after", "3")
     assert steps_of(run_dir) == [1, 2, 3]
-    capsys.readouterr()
+    assert "continue with --resume auto --keep_last 0 " in capsys.readouterr().out  # the command that is not refused
     code = train_cli(base, *flags, "--resume", "auto", "--stop-after", "4")
     err = one_line_error(capsys, code)
     assert ("the run was started with --keep_last 0 (keep every checkpoint), and --keep_last 2 would delete "

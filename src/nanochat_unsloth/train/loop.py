@@ -649,7 +649,9 @@ def _save_or_stop(run: _Run, stop: StopRequest, step: int) -> bool:
     if stop_now or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < run.t.num_iterations):
         s.print0(f"saved {run.save(step)}")
     if stop_now:
-        s.print0(f"stopped after step {step} of {run.t.num_iterations}; continue with --resume auto "
+        # the command that continues the run keeps what it kept: a lower --keep_last is refused on resume
+        keep = "" if cfg.keep_last == type(cfg)().keep_last else f" --keep_last {cfg.keep_last}"
+        s.print0(f"stopped after step {step} of {run.t.num_iterations}; continue with --resume auto{keep} "
                  f"(exit code {EXIT_STOPPED})")
         run.result["stopped_at"] = step
     return stop_now
