@@ -37,6 +37,17 @@ def test_out_of_range_flags_are_one_line_errors(base, capsys):
     assert "sum <= 1" in one_line_error(capsys, code)
 
 
+def test_a_model_tag_that_is_a_path_is_refused_before_anything_is_written(base, capsys):
+    """--model_tag names the run's directory under <base>/runs/: a path there (another run's step directory, whose
+    pruning would delete this run with it, or a place outside runs/) is one line, and no directory is made."""
+    before = sorted(p.name for p in (base / "runs").iterdir()) if (base / "runs").exists() else []
+    for tag in ("d20/step_000100", "../elsewhere", "..", ".hidden", str(base / "abs")):
+        code = train_cli(base, "--num-iterations", "1", "--model_tag", tag)
+        assert f"--model_tag {tag!r}: must be a plain name" in one_line_error(capsys, code), tag
+    after = sorted(p.name for p in (base / "runs").iterdir()) if (base / "runs").exists() else []
+    assert after == before and not (base / "elsewhere").exists() and not (base / "abs").exists()
+
+
 def test_ctrl_c_during_start_up_is_one_line(base, capsys, monkeypatch):
     from nanochat_unsloth.train import loop
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 from nanochat_unsloth.common import FlagParser, UserError
@@ -144,6 +145,10 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 shown = ", ".join(c or repr(c) for c in choices)  # "" (autodetect) must show
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
+        if self.model_tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_tag):
+            # a path would put the run inside another run's directory, whose pruning then deletes it
+            raise UserError(f"--model_tag {self.model_tag!r}: must be a plain name (letters, digits, '.', '_', '-'; "
+                            "not starting with '.'), the run's directory under <base>/runs/")
         if self.cuda_graphs == "on" and self.compile not in ("auto", "model"):
             raise UserError(f"--cuda_graphs on replays the whole-model graph, not --compile {self.compile}: "
                             "use --compile model")
