@@ -146,3 +146,13 @@ def test_merge_over_an_unreadable_state_file(part_dirs, tmp_path):
     with pytest.raises(UserError, match=r"unreadable prep_state\.json.*--force"):
         prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet"])
     assert prep_cli.main(["merge", *map(str, part_dirs), "--out", str(merged), "--quiet", "--force"]) == 0
+
+
+def test_a_part_alone_is_refused_by_the_loader(part_dirs):
+    """One part's --out holds a slice of every split: training or evaluating on it (a merge forgotten, each host's
+    part written to its own <base>/shards) would read a third of the data as if it were all of it."""
+    from nanochat_unsloth.shards.loader import TokenShardLoader
+
+    for split in ("train", "val"):
+        with pytest.raises(UserError, match=r"part 1 of 3 of a prep split across hosts.*prep merge"):
+            TokenShardLoader(part_dirs[1], split, 2, 16)

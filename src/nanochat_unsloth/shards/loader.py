@@ -80,6 +80,14 @@ class TokenShardLoader:
                 f"{self.shards_dir}: shards were made with tokenizer sha256 {manifest.tokenizer.sha256[:12]}, but this "
                 f"run's tokenizer is {tokenizer_sha256[:12]}; re-run prep with this tokenizer or pass matching --shards"
             )
+        # a part of a prep split across hosts holds a slice of every split: read alone, it would pass for the
+        # whole data set (same tokenizer, a train and a val split) while holding only 1/N of it
+        part = manifest.source.get("part")
+        if isinstance(part, dict):
+            raise UserError(
+                f"{self.shards_dir}: holds part {part.get('index')} of {part.get('count')} of a prep split across "
+                "hosts, a slice of the data; join every part with `nanochat-unsloth prep merge` and pass its --out"
+            )
         entries = manifest.shards_for(split)
         if not entries:
             raise UserError(f"{self.shards_dir}: the manifest has no {split} shards; re-run `nanochat-unsloth prep`")
