@@ -669,3 +669,30 @@ def test_export_below_a_newer_step_in_the_tag_is_refused(work):
     assert snapshot(work / "base_checkpoints") == before
     export_to_nanochat(work / "runs" / "d2", step=2, force=True, log=quiet)
     assert (work / "base_checkpoints" / "d2" / "model_000002.pt").exists()
+
+
+def test_an_import_is_resumed_only_on_the_shards_it_placed_the_loader_in(nano):
+    """The import puts the loader where our run would stand after the step, in the --shards it was given; a
+    resume on other shards with as many windows (another prep capped at the same --max-tokens) passed the
+    loader's own checks and went on in other data, where a run of ours is refused unless --force."""
+    import numpy as np
+
+    from nanochat_unsloth.checkpoint.meta import load_meta
+    from nanochat_unsloth.checkpoint.resume import check_resume_data
+    from nanochat_unsloth.shards.format import open_shard_tokens, write_shard
+    from nanochat_unsloth.shards.manifest import ShardManifest
+
+    step_dir = import_from_nanochat(nano / "base_checkpoints" / "d2", nano / "runs" / "imp", log=quiet)
+    other = nano / "other_shards"  # the same tokenizer and token counts, one text token changed
+    shutil.copytree(nano / "shards", other)
+    manifest = ShardManifest.load(other)
+    entry = manifest.shards_for("train")[0]
+    tokens = np.array(open_shard_tokens(other / entry.file))
+    i = int(np.flatnonzero(tokens != manifest.tokenizer.bos_id)[0])
+    tokens[i] = (tokens[i] + 1) % manifest.tokenizer.bos_id
+    entry.sha256 = write_shard(other / entry.file, tokens, manifest.tokenizer.vocab_size, manifest.tokenizer.bos_id).sha256
+    manifest.save(other)
+    meta = load_meta(step_dir)
+    check_resume_data(meta, step_dir, ShardManifest.load(nano / "shards"), nano / "shards", force=False)
+    with pytest.raises(UserError, match="was trained on other shards than those in"):
+        check_resume_data(meta, step_dir, ShardManifest.load(other), other, force=False)

@@ -71,7 +71,7 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
     grad_accum = optim.grad_accum_steps(train_config["total_batch_size"], train_config["device_batch_size"],
                                         train_config["max_seq_len"], world_size)
     shards_dir = Path(shards).expanduser() if shards else out_base / "shards"
-    ShardManifest.load(shards_dir)  # clear error if there are no shards yet
+    manifest = ShardManifest.load(shards_dir)  # clear error if there are no shards yet
     loader = TokenShardLoader(shards_dir, "train", train_config["device_batch_size"], train_config["max_seq_len"],
                               rank=0, world_size=world_size, grad_accum=grad_accum, tokenizer_sha256=tokenizer_sha)
     # where our loop's loader stands after s steps: s * grad_accum batches yielded by each rank
@@ -99,7 +99,9 @@ def import_from_nanochat(source: str | Path, out: str | Path, step: int | None =
         num_iterations = None
     meta = RunMeta(model_config=model_config, train_config=train_config, tokenizer_sha256=tokenizer_sha,
                    val_bpb=loaded.meta.get("val_bpb"), world_size=world_size, grad_accum=grad_accum,
-                   num_iterations=num_iterations, fresh_optimizer=True, imported_from=str(loaded.path))
+                   num_iterations=num_iterations, fresh_optimizer=True, imported_from=str(loaded.path),
+                   # the loader's position is a place in these shards: a resume on others is refused as a run's is
+                   shards_sha256=manifest.fingerprint())
     lock = store.lock_run(run_dir)  # not while a training run of this tag is writing
     try:
         if store.list_checkpoints(run_dir) or step_dir.exists():
