@@ -9,8 +9,10 @@
 #   MASTER_PORT  a free TCP port on node 0                 (default: 29500)
 #   GPUS_PER_NODE  processes per node, one per GPU         (default: 8)
 #
-#   NODE_RANK=0 NNODES=2 MASTER_ADDR=10.1.2.3 bash configs/launch_node.sh --depth=26 --run=d26   # node 0
-#   NODE_RANK=1 NNODES=2 MASTER_ADDR=10.1.2.3 bash configs/launch_node.sh --depth=26 --run=d26   # node 1
+#   NODE_RANK=0 NNODES=2 MASTER_ADDR=10.1.2.3 bash configs/launch_node.sh --depth=26 --device_batch_size=16 --run=d26   # node 0
+#   NODE_RANK=1 NNODES=2 MASTER_ADDR=10.1.2.3 bash configs/launch_node.sh --depth=26 --device_batch_size=16 --run=d26   # node 1
+#   (16 GPUs x 32 x 2048, the default --device_batch_size, would be 1,048,576 tokens a micro-step, over the
+#   default --total_batch_size of 524,288: refused)
 set -euo pipefail
 
 die() { echo "launch_node.sh: $*" >&2; exit 2; }
