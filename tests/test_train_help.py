@@ -37,3 +37,21 @@ def test_help_lists_each_flag_under_its_section():
         section = sum(start <= i for start in starts) - 1
         at = text.index("  --" + name.replace("_", "-"))
         assert headers[section] < at < headers[section + 1], (name, SECTIONS[section][0])
+
+
+def test_zero_or_below_turns_off_what_nanochat_gates_on_a_positive_value():
+    """nanochat's base_train tests `num_iterations > 0`, `target_flops > 0`, `target_param_data_ratio > 0` and
+    `core_metric_every > 0`, and its CORE cut `max_per_task > 0`: 0 (or any value below) is off there, the next
+    horizon in line deciding, as -1 is; the same flags are accepted here with that meaning."""
+    from nanochat_unsloth.common import normalize_flags
+    from nanochat_unsloth.train.core_metric import core_due
+    from nanochat_unsloth.train.optim import resolve_num_iterations
+
+    for flags in (["--num_iterations=0"], ["--target_flops=0"], ["--core_metric_every=0"], ["--core_metric_every=-5"],
+                  ["--core_metric_max_per_task=0"], ["--num_iterations=0", "--target_flops=0.0"]):
+        parse_train_args(normalize_flags(flags)).validate()
+    cfg = parse_train_args(normalize_flags(["--num_iterations=0", "--target_flops=0.0", "--target_param_data_ratio=2"]))
+    cfg.validate()
+    assert resolve_num_iterations(cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params=1000,
+                                  flops_per_token=1, total_batch_size=100) == 20  # the ratio's horizon, as nanochat
+    assert not core_due(0, 2000, last_step=True)

@@ -78,9 +78,9 @@ class TrainConfig:
                                                             "around an fp32 GEMM, for CPUs without fast bf16; auto times both "
                                                             "once (GPUs are always native)"})
     # ---- optimizer: the horizon (first one set wins, in this order), the batch, the step math ----
-    num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 = off)"})
-    target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 = off)"})
-    target_param_data_ratio: float = field(default=20, metadata={"help": "tokens:params ratio (Chinchilla=20)"})
+    num_iterations: int = field(default=-1, metadata={"help": "explicit number of optimizer steps (-1 or 0 = off)"})
+    target_flops: float = field(default=-1.0, metadata={"help": "steps to reach this many FLOPs (-1 or 0 = off)"})
+    target_param_data_ratio: float = field(default=20, metadata={"help": "tokens:params ratio (Chinchilla=20; -1 or 0 = off)"})
     device_batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch per process"})
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, all processes"})
     embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the token embedding (wte)"})
@@ -101,9 +101,9 @@ class TrainConfig:
     sample_every: int = field(default=2000, metadata={"help": "greedy samples every N steps (-1 = only at "
                                                                  "the end; nanochat's -1 is every step)"})
     core_metric_every: int = field(default=-1, metadata={"help": "nanochat's CORE metric every N steps and at the end, on "
-                                                                  "<base>/eval_bundle (-1 = off; nanochat's default is "
+                                                                  "<base>/eval_bundle (-1 or 0 = off; nanochat's default is "
                                                                   "2000, which needs the bundle)"})
-    core_metric_max_per_task: int = field(default=500, metadata={"help": "examples per CORE task (-1 = all of them)"})
+    core_metric_max_per_task: int = field(default=500, metadata={"help": "examples per CORE task (-1 or 0 = all of them)"})
     # ---- run: where, on what, under which name, checkpoints and stops -----------------------
     device_type: str = field(default="", metadata={"help": "cuda|cpu|mps: where to train (nanochat's flag); empty = "
                                                            "autodetect, CUDA > MPS > CPU"})
@@ -176,6 +176,11 @@ _CHOICES = (
 )
 
 
+def _any(value) -> bool:
+    """A field where every value has a meaning (its finiteness, for a float, is still checked)."""
+    return True
+
+
 def _off_or(test):
     """A field whose -1 means 'off', any other value must pass `test`."""
     return lambda v: v == -1 or test(v)
@@ -187,9 +192,10 @@ _BOUNDS = (
     ("max_seq_len", lambda v: v >= 1, "at least 1"),
     ("lean_blocks", _off_or(lambda v: v >= 0), "-1 (all blocks) or 0 or more"),
     ("loss_chunk_mb", lambda v: v > 0, "positive"),
-    ("num_iterations", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
-    ("target_flops", _off_or(lambda v: v > 0), "-1 (off) or positive"),
-    ("target_param_data_ratio", _off_or(lambda v: v > 0), "-1 (off) or positive"),
+    # nanochat gates these on `> 0`: 0 or below is off there (the next horizon decides), so here too
+    ("num_iterations", _any, "any integer (0 or below: off)"),
+    ("target_flops", _any, "any number (0 or below: off)"),
+    ("target_param_data_ratio", _any, "any number (0 or below: off)"),
     ("device_batch_size", lambda v: v >= 1, "at least 1"),
     ("total_batch_size", lambda v: v >= 1, "at least 1"),
     ("embedding_lr", lambda v: v >= 0, "0 or more"),
@@ -204,8 +210,8 @@ _BOUNDS = (
     ("eval_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
     ("eval_tokens", lambda v: v >= 0, "0 (no val evaluation) or more"),
     ("sample_every", _off_or(lambda v: v >= 1), "-1 (only at the end) or at least 1"),
-    ("core_metric_every", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),
-    ("core_metric_max_per_task", _off_or(lambda v: v >= 1), "-1 (every example) or at least 1"),
+    ("core_metric_every", _any, "any integer (0 or below: off, as nanochat's `> 0`)"),
+    ("core_metric_max_per_task", _any, "any integer (0 or below: every example, as nanochat's `> 0`)"),
     ("save_every", _off_or(lambda v: v >= 1), "-1 (only the final checkpoint) or at least 1"),
     ("keep_last", lambda v: v >= 0, "0 (keep all) or more"),
     ("stop_after", _off_or(lambda v: v >= 1), "-1 (off) or at least 1"),
