@@ -81,6 +81,9 @@ def test_a_finished_run_resumed_is_already_complete_and_changes_nothing(base, tm
     (train_main.main, ["--num_iteration=5"], "did you mean --num-iterations?"),
     (train_main.main, ["--num-iter", "5"], "did you mean --num-iterations?"),  # no silent prefix matching
     (train_main.main, ["--depth=x"], "--depth: invalid int value"),
+    # nanochat's launch line `-m scripts.base_train -- --depth=20` run without a launcher (which drops the "--")
+    (train_main.main, ["--", "--depth=4", "--run=x"], "drop the bare '--'"),
+    (train_main.main, ["--", "--depth=4"], "drop the bare '--'"),
     (convert_cli.main, ["run", "--with-optimm"], "did you mean --with-optim?"),
     (eval_cli.main, ["run", "--split_token=5"], "did you mean --split-tokens?"),
 ])

@@ -250,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_train_args(argv: list[str]) -> TrainConfig:
     """argv with dashed flags (the CLI normalises nanochat's `--a_b` spellings before calling this), and at most
     one config file, whose values become the defaults the flags override."""
+    if "--" in argv:
+        # argparse reads everything after a bare "--" as positional: the flags after it would be taken for
+        # config files or named as unknown flags. nanochat's launch line (`-m scripts.base_train -- --depth=20`)
+        # has one for torchrun, which drops it, as accelerate launch does; run directly, it reaches us.
+        raise UserError("a bare '--' ends the flags, so those after it would not be read as flags: drop the bare "
+                        "'--' (torchrun and accelerate launch drop it themselves)")
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.config_file:
