@@ -6,6 +6,8 @@ import dataclasses
 import subprocess
 import sys
 
+import torch
+
 from nanochat_unsloth.train.config import SECTIONS, TrainConfig, build_parser, parse_train_args
 
 
@@ -40,18 +42,23 @@ def test_help_lists_each_flag_under_its_section():
 
 
 def test_zero_or_below_turns_off_what_nanochat_gates_on_a_positive_value():
-    """nanochat's base_train tests `num_iterations > 0`, `target_flops > 0`, `target_param_data_ratio > 0` and
-    `core_metric_every > 0`, and its CORE cut `max_per_task > 0`: 0 (or any value below) is off there, the next
-    horizon in line deciding, as -1 is; the same flags are accepted here with that meaning."""
+    """nanochat's base_train tests `num_iterations > 0`, `target_flops > 0`, `target_param_data_ratio > 0`,
+    `core_metric_every > 0` and `grad_clip > 0`, and its CORE cut `max_per_task > 0`: 0 (or any value below) is off
+    there, the next horizon in line deciding, as -1 is; the same flags are accepted here with that meaning."""
     from nanochat_unsloth.common import normalize_flags
     from nanochat_unsloth.train.core_metric import core_due
     from nanochat_unsloth.train.optim import resolve_num_iterations
 
     for flags in (["--num_iterations=0"], ["--target_flops=0"], ["--core_metric_every=0"], ["--core_metric_every=-5"],
-                  ["--core_metric_max_per_task=0"], ["--num_iterations=0", "--target_flops=0.0"]):
+                  ["--core_metric_max_per_task=0"], ["--num_iterations=0", "--target_flops=0.0"], ["--grad_clip=-1"]):
         parse_train_args(normalize_flags(flags)).validate()
     cfg = parse_train_args(normalize_flags(["--num_iterations=0", "--target_flops=0.0", "--target_param_data_ratio=2"]))
     cfg.validate()
     assert resolve_num_iterations(cfg.num_iterations, cfg.target_flops, cfg.target_param_data_ratio, num_params=1000,
                                   flops_per_token=1, total_batch_size=100) == 20  # the ratio's horizon, as nanochat
     assert not core_due(0, 2000, last_step=True)
+    # a negative clip leaves the gradients as they are (the norm is still reported), as 0 does
+    from nanochat_unsloth.train.optim import clip_grad_norm
+    w = torch.nn.Parameter(torch.ones(4))
+    w.grad = torch.full((4,), 3.0)
+    assert clip_grad_norm([w], -1.0).item() == 6.0 and torch.equal(w.grad, torch.full((4,), 3.0))

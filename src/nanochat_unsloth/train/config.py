@@ -87,7 +87,7 @@ class TrainConfig:
     unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of lm_head"})
     matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (wte, lm_head)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 or below = off)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps of linear LR warm-up"})
     warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of the steps of linear LR warm-down, at the end"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the initial"})
@@ -202,7 +202,7 @@ _BOUNDS = (
     ("unembedding_lr", lambda v: v >= 0, "0 or more"),
     ("matrix_lr", lambda v: v >= 0, "0 or more"),
     ("weight_decay", lambda v: v >= 0, "0 or more"),
-    ("grad_clip", lambda v: v >= 0, "0 (off) or more"),
+    ("grad_clip", _any, "any number (0 or below: off, as nanochat's `> 0`)"),
     ("warmup_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("warmdown_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("final_lr_frac", lambda v: 0 <= v <= 1, "between 0 and 1"),
