@@ -216,6 +216,40 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_prunes_only_its_own(bas
     assert logged_steps(run_dir / "metrics.jsonl") == list(range(7))
 
 
+def test_a_stop_during_the_last_step_saves_the_final_checkpoint_and_its_resume_says_how_to_score_it(base, capsys,
+                                                                                                  monkeypatch):
+    """SIGTERM during the last step: the final checkpoint is saved and the evaluation after it skipped (the
+    weights first, within a scheduler's grace period). `--resume auto` then finds the run complete and does
+    nothing, and says that its final val bpb never ran and which command scores it."""
+    from nanochat_unsloth.train import loop
+
+    step_fn = loop.optimizer_step
+
+    def signalled_in_the_last_step(*args, **kwargs):
+        out = step_fn(*args, **kwargs)
+        if args[6] == 3:  # the step index of a 4-step run's last update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "optimizer_step", signalled_in_the_last_step)
+    flags = ("--num-iterations", "4", "--model-tag", "last_step")
+    assert train_cli(base, *flags) == EXIT_STOPPED
+    monkeypatch.undo()
+    run_dir = base / "runs" / "last_step"
+    assert steps_of(run_dir) == [4] and not (run_dir / "eval.jsonl").exists()
+    capsys.readouterr()
+    assert train_cli(base, *flags, "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "the run is already complete (step 4 of 4)" in out
+    assert f"its final val evaluation never ran (stopped during its last step); score it with `nanochat-unsloth eval " \
+           f"{run_dir} --step 4`" in out
+    # a run that evaluated its end says nothing more
+    assert train_cli(base, "--num-iterations", "2", "--model-tag", "evaluated") == 0
+    capsys.readouterr()
+    assert train_cli(base, "--num-iterations", "2", "--model-tag", "evaluated", "--resume", "auto") == 0
+    assert "never ran" not in capsys.readouterr().out
+
+
 def test_a_resume_with_a_lower_keep_last_is_refused_before_it_prunes_what_the_run_kept(base, capsys):
     """A run kept every checkpoint (--keep_last 0); its stop says "continue with --resume auto", and that
     command without --keep_last 0 (default 2) pruned all but two of them at its first save. A lower

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from nanochat_unsloth.checkpoint import store
-from nanochat_unsloth.checkpoint.logs import PROFILE_DIR
+from nanochat_unsloth.checkpoint.logs import PROFILE_DIR, read_jsonl_records
 from nanochat_unsloth.checkpoint.meta import RunMeta
 from nanochat_unsloth.checkpoint.resume import check_keep_last, check_resume
 from nanochat_unsloth.checkpoint.train_state import TrainState
@@ -110,6 +110,12 @@ def diverged_notice(e: Diverged, run_dir: Path) -> str:
         return f"{e}. Stopping: no checkpoint was saved before it; lower the LRs and start again"
     return (f"{e}. Stopping: the last good checkpoint, {last}, is kept; lower the LRs and continue it with "
             "--resume auto --force")
+
+
+def _val_evaluated(run_dir: Path, step: int) -> bool:
+    """Whether the run's eval.jsonl holds a val bpb record of `step`."""
+    path = run_dir / "eval.jsonl"
+    return path.exists() and any(r.get("step") == step and "val_bpb" in r for r in read_jsonl_records(path))
 
 
 def eval_steps_for(cfg: TrainConfig, world_size: int, val_loader: TokenShardLoader) -> int:
@@ -454,6 +460,11 @@ def _resume(cfg: TrainConfig, s: _Session, data: _Inputs, t: _Trainee) -> tuple[
             # the run's own final checkpoint: load nothing, evaluate nothing, write nothing
             s.print0(f"{resume_dir}: the run is already complete (step {start_step} of {t.num_iterations}); "
                      "nothing to do")
+            if cfg.eval_tokens and not _val_evaluated(s.run_dir, start_step):
+                # a stop during the last step saves the final checkpoint and skips the evaluation after it: a
+                # scheduler's grace period may not hold both, and the weights matter more than their score
+                s.print0(f"notice: its final val evaluation never ran (stopped during its last step); score it with "
+                         f"`nanochat-unsloth eval {s.run_dir} --step {start_step}`")
             return start_step, True
         # a checkpoint of another run dir (another tag, previous_N/, abandoned/) starts this tag over from
         # it: the tag's own checkpoints are another history, which its saves would prune and its logs mix
